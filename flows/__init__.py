@@ -1,0 +1,1 @@
+"""Prefect flows: ``image-to-3d`` and, later, the GPU stage and catalog flows."""

@@ -1,0 +1,141 @@
+"""The ``image-to-3d`` flow: one photo and a text prompt → mask, overlay, mesh, preview and ``result.json``.
+
+Permanent failures (bad image, bad prompt options, unavailable backend) fail the run at once, with the
+reason in the run's state, in a markdown artifact and, when the input could be read, in ``result.json``.
+Transient storage failures are retried with backoff by the tasks that touch storage.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from sam3d_pipeline import pipeline
+from sam3d_pipeline.errors import PipelineError
+from sam3d_pipeline.masks import select_instance
+from sam3d_pipeline.pipeline import PointParam, RunOptions
+from sam3d_pipeline.settings import get_settings
+from sam3d_pipeline.storage import open_storage
+from tasks.intake import decode_image, fetch_input
+from tasks.publish import publish_artifacts, publish_outputs, render_outputs
+from tasks.reconstruct import reconstruct_object
+from tasks.retry import retry_options
+from tasks.segment import segment_image
+
+
+@flow(name="image-to-3d", log_prints=False, validate_parameters=True)
+def image_to_3d(
+    image: str,
+    prompt: str,
+    output_root: str | None = None,
+    boxes: list[tuple[float, float, float, float]] | None = None,
+    points: list[PointParam] | None = None,
+    instance_index: int | None = None,
+    segmenter: Literal["auto", "lite", "sam3"] = "auto",
+    reconstructor: Literal["auto", "lite", "sam3d"] = "auto",
+    seed: int = 0,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Segment the object named by ``prompt`` in ``image`` and reconstruct it in 3D.
+
+    Args:
+        image: local path or ``s3://bucket/key`` of the photo.
+        prompt: what to segment, e.g. ``red chair``.
+        output_root: local directory or ``s3://bucket/prefix``; default ``SAM3D_OUTPUT_ROOT``.
+        boxes: box prompts, xyxy image pixels.
+        points: click prompts, image pixels, label 1 = object / 0 = background.
+        instance_index: which instance to reconstruct; default the highest score.
+        segmenter: ``auto`` (sam3 when usable, else lite), ``lite`` or ``sam3``.
+        reconstructor: ``auto`` (sam3d when usable, else lite), ``lite`` or ``sam3d``.
+        seed: seed for stochastic reconstructors.
+        force: recompute even when a completed result exists at the output prefix.
+
+    Returns:
+        The ``result.json`` contents (status ``completed`` or ``no_object``); a failure raises.
+    """
+    logger = get_run_logger()
+    settings = get_settings()
+    options = RunOptions(
+        prompt=prompt,
+        boxes=boxes or [],
+        points=points or [],
+        instance_index=instance_index,
+        segmenter=segmenter,
+        reconstructor=reconstructor,
+        seed=seed,
+    )
+    root = open_storage(output_root or settings.output_root, settings).root
+    io_retries = retry_options(settings)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    loaded = run_plan = seg = recon = None
+    selected = None
+    try:
+        t = time.perf_counter()
+        data = fetch_input.with_options(**io_retries)(image, settings)
+        loaded = decode_image(data, image, settings)
+        run_plan = pipeline.plan(loaded, options, root, settings)
+        timings["intake"] = time.perf_counter() - t
+        logger.info("output prefix %s/%s", root, run_plan.prefix)
+        if not force:
+            done = pipeline.existing_result(open_storage(root, settings), run_plan.prefix)
+            if done is not None:
+                logger.info("a completed result exists at this prefix; reusing it (force=True recomputes)")
+                return done.model_dump(mode="json")
+
+        t = time.perf_counter()
+        seg = segment_image(loaded, options, run_plan, settings)
+        selected = select_instance(seg.instances, options.instance_index)
+        timings["segment"] = time.perf_counter() - t
+        if selected is not None:
+            t = time.perf_counter()
+            recon = reconstruct_object(loaded, seg.instances[selected].mask, options, run_plan, settings)
+            timings["reconstruct"] = time.perf_counter() - t
+        else:
+            logger.warning("no object found for prompt %r: nothing to reconstruct", options.prompt)
+
+        t = time.perf_counter()
+        files = render_outputs(loaded, seg, selected, recon, run_plan, settings)
+        timings["render"] = time.perf_counter() - t
+        status = "completed" if recon is not None else "no_object"
+        timings["total"] = time.perf_counter() - start
+        result = pipeline.build_result(
+            status=status, image=loaded, input_uri=image, options=options, run_plan=run_plan, seg=seg,
+            selected=selected, recon=recon, timings=timings, flow_run_id=_flow_run_id(),
+        )
+        t = time.perf_counter()
+        result = publish_outputs.with_options(**io_retries)(root, run_plan.prefix, files, result, settings)
+        result.timings_s["publish"] = round(time.perf_counter() - t, 3)
+        publish_artifacts(result, root, settings)
+        logger.info("%s: %s", result.status, result.output_prefix)
+        return result.model_dump(mode="json")
+    except PipelineError as exc:
+        timings["total"] = time.perf_counter() - start
+        _record_failure(exc, image, options, loaded, run_plan, seg, selected, timings, root, settings)
+        raise
+
+
+def _flow_run_id() -> str | None:
+    run_id = flow_run.get_id()
+    return str(run_id) if run_id else None
+
+
+def _record_failure(exc, image, options, loaded, run_plan, seg, selected, timings, root, settings) -> None:
+    """Write a failed ``result.json`` (when the prefix is known) and a markdown artifact with the reason."""
+    logger = get_run_logger()
+    logger.error("failed (%s, %s): %s", type(exc).__name__, "transient" if exc.transient else "permanent", exc)
+    result = pipeline.build_result(
+        status="failed", image=loaded, input_uri=image, options=options, run_plan=run_plan, seg=seg,
+        selected=selected, timings=timings, error=exc, flow_run_id=_flow_run_id(),
+    )
+    if run_plan is not None:
+        try:
+            result = publish_outputs.with_options(**retry_options(settings))(
+                root, run_plan.prefix, {}, result, settings
+            )
+        except PipelineError as write_exc:
+            logger.error("could not record the failure in result.json: %s", write_exc)
+    publish_artifacts(result, root, settings)

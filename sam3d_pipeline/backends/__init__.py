@@ -1,0 +1,131 @@
+"""Backend registry: name → lazily imported builder, and the ``auto`` choice.
+
+Heavy packages (torch, sam3, SAM 3D Objects) are imported only when their backend is built.
+Built backends are cached per process, keyed by name and settings, so a model loads once per process.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..errors import BackendUnavailableError
+from ..settings import Settings, get_settings
+from .base import Reconstructor, Segmenter
+
+
+@dataclass(frozen=True)
+class BackendEntry:
+    """How to build one backend and how to tell, cheaply, whether it can run here."""
+
+    name: str
+    target: str  # "module:Class"; the class takes (settings)
+    requires: tuple[str, ...] = ()  # importable packages it needs
+    install_hint: str = ""
+    usable: Callable[[Settings], str | None] | None = None  # returns a reason it cannot run, or None
+
+    def unavailable_reason(self, settings: Settings) -> str | None:
+        for package in self.requires:
+            if importlib.util.find_spec(package) is None:
+                return f"package '{package}' is not installed ({self.install_hint})"
+        module_name = self.target.split(":", 1)[0]
+        if importlib.util.find_spec(module_name) is None:
+            return f"backend module {module_name} is not part of this build"
+        if self.usable is not None:
+            return self.usable(settings)
+        return None
+
+
+SEGMENTERS: dict[str, BackendEntry] = {
+    "sam3": BackendEntry(
+        name="sam3",
+        target="sam3d_pipeline.backends.sam3_segmenter:Sam3Segmenter",
+        requires=("torch", "sam3"),
+        install_hint="pip install 'sam3d-pipeline[sam3]'",
+    ),
+    "lite": BackendEntry(name="lite", target="sam3d_pipeline.backends.lite_segmenter:LiteSegmenter"),
+}
+RECONSTRUCTORS: dict[str, BackendEntry] = {
+    "sam3d": BackendEntry(
+        name="sam3d",
+        target="sam3d_pipeline.backends.sam3d_reconstructor:Sam3dReconstructor",
+        requires=("torch", "sam3d_objects"),
+        install_hint="needs CUDA; use the gpu_worker image",
+    ),
+    "lite": BackendEntry(name="lite", target="sam3d_pipeline.backends.lite_reconstructor:LiteReconstructor"),
+}
+# Preference order for "auto": the real model first, the CPU backend last (always usable).
+AUTO_ORDER = {"segmenter": ("sam3", "lite"), "reconstructor": ("sam3d", "lite")}
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The backend a requested name resolved to, and why."""
+
+    role: str
+    requested: str
+    name: str
+    reason: str
+
+
+def _registry(role: str) -> dict[str, BackendEntry]:
+    if role == "segmenter":
+        return SEGMENTERS
+    if role == "reconstructor":
+        return RECONSTRUCTORS
+    raise ValueError(f"unknown backend role {role!r}")
+
+
+def resolve(role: str, requested: str, settings: Settings | None = None) -> Resolved:
+    """Resolve ``auto`` (or check an explicit name) without loading any model.
+
+    Raises:
+        BackendUnavailableError: an explicit backend that cannot run here, or an unknown name.
+    """
+    s = settings or get_settings()
+    registry = _registry(role)
+    if requested == "auto":
+        skipped = []
+        for name in AUTO_ORDER[role]:
+            reason = registry[name].unavailable_reason(s)
+            if reason is None:
+                why = f"auto chose {name}" + (f" ({'; '.join(skipped)})" if skipped else "")
+                return Resolved(role, requested, name, why)
+            skipped.append(f"{name} unavailable: {reason}")
+        raise BackendUnavailableError(f"no usable {role}: {'; '.join(skipped)}")
+    if requested not in registry:
+        raise BackendUnavailableError(f"unknown {role} {requested!r}; choose from auto, {', '.join(registry)}")
+    reason = registry[requested].unavailable_reason(s)
+    if reason is not None:
+        raise BackendUnavailableError(f"{role} {requested!r} cannot run here: {reason}")
+    return Resolved(role, requested, requested, f"{requested} requested")
+
+
+_CACHE: dict[tuple[str, str, str], Any] = {}
+
+
+def _build(role: str, name: str, settings: Settings) -> Any:
+    key = (role, name, settings.model_dump_json())
+    if key not in _CACHE:
+        entry = _registry(role)[name]
+        module_name, class_name = entry.target.split(":", 1)
+        cls = getattr(importlib.import_module(module_name), class_name)
+        _CACHE[key] = cls(settings)
+    return _CACHE[key]
+
+
+def get_segmenter(name: str, settings: Settings | None = None) -> Segmenter:
+    """The process-wide segmenter called ``name`` (already resolved, not ``auto``)."""
+    return _build("segmenter", name, settings or get_settings())
+
+
+def get_reconstructor(name: str, settings: Settings | None = None) -> Reconstructor:
+    """The process-wide reconstructor called ``name`` (already resolved, not ``auto``)."""
+    return _build("reconstructor", name, settings or get_settings())
+
+
+def clear_cache() -> None:
+    """Forget built backends (frees their models)."""
+    _CACHE.clear()

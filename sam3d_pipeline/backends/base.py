@@ -1,0 +1,39 @@
+"""Backend protocols. Adapters take and return our own types (see ``sam3d_pipeline.types``)."""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from ..types import BackendInfo, Reconstruction, Segmentation, SegmentRequest
+
+
+@runtime_checkable
+class Segmenter(Protocol):
+    """Finds object instances in a photo."""
+
+    def info(self) -> BackendInfo:
+        """Name, version, device and limits (cheap: must not load a model)."""
+        ...
+
+    def segment(self, rgb: np.ndarray, request: SegmentRequest) -> Segmentation:
+        """Segment ``rgb`` (``(H, W, 3)`` uint8) for ``request``.
+
+        Returns:
+            Instances best first; masks ``(H, W)`` bool at image size, boxes xyxy pixels clipped.
+        """
+        ...
+
+
+@runtime_checkable
+class Reconstructor(Protocol):
+    """Lifts one masked object into a 3D mesh (and optionally a Gaussian splat and pose)."""
+
+    def info(self) -> BackendInfo:
+        """Name, version, device and limits (cheap: must not load a model)."""
+        ...
+
+    def reconstruct(self, rgb: np.ndarray, mask: np.ndarray, *, seed: int = 0) -> Reconstruction:
+        """Reconstruct the object under ``mask`` (``(H, W)`` bool) in ``rgb`` (``(H, W, 3)`` uint8)."""
+        ...

@@ -1,0 +1,81 @@
+"""``result.json``: the report written last under each output prefix, and its markdown summary."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from . import __version__
+
+Status = Literal["completed", "failed", "no_object", "rejected"]
+
+
+class RunResult(BaseModel):
+    """The contract of ``result.json`` (DESIGN.md, Outputs)."""
+
+    status: Status
+    input: dict[str, Any] = Field(description="uri, sha256, width, height, format, original_mode, exif_transposed")
+    prompt: str
+    prompt_used_by_segmenter: bool = Field(
+        description="False when the segmenter cannot read text (lite): the prompt was recorded, not used"
+    )
+    segmenter: dict[str, Any] | None = Field(description="name, version, device, weights, limits, chosen_because")
+    reconstructor: dict[str, Any] | None
+    instances: list[dict[str, Any]] = Field(default_factory=list, description="index, score, box (xyxy px), area (px)")
+    selected: int | None = None
+    selection: dict[str, Any] = Field(default_factory=dict, description="boxes, points, instance_index as requested")
+    review: dict[str, Any] | None = None
+    outputs: dict[str, str] = Field(default_factory=dict, description="file name → URI")
+    mesh: dict[str, Any] | None = None
+    pose: dict[str, Any] | None = None
+    timings_s: dict[str, float] = Field(default_factory=dict)
+    flow_run_id: str | None = None
+    output_prefix: str
+    messages: list[str] = Field(default_factory=list)
+    error: dict[str, str] | None = None
+    pipeline_version: str = __version__
+    finished_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+
+def summary_line(result: RunResult) -> str:
+    """One line for the terminal: status, what was found, what was built, who built it, how long."""
+    seg = result.segmenter["name"] if result.segmenter else "?"
+    rec = result.reconstructor["name"] if result.reconstructor else "?"
+    total = result.timings_s.get("total", 0.0)
+    if result.status == "completed":
+        inst = result.instances[result.selected] if result.selected is not None else {}
+        mesh = result.mesh or {}
+        return (
+            f"completed: {len(result.instances)} instance(s), selected #{result.selected} "
+            f"(score {inst.get('score', 0):.2f}, {inst.get('area', 0):,} px); mesh {mesh.get('vertices', 0):,} "
+            f"vertices / {mesh.get('faces', 0):,} faces; segmenter={seg} reconstructor={rec}; {total:.1f} s"
+        )
+    if result.status == "no_object":
+        return f"no_object: nothing found for prompt {result.prompt!r} (segmenter={seg}); {total:.1f} s"
+    reason = (result.error or {}).get("message", "")
+    return f"{result.status}: {reason}"
+
+
+def summary_markdown(result: RunResult) -> str:
+    """Markdown for the run's summary artifact: status, backends and their limits, links to every output."""
+    lines = [f"## image-to-3d: {result.status}", "", f"- input: `{result.input.get('uri')}`",
+             f"- prompt: `{result.prompt}`" + ("" if result.prompt_used_by_segmenter else
+                                                " (recorded; this segmenter cannot read text)"),
+             f"- output prefix: `{result.output_prefix}`"]
+    for role in ("segmenter", "reconstructor"):
+        info = getattr(result, role)
+        if info:
+            lines.append(f"- {role}: **{info['name']}** {info['version']} on {info['device']}"
+                         f" (weights: {info['weights']})")
+            lines.extend(f"  - limit: {limit}" for limit in info.get("limits", []))
+    if result.error:
+        lines.append(f"- error: **{result.error['type']}**: {result.error['message']}")
+    lines.extend(f"- {m}" for m in result.messages)
+    if result.outputs:
+        lines += ["", "| output | location |", "|---|---|"]
+        lines += [f"| {name} | [{uri}]({uri}) |" for name, uri in result.outputs.items()]
+    if result.timings_s:
+        lines += ["", "timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in result.timings_s.items())]
+    return "\n".join(lines)

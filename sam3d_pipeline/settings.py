@@ -1,0 +1,75 @@
+"""The one settings object. Every field can be set from the environment with the ``SAM3D_`` prefix."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SegmenterChoice = Literal["auto", "lite", "sam3"]
+ReconstructorChoice = Literal["auto", "lite", "sam3d"]
+
+
+class Settings(BaseSettings):
+    """Pipeline settings (env prefix ``SAM3D_``, e.g. ``SAM3D_OUTPUT_ROOT=s3://bucket/outputs``)."""
+
+    model_config = SettingsConfigDict(env_prefix="SAM3D_", extra="ignore")
+
+    # Where outputs go.
+    output_root: str = Field(
+        "outputs",
+        description="Local directory or s3://bucket/prefix under which each run writes its output prefix.",
+    )
+
+    # Image intake.
+    max_pixels: int = Field(
+        60_000_000,
+        ge=1,
+        description="Largest accepted image (width x height), checked from the header before decoding.",
+    )
+    max_input_bytes: int = Field(
+        100 * 1024 * 1024, ge=1, description="Largest accepted input file in bytes, checked before download."
+    )
+
+    # Backends.
+    segmenter: SegmenterChoice = Field("auto", description="Segmentation backend: auto, lite or sam3.")
+    reconstructor: ReconstructorChoice = Field(
+        "auto", description="Reconstruction backend: auto, lite or sam3d."
+    )
+    min_instance_area_fraction: float = Field(
+        0.002, ge=0.0, le=1.0, description="Instances smaller than this fraction of the image are dropped."
+    )
+    score_threshold: float = Field(
+        0.25, ge=0.0, le=1.0, description="Instances scoring below this are dropped."
+    )
+    lite_work_size_px: int = Field(
+        640, ge=64, le=4096, description="Lite segmenter works on a copy scaled to this long side (pixels)."
+    )
+    lite_mesh_resolution: int = Field(
+        160, ge=16, le=512, description="Lite reconstructor grid cells along the object's long side."
+    )
+    lite_thickness: float = Field(
+        0.5, gt=0.0, le=2.0, description="Lite reconstructor inflation: 1.0 turns a disc into a sphere."
+    )
+    preview_size_px: int = Field(512, ge=64, le=4096, description="Side of the rendered mesh preview (pixels).")
+
+    # Storage and retries.
+    s3_endpoint_url: str | None = Field(
+        None, description="S3 endpoint override; AWS_ENDPOINT_URL is honoured when this is unset."
+    )
+    s3_max_attempts: int = Field(
+        3, ge=1, le=20, description="botocore attempts per S3 call (standard retry mode) before our own retries."
+    )
+    s3_timeout_s: float = Field(30.0, gt=0, description="S3 connect and read timeout (seconds).")
+    task_retries: int = Field(3, ge=0, le=20, description="Prefect retries for transient task failures.")
+    task_retry_delay_s: float = Field(
+        2.0, ge=0, description="Base of the exponential backoff between Prefect task retries (seconds)."
+    )
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Settings read once from the environment (tests call ``get_settings.cache_clear()``)."""
+    return Settings()

@@ -1,0 +1,295 @@
+"""Storage behind one interface: a local directory or an S3 prefix. Writes are complete or absent.
+
+Local writes go to a temporary file in the target directory and are renamed into place; S3 PUTs are
+atomic per object. A run's prefix is complete once its ``result.json`` exists (written last).
+Every boto3 error is classified: 5xx, throttling and connection failures become ``TransientStorageError``
+(retried by the Prefect tasks), everything else a permanent error naming the object and the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlparse
+
+from .errors import (
+    InputError,
+    InputNotFoundError,
+    PipelineError,
+    StorageAccessError,
+    TransientStorageError,
+)
+from .settings import Settings, get_settings
+
+TRANSIENT_S3_CODES = {
+    "InternalError",
+    "ServiceUnavailable",
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "503",
+    "500",
+    "502",
+    "504",
+}
+NOT_FOUND_S3_CODES = {"NoSuchKey", "404", "NotFound", "NoSuchBucket"}
+
+
+class Storage(Protocol):
+    """A place to read and write objects by key (``/``-separated, relative to ``root``)."""
+
+    root: str
+
+    def uri(self, key: str) -> str: ...
+
+    def read_bytes(self, key: str) -> bytes: ...
+
+    def write_bytes(self, key: str, data: bytes, *, content_type: str | None = None) -> str: ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def delete(self, key: str) -> None: ...
+
+    def link(self, key: str) -> str: ...
+
+
+def is_s3_uri(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/a/b.jpg`` → ``("bucket", "a/b.jpg")``.
+
+    Raises:
+        InputError: not an ``s3://bucket/...`` URI.
+    """
+    parsed = urlparse(uri)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise InputError(f"{uri}: not an s3://bucket/key URI")
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+def _join(prefix: str, key: str) -> str:
+    key = key.lstrip("/")
+    return f"{prefix.rstrip('/')}/{key}" if prefix else key
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
+class LocalStorage:
+    """Objects as files under a local directory."""
+
+    def __init__(self, root: str | os.PathLike[str]):
+        self.path = Path(root).expanduser().resolve()
+        self.root = str(self.path)
+
+    def _file(self, key: str) -> Path:
+        target = (self.path / key).resolve()
+        if self.path not in target.parents and target != self.path:
+            raise InputError(f"{key}: key escapes the storage root {self.root}")
+        return target
+
+    def uri(self, key: str) -> str:
+        return str(self._file(key))
+
+    def read_bytes(self, key: str) -> bytes:
+        target = self._file(key)
+        try:
+            return target.read_bytes()
+        except FileNotFoundError:
+            raise InputNotFoundError(f"{target}: no such file") from None
+        except IsADirectoryError:
+            raise InputError(f"{target}: is a directory, not a file") from None
+        except PermissionError as exc:
+            raise StorageAccessError(f"{target}: permission denied: {exc}") from None
+
+    def write_bytes(self, key: str, data: bytes, *, content_type: str | None = None) -> str:
+        target = self._file(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp, 0o666 & ~_UMASK)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return str(target)
+
+    def exists(self, key: str) -> bool:
+        return self._file(key).is_file()
+
+    def link(self, key: str) -> str:
+        """A URL a person can open: ``file://`` for local files."""
+        return self._file(key).as_uri()
+
+    def delete(self, key: str) -> None:
+        self._file(key).unlink(missing_ok=True)
+
+
+@lru_cache(maxsize=8)
+def _s3_client(endpoint_url: str | None, max_attempts: int, timeout_s: float):
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        retries={"max_attempts": max_attempts, "mode": "standard"},
+        connect_timeout=timeout_s,
+        read_timeout=timeout_s,
+    )
+    return boto3.client("s3", endpoint_url=endpoint_url, config=config)
+
+
+def s3_client(settings: Settings | None = None):
+    """A cached boto3 S3 client configured from settings (honours ``AWS_ENDPOINT_URL``)."""
+    s = settings or get_settings()
+    return _s3_client(s.s3_endpoint_url, s.s3_max_attempts, s.s3_timeout_s)
+
+
+def classify_s3_error(exc: BaseException, what: str) -> PipelineError:
+    """Turn a botocore exception into our transient or permanent error, naming ``what`` failed."""
+    from botocore.exceptions import (
+        BotoCoreError,
+        ClientError,
+        ConnectionClosedError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        ReadTimeoutError,
+        ResponseStreamingError,
+    )
+
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        message = err.get("Message") or code
+        if code in TRANSIENT_S3_CODES or status >= 500 or status == 429:
+            return TransientStorageError(f"{what}: S3 answered {status} {code}: {message} (will retry)")
+        if code in NOT_FOUND_S3_CODES or status == 404:
+            return InputNotFoundError(f"{what}: not found ({code or status})")
+        return StorageAccessError(f"{what}: S3 refused the request: {status} {code}: {message}")
+    if isinstance(
+        exc,
+        (EndpointConnectionError, ConnectionClosedError, ConnectTimeoutError, ReadTimeoutError, ResponseStreamingError),
+    ):
+        return TransientStorageError(f"{what}: connection to S3 failed: {exc} (will retry)")
+    if isinstance(exc, BotoCoreError):
+        return StorageAccessError(f"{what}: S3 client error: {exc}")
+    raise TypeError(f"not a botocore error: {exc!r}")
+
+
+def _botocore_errors() -> tuple[type[BaseException], ...]:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    return (BotoCoreError, ClientError)
+
+
+class S3Storage:
+    """Objects under ``s3://bucket/prefix``."""
+
+    def __init__(self, root: str, settings: Settings | None = None):
+        self.bucket, self.prefix = split_s3_uri(root)
+        self.prefix = self.prefix.strip("/")
+        self.root = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        self.client = s3_client(settings)
+
+    def _key(self, key: str) -> str:
+        return _join(self.prefix, key)
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+    def read_bytes(self, key: str) -> bytes:
+        try:
+            obj = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            return obj["Body"].read()
+        except _botocore_errors() as exc:
+            raise classify_s3_error(exc, self.uri(key)) from exc
+
+    def head(self, key: str) -> dict:
+        try:
+            return self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except _botocore_errors() as exc:
+            raise classify_s3_error(exc, self.uri(key)) from exc
+
+    def write_bytes(self, key: str, data: bytes, *, content_type: str | None = None) -> str:
+        extra = {"ContentType": content_type} if content_type else {}
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **extra)
+        except _botocore_errors() as exc:
+            raise classify_s3_error(exc, self.uri(key)) from exc
+        return self.uri(key)
+
+    def link(self, key: str, expires_s: int = 7 * 24 * 3600) -> str:
+        """A presigned HTTPS URL (at most 7 days) a person can open without AWS credentials."""
+        try:
+            return self.client.generate_presigned_url(
+                "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=expires_s
+            )
+        except _botocore_errors() as exc:
+            raise classify_s3_error(exc, self.uri(key)) from exc
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.head(key)
+        except InputNotFoundError:
+            return False
+        return True
+
+    def delete(self, key: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        except _botocore_errors() as exc:
+            raise classify_s3_error(exc, self.uri(key)) from exc
+
+
+def open_storage(root: str, settings: Settings | None = None) -> Storage:
+    """Storage for a local directory or an ``s3://bucket/prefix`` root."""
+    if is_s3_uri(root):
+        return S3Storage(root, settings)
+    return LocalStorage(root)
+
+
+def read_input(uri: str, settings: Settings | None = None) -> bytes:
+    """Read an input file (local path or ``s3://bucket/key``), refusing files over ``max_input_bytes``.
+
+    Raises:
+        InputNotFoundError, ImageTooLargeError, StorageAccessError: permanent.
+        TransientStorageError: S3 5xx/throttling/connection failures.
+    """
+    from .errors import ImageTooLargeError
+
+    s = settings or get_settings()
+    if is_s3_uri(uri):
+        bucket, key = split_s3_uri(uri)
+        if not key:
+            raise InputError(f"{uri}: no object key")
+        store = S3Storage(f"s3://{bucket}", s)
+        size = int(store.head(key).get("ContentLength", 0))
+        if size > s.max_input_bytes:
+            raise ImageTooLargeError(f"{uri}: {size:,} bytes exceeds SAM3D_MAX_INPUT_BYTES={s.max_input_bytes:,}")
+        return store.read_bytes(key)
+    path = Path(uri).expanduser()
+    if not path.exists():
+        raise InputNotFoundError(f"{uri}: no such file")
+    if not path.is_file():
+        raise InputError(f"{uri}: not a regular file")
+    size = path.stat().st_size
+    if size > s.max_input_bytes:
+        raise ImageTooLargeError(f"{uri}: {size:,} bytes exceeds SAM3D_MAX_INPUT_BYTES={s.max_input_bytes:,}")
+    return LocalStorage(path.parent).read_bytes(path.name)

@@ -1,0 +1,130 @@
+"""Domain types shared by backends, flows and reports. Backends return these, never vendor objects.
+
+Conventions: images are ``(H, W, 3)`` uint8 RGB arrays; masks are ``(H, W)`` bool arrays at image size;
+boxes are ``(x0, y0, x1, y1)`` in pixels, x to the right, y down, clipped to the image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """Which backend produced a result.
+
+    Attributes:
+        name: registry name (``lite``, ``sam3``, ``sam3d``).
+        version: backend/algorithm version; part of the output key.
+        device: ``cpu``, ``cuda:0``, ...
+        limits: plain-language limits printed in logs and reports.
+        weights: ``checkpoint``, ``random-init`` or ``none`` (classical algorithm).
+    """
+
+    name: str
+    version: str
+    device: str = "cpu"
+    limits: tuple[str, ...] = ()
+    weights: str = "none"
+
+    def key(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "device": self.device,
+            "weights": self.weights,
+            "limits": list(self.limits),
+        }
+
+
+@dataclass(frozen=True)
+class Point:
+    """A click in pixels; ``label`` 1 = on the object, 0 = background."""
+
+    x: float
+    y: float
+    label: int = 1
+
+
+@dataclass(frozen=True)
+class Box:
+    """An xyxy box in pixels."""
+
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+
+    def as_tuple(self) -> tuple[float, float, float, float]:
+        return (self.x0, self.y0, self.x1, self.y1)
+
+
+@dataclass(frozen=True)
+class SegmentRequest:
+    """What to segment: a text prompt plus optional box and click prompts (pixels)."""
+
+    prompt: str
+    boxes: tuple[Box, ...] = ()
+    points: tuple[Point, ...] = ()
+
+
+@dataclass
+class Instance:
+    """One detected object.
+
+    Attributes:
+        mask: ``(H, W)`` bool at image size.
+        box: xyxy pixels, clipped to the image.
+        score: confidence in [0, 1] (see the backend's docstring for what it means).
+    """
+
+    mask: np.ndarray
+    box: tuple[float, float, float, float]
+    score: float
+
+    @property
+    def area(self) -> int:
+        return int(self.mask.sum())
+
+    def summary(self, index: int) -> dict[str, Any]:
+        return {
+            "index": index,
+            "score": round(float(self.score), 4),
+            "box": [round(float(v), 1) for v in self.box],
+            "area": self.area,
+        }
+
+
+@dataclass
+class Segmentation:
+    """All instances found for one request, best first."""
+
+    instances: list[Instance]
+    backend: BackendInfo
+    used_text_prompt: bool
+    messages: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Reconstruction:
+    """A reconstructed object.
+
+    Attributes:
+        mesh: a ``trimesh.Trimesh`` with per-vertex colours, y up, metres-like units.
+        splat_ply: Gaussian-splat PLY bytes when the backend produces one.
+        pose: ``{"rotation": [w,x,y,z], "translation": [x,y,z], "scale": [x,y,z]}`` or None.
+        backend: who produced it.
+        stats: vertex/face counts, watertightness, ...
+    """
+
+    mesh: Any
+    backend: BackendInfo
+    splat_ply: bytes | None = None
+    pose: dict[str, list[float]] | None = None
+    stats: dict[str, Any] = field(default_factory=dict)

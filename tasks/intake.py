@@ -1,0 +1,29 @@
+"""Intake tasks: fetch the input's bytes (retried when transient) and decode/validate them (never retried)."""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from sam3d_pipeline import pipeline
+from sam3d_pipeline.images import LoadedImage
+from sam3d_pipeline.settings import Settings
+
+from .retry import retry_if_transient
+
+
+@task(name="fetch-input", cache_policy=NO_CACHE, retry_condition_fn=retry_if_transient)
+def fetch_input(uri: str, settings: Settings) -> bytes:
+    data = pipeline.read_bytes(uri, settings)
+    get_run_logger().info("read %s (%s bytes)", uri, f"{len(data):,}")
+    return data
+
+
+@task(name="decode-image", cache_policy=NO_CACHE)
+def decode_image(data: bytes, uri: str, settings: Settings) -> LoadedImage:
+    image = pipeline.decode(data, uri, settings)
+    get_run_logger().info(
+        "decoded %s: %dx%d %s (mode %s%s)", uri, image.width, image.height, image.format, image.original_mode,
+        ", EXIF orientation applied" if image.exif_transposed else "",
+    )
+    return image

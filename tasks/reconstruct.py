@@ -1,0 +1,27 @@
+"""Reconstruction task: one reconstructor call on the selected mask."""
+
+from __future__ import annotations
+
+import numpy as np
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from sam3d_pipeline import pipeline
+from sam3d_pipeline.images import LoadedImage
+from sam3d_pipeline.settings import Settings
+from sam3d_pipeline.types import Reconstruction
+
+
+@task(name="reconstruct", cache_policy=NO_CACHE)
+def reconstruct_object(
+    image: LoadedImage, mask: np.ndarray, options: pipeline.RunOptions, run_plan: pipeline.RunPlan, settings: Settings
+) -> Reconstruction:
+    logger = get_run_logger()
+    info = run_plan.reconstructor_info
+    logger.info("reconstructor %s %s on %s (%s)", info["name"], info["version"], info["device"],
+                run_plan.reconstructor.reason)
+    for limit in info.get("limits", []):
+        logger.warning("reconstructor limit: %s", limit)
+    recon = pipeline.reconstruct(image, mask, options, run_plan, settings)
+    logger.info("mesh: %s", recon.stats)
+    return recon

@@ -1,0 +1,28 @@
+"""Segmentation task: one segmenter call, with the backend and its limits in the log."""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from sam3d_pipeline import pipeline
+from sam3d_pipeline.images import LoadedImage
+from sam3d_pipeline.settings import Settings
+from sam3d_pipeline.types import Segmentation
+
+
+@task(name="segment", cache_policy=NO_CACHE)
+def segment_image(
+    image: LoadedImage, options: pipeline.RunOptions, run_plan: pipeline.RunPlan, settings: Settings
+) -> Segmentation:
+    logger = get_run_logger()
+    info = run_plan.segmenter_info
+    logger.info("segmenter %s %s on %s (%s)", info["name"], info["version"], info["device"], run_plan.segmenter.reason)
+    for limit in info.get("limits", []):
+        logger.warning("segmenter limit: %s", limit)
+    seg = pipeline.segment(image, options, run_plan, settings)
+    for message in seg.messages:
+        logger.info(message)
+    logger.info("found %d instance(s): %s", len(seg.instances),
+                ", ".join(f"#{i} score {inst.score:.2f}" for i, inst in enumerate(seg.instances)) or "none")
+    return seg
