@@ -158,7 +158,8 @@ def _s3_client(endpoint_url: str | None, max_attempts: int, timeout_s: float):
 def s3_client(settings: Settings | None = None):
     """A cached boto3 S3 client configured from settings (honours ``AWS_ENDPOINT_URL``)."""
     s = settings or get_settings()
-    return _s3_client(s.s3_endpoint_url, s.s3_max_attempts, s.s3_timeout_s)
+    endpoint = s.s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return _s3_client(endpoint or None, s.s3_max_attempts, s.s3_timeout_s)
 
 
 def classify_s3_error(exc: BaseException, what: str) -> PipelineError:

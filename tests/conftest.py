@@ -1,0 +1,77 @@
+"""Shared fixtures. Servers are started here by the tests that need them and stopped by PID."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+# Isolate from any real AWS account and keep Prefect quiet and fast before anything imports them.
+os.environ.update(
+    {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_SESSION_TOKEN": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "SAM3D_TASK_RETRY_DELAY_S": "0",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+)
+os.environ.pop("AWS_PROFILE", None)
+os.environ.pop("AWS_ENDPOINT_URL", None)
+
+from sam3d_pipeline import backends  # noqa: E402
+from sam3d_pipeline.settings import get_settings  # noqa: E402
+from sam3d_pipeline.storage import _s3_client  # noqa: E402
+
+from .servers import FaultyProxy, MotoServer  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fresh_settings():
+    """Each test reads settings from its own environment."""
+    get_settings.cache_clear()
+    _s3_client.cache_clear()
+    backends.clear_cache()
+    yield
+    get_settings.cache_clear()
+    _s3_client.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    server = MotoServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(moto_server, monkeypatch):
+    """A fresh bucket on the moto server, with ``AWS_ENDPOINT_URL`` pointing at it. Yields (client, bucket)."""
+    import boto3
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server.url)
+    client = boto3.client("s3", endpoint_url=moto_server.url)
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    client.create_bucket(Bucket=bucket)
+    yield client, bucket
+
+
+@pytest.fixture
+def faulty_s3(moto_server, monkeypatch):
+    """A fault-injecting proxy in front of moto; botocore's own retries are off so our classification shows."""
+    proxy = FaultyProxy(moto_server.url).start()
+    monkeypatch.setenv("SAM3D_S3_ENDPOINT_URL", proxy.url)
+    monkeypatch.setenv("SAM3D_S3_MAX_ATTEMPTS", "1")
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One Prefect test server (SQLite) for the session; flows called in-process report to it."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -1,0 +1,36 @@
+"""Synthetic test photos with known ground truth (deterministic, generated in memory)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+
+def object_photo(width: int = 320, height: int = 240, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A red ellipse on a textured brown-grey background.
+
+    Returns:
+        ``(rgb, mask)``: ``(H, W, 3)`` uint8 and the ellipse's ``(H, W)`` bool ground truth.
+    """
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    grain = 20 * np.sin(xx / 7.0 + 3 * np.sin(yy / 23.0)) + rng.normal(0, 6, (height, width))
+    background = np.stack([120 + grain, 110 + grain, 95 + grain], axis=-1)
+    cx, cy, rx, ry = width * 0.52, height * 0.48, width * 0.22, height * 0.28
+    mask = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1.0
+    shade = 1.0 - 0.25 * (((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2)
+    obj = np.stack([200 * shade, 30 * shade, 40 * shade], axis=-1) + rng.normal(0, 4, (height, width, 1))
+    rgb = np.where(mask[..., None], obj, background)
+    return np.clip(rgb, 0, 255).astype(np.uint8), mask
+
+
+def encode(rgb: np.ndarray, fmt: str = "PNG", **save_args) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format=fmt, **save_args)
+    return buf.getvalue()
+
+
+def uniform_photo(width: int = 200, height: int = 150, value: int = 128) -> np.ndarray:
+    return np.full((height, width, 3), value, np.uint8)
