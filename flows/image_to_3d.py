@@ -76,15 +76,15 @@ def image_to_3d(
     try:
         t = time.perf_counter()
         data = fetch_input.with_options(**io_retries)(image, settings)
-        loaded = decode_image(data, image, settings)
-        run_plan = pipeline.plan(loaded, options, root, settings)
-        timings["intake"] = time.perf_counter() - t
+        run_plan = pipeline.plan(image, pipeline.content_id(data), options, root, settings)
         logger.info("output prefix %s/%s", root, run_plan.prefix)
         if not force:
             done = pipeline.existing_result(open_storage(root, settings), run_plan.prefix)
             if done is not None:
                 logger.info("a completed result exists at this prefix; reusing it (force=True recomputes)")
                 return done.model_dump(mode="json")
+        loaded = decode_image(data, image, settings)
+        timings["intake"] = time.perf_counter() - t
 
         t = time.perf_counter()
         seg = segment_image(loaded, options, run_plan, settings)

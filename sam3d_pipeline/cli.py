@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -53,12 +53,12 @@ def parse_point(text: str) -> dict:
 def run(
     image: Annotated[str, typer.Argument(help="Photo: local path or s3://bucket/key.")],
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="What to segment, e.g. 'red chair'.")],
-    out: Annotated[Optional[str], typer.Option("--out", help="Output root: directory or s3://bucket/prefix.")] = None,
-    box: Annotated[Optional[list[str]], typer.Option("--box", help="Box prompt X0,Y0,X1,Y1 (pixels).")] = None,
+    out: Annotated[str | None, typer.Option("--out", help="Output root: directory or s3://bucket/prefix.")] = None,
+    box: Annotated[list[str] | None, typer.Option("--box", help="Box prompt X0,Y0,X1,Y1 (pixels).")] = None,
     point: Annotated[
-        Optional[list[str]], typer.Option("--point", help="Click X,Y[,LABEL] (pixels; 1 object, 0 background).")
+        list[str] | None, typer.Option("--point", help="Click X,Y[,LABEL] (pixels; 1 object, 0 background).")
     ] = None,
-    instance: Annotated[Optional[int], typer.Option("--instance", min=0, help="Instance to reconstruct.")] = None,
+    instance: Annotated[int | None, typer.Option("--instance", min=0, help="Instance to reconstruct.")] = None,
     segmenter: Annotated[str, typer.Option("--segmenter", help="auto|lite|sam3")] = "auto",
     reconstructor: Annotated[str, typer.Option("--reconstructor", help="auto|lite|sam3d")] = "auto",
     seed: Annotated[int, typer.Option("--seed", min=0)] = 0,

@@ -113,7 +113,7 @@ def load_image(data: bytes, *, source: str, max_pixels: int) -> LoadedImage:
             f"{source}: not a recognised image ({len(data)} bytes; first bytes {data[:8]!r})"
         ) from None
     except (OSError, ValueError, SyntaxError) as exc:
-        raise InvalidImageError(f"{source}: unreadable image header: {exc}") from None
+        raise InvalidImageError(f"{source}: image header is truncated or corrupt: {exc}") from None
     width, height = im.size
     if width <= 0 or height <= 0:
         raise InvalidImageError(f"{source}: image has no pixels ({width}x{height})")

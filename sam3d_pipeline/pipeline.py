@@ -6,6 +6,7 @@ reconstruct → render outputs → publish (files first, ``result.json`` last).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -92,12 +93,22 @@ def read_bytes(uri: str, settings: Settings | None = None) -> bytes:
 
 
 def decode(data: bytes, uri: str, settings: Settings | None = None) -> LoadedImage:
-    """Step 2: decode and validate the photo."""
+    """Step 3: decode and validate the photo."""
     return load_image(data, source=uri, max_pixels=(settings or get_settings()).max_pixels)
 
 
-def plan(image: LoadedImage, options: RunOptions, output_root: str, settings: Settings | None = None) -> RunPlan:
-    """Step 3: resolve backends (no model load) and compute the deterministic output prefix."""
+def content_id(data: bytes) -> str:
+    """The input's identity in output keys: ``sha256:<hex>`` of its bytes."""
+    return f"sha256:{hashlib.sha256(data).hexdigest()}"
+
+
+def plan(input_uri: str, input_id: str, options: RunOptions, output_root: str,
+         settings: Settings | None = None) -> RunPlan:
+    """Step 2: resolve backends (no model load) and compute the deterministic output prefix.
+
+    Needs only the input's identity (``content_id``), so a file that fails to decode still gets a
+    prefix where its failure is recorded.
+    """
     s = settings or get_settings()
     seg = backends.resolve("segmenter", options.segmenter, s)
     rec = backends.resolve("reconstructor", options.reconstructor, s)
@@ -111,14 +122,14 @@ def plan(image: LoadedImage, options: RunOptions, output_root: str, settings: Se
     if rec.name == "lite":
         hash_options |= {"lite_mesh_resolution": s.lite_mesh_resolution, "lite_thickness": s.lite_thickness}
     prefix = output_prefix_name(
-        image.source,
-        content_id=f"sha256:{image.sha256}",
+        input_uri,
+        content_id=input_id,
         prompt=options.prompt,
         options=hash_options,
         backends={"segmenter": seg_info.key(), "reconstructor": rec_info.key()},
     )
     return RunPlan(
-        input_uri=image.source,
+        input_uri=input_uri,
         output_root=output_root,
         prefix=prefix,
         segmenter=seg,
@@ -149,7 +160,9 @@ def segment_request(options: RunOptions, width: int, height: int) -> SegmentRequ
     return SegmentRequest(prompt=options.prompt, boxes=tuple(boxes), points=tuple(points))
 
 
-def segment(image: LoadedImage, options: RunOptions, run_plan: RunPlan, settings: Settings | None = None) -> Segmentation:
+def segment(
+    image: LoadedImage, options: RunOptions, run_plan: RunPlan, settings: Settings | None = None
+) -> Segmentation:
     """Step 4: find instances with the planned segmenter."""
     request = segment_request(options, image.width, image.height)
     return backends.get_segmenter(run_plan.segmenter.name, settings).segment(image.rgb, request)
@@ -285,11 +298,12 @@ def run_plain(image_uri: str, options: RunOptions, output_root: str | None = Non
     storage = open_storage(root, s)
     timings: dict[str, float] = {}
     start = t = time.perf_counter()
-    image = decode(read_bytes(image_uri, s), image_uri, s)
-    run_plan = plan(image, options, storage.root, s)
-    timings["intake"] = time.perf_counter() - t
+    data = read_bytes(image_uri, s)
+    run_plan = plan(image_uri, content_id(data), options, storage.root, s)
     if not force and (done := existing_result(storage, run_plan.prefix)):
         return done
+    image = decode(data, image_uri, s)
+    timings["intake"] = time.perf_counter() - t
     t = time.perf_counter()
     seg = segment(image, options, run_plan, s)
     selected = select_instance(seg.instances, options.instance_index)

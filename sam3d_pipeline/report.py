@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
@@ -36,7 +36,7 @@ class RunResult(BaseModel):
     messages: list[str] = Field(default_factory=list)
     error: dict[str, str] | None = None
     pipeline_version: str = __version__
-    finished_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    finished_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
 
 def summary_line(result: RunResult) -> str:

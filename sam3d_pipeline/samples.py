@@ -7,7 +7,11 @@ from pathlib import Path
 
 # scikit-image ships these in its wheel. coffee.png: 600x400, CC0 (photo by Rachel Michetti, courtesy of
 # Pikolo Espresso Bar), see skimage.data.coffee.
-SAMPLES = {"coffee": ("coffee.png", "coffee cup"), "chelsea": ("chelsea.png", "cat"), "rocket": ("rocket.jpg", "rocket")}
+SAMPLES = {
+    "coffee": ("coffee.png", "coffee cup"),
+    "chelsea": ("chelsea.png", "cat"),
+    "rocket": ("rocket.jpg", "rocket"),
+}
 
 
 def sample_path(name: str = "coffee") -> Path:

@@ -47,8 +47,8 @@ class LiteReconstructor:
         Raises:
             InputError: empty or tiny mask, or a mask/image size mismatch.
         """
-        from skimage.measure import marching_cubes
         import trimesh
+        from skimage.measure import marching_cubes
 
         if mask.shape != rgb.shape[:2]:
             raise InputError(f"mask is {mask.shape[::-1]}, image is {rgb.shape[1::-1]} (width, height)")

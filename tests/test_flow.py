@@ -1,0 +1,104 @@
+"""The image-to-3d flow under a Prefect test server (SQLite), with local and S3 storage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sam3d_pipeline.masks import iou
+
+from .photos import encode, object_photo, uniform_photo
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
+
+
+def _run(**kwargs):
+    from flows.image_to_3d import image_to_3d
+
+    return image_to_3d(return_state=True, **kwargs)
+
+
+def test_completed_run_writes_every_output(tmp_path):
+    rgb, truth = object_photo()
+    photo = tmp_path / "red ellipse.png"
+    photo.write_bytes(encode(rgb))
+    state = _run(image=str(photo), prompt="red ellipse", output_root=str(tmp_path / "out"))
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result["status"] == "completed"
+    prefix = Path(result["output_prefix"])
+    assert prefix.parent == (tmp_path / "out").resolve()
+    assert prefix.name.startswith("red-ellipse-")
+    assert {p.name for p in prefix.iterdir()} == {"mask.png", "overlay.png", "object.glb", "preview.png",
+                                                  "result.json"}
+    mask = np.asarray(Image.open(prefix / "mask.png")) > 127
+    assert mask.shape == truth.shape
+    assert iou(mask, truth) > 0.9
+    on_disk = json.loads((prefix / "result.json").read_text())
+    assert on_disk["segmenter"]["name"] == "lite" and on_disk["reconstructor"]["name"] == "lite"
+    assert on_disk["prompt"] == "red ellipse" and on_disk["prompt_used_by_segmenter"] is False
+    assert on_disk["flow_run_id"] == str(state.state_details.flow_run_id)
+    assert on_disk["mesh"]["watertight"] is True
+    assert set(on_disk["outputs"]) == {"mask.png", "overlay.png", "object.glb", "preview.png", "result.json"}
+
+
+def test_rerun_reuses_the_same_prefix(tmp_path):
+    rgb, _ = object_photo(seed=1)
+    photo = tmp_path / "thing.png"
+    photo.write_bytes(encode(rgb))
+    out = tmp_path / "out"
+    first = _run(image=str(photo), prompt="thing", output_root=str(out)).result()
+    mtime = (Path(first["output_prefix"]) / "object.glb").stat().st_mtime_ns
+    second = _run(image=str(photo), prompt="thing", output_root=str(out)).result()
+    assert second["output_prefix"] == first["output_prefix"]
+    assert second["flow_run_id"] == first["flow_run_id"]  # reused, not recomputed
+    assert (Path(first["output_prefix"]) / "object.glb").stat().st_mtime_ns == mtime
+    forced = _run(image=str(photo), prompt="thing", output_root=str(out), force=True).result()
+    assert forced["output_prefix"] == first["output_prefix"]
+    assert forced["flow_run_id"] != first["flow_run_id"]
+    assert len(list(out.iterdir())) == 1
+    # A different prompt is a different result.
+    other = _run(image=str(photo), prompt="other thing", output_root=str(out)).result()
+    assert other["output_prefix"] != first["output_prefix"]
+
+
+def test_no_object_skips_reconstruction(tmp_path):
+    photo = tmp_path / "blank.png"
+    photo.write_bytes(encode(uniform_photo()))
+    state = _run(image=str(photo), prompt="chair", output_root=str(tmp_path / "out"))
+    assert state.is_completed()
+    result = state.result()
+    assert result["status"] == "no_object"
+    assert result["selected"] is None and result["instances"] == []
+    prefix = Path(result["output_prefix"])
+    assert {p.name for p in prefix.iterdir()} == {"overlay.png", "result.json"}
+
+
+def test_corrupt_image_fails_fast_with_reason(tmp_path):
+    photo = tmp_path / "broken.jpg"
+    photo.write_bytes(encode(object_photo()[0], "JPEG")[:500])
+    state = _run(image=str(photo), prompt="chair", output_root=str(tmp_path / "out"))
+    assert state.is_failed()
+    assert "broken.jpg" in state.message and "truncated" in state.message
+    [prefix] = list((tmp_path / "out").iterdir())
+    result = json.loads((prefix / "result.json").read_text())
+    assert result["status"] == "failed"
+    assert result["error"]["type"] == "InvalidImageError"
+
+
+def test_box_outside_image_is_refused(tmp_path):
+    photo = tmp_path / "p.png"
+    photo.write_bytes(encode(object_photo()[0]))
+    state = _run(image=str(photo), prompt="x", output_root=str(tmp_path / "out"), boxes=[(1000, 1000, 1200, 1100)])
+    assert state.is_failed()
+    assert "outside the 320x240 image" in state.message
+
+
+def test_missing_input_fails_without_retry(tmp_path):
+    state = _run(image=str(tmp_path / "nope.jpg"), prompt="x", output_root=str(tmp_path / "out"))
+    assert state.is_failed()
+    assert "nope.jpg" in state.message and "no such file" in state.message
