@@ -10,7 +10,7 @@ from typing import Any
 
 OUTPUT_FILES = ("mask.png", "overlay.png", "object.glb", "object.ply", "preview.png", "result.json")
 KEY_VERSION = 1
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_UNSAFE = re.compile(r"[^\w.-]+")  # keeps unicode letters and digits
 
 
 def image_stem(uri: str) -> str:

@@ -60,7 +60,10 @@ class Settings(BaseSettings):
         None, description="S3 endpoint override; AWS_ENDPOINT_URL is honoured when this is unset."
     )
     s3_max_attempts: int = Field(
-        3, ge=1, le=20, description="botocore attempts per S3 call (standard retry mode) before our own retries."
+        3,
+        ge=1,
+        le=20,
+        description="Total botocore attempts per S3 call (standard mode, 1 = no retry) before our own retries.",
     )
     s3_timeout_s: float = Field(30.0, gt=0, description="S3 connect and read timeout (seconds).")
     task_retries: int = Field(3, ge=0, le=20, description="Prefect retries for transient task failures.")

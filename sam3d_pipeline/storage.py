@@ -148,7 +148,7 @@ def _s3_client(endpoint_url: str | None, max_attempts: int, timeout_s: float):
     from botocore.config import Config
 
     config = Config(
-        retries={"max_attempts": max_attempts, "mode": "standard"},
+        retries={"total_max_attempts": max_attempts, "mode": "standard"},
         connect_timeout=timeout_s,
         read_timeout=timeout_s,
     )
