@@ -183,6 +183,8 @@ def classify_s3_error(exc: BaseException, what: str) -> PipelineError:
             return TransientStorageError(f"{what}: S3 answered {status} {code}: {message} (will retry)")
         if code in NOT_FOUND_S3_CODES or status == 404:
             return InputNotFoundError(f"{what}: not found ({code or status})")
+        if status == 403:
+            return StorageAccessError(f"{what}: access denied by S3 (403 {code}); check the credentials' permissions")
         return StorageAccessError(f"{what}: S3 refused the request: {status} {code}: {message}")
     if isinstance(
         exc,

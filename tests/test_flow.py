@@ -102,3 +102,41 @@ def test_missing_input_fails_without_retry(tmp_path):
     state = _run(image=str(tmp_path / "nope.jpg"), prompt="x", output_root=str(tmp_path / "out"))
     assert state.is_failed()
     assert "nope.jpg" in state.message and "no such file" in state.message
+
+
+def test_s3_input_and_output(s3):
+    client, bucket = s3
+    rgb, _ = object_photo(seed=2)
+    client.put_object(Bucket=bucket, Key="photos/my chair+1.png", Body=encode(rgb))
+    state = _run(image=f"s3://{bucket}/photos/my chair+1.png", prompt="chair", output_root=f"s3://{bucket}/outputs")
+    assert state.is_completed(), state.message
+    result = state.result()
+    prefix = result["output_prefix"]
+    assert prefix.startswith(f"s3://{bucket}/outputs/my-chair-1-")
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="outputs/")["Contents"]}
+    stem = prefix.split("/", 3)[3]
+    assert keys == {f"{stem}/{name}" for name in ("mask.png", "overlay.png", "object.glb", "preview.png",
+                                                   "result.json")}
+    stored = json.loads(client.get_object(Bucket=bucket, Key=f"{stem}/result.json")["Body"].read())
+    assert stored["status"] == "completed" and stored["outputs"]["object.glb"] == f"{prefix}/object.glb"
+
+
+def test_transient_s3_failure_is_retried(s3, faulty_s3):
+    client, bucket = s3
+    client.put_object(Bucket=bucket, Key="photos/flaky.png", Body=encode(object_photo(seed=4)[0]))
+    faulty_s3.fail_next(2, 503, "SlowDown", match="/photos/flaky.png")
+    state = _run(image=f"s3://{bucket}/photos/flaky.png", prompt="x", output_root=f"s3://{bucket}/outputs")
+    assert state.is_completed(), state.message
+    statuses = [status for _, path, status in faulty_s3.requests if path.endswith("/photos/flaky.png")]
+    assert statuses[:2] == [503, 503] and statuses[2:] and all(s == 200 for s in statuses[2:])
+
+
+def test_permanent_s3_failure_is_not_retried(s3, faulty_s3):
+    client, bucket = s3
+    client.put_object(Bucket=bucket, Key="photos/secret.png", Body=encode(object_photo(seed=5)[0]))
+    faulty_s3.fail_next(5, 403, "AccessDenied", match="/photos/secret.png")
+    state = _run(image=f"s3://{bucket}/photos/secret.png", prompt="x", output_root=f"s3://{bucket}/outputs")
+    assert state.is_failed()
+    assert "access denied" in state.message and "photos/secret.png" in state.message
+    statuses = [status for _, path, status in faulty_s3.requests if path.endswith("/photos/secret.png")]
+    assert statuses == [403]  # one attempt, no retry

@@ -106,7 +106,7 @@ def test_s3_errors_are_classified(s3, faulty_s3):
     with pytest.raises(TransientStorageError):
         store.read_bytes("k")
     faulty_s3.fail_next(1, 403, "AccessDenied")
-    with pytest.raises(StorageAccessError, match="403 AccessDenied") as info:
+    with pytest.raises(StorageAccessError, match=r"access denied by S3 \(403 AccessDenied\)") as info:
         store.write_bytes("k", b"v")
     assert not is_transient(info.value)
     store.write_bytes("k", b"v")  # the proxy forwards once no failure is queued
