@@ -4,6 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed-dev
+GLTF_VALIDATOR := tools/gltf-validator/node_modules/.package-lock.json
 
 .PHONY: demo test lint install bench clean
 
@@ -19,10 +20,13 @@ demo: $(STAMP)
 	$(VENV)/bin/sam3d-pipeline run "$$($(PY) -m sam3d_pipeline.samples coffee)" --prompt "coffee cup" --out outputs
 	@echo "Outputs are under ./outputs/ (open object.glb in any glTF viewer)"
 
+$(GLTF_VALIDATOR): tools/gltf-validator/package.json tools/gltf-validator/package-lock.json
+	npm ci --prefix tools/gltf-validator --no-audit --no-fund --loglevel=error
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-test: $(STAMP)
+test: $(STAMP) $(GLTF_VALIDATOR)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 

@@ -140,3 +140,51 @@ def test_permanent_s3_failure_is_not_retried(s3, faulty_s3):
     assert "access denied" in state.message and "photos/secret.png" in state.message
     statuses = [status for _, path, status in faulty_s3.requests if path.endswith("/photos/secret.png")]
     assert statuses == [403]  # one attempt, no retry
+
+
+def test_artifacts_and_a_valid_glb(tmp_path):
+    import subprocess
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    rgb, _ = object_photo(seed=6)
+    photo = tmp_path / "p.png"
+    photo.write_bytes(encode(rgb))
+    state = _run(image=str(photo), prompt="thing", output_root=str(tmp_path / "out"))
+    result = state.result()
+    run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
+        )
+    by_type = {a.type: a for a in artifacts}
+    assert set(by_type) == {"image", "table", "markdown"}
+    assert by_type["image"].data.endswith("/overlay.png")
+    table = json.loads(by_type["table"].data)
+    assert table[0]["selected"] is True and table[0]["area"] == result["instances"][0]["area"]
+    markdown = by_type["markdown"].data
+    assert "completed" in markdown and "object.glb" in markdown and "cannot read text" in markdown
+    # The GLB passes the Khronos glTF validator (what viewers rely on) with no errors.
+    glb = Path(result["outputs"]["object.glb"])
+    proc = subprocess.run(["node", "tools/gltf-validator/validate.mjs", str(glb)], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent.parent)
+    report = json.loads(proc.stdout)
+    assert proc.returncode == 0 and report["issues"]["numErrors"] == 0, report["issues"]
+    assert report["info"]["totalTriangleCount"] == result["mesh"]["faces"]
+
+
+def test_failed_run_has_a_markdown_artifact_with_the_reason(tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    photo = tmp_path / "empty.jpg"
+    photo.write_bytes(b"")
+    state = _run(image=str(photo), prompt="x", output_root=str(tmp_path / "out"))
+    assert state.is_failed() and "the file is empty" in state.message
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+        )
+    [md] = [a for a in artifacts if a.type == "markdown"]
+    assert "failed" in md.data and "InvalidImageError" in md.data and "the file is empty" in md.data
