@@ -13,10 +13,12 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
+from flows.review import ReviewConfig, edited_instance, review_loop
 from sam3d_pipeline import pipeline
 from sam3d_pipeline.errors import PipelineError
 from sam3d_pipeline.masks import select_instance
 from sam3d_pipeline.pipeline import PointParam, RunOptions
+from sam3d_pipeline.review.policy import needs_review
 from sam3d_pipeline.settings import get_settings
 from sam3d_pipeline.storage import open_storage
 from tasks.intake import decode_image, fetch_input
@@ -38,6 +40,10 @@ def image_to_3d(
     reconstructor: Literal["auto", "lite", "sam3d"] = "auto",
     seed: int = 0,
     force: bool = False,
+    review: Literal["none", "auto", "required"] = "none",
+    review_auto_approve_score: float = 0.8,
+    review_timeout_s: float = 3600.0,
+    review_on_timeout: Literal["fail", "approve_if_confident"] = "fail",
 ) -> dict[str, Any]:
     """Segment the object named by ``prompt`` in ``image`` and reconstruct it in 3D.
 
@@ -52,9 +58,14 @@ def image_to_3d(
         reconstructor: ``auto`` (sam3d when usable, else lite), ``lite`` or ``sam3d``.
         seed: seed for stochastic reconstructors.
         force: recompute even when a completed result exists at the output prefix.
+        review: ``none``; ``required`` (always wait for a person); ``auto`` (wait when the best score is below
+            ``review_auto_approve_score``). The run pauses for a typed answer before reconstruction.
+        review_auto_approve_score: score at or above which ``auto`` (and ``approve_if_confident``) approve.
+        review_timeout_s: how long to wait for the reviewer (seconds).
+        review_on_timeout: ``fail`` the run, or ``approve_if_confident`` (best score >= the threshold).
 
     Returns:
-        The ``result.json`` contents (status ``completed`` or ``no_object``); a failure raises.
+        The ``result.json`` contents (status ``completed``, ``no_object`` or ``rejected``); a failure raises.
     """
     logger = get_run_logger()
     settings = get_settings()
@@ -76,7 +87,7 @@ def image_to_3d(
     try:
         t = time.perf_counter()
         data = fetch_input.with_options(**io_retries)(image, settings)
-        run_plan = pipeline.plan(image, pipeline.content_id(data), options, root, settings)
+        run_plan = pipeline.plan(image, pipeline.content_id(data), options, root, settings, review_mode=review)
         logger.info("output prefix %s/%s", root, run_plan.prefix)
         if not force:
             done = pipeline.existing_result(open_storage(root, settings), run_plan.prefix)
@@ -90,7 +101,28 @@ def image_to_3d(
         seg = segment_image(loaded, options, run_plan, settings)
         selected = select_instance(seg.instances, options.instance_index)
         timings["segment"] = time.perf_counter() - t
-        if selected is not None:
+
+        wait, why = needs_review(review, seg.instances, review_auto_approve_score)
+        review_record: dict[str, Any] = {"mode": review, "reason": why}
+        rejected = False
+        if wait:
+            t = time.perf_counter()
+            outcome = review_loop(
+                config=ReviewConfig(review, why, review_auto_approve_score, review_timeout_s, review_on_timeout),
+                image=loaded, options=options, run_plan=run_plan, seg=seg, selected=selected,
+                storage=open_storage(root, settings), settings=settings, page_url=settings.review_page_url,
+            )
+            seg, selected, options, review_record = outcome.seg, outcome.selected, outcome.options, outcome.record
+            if outcome.edited_mask is not None:
+                base = seg.instances[selected] if selected is not None else None
+                seg.instances.append(edited_instance(outcome.edited_mask, base))
+                selected = len(seg.instances) - 1
+            rejected = outcome.status == "rejected"
+            timings["review_wait"] = time.perf_counter() - t
+
+        if rejected:
+            logger.info("the reviewer rejected the mask: no reconstruction")
+        elif selected is not None:
             t = time.perf_counter()
             recon = reconstruct_object(loaded, seg.instances[selected].mask, options, run_plan, settings)
             timings["reconstruct"] = time.perf_counter() - t
@@ -100,11 +132,11 @@ def image_to_3d(
         t = time.perf_counter()
         files = render_outputs(loaded, seg, selected, recon, run_plan, settings)
         timings["render"] = time.perf_counter() - t
-        status = "completed" if recon is not None else "no_object"
+        status = "rejected" if rejected else "completed" if recon is not None else "no_object"
         timings["total"] = time.perf_counter() - start
         result = pipeline.build_result(
             status=status, image=loaded, input_uri=image, options=options, run_plan=run_plan, seg=seg,
-            selected=selected, recon=recon, timings=timings, flow_run_id=_flow_run_id(),
+            selected=selected, recon=recon, timings=timings, flow_run_id=_flow_run_id(), review=review_record,
         )
         t = time.perf_counter()
         result = publish_outputs.with_options(**io_retries)(root, run_plan.prefix, files, result, settings)

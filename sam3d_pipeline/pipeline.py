@@ -103,7 +103,7 @@ def content_id(data: bytes) -> str:
 
 
 def plan(input_uri: str, input_id: str, options: RunOptions, output_root: str,
-         settings: Settings | None = None) -> RunPlan:
+         settings: Settings | None = None, review_mode: str = "none") -> RunPlan:
     """Step 2: resolve backends (no model load) and compute the deterministic output prefix.
 
     Needs only the input's identity (``content_id``), so a file that fails to decode still gets a
@@ -119,6 +119,8 @@ def plan(input_uri: str, input_id: str, options: RunOptions, output_root: str,
         "min_instance_area_fraction": s.min_instance_area_fraction,
         "seed": options.seed,
     }
+    if review_mode != "none":  # a reviewed result is a different result
+        hash_options |= {"review": review_mode}
     if rec.name == "lite":
         hash_options |= {"lite_mesh_resolution": s.lite_mesh_resolution, "lite_thickness": s.lite_thickness}
     prefix = output_prefix_name(
@@ -262,6 +264,7 @@ def build_result(
     timings: dict[str, float] | None = None,
     error: BaseException | None = None,
     flow_run_id: str | None = None,
+    review: dict[str, Any] | None = None,
 ) -> RunResult:
     """Assemble the report for any outcome (completed, no_object, failed)."""
     messages = list(seg.messages) if seg else []
@@ -277,7 +280,7 @@ def build_result(
         instances=[inst.summary(i) for i, inst in enumerate(seg.instances)] if seg else [],
         selected=selected,
         selection=options.selection(),
-        review={"mode": "none"},
+        review=review or {"mode": "none"},
         mesh=recon.stats if recon else None,
         pose=recon.pose if recon else None,
         timings_s={k: round(v, 3) for k, v in (timings or {}).items()},

@@ -55,6 +55,14 @@ class Settings(BaseSettings):
     )
     preview_size_px: int = Field(512, ge=64, le=4096, description="Side of the rendered mesh preview (pixels).")
 
+    # Review.
+    review_poll_interval_s: float = Field(
+        5.0, gt=0, le=60, description="How often a paused run checks for the reviewer's answer (seconds)."
+    )
+    review_page_url: str | None = Field(
+        None, description="Base URL of the review server, linked from paused runs (e.g. http://127.0.0.1:8765)."
+    )
+
     # Storage and retries.
     s3_endpoint_url: str | None = Field(
         None, description="S3 endpoint override; AWS_ENDPOINT_URL is honoured when this is unset."

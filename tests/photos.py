@@ -34,3 +34,21 @@ def encode(rgb: np.ndarray, fmt: str = "PNG", **save_args) -> bytes:
 
 def uniform_photo(width: int = 200, height: int = 150, value: int = 128) -> np.ndarray:
     return np.full((height, width, 3), value, np.uint8)
+
+
+def two_objects_photo(width: int = 320, height: int = 240) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Two separate discs (red on the left, blue on the right) on a textured background.
+
+    Returns:
+        ``(rgb, left_mask, right_mask)``.
+    """
+    rng = np.random.default_rng(9)
+    yy, xx = np.mgrid[0:height, 0:width]
+    grain = 20 * np.sin(xx / 7.0 + 3 * np.sin(yy / 23.0)) + rng.normal(0, 6, (height, width))
+    out = np.clip(np.stack([120 + grain, 110 + grain, 95 + grain], axis=-1), 0, 255).astype(np.uint8)
+    r = 0.11 * width
+    left = np.hypot(xx - 0.36 * width, yy - 0.5 * height) <= r
+    right = np.hypot(xx - 0.66 * width, yy - 0.5 * height) <= r * 0.8
+    out[left] = (205, 35, 40)
+    out[right] = (40, 60, 210)
+    return out, left, right

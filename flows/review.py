@@ -1,0 +1,228 @@
+"""Pause ``image-to-3d`` for a person to approve, reject, re-prompt or refine the mask (typed ``RunInput``).
+
+The pause happens in the orchestrating flow between segmentation and reconstruction, so no GPU is held while
+a person decides. The input model is built per round with the image's and the instances' bounds, so the
+Prefect server itself refuses an out-of-range instance or a box outside the image and the run keeps waiting.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from prefect import get_run_logger, pause_flow_run
+from prefect.client.orchestration import get_client
+from prefect.exceptions import FlowPauseTimeout
+from prefect.input import RunInput
+from prefect.runtime import flow_run
+from prefect.states import Running
+from pydantic import BaseModel, Field, create_model
+
+from sam3d_pipeline import pipeline
+from sam3d_pipeline.errors import InputError, PipelineError
+from sam3d_pipeline.images import LoadedImage, encode_png
+from sam3d_pipeline.masks import box_from_mask, mask_from_png, mask_to_png, overlay, select_instance
+from sam3d_pipeline.review.policy import TimeoutPolicy, review_markdown, timeout_action
+from sam3d_pipeline.settings import Settings
+from sam3d_pipeline.storage import Storage
+from sam3d_pipeline.types import Instance, Segmentation
+from tasks.segment import segment_image
+
+MASK_KEY_PATTERN = r"^review/[A-Za-z0-9._-]{1,100}\.png$"
+
+
+class ReviewTimeoutError(PipelineError):
+    """Nobody reviewed the mask in time and the timeout policy did not approve it."""
+
+    code = "review_timeout"
+
+
+class ReviewInput(RunInput):
+    """What a person answers to a paused run (the Prefect UI shows this as a form)."""
+
+    action: Literal["approve", "reject", "reprompt"] = "approve"
+    instance_index: int | None = Field(None, description="Instance to reconstruct (approve).")
+    prompt: str | None = Field(None, min_length=1, max_length=500, description="New text prompt (reprompt).")
+    boxes: list[tuple[float, float, float, float]] = Field(default_factory=list, description="xyxy pixels.")
+    points: list[pipeline.PointParam] = Field(default_factory=list, description="Clicks: x, y, label 1/0.")
+    score_threshold: float | None = Field(None, ge=0.0, le=1.0, description="New score threshold (reprompt).")
+    mask_key: str | None = Field(
+        None, pattern=MASK_KEY_PATTERN, description="A mask PNG uploaded by the review page (approve)."
+    )
+    comment: str | None = Field(None, max_length=1000)
+
+
+def bounded_input(n_instances: int, width: int, height: int, default_index: int | None = None) -> type[ReviewInput]:
+    """``ReviewInput`` whose JSON schema carries this round's bounds (validated by the Prefect server).
+
+    Defaults are set here rather than with ``with_initial_data(**kwargs)``, which would rebuild the fields
+    from their bare annotations and drop the bounds.
+    """
+    x = Annotated[float, Field(ge=0, le=width)]
+    y = Annotated[float, Field(ge=0, le=height)]
+    point = create_model(
+        "ReviewPoint", __base__=BaseModel, x=(Annotated[float, Field(ge=0, lt=width)], ...),
+        y=(Annotated[float, Field(ge=0, lt=height)], ...), label=(Literal[0, 1], 1),
+    )
+    return create_model(
+        "ReviewInput",
+        __base__=ReviewInput,
+        instance_index=(Annotated[int | None, Field(ge=0, le=n_instances - 1)], default_index),
+        boxes=(list[tuple[x, y, x, y]], []),
+        points=(list[point], []),
+    )
+
+
+@dataclass
+class ReviewConfig:
+    mode: str
+    reason: str
+    auto_approve_score: float
+    timeout_s: float
+    on_timeout: TimeoutPolicy
+
+
+@dataclass
+class ReviewOutcome:
+    """What the review decided: status ``approved`` or ``rejected``, and the (possibly new) masks."""
+
+    status: str
+    seg: Segmentation
+    selected: int | None
+    options: pipeline.RunOptions
+    edited_mask: np.ndarray | None = None
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+def _publish_round(storage: Storage, prefix: str, round_number: int, image: LoadedImage, seg: Segmentation,
+                   selected: int | None, options: pipeline.RunOptions, label: str) -> str:
+    """Write what the review page and the pause description show; return the overlay's key."""
+    mask = seg.instances[selected].mask if selected is not None else None
+    key = f"{prefix}/review/overlay-r{round_number}.png"
+    storage.write_bytes(key, encode_png(overlay(image.rgb, mask, label=label)), content_type="image/png")
+    for i, inst in enumerate(seg.instances):
+        storage.write_bytes(f"{prefix}/review/r{round_number}-mask-{i}.png", mask_to_png(inst.mask),
+                            content_type="image/png")
+    return key
+
+
+def _leave_expired_pause(message: str) -> None:
+    """A pause that timed out leaves the run Paused, and Prefect would end it with a generic message.
+
+    Move it back to Running so the run can complete (policy approved) or fail with our reason.
+    """
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(flow_run.get_id(), Running(message=message), force=True)
+
+
+def review_loop(
+    *,
+    config: ReviewConfig,
+    image: LoadedImage,
+    options: pipeline.RunOptions,
+    run_plan: pipeline.RunPlan,
+    seg: Segmentation,
+    selected: int | None,
+    storage: Storage,
+    settings: Settings,
+    page_url: str | None = None,
+) -> ReviewOutcome:
+    """Pause until a person decides; re-segment and pause again on re-prompt.
+
+    Raises:
+        ReviewTimeoutError: the review timed out and the policy says fail.
+    """
+    logger = get_run_logger()
+    record: dict[str, Any] = {"mode": config.mode, "reason": config.reason, "on_timeout": config.on_timeout,
+                              "timeout_s": config.timeout_s, "rounds": []}
+    started = time.monotonic()
+    note = None
+    round_number = 0
+    while True:
+        round_number += 1
+        label = f"review round {round_number}: segmenter {pipeline.backend_label(run_plan.segmenter_info)}"
+        overlay_key = _publish_round(storage, run_plan.prefix, round_number, image, seg, selected, options, label)
+        instances = [inst.summary(i) for i, inst in enumerate(seg.instances)]
+        description = review_markdown(
+            input_uri=image.source, prompt=options.prompt, instances=instances, selected=selected,
+            overlay_link=storage.link(overlay_key),
+            page_link=f"{page_url.rstrip('/')}/runs/{flow_run.get_id()}" if page_url else None,
+            round_number=round_number, reason=config.reason, note=note,
+        )
+        model = bounded_input(len(seg.instances), image.width, image.height, selected)
+        remaining = max(1.0, config.timeout_s - (time.monotonic() - started))
+        logger.info("waiting for review (round %d, up to %.0f s)", round_number, remaining)
+        try:
+            answer = pause_flow_run(
+                wait_for_input=model.with_initial_data(description=description),
+                timeout=int(np.ceil(remaining)),
+                poll_interval=settings.review_poll_interval_s,
+                key=f"review-round-{round_number}",
+            )
+        except FlowPauseTimeout:
+            action, why = timeout_action(config.on_timeout, seg.instances, config.auto_approve_score)
+            record["rounds"].append({"round": round_number, "action": f"timeout-{action}", "by": "policy"})
+            record |= {"outcome": f"timeout-{action}", "detail": why,
+                       "waited_s": round(time.monotonic() - started, 1)}
+            logger.warning(why)
+            _leave_expired_pause(why)
+            if action == "fail" or selected is None:
+                raise ReviewTimeoutError(why) from None
+            return ReviewOutcome("approved", seg, selected, options, record=record)
+
+        entry = {"round": round_number, "by": "person"} | answer.model_dump(
+            mode="json", exclude_none=True, exclude={"metadata"}
+        )
+        record["rounds"].append(entry)
+        logger.info("review round %d: %s", round_number, answer.action)
+        if answer.action == "reject":
+            record |= {"outcome": "rejected", "waited_s": round(time.monotonic() - started, 1)}
+            return ReviewOutcome("rejected", seg, selected, options, record=record)
+        if answer.action == "reprompt":
+            updates: dict[str, Any] = {}
+            if answer.prompt:
+                updates["prompt"] = answer.prompt.strip()
+            if answer.boxes:
+                updates["boxes"] = [tuple(b) for b in answer.boxes]
+            if answer.points:
+                updates["points"] = [pipeline.PointParam(**p.model_dump()) for p in answer.points]
+            if not updates and answer.score_threshold is None:
+                note = "re-prompt needs a new prompt, boxes, points or score_threshold; still waiting"
+                continue
+            options = options.model_copy(update=updates | {"instance_index": None})
+            seg_settings = settings if answer.score_threshold is None else settings.model_copy(
+                update={"score_threshold": answer.score_threshold})
+            try:
+                seg = segment_image(image, options, run_plan, seg_settings)
+            except InputError as exc:
+                note = f"re-prompt refused: {exc}; still waiting"
+                continue
+            selected = select_instance(seg.instances, None)
+            note = f"re-segmented for prompt {options.prompt!r}: {len(seg.instances)} instance(s)"
+            continue
+        # approve
+        if answer.mask_key:
+            try:
+                mask = mask_from_png(storage.read_bytes(f"{run_plan.prefix}/{answer.mask_key}"),
+                                     size=(image.width, image.height), source=answer.mask_key)
+            except InputError as exc:
+                note = f"approval refused: {exc}; still waiting"
+                continue
+            base = answer.instance_index if answer.instance_index is not None else selected
+            record |= {"outcome": "approved", "edited_mask": answer.mask_key,
+                       "edited_mask_box": list(box_from_mask(mask)),
+                       "waited_s": round(time.monotonic() - started, 1)}
+            return ReviewOutcome("approved", seg, base, options, edited_mask=mask, record=record)
+        chosen = answer.instance_index if answer.instance_index is not None else selected
+        if chosen is None:
+            note = "nothing to approve: no instance found; re-prompt or reject"
+            continue
+        record |= {"outcome": "approved", "waited_s": round(time.monotonic() - started, 1)}
+        return ReviewOutcome("approved", seg, chosen, options, record=record)
+
+
+def edited_instance(mask: np.ndarray, base: Instance | None) -> Instance:
+    """The person's mask as an instance (score carried over from the instance it refined, else 1.0)."""
+    return Instance(mask=mask, box=box_from_mask(mask), score=base.score if base else 1.0)

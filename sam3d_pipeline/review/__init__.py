@@ -1,0 +1,1 @@
+"""Human review of masks before reconstruction: the policy (pure) and the review web page (``server``)."""

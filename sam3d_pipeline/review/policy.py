@@ -1,0 +1,77 @@
+"""Review policy: when a run waits for a person, what a timeout does, and what the person sees.
+
+Pure logic; the pause itself lives in ``flows/review.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from ..types import Instance
+
+ReviewMode = Literal["none", "auto", "required"]
+TimeoutPolicy = Literal["fail", "approve_if_confident"]
+
+
+def needs_review(mode: ReviewMode, instances: list[Instance], auto_approve_score: float) -> tuple[bool, str]:
+    """Whether to wait for a person, and why (recorded in ``result.json``).
+
+    ``required`` always waits; ``auto`` waits when the best score is below ``auto_approve_score``
+    (or nothing was found: a person may re-prompt); ``none`` never waits.
+    """
+    if mode == "none":
+        return False, "review not requested"
+    best = max((inst.score for inst in instances), default=0.0)
+    if mode == "required":
+        return True, "review required"
+    if best < auto_approve_score:
+        return True, f"best score {best:.2f} is below the auto-approve threshold {auto_approve_score:.2f}"
+    return False, f"auto-approved: best score {best:.2f} >= {auto_approve_score:.2f}"
+
+
+def timeout_action(policy: TimeoutPolicy, instances: list[Instance], auto_approve_score: float) -> tuple[str, str]:
+    """What a review timeout does: ``("approve", why)`` or ``("fail", why)``."""
+    best = max((inst.score for inst in instances), default=0.0)
+    if policy == "approve_if_confident" and instances and best >= auto_approve_score:
+        return "approve", f"review timed out; approved because best score {best:.2f} >= {auto_approve_score:.2f}"
+    if policy == "approve_if_confident":
+        return "fail", f"review timed out and best score {best:.2f} < {auto_approve_score:.2f}: not approved"
+    return "fail", "review timed out (policy: fail)"
+
+
+def review_markdown(
+    *,
+    input_uri: str,
+    prompt: str,
+    instances: list[dict[str, Any]],
+    selected: int | None,
+    overlay_link: str | None,
+    page_link: str | None,
+    round_number: int,
+    reason: str,
+    note: str | None = None,
+) -> str:
+    """The description shown with the paused run in the Prefect UI."""
+    lines = [
+        f"### Review the mask (round {round_number})",
+        f"Input `{input_uri}`, prompt `{prompt}`. Waiting because: {reason}.",
+    ]
+    if note:
+        lines.append(f"> {note}")
+    if overlay_link:
+        lines.append(f"![overlay]({overlay_link})")
+    if page_link:
+        lines.append(f"Refine with clicks on the [review page]({page_link}).")
+    if instances:
+        lines += ["", "| instance | score | box (xyxy px) | area (px) |", "|---|---|---|---|"]
+        for inst in instances:
+            mark = " (selected)" if inst["index"] == selected else ""
+            lines.append(f"| {inst['index']}{mark} | {inst['score']:.2f} | {inst['box']} | {inst['area']:,} |")
+    else:
+        lines.append("No instances found: re-prompt (new prompt, boxes or clicks) or reject.")
+    lines += [
+        "",
+        "Choose **approve** (optionally another `instance_index`), **reject**, or **reprompt** with a new "
+        "`prompt`, `boxes` (xyxy pixels), `points` (x, y, label 1/0) or `score_threshold`.",
+    ]
+    return "\n".join(lines)
