@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed-dev
 GLTF_VALIDATOR := tools/gltf-validator/node_modules/.package-lock.json
 
-.PHONY: demo test lint install bench clean
+.PHONY: demo test lint install bench clean chromium
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,10 +23,16 @@ demo: $(STAMP)
 $(GLTF_VALIDATOR): tools/gltf-validator/package.json tools/gltf-validator/package-lock.json
 	npm ci --prefix tools/gltf-validator --no-audit --no-fund --loglevel=error
 
+# Browser tests drive Debian's Chromium (never a downloaded browser).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+		echo "installing Debian's chromium for the browser tests"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-test: $(STAMP) $(GLTF_VALIDATOR)
+test: $(STAMP) $(GLTF_VALIDATOR) chromium
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 

@@ -15,16 +15,16 @@ import numpy as np
 from prefect import get_run_logger, pause_flow_run
 from prefect.client.orchestration import get_client
 from prefect.exceptions import FlowPauseTimeout
-from prefect.input import RunInput
+from prefect.input import RunInput, create_flow_run_input
 from prefect.runtime import flow_run
 from prefect.states import Running
 from pydantic import BaseModel, Field, create_model
 
 from sam3d_pipeline import pipeline
 from sam3d_pipeline.errors import InputError, PipelineError
-from sam3d_pipeline.images import LoadedImage, encode_png
+from sam3d_pipeline.images import LoadedImage, encode_jpeg, encode_png
 from sam3d_pipeline.masks import box_from_mask, mask_from_png, mask_to_png, overlay, select_instance
-from sam3d_pipeline.review.policy import TimeoutPolicy, review_markdown, timeout_action
+from sam3d_pipeline.review.policy import CONTEXT_KEY, ReviewContext, TimeoutPolicy, review_markdown, timeout_action
 from sam3d_pipeline.settings import Settings
 from sam3d_pipeline.storage import Storage
 from sam3d_pipeline.types import Instance, Segmentation
@@ -100,6 +100,8 @@ def _publish_round(storage: Storage, prefix: str, round_number: int, image: Load
                    selected: int | None, options: pipeline.RunOptions, label: str) -> str:
     """Write what the review page and the pause description show; return the overlay's key."""
     mask = seg.instances[selected].mask if selected is not None else None
+    if round_number == 1:  # the EXIF-corrected photo, on the same pixel grid as every mask
+        storage.write_bytes(f"{prefix}/review/image.jpg", encode_jpeg(image.rgb), content_type="image/jpeg")
     key = f"{prefix}/review/overlay-r{round_number}.png"
     storage.write_bytes(key, encode_png(overlay(image.rgb, mask, label=label)), content_type="image/png")
     for i, inst in enumerate(seg.instances):
@@ -152,6 +154,14 @@ def review_loop(
             round_number=round_number, reason=config.reason, note=note,
         )
         model = bounded_input(len(seg.instances), image.width, image.height, selected)
+        create_flow_run_input(
+            key=f"{CONTEXT_KEY}-r{round_number}",
+            value=ReviewContext(
+                output_root=storage.root, prefix=run_plan.prefix, round=round_number, input_uri=image.source,
+                prompt=options.prompt, width=image.width, height=image.height, instances=instances,
+                selected=selected, segmenter=run_plan.segmenter_info["name"],
+            ).model_dump(mode="json"),
+        )
         remaining = max(1.0, config.timeout_s - (time.monotonic() - started))
         logger.info("waiting for review (round %d, up to %.0f s)", round_number, remaining)
         try:

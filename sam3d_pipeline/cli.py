@@ -111,6 +111,24 @@ def run(
         raise typer.Exit(EXIT_FAILED)
 
 
+@app.command("review-server")
+def review_server(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8765,
+    token: Annotated[
+        str | None, typer.Option(envvar="SAM3D_REVIEW_TOKEN", help="Access token (default: a new random one).")
+    ] = None,
+) -> None:
+    """Serve the mask review page for paused image-to-3d runs (needs PREFECT_API_URL of a Prefect server)."""
+    import uvicorn
+
+    from sam3d_pipeline.review.server import create_app, new_token
+
+    token = token or new_token()
+    print(f"review page: http://{host}:{port}/#token={token}", flush=True)
+    uvicorn.run(create_app(token), host=host, port=port, log_level="warning")
+
+
 def main() -> None:
     sys.exit(app())
 

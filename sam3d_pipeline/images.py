@@ -156,3 +156,10 @@ def encode_png(rgb: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="PNG", optimize=False)
     return buf.getvalue()
+
+
+def encode_jpeg(rgb: np.ndarray, quality: int = 92) -> bytes:
+    """Encode an ``(H, W, 3)`` uint8 array as JPEG bytes (no EXIF: the pixels are already upright)."""
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()

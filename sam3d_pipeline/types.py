@@ -67,11 +67,15 @@ class Box:
 
 @dataclass(frozen=True)
 class SegmentRequest:
-    """What to segment: a text prompt plus optional box and click prompts (pixels)."""
+    """What to segment: a text prompt plus optional box and click prompts (pixels).
+
+    ``prior_mask`` (``(H, W)`` bool) is the mask being refined, when clicks refine an earlier result.
+    """
 
     prompt: str
     boxes: tuple[Box, ...] = ()
     points: tuple[Point, ...] = ()
+    prior_mask: np.ndarray | None = field(default=None, compare=False)
 
 
 @dataclass

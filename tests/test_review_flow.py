@@ -54,6 +54,8 @@ class PausedRun:
             with tags(self.tag):
                 self.state = image_to_3d(image=str(photo), prompt="thing", output_root=str(self.out),
                                          return_state=True, **params)
+            # Read the result here: a caller running an event loop (a browser driver) would get a coroutine.
+            self.result = self.state.result(raise_on_failure=False)
 
         self.thread = threading.Thread(target=target, daemon=True)
         self.thread.start()

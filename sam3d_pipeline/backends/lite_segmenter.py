@@ -63,6 +63,11 @@ class LiteSegmenter:
                 comps = self._components(fg, points)
                 if comps:
                     regions.append(max(comps, key=lambda c: int(c.sum())))
+        elif request.prior_mask is not None:
+            prior = cv2.resize(request.prior_mask.astype(np.uint8), small.shape[1::-1],
+                               interpolation=cv2.INTER_NEAREST) > 0
+            fg = self._grabcut(bgr, self._prior_seed(prior, points))
+            regions = self._components(fg, points)
         else:
             fg = self._grabcut(bgr, self._centre_seed(small.shape[:2], points))
             regions = self._components(fg, points)
@@ -120,6 +125,16 @@ class LiteSegmenter:
         seed[-band:, :] = cv2.GC_BGD
         seed[:, :band] = cv2.GC_BGD
         seed[:, -band:] = cv2.GC_BGD
+        self._apply_points(seed, points)
+        return seed
+
+    def _prior_seed(self, prior: np.ndarray, points: list[Point]) -> np.ndarray:
+        """Refinement: the earlier mask is probable foreground, the rest probable background, clicks are sure."""
+        seed = np.where(prior, cv2.GC_PR_FGD, cv2.GC_PR_BGD).astype(np.uint8)
+        band = max(2, round(min(prior.shape) * 0.03))
+        border = np.ones_like(prior)
+        border[band:-band, band:-band] = False
+        seed[border & ~prior] = cv2.GC_BGD
         self._apply_points(seed, points)
         return seed
 

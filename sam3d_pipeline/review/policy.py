@@ -7,10 +7,33 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from pydantic import BaseModel
+
 from ..types import Instance
+
+CONTEXT_KEY = "review-context"
 
 ReviewMode = Literal["none", "auto", "required"]
 TimeoutPolicy = Literal["fail", "approve_if_confident"]
+
+
+class ReviewContext(BaseModel):
+    """What the review page needs to show a paused run (stored as a flow run input, one per round).
+
+    Files live under ``<output_root>/<prefix>/review/``: ``image.jpg`` (the EXIF-corrected photo),
+    ``overlay-r<round>.png`` and ``r<round>-mask-<i>.png`` (one per instance, same size as the photo).
+    """
+
+    output_root: str
+    prefix: str
+    round: int
+    input_uri: str
+    prompt: str
+    width: int
+    height: int
+    instances: list[dict[str, Any]]
+    selected: int | None
+    segmenter: str
 
 
 def needs_review(mode: ReviewMode, instances: list[Instance], auto_approve_score: float) -> tuple[bool, str]:

@@ -1,0 +1,225 @@
+"""The review web page: list paused runs, show the photo and candidate masks, refine, approve or reject.
+
+Routes are in this file; every Prefect API call is in ``prefect_api``. The page is static (``static/``),
+needs no build step, and talks to the JSON API below with a bearer token.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import secrets
+import uuid
+from pathlib import Path
+from typing import Annotated, Literal
+from uuid import UUID
+
+import numpy as np
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+
+from .. import backends
+from ..errors import InputError, InputNotFoundError, PipelineError
+from ..images import load_image
+from ..masks import mask_from_png, mask_to_png
+from ..settings import Settings, get_settings
+from ..storage import S3Storage, open_storage
+from ..types import Box, Point, SegmentRequest
+from . import prefect_api
+from .policy import ReviewContext
+
+STATIC = Path(__file__).parent / "static"
+MAX_BODY_BYTES = 8 * 1024 * 1024
+
+
+class PointIn(BaseModel):
+    x: float
+    y: float
+    label: Literal[0, 1] = 1
+
+
+class RefineIn(BaseModel):
+    points: list[PointIn] = Field(default_factory=list, max_length=64)
+    box: tuple[float, float, float, float] | None = None
+    instance_index: int | None = Field(None, ge=0, description="Candidate mask being refined.")
+
+
+class ApproveIn(BaseModel):
+    instance_index: int | None = Field(None, ge=0)
+    mask_png_base64: str | None = Field(None, max_length=MAX_BODY_BYTES)
+
+
+class RejectIn(BaseModel):
+    comment: str | None = Field(None, max_length=1000)
+
+
+class RepromptIn(BaseModel):
+    prompt: str | None = Field(None, min_length=1, max_length=500)
+    boxes: list[tuple[float, float, float, float]] = Field(default_factory=list, max_length=16)
+    points: list[PointIn] = Field(default_factory=list, max_length=64)
+    score_threshold: float | None = Field(None, ge=0, le=1)
+
+
+def create_app(token: str, settings: Settings | None = None) -> FastAPI:
+    """The review app. Every ``/api`` route needs ``Authorization: Bearer <token>``."""
+    s = settings or get_settings()
+    app = FastAPI(title="sam3d-pipeline review", docs_url=None, redoc_url=None)
+
+    @app.middleware("http")
+    async def limit_and_isolate(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and int(length) > MAX_BODY_BYTES:
+            return JSONResponse({"detail": f"request body over {MAX_BODY_BYTES} bytes"}, status_code=413)
+        response = await call_next(request)
+        # Cross-origin isolation lets the in-browser decoder use threads (SharedArrayBuffer).
+        response.headers["Cross-Origin-Opener-Policy"] = "same-origin"
+        response.headers["Cross-Origin-Embedder-Policy"] = "require-corp"
+        response.headers["Cross-Origin-Resource-Policy"] = "same-origin"
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        return response
+
+    def authorised(authorization: Annotated[str | None, Header()] = None,
+                   token_q: Annotated[str | None, Query(alias="token")] = None) -> None:
+        given = (authorization or "").removeprefix("Bearer ").strip() or (token_q or "")
+        if not given or not hmac.compare_digest(given.encode(), token.encode()):
+            raise HTTPException(status_code=401, detail="missing or wrong review token")
+
+    auth = [Depends(authorised)]
+
+    def context(run_id: UUID) -> ReviewContext:
+        try:
+            return prefect_api.review_context(run_id)
+        except prefect_api.RunNotReviewable as exc:
+            raise HTTPException(status_code=404, detail=str(exc)) from None
+
+    def storage_for(ctx: ReviewContext):
+        return open_storage(ctx.output_root, s)
+
+    def serve_file(ctx: ReviewContext, name: str, media_type: str) -> Response:
+        storage = storage_for(ctx)
+        key = f"{ctx.prefix}/review/{name}"
+        if isinstance(storage, S3Storage):  # short-lived presigned URL, no bytes through this server
+            return RedirectResponse(storage.link(key, expires_s=300))
+        try:
+            return Response(storage.read_bytes(key), media_type=media_type, headers={"Cache-Control": "no-store"})
+        except InputNotFoundError:
+            raise HTTPException(status_code=404, detail=f"{name} not found for this run") from None
+
+    def do_resume(run_id: UUID, answer: dict) -> dict:
+        try:
+            prefect_api.resume(run_id, answer)
+        except ValueError as exc:
+            raise HTTPException(status_code=422, detail=str(exc)) from None
+        return {"resumed": True, "answer": answer}
+
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    @app.get("/runs/{run_id}", include_in_schema=False)
+    def run_page(run_id: UUID) -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    @app.get("/api/runs", dependencies=auth)
+    def runs() -> list[dict]:
+        return prefect_api.list_paused_runs()
+
+    @app.get("/api/runs/{run_id}", dependencies=auth)
+    def run(run_id: UUID) -> dict:
+        ctx = context(run_id)
+        return ctx.model_dump() | {
+            "id": str(run_id),
+            "decoder": "lite-server",
+            "decoder_label": "clicks are refined on the server with the lite segmenter (GrabCut); "
+            "no in-browser decoder for this backend",
+        }
+
+    @app.get("/api/runs/{run_id}/image", dependencies=auth)
+    def image(run_id: UUID) -> Response:
+        return serve_file(context(run_id), "image.jpg", "image/jpeg")
+
+    @app.get("/api/runs/{run_id}/masks/{index}", dependencies=auth)
+    def candidate_mask(run_id: UUID, index: int) -> Response:
+        ctx = context(run_id)
+        if not 0 <= index < len(ctx.instances):
+            raise HTTPException(status_code=404, detail=f"instance {index} out of range ({len(ctx.instances)})")
+        return serve_file(ctx, f"r{ctx.round}-mask-{index}.png", "image/png")
+
+    @app.post("/api/runs/{run_id}/refine", dependencies=auth)
+    def refine(run_id: UUID, body: RefineIn) -> dict:
+        """Server-side refinement with the lite segmenter (used when no in-browser decoder exists)."""
+        ctx = context(run_id)
+        for p in body.points:
+            if not (0 <= p.x < ctx.width and 0 <= p.y < ctx.height):
+                raise HTTPException(status_code=422, detail=f"point ({p.x}, {p.y}) is outside the image")
+        if not body.points and body.box is None:
+            raise HTTPException(status_code=422, detail="give at least one click or a box")
+        data = storage_for(ctx).read_bytes(f"{ctx.prefix}/review/image.jpg")
+        photo = load_image(data, source="review image", max_pixels=s.max_pixels)
+        boxes = ()
+        if body.box is not None:
+            x0, y0, x1, y1 = body.box
+            if not (x1 > x0 and y1 > y0):
+                raise HTTPException(status_code=422, detail="box needs x0 < x1 and y0 < y1")
+            boxes = (Box(x0, y0, x1, y1),)
+        prior = None
+        if body.instance_index is not None and body.instance_index < len(ctx.instances) and not boxes:
+            prior = mask_from_png(
+                storage_for(ctx).read_bytes(f"{ctx.prefix}/review/r{ctx.round}-mask-{body.instance_index}.png"),
+                size=(ctx.width, ctx.height),
+            )
+        request = SegmentRequest(prompt=ctx.prompt, boxes=boxes, prior_mask=prior,
+                                 points=tuple(Point(p.x, p.y, p.label) for p in body.points))
+        seg = backends.get_segmenter("lite", s).segment(photo.rgb, request)
+        if not seg.instances:
+            return {"mask_png_base64": None, "score": 0.0, "backend": "lite", "message": "no region found"}
+        best = seg.instances[0]
+        return {
+            "mask_png_base64": base64.b64encode(mask_to_png(best.mask)).decode(),
+            "score": round(best.score, 4),
+            "backend": "lite",
+            "message": "refined on the server with the lite segmenter",
+        }
+
+    @app.post("/api/runs/{run_id}/approve", dependencies=auth)
+    def approve(run_id: UUID, body: ApproveIn) -> dict:
+        ctx = context(run_id)
+        answer: dict = {"action": "approve"}
+        if body.instance_index is not None:
+            answer["instance_index"] = body.instance_index
+        if body.mask_png_base64:
+            try:
+                png = base64.b64decode(body.mask_png_base64, validate=True)
+                mask = mask_from_png(png, size=(ctx.width, ctx.height), source="uploaded mask")
+            except (ValueError, InputError) as exc:
+                raise HTTPException(status_code=422, detail=str(exc)) from None
+            key = f"review/final-{uuid.uuid4().hex[:12]}.png"
+            try:
+                storage_for(ctx).write_bytes(f"{ctx.prefix}/{key}", mask_to_png(mask), content_type="image/png")
+            except PipelineError as exc:
+                raise HTTPException(status_code=503, detail=str(exc)) from None
+            answer["mask_key"] = key
+            answer["mask_pixels"] = int(np.count_nonzero(mask))
+        return do_resume(run_id, {k: v for k, v in answer.items() if k != "mask_pixels"}) | {
+            "mask_pixels": answer.get("mask_pixels")
+        }
+
+    @app.post("/api/runs/{run_id}/reject", dependencies=auth)
+    def reject(run_id: UUID, body: RejectIn) -> dict:
+        context(run_id)
+        return do_resume(run_id, {"action": "reject"} | ({"comment": body.comment} if body.comment else {}))
+
+    @app.post("/api/runs/{run_id}/reprompt", dependencies=auth)
+    def reprompt(run_id: UUID, body: RepromptIn) -> dict:
+        context(run_id)
+        answer = {"action": "reprompt"} | body.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
+        return do_resume(run_id, answer)
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(24)

@@ -1,0 +1,218 @@
+// The review page: shows a paused run's photo and masks, refines with clicks, and resumes the run.
+const $ = (id) => document.getElementById(id);
+const state = { token: null, run: null, photo: null, mask: null, points: [], box: null, instance: null, edited: false };
+
+function readToken() {
+  const fromHash = new URLSearchParams(location.hash.slice(1)).get("token");
+  if (fromHash) {
+    sessionStorage.setItem("sam3d-review-token", fromHash);
+    history.replaceState(null, "", location.pathname);
+  }
+  return sessionStorage.getItem("sam3d-review-token");
+}
+
+async function api(path, options = {}) {
+  const response = await fetch(path, {
+    ...options,
+    headers: { "Authorization": `Bearer ${state.token}`, "Content-Type": "application/json", ...(options.headers || {}) },
+  });
+  if (response.status === 401) { showLogin(); throw new Error("wrong or missing token"); }
+  if (!response.ok) {
+    let detail = response.statusText;
+    try { detail = (await response.json()).detail; } catch (e) { /* not JSON */ }
+    throw new Error(typeof detail === "string" ? detail : JSON.stringify(detail));
+  }
+  return response;
+}
+
+function status(text) { $("status").textContent = text; }
+
+function showLogin() {
+  $("login").hidden = false; $("list").hidden = true; $("review").hidden = true;
+}
+
+async function loadImage(blob) {
+  const url = URL.createObjectURL(blob);
+  const img = new Image();
+  img.src = url;
+  await img.decode();
+  return img;
+}
+
+// Mask as Uint8Array (1 = object) from a PNG blob.
+async function maskFromPng(blob, width, height) {
+  const img = await loadImage(blob);
+  const canvas = new OffscreenCanvas(width, height);
+  const ctx = canvas.getContext("2d");
+  ctx.drawImage(img, 0, 0);
+  const data = ctx.getImageData(0, 0, width, height).data;
+  const mask = new Uint8Array(width * height);
+  for (let i = 0; i < mask.length; i++) mask[i] = data[i * 4] > 127 ? 1 : 0;
+  return mask;
+}
+
+async function maskToPngBase64(mask, width, height) {
+  const canvas = new OffscreenCanvas(width, height);
+  const ctx = canvas.getContext("2d");
+  const image = ctx.createImageData(width, height);
+  for (let i = 0; i < mask.length; i++) {
+    const v = mask[i] ? 255 : 0;
+    image.data[i * 4] = v; image.data[i * 4 + 1] = v; image.data[i * 4 + 2] = v; image.data[i * 4 + 3] = 255;
+  }
+  ctx.putImageData(image, 0, 0);
+  const blob = await canvas.convertToBlob({ type: "image/png" });
+  const bytes = new Uint8Array(await blob.arrayBuffer());
+  let binary = "";
+  for (let i = 0; i < bytes.length; i += 0x8000) binary += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
+  return btoa(binary);
+}
+
+function draw() {
+  const { run, photo, mask } = state;
+  const canvas = $("canvas");
+  canvas.width = run.width; canvas.height = run.height;
+  const ctx = canvas.getContext("2d");
+  ctx.drawImage(photo, 0, 0);
+  if (mask) {
+    const over = ctx.getImageData(0, 0, run.width, run.height);
+    for (let i = 0; i < mask.length; i++) {
+      if (mask[i]) {
+        over.data[i * 4] = over.data[i * 4] * 0.55 + 30 * 0.45;
+        over.data[i * 4 + 1] = over.data[i * 4 + 1] * 0.55 + 144 * 0.45;
+        over.data[i * 4 + 2] = over.data[i * 4 + 2] * 0.55 + 255 * 0.45;
+      }
+    }
+    ctx.putImageData(over, 0, 0);
+  }
+  for (const p of state.points) {
+    ctx.beginPath(); ctx.arc(p.x, p.y, Math.max(4, run.width / 150), 0, 2 * Math.PI);
+    ctx.fillStyle = p.label ? "#16c60c" : "#e81123"; ctx.fill();
+    ctx.strokeStyle = "#fff"; ctx.lineWidth = 2; ctx.stroke();
+  }
+  if (state.box) {
+    const [x0, y0, x1, y1] = state.box;
+    ctx.strokeStyle = "#ffb900"; ctx.lineWidth = 3; ctx.strokeRect(x0, y0, x1 - x0, y1 - y0);
+  }
+  canvas.dataset.maskPixels = mask ? mask.reduce((a, b) => a + b, 0) : 0;
+}
+
+async function selectInstance(index) {
+  state.instance = index; state.points = []; state.box = null; state.edited = false;
+  const blob = await (await api(`/api/runs/${state.run.id}/masks/${index}`)).blob();
+  state.mask = await maskFromPng(blob, state.run.width, state.run.height);
+  draw();
+}
+
+async function refine() {
+  const started = performance.now();
+  status("refining…");
+  const body = { points: state.points, box: state.box, instance_index: state.instance };
+  const result = await (await api(`/api/runs/${state.run.id}/refine`, { method: "POST", body: JSON.stringify(body) })).json();
+  if (result.mask_png_base64) {
+    const bytes = Uint8Array.from(atob(result.mask_png_base64), (c) => c.charCodeAt(0));
+    state.mask = await maskFromPng(new Blob([bytes], { type: "image/png" }), state.run.width, state.run.height);
+    state.edited = true;
+  }
+  draw();
+  const ms = Math.round(performance.now() - started);
+  document.body.dataset.lastRefineMs = ms;
+  status(`${result.message} (${result.backend}, score ${result.score}, ${ms} ms)`);
+}
+
+function imagePoint(event) {
+  const canvas = $("canvas");
+  const rect = canvas.getBoundingClientRect();
+  return { x: (event.clientX - rect.left) * canvas.width / rect.width, y: (event.clientY - rect.top) * canvas.height / rect.height };
+}
+
+function bindCanvas() {
+  const canvas = $("canvas");
+  let down = null;
+  canvas.addEventListener("contextmenu", (e) => e.preventDefault());
+  canvas.addEventListener("pointerdown", (e) => { down = { ...imagePoint(e), negative: e.shiftKey || e.button === 2 }; });
+  canvas.addEventListener("pointerup", async (e) => {
+    if (!down) return;
+    const up = imagePoint(e);
+    const dragged = Math.hypot(up.x - down.x, up.y - down.y) > 8;
+    if (dragged) {
+      state.box = [Math.min(down.x, up.x), Math.min(down.y, up.y), Math.max(down.x, up.x), Math.max(down.y, up.y)];
+    } else {
+      state.points.push({ x: Math.round(down.x), y: Math.round(down.y), label: down.negative ? 0 : 1 });
+    }
+    down = null;
+    try { await refine(); } catch (err) { status(`refine failed: ${err.message}`); }
+  });
+}
+
+async function resume(kind, body) {
+  status(`${kind}…`);
+  const result = await (await api(`/api/runs/${state.run.id}/${kind}`, { method: "POST", body: JSON.stringify(body) })).json();
+  status(`${kind} sent: the run resumes`);
+  document.body.dataset.resumed = kind;
+  return result;
+}
+
+async function openRun(id) {
+  $("review").hidden = false;
+  const run = await (await api(`/api/runs/${id}`)).json();
+  state.run = run;
+  $("meta").textContent = `${run.input_uri} · prompt “${run.prompt}” · round ${run.round} · ${run.width}×${run.height}`;
+  $("decoder").textContent = run.decoder_label;
+  state.photo = await loadImage(await (await api(`/api/runs/${id}/image`)).blob());
+  const list = $("instances");
+  list.replaceChildren();
+  run.instances.forEach((inst) => {
+    const label = document.createElement("label");
+    label.innerHTML = `<input type="radio" name="instance" value="${inst.index}"> #${inst.index} score ${inst.score.toFixed(2)}`;
+    label.querySelector("input").checked = inst.index === run.selected;
+    label.querySelector("input").addEventListener("change", () => selectInstance(inst.index));
+    list.append(label);
+  });
+  if (run.selected !== null && run.selected !== undefined) await selectInstance(run.selected); else draw();
+  bindCanvas();
+  $("approve").onclick = async () => {
+    const body = state.edited && state.mask
+      ? { mask_png_base64: await maskToPngBase64(state.mask, run.width, run.height) }
+      : { instance_index: state.instance };
+    try { await resume("approve", body); } catch (err) { status(`approve refused: ${err.message}`); }
+  };
+  $("reject").onclick = async () => { try { await resume("reject", {}); } catch (err) { status(err.message); } };
+  $("reprompt").onclick = async () => {
+    const prompt = $("prompt").value.trim();
+    const body = { ...(prompt ? { prompt } : {}), points: state.points, ...(state.box ? { boxes: [state.box] } : {}) };
+    try { await resume("reprompt", body); } catch (err) { status(`re-prompt refused: ${err.message}`); }
+  };
+  $("reset").onclick = () => selectInstance(state.instance ?? 0);
+  document.body.dataset.ready = "1";
+  status("ready");
+}
+
+async function listRuns() {
+  $("list").hidden = false;
+  const runs = await (await api("/api/runs")).json();
+  const ul = $("runs");
+  ul.replaceChildren();
+  if (!runs.length) ul.innerHTML = "<li>No runs are waiting.</li>";
+  for (const run of runs) {
+    const li = document.createElement("li");
+    li.innerHTML = `<a href="/runs/${run.id}">${run.name}</a> · ${run.image} · “${run.prompt}”`;
+    ul.append(li);
+  }
+}
+
+async function main() {
+  state.token = readToken();
+  $("token-save").onclick = () => {
+    sessionStorage.setItem("sam3d-review-token", $("token-input").value);
+    location.reload();
+  };
+  if (!state.token) { showLogin(); return; }
+  const match = location.pathname.match(/^\/runs\/([0-9a-f-]{36})$/);
+  try {
+    if (match) await openRun(match[1]); else await listRuns();
+  } catch (err) {
+    status(err.message);
+  }
+}
+
+main();

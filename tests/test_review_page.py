@@ -1,0 +1,126 @@
+"""The review page in a real headless Chromium (Debian's), against a paused run on a Prefect test server."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from sam3d_pipeline.masks import iou
+
+from .photos import object_photo
+from .servers import free_port, wait_for_port
+from .test_review_flow import PausedRun
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+TOKEN = "test-token-123"
+
+
+@pytest.fixture(autouse=True)
+def _fast_polling(monkeypatch):
+    monkeypatch.setenv("SAM3D_REVIEW_POLL_INTERVAL_S", "0.2")
+
+
+@pytest.fixture
+def review_server():
+    from prefect.settings import PREFECT_API_URL
+
+    port = free_port()
+    env = os.environ | {"PREFECT_API_URL": PREFECT_API_URL.value(), "SAM3D_REVIEW_TOKEN": TOKEN}
+    proc = subprocess.Popen([sys.executable, "-m", "sam3d_pipeline.cli", "review-server", "--port", str(port)],
+                            env=env, start_new_session=True)
+    try:
+        wait_for_port(port, proc=proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run"],
+        )
+        yield chromium
+        chromium.close()
+
+
+def test_api_requires_the_token_and_validates_input(tmp_path, review_server):
+    run = PausedRun(tmp_path, object_photo()[0], review="required")
+    run.wait_paused()
+    base = f"{review_server}/api/runs/{run.run_id}"
+    assert requests.get(base, timeout=10).status_code == 401
+    assert requests.get(base, headers={"Authorization": "Bearer wrong"}, timeout=10).status_code == 401
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    response = requests.get(base, headers=auth, timeout=10)
+    assert response.status_code == 200, response.text
+    info = response.json()
+    assert info["width"] == 320 and info["decoder"] == "lite-server"
+    response = requests.get(f"{review_server}/api/runs", headers=auth, timeout=10)
+    assert response.status_code == 200, response.text
+    listed = response.json()
+    assert str(run.run_id) in {r["id"] for r in listed}
+    # Bad bodies are refused and the run keeps waiting.
+    bad = requests.post(f"{base}/refine", headers=auth, json={"points": [{"x": 5000, "y": 1}]}, timeout=10)
+    assert bad.status_code == 422 and "outside the image" in bad.text
+    bad = requests.post(f"{base}/approve", headers=auth, json={"mask_png_base64": "bm90IGEgcG5n"}, timeout=10)
+    assert bad.status_code == 422 and "not a readable mask" in bad.text
+    bad = requests.post(f"{base}/approve", headers=auth, json={"instance_index": 9}, timeout=10)
+    assert bad.status_code == 422 and "instance_index" in bad.text
+    huge = requests.post(f"{base}/refine", headers=auth | {"Content-Type": "application/json"},
+                         data=b"x" * (9 * 1024 * 1024), timeout=30)
+    assert huge.status_code == 413
+    run.wait_paused()
+    assert requests.post(f"{base}/reject", headers=auth, json={"comment": "no"}, timeout=10).status_code == 200
+    run.finish()
+    assert run.result["status"] == "rejected"
+
+
+def test_click_refine_and_approve_in_chromium(tmp_path, review_server, browser):
+    rgb, truth = object_photo()
+    run = PausedRun(tmp_path, rgb, review="required")
+    run.wait_paused()
+    page = browser.new_page()
+    errors = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    opened = time.perf_counter()
+    page.goto(f"{review_server}/runs/{run.run_id}#token={TOKEN}")
+    page.wait_for_selector("body[data-ready='1']", timeout=30_000)
+    first_mask_s = time.perf_counter() - opened
+    assert "lite segmenter" in page.inner_text("#decoder")
+    cy, cx = (float(v.mean()) for v in np.nonzero(truth))
+    box = page.locator("#canvas").bounding_box()
+    scale = box["width"] / 320
+    page.mouse.click(box["x"] + cx * scale, box["y"] + cy * scale)
+    page.wait_for_function("document.body.dataset.lastRefineMs !== undefined", timeout=30_000)
+    shown_pixels = int(page.get_attribute("#canvas", "data-mask-pixels"))
+    page.screenshot(path=str(tmp_path / "review.png"))
+    page.click("#approve")
+    page.wait_for_function("document.body.dataset.resumed === 'approve'", timeout=30_000)
+    state = run.finish()
+    assert state.is_completed(), state.message
+    result = run.result
+    mask = np.asarray(Image.open(run.prefix / "mask.png")) > 127
+    assert int(mask.sum()) == shown_pixels  # the mask the page showed is the mask the run used
+    assert iou(mask, truth) > 0.85
+    assert result["review"]["edited_mask"].startswith("review/final-")
+    assert (run.prefix / "object.glb").is_file()
+    assert not errors, errors
+    print(json.dumps({"first_mask_s": round(first_mask_s, 2),
+                      "refine_ms": int(page.evaluate("document.body.dataset.lastRefineMs"))}))
