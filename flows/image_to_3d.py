@@ -5,7 +5,6 @@ reason in the run's state, in a markdown artifact and, when the input could be r
 Transient storage failures are retried with backoff by the tasks that touch storage.
 """
 
-from __future__ import annotations
 
 import time
 from typing import Any, Literal
@@ -13,7 +12,7 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from flows.review import ReviewConfig, edited_instance, review_loop
+from flows.review import ReviewConfig, edited_instance, review_loop, segment_or_reuse
 from sam3d_pipeline import pipeline
 from sam3d_pipeline.errors import PipelineError
 from sam3d_pipeline.masks import select_instance
@@ -98,7 +97,10 @@ def image_to_3d(
         timings["intake"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        seg = segment_image(loaded, options, run_plan, settings)
+        if review == "none":
+            seg = segment_image(loaded, options, run_plan, settings)
+        else:  # a suspended review re-executes the flow: reuse the persisted first round
+            seg = segment_or_reuse(loaded, options, run_plan, settings, open_storage(root, settings), 1)
         selected = select_instance(seg.instances, options.instance_index)
         timings["segment"] = time.perf_counter() - t
 

@@ -12,18 +12,19 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from prefect import get_run_logger, pause_flow_run
+from prefect import get_run_logger, pause_flow_run, suspend_flow_run
 from prefect.client.orchestration import get_client
 from prefect.exceptions import FlowPauseTimeout
 from prefect.input import RunInput, create_flow_run_input
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 from prefect.states import Running
 from pydantic import BaseModel, Field, create_model
 
-from sam3d_pipeline import pipeline
+from sam3d_pipeline import backends, pipeline
 from sam3d_pipeline.errors import InputError, PipelineError
 from sam3d_pipeline.images import LoadedImage, encode_jpeg, encode_png
-from sam3d_pipeline.masks import box_from_mask, mask_from_png, mask_to_png, overlay, select_instance
+from sam3d_pipeline.masks import box_from_mask, mask_from_png, overlay, select_instance
+from sam3d_pipeline.review.persist import load_round, save_round
 from sam3d_pipeline.review.policy import CONTEXT_KEY, ReviewContext, TimeoutPolicy, review_markdown, timeout_action
 from sam3d_pipeline.settings import Settings
 from sam3d_pipeline.storage import Storage
@@ -104,10 +105,46 @@ def _publish_round(storage: Storage, prefix: str, round_number: int, image: Load
         storage.write_bytes(f"{prefix}/review/image.jpg", encode_jpeg(image.rgb), content_type="image/jpeg")
     key = f"{prefix}/review/overlay-r{round_number}.png"
     storage.write_bytes(key, encode_png(overlay(image.rgb, mask, label=label)), content_type="image/png")
-    for i, inst in enumerate(seg.instances):
-        storage.write_bytes(f"{prefix}/review/r{round_number}-mask-{i}.png", mask_to_png(inst.mask),
-                            content_type="image/png")
+    save_round(storage, prefix, round_number, seg, round_request(options))
     return key
+
+
+def round_request(options: pipeline.RunOptions) -> dict[str, Any]:
+    """What a round's segmentation was made for (a persisted round is reused only for the same request)."""
+    return {"prompt": options.prompt, **options.selection()}
+
+
+def segment_or_reuse(image: LoadedImage, options: pipeline.RunOptions, run_plan: pipeline.RunPlan,
+                     settings: Settings, storage: Storage, round_number: int) -> Segmentation:
+    """Segment, unless this round's segmentation was persisted before a suspension (the run re-executes)."""
+    info = backends.get_segmenter(run_plan.segmenter.name, settings).info()
+    reused = load_round(storage, run_plan.prefix, round_number, round_request(options), info,
+                        (image.width, image.height))
+    if reused is not None:
+        get_run_logger().info("review round %d: reusing the persisted segmentation", round_number)
+        return reused
+    return segment_image(image, options, run_plan, settings)
+
+
+def should_suspend(timeout_s: float, settings: Settings) -> bool:
+    """Suspend (leave the infrastructure) for long reviews of deployed runs; pause in process otherwise."""
+    if timeout_s <= settings.review_suspend_after_s:
+        return False
+    if deployment.get_id() is None:
+        get_run_logger().info("a long review would suspend, but this run has no deployment: pausing in process")
+        return False
+    return True
+
+
+def _save_context(key: str, context: ReviewContext) -> None:
+    """Store the round's context for the review page; a re-executed (resumed) run finds it already there."""
+    import httpx
+
+    try:
+        create_flow_run_input(key=key, value=context.model_dump(mode="json"))
+    except httpx.HTTPStatusError as exc:
+        if exc.response.status_code != 409:
+            raise
 
 
 def _leave_expired_pause(message: str) -> None:
@@ -154,23 +191,32 @@ def review_loop(
             round_number=round_number, reason=config.reason, note=note,
         )
         model = bounded_input(len(seg.instances), image.width, image.height, selected)
-        create_flow_run_input(
-            key=f"{CONTEXT_KEY}-r{round_number}",
-            value=ReviewContext(
+        _save_context(
+            f"{CONTEXT_KEY}-r{round_number}",
+            ReviewContext(
                 output_root=storage.root, prefix=run_plan.prefix, round=round_number, input_uri=image.source,
                 prompt=options.prompt, width=image.width, height=image.height, instances=instances,
                 selected=selected, segmenter=run_plan.segmenter_info["name"],
-            ).model_dump(mode="json"),
+            ),
         )
         remaining = max(1.0, config.timeout_s - (time.monotonic() - started))
-        logger.info("waiting for review (round %d, up to %.0f s)", round_number, remaining)
+        suspend = should_suspend(config.timeout_s, settings)
+        logger.info("waiting for review (round %d, up to %.0f s, %s)", round_number, remaining,
+                    "suspended: the run leaves its infrastructure" if suspend else "paused in process")
         try:
-            answer = pause_flow_run(
-                wait_for_input=model.with_initial_data(description=description),
-                timeout=int(np.ceil(remaining)),
-                poll_interval=settings.review_poll_interval_s,
-                key=f"review-round-{round_number}",
-            )
+            if suspend:
+                answer = suspend_flow_run(
+                    wait_for_input=model.with_initial_data(description=description),
+                    timeout=int(np.ceil(config.timeout_s)),
+                    key=f"review-round-{round_number}",
+                )
+            else:
+                answer = pause_flow_run(
+                    wait_for_input=model.with_initial_data(description=description),
+                    timeout=int(np.ceil(remaining)),
+                    poll_interval=settings.review_poll_interval_s,
+                    key=f"review-round-{round_number}",
+                )
         except FlowPauseTimeout:
             action, why = timeout_action(config.on_timeout, seg.instances, config.auto_approve_score)
             record["rounds"].append({"round": round_number, "action": f"timeout-{action}", "by": "policy"})
@@ -205,7 +251,7 @@ def review_loop(
             seg_settings = settings if answer.score_threshold is None else settings.model_copy(
                 update={"score_threshold": answer.score_threshold})
             try:
-                seg = segment_image(image, options, run_plan, seg_settings)
+                seg = segment_or_reuse(image, options, run_plan, seg_settings, storage, round_number + 1)
             except InputError as exc:
                 note = f"re-prompt refused: {exc}; still waiting"
                 continue

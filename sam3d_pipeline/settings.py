@@ -59,6 +59,12 @@ class Settings(BaseSettings):
     review_poll_interval_s: float = Field(
         5.0, gt=0, le=60, description="How often a paused run checks for the reviewer's answer (seconds)."
     )
+    review_suspend_after_s: float = Field(
+        900.0,
+        ge=0,
+        description="Reviews allowed to last longer than this suspend the run (it leaves its infrastructure and "
+        "resumes from persisted results) instead of pausing it in process. Needs a deployment.",
+    )
     review_page_url: str | None = Field(
         None, description="Base URL of the review server, linked from paused runs (e.g. http://127.0.0.1:8765)."
     )
