@@ -32,6 +32,7 @@ from .policy import ReviewContext
 
 STATIC = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 8 * 1024 * 1024
+REFINE_WORK_SIZE_PX = 360
 
 
 class PointIn(BaseModel):
@@ -172,7 +173,9 @@ def create_app(token: str, settings: Settings | None = None) -> FastAPI:
             )
         request = SegmentRequest(prompt=ctx.prompt, boxes=boxes, prior_mask=prior,
                                  points=tuple(Point(p.x, p.y, p.label) for p in body.points))
-        seg = backends.get_segmenter("lite", s).segment(photo.rgb, request)
+        # Interactive refinement works on a smaller copy (faster clicks); masks come back at full size.
+        interactive = s.model_copy(update={"lite_work_size_px": min(s.lite_work_size_px, REFINE_WORK_SIZE_PX)})
+        seg = backends.get_segmenter("lite", interactive).segment(photo.rgb, request)
         if not seg.instances:
             return {"mask_png_base64": None, "score": 0.0, "backend": "lite", "message": "no region found"}
         best = seg.instances[0]
