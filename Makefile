@@ -36,8 +36,8 @@ test: $(STAMP) $(GLTF_VALIDATOR) chromium
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
-bench: $(STAMP)
-	$(PY) bench/run_one.py
+bench: $(STAMP) chromium
+	$(PY) bench/run_all.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

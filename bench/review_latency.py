@@ -8,6 +8,7 @@ review server and Debian's Chromium; everything is stopped at the end. Usage: py
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import statistics
@@ -46,8 +47,15 @@ def main() -> None:
 
         def run_flow():
             with tags(tag):
-                image_to_3d(image=str(sample_path("coffee")), prompt="coffee cup", output_root=out,
-                            review="required", review_timeout_s=600, force=True, return_state=True)
+                image_to_3d(
+                    image=str(sample_path("coffee")),
+                    prompt="coffee cup",
+                    output_root=out,
+                    review="required",
+                    review_timeout_s=600,
+                    force=True,
+                    return_state=True,
+                )
 
         thread = threading.Thread(target=run_flow, daemon=True)
         thread.start()
@@ -61,14 +69,27 @@ def main() -> None:
         time.sleep(1.0)
         port = free_port()
         env = os.environ | {"PREFECT_API_URL": PREFECT_API_URL.value(), "SAM3D_REVIEW_TOKEN": TOKEN}
-        server = subprocess.Popen([sys.executable, "-m", "sam3d_pipeline.cli", "review-server", "--port", str(port)],
-                                  env=env, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "sam3d_pipeline.cli", "review-server", "--port", str(port)],
+            env=env,
+            cwd=ROOT,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+        )
         try:
             wait_for_port(port, proc=server)
             with sync_playwright() as pw:
-                browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=[
-                    "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                    "--disable-component-update", "--disable-sync", "--no-first-run"])
+                browser = pw.chromium.launch(
+                    executable_path="/usr/bin/chromium",
+                    args=[
+                        "--no-sandbox",
+                        "--disable-gpu",
+                        "--disable-background-networking",
+                        "--disable-component-update",
+                        "--disable-sync",
+                        "--no-first-run",
+                    ],
+                )
                 page = browser.new_page()
                 received = []
                 page.on("response", lambda r: received.append(r))
@@ -108,6 +129,21 @@ def main() -> None:
     print(f"open → first mask shown: {first_mask_s:.2f} s")
     print(f"click → mask over {len(lat)} clicks: median {statistics.median(lat):.0f} ms, p95 {p95:.0f} ms")
     print(f"bytes downloaded for the page and one image: {image_bytes:,}")
+    print(
+        "BENCH_JSON "
+        + json.dumps(
+            {
+                "review_page": {
+                    "click_path": label,
+                    "first_mask_s": round(first_mask_s, 2),
+                    "clicks": len(lat),
+                    "click_median_ms": round(statistics.median(lat)),
+                    "click_p95_ms": round(p95),
+                    "bytes_per_image": image_bytes,
+                }
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

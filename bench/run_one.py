@@ -57,21 +57,26 @@ def child(mode: str, out: str) -> None:
         result = run_plain(photo, RunOptions(prompt="coffee cup"), output_root=out, force=True).model_dump()
         server_rss = 0
     end = time.perf_counter()
-    print(json.dumps({
-        "wall_s": end - start,
-        "import_s": imported - start,
-        "run_s": end - imported,
-        "timings": result["timings_s"],
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "server_peak_rss_mib": server_rss / 1024,
-    }))
+    print(
+        json.dumps(
+            {
+                "wall_s": end - start,
+                "import_s": imported - start,
+                "run_s": end - imported,
+                "timings": result["timings_s"],
+                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "server_peak_rss_mib": server_rss / 1024,
+            }
+        )
+    )
 
 
 def measure(mode: str, out: str) -> dict:
     env = os.environ | {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--child", mode, "--out", out], capture_output=True, text=True,
-                          env=env, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", mode, "--out", out], capture_output=True, text=True, env=env, cwd=ROOT
+    )
     if proc.returncode != 0:
         raise SystemExit(f"{mode} run failed:\n{proc.stderr[-3000:]}")
     data = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -88,36 +93,63 @@ def main() -> None:
     if args.child:
         child(args.child, args.out)
         return
-    print(f"machine: {os.cpu_count()} cores, "
-          f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f} GiB, cpu only; "
-          f"photo: scikit-image coffee.png 600x400; lite backends; {args.repeat} runs each")
+    print(
+        f"machine: {os.cpu_count()} cores, "
+        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f} GiB, cpu only; "
+        f"photo: scikit-image coffee.png 600x400; lite backends; {args.repeat} runs each"
+    )
     rows = {}
     with tempfile.TemporaryDirectory() as out:
         for mode in ("plain", "flow"):
             runs = [measure(mode, out) for _ in range(args.repeat)]
             rows[mode] = runs
-    header = (f"{'variant':8} {'process wall s':>15} {'imports s':>10} {'run s':>7} {'backend s':>10} "
-              f"{'peak RSS MiB':>13}")
+    header = (
+        f"{'variant':8} {'process wall s':>15} {'imports s':>10} {'run s':>7} {'backend s':>10} {'peak RSS MiB':>13}"
+    )
     print(header)
     print("-" * len(header))
     summary = {}
     for mode, runs in rows.items():
-        med = {k: statistics.median(r[k] for r in runs) for k in ("process_wall_s", "import_s", "run_s",
-                                                                   "peak_rss_mib", "server_peak_rss_mib")}
+        med = {
+            k: statistics.median(r[k] for r in runs)
+            for k in ("process_wall_s", "import_s", "run_s", "peak_rss_mib", "server_peak_rss_mib")
+        }
         med["backend_s"] = statistics.median(sum(r["timings"].get(s, 0.0) for s in BACKEND_STAGES) for r in runs)
         summary[mode] = med
-        rss = f"{med['peak_rss_mib']:.0f}" + (f" (+{med['server_peak_rss_mib']:.0f} server)"
-                                              if med["server_peak_rss_mib"] else "")
-        print(f"{mode:8} {med['process_wall_s']:15.2f} {med['import_s']:10.2f} {med['run_s']:7.2f} "
-              f"{med['backend_s']:10.2f} {rss:>13}")
+        rss = f"{med['peak_rss_mib']:.0f}" + (
+            f" (+{med['server_peak_rss_mib']:.0f} server)" if med["server_peak_rss_mib"] else ""
+        )
+        print(
+            f"{mode:8} {med['process_wall_s']:15.2f} {med['import_s']:10.2f} {med['run_s']:7.2f} "
+            f"{med['backend_s']:10.2f} {rss:>13}"
+        )
     flow, plain = summary["flow"], summary["plain"]
     overhead = flow["process_wall_s"] - plain["process_wall_s"]
     print()
-    print(f"flow wall {flow['process_wall_s']:.2f} s = backends {flow['backend_s']:.2f} s "
-          f"+ intake/publish/imports/Prefect {flow['process_wall_s'] - flow['backend_s']:.2f} s")
-    print(f"Prefect overhead vs plain call: {overhead:+.2f} s per run "
-          f"(ratio {flow['process_wall_s'] / plain['process_wall_s']:.2f}x); "
-          f"in-flow run time vs plain run time: {flow['run_s'] / plain['run_s']:.2f}x")
+    print(
+        f"flow wall {flow['process_wall_s']:.2f} s = backends {flow['backend_s']:.2f} s "
+        f"+ intake/publish/imports/Prefect {flow['process_wall_s'] - flow['backend_s']:.2f} s"
+    )
+    print(
+        "BENCH_JSON "
+        + json.dumps(
+            {
+                "single_run": {
+                    "flow_process_wall_s": round(flow["process_wall_s"], 2),
+                    "plain_process_wall_s": round(plain["process_wall_s"], 2),
+                    "flow_backend_s": round(flow["backend_s"], 2),
+                    "flow_peak_rss_mib": round(flow["peak_rss_mib"]),
+                    "server_peak_rss_mib": round(flow["server_peak_rss_mib"]),
+                    "plain_peak_rss_mib": round(plain["peak_rss_mib"]),
+                }
+            }
+        )
+    )
+    print(
+        f"Prefect overhead vs plain call: {overhead:+.2f} s per run "
+        f"(ratio {flow['process_wall_s'] / plain['process_wall_s']:.2f}x); "
+        f"in-flow run time vs plain run time: {flow['run_s'] / plain['run_s']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,98 @@
+"""Orchestration overhead per photo: `image-to-3d` (Prefect) vs the same library steps in a plain Python loop.
+
+Both variants process the same N distinct photos (crops and flips of the 600x400 sample, so every output
+prefix differs) with the lite backends, in one process, alternating blocks so machine noise hits both.
+The Prefect API server is started once before timing (its start-up is reported separately).
+Target: flow / plain <= 1.15. Usage: python bench/overhead.py [--photos 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def make_photos(folder: Path, count: int) -> list[str]:
+    from sam3d_pipeline.samples import sample_path
+
+    base = np.asarray(Image.open(sample_path("coffee")).convert("RGB"))
+    paths = []
+    for i in range(count):
+        dx, dy = (i * 7) % 40, (i * 5) % 30
+        img = base[dy : dy + 370, dx : dx + 560]
+        if i % 2:
+            img = img[:, ::-1]
+        path = folder / f"photo-{i:03d}.jpg"
+        Image.fromarray(np.ascontiguousarray(img)).save(path, quality=92)
+        paths.append(str(path))
+    return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--photos", type=int, default=50)
+    parser.add_argument("--block", type=int, default=5)
+    args = parser.parse_args()
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
+    t = time.perf_counter()
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.image_to_3d import image_to_3d
+    from sam3d_pipeline.pipeline import RunOptions, run_plain
+
+    imports_s = time.perf_counter() - t
+    with tempfile.TemporaryDirectory() as tmp:
+        photos = make_photos(Path(tmp), args.photos)
+        t = time.perf_counter()
+        with prefect_test_harness(server_startup_timeout=120):
+            server_start_s = time.perf_counter() - t
+            # Warm both paths once (imports, backend construction) outside the timing.
+            run_plain(photos[0], RunOptions(prompt="cup"), output_root=f"{tmp}/warm-plain", force=True)
+            image_to_3d(image=photos[0], prompt="cup", output_root=f"{tmp}/warm-flow", force=True)
+            flow_s, plain_s = [], []
+            for start in range(0, len(photos), args.block):
+                block = photos[start : start + args.block]
+                for p in block:
+                    t = time.perf_counter()
+                    run_plain(p, RunOptions(prompt="cup"), output_root=f"{tmp}/plain", force=True)
+                    plain_s.append(time.perf_counter() - t)
+                for p in block:
+                    t = time.perf_counter()
+                    state = image_to_3d(image=p, prompt="cup", output_root=f"{tmp}/flow", force=True,
+                                        return_state=True)
+                    flow_s.append(time.perf_counter() - t)
+                    assert state.is_completed(), state.message
+    ratio = sum(flow_s) / sum(plain_s)
+    per_photo_ms = (sum(flow_s) - sum(plain_s)) / len(photos) * 1000
+    figures = {
+        "photos": len(photos),
+        "plain_median_s": round(statistics.median(plain_s), 3),
+        "flow_median_s": round(statistics.median(flow_s), 3),
+        "overhead_ratio": round(ratio, 3),
+        "overhead_per_photo_ms": round(per_photo_ms, 1),
+        "prefect_server_start_s": round(server_start_s, 2),
+        "imports_s": round(imports_s, 2),
+    }
+    print(f"photos: {len(photos)} distinct 560x370 crops of the sample, lite backends, {os.cpu_count()} cores")
+    print(f"plain loop: median {figures['plain_median_s']:.2f} s/photo; flow: median {figures['flow_median_s']:.2f} "
+          f"s/photo")
+    print(f"overhead: {ratio:.3f}x (target <= 1.15), {per_photo_ms:+.0f} ms per photo; "
+          f"Prefect server start {server_start_s:.1f} s (once per process)")
+    print("BENCH_JSON " + json.dumps({"overhead": figures}))
+
+
+if __name__ == "__main__":
+    main()

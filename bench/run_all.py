@@ -1,0 +1,72 @@
+"""`make bench`: run every benchmark, print a table, write bench/results/latest.json.
+
+Each benchmark is its own script (run in its own process) that prints its figures as text and one
+``BENCH_JSON {...}`` line; this runner collects those lines. Never part of `make test`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHES = [
+    ("overhead", ["bench/overhead.py", "--photos", "50"]),
+    ("single run", ["bench/run_one.py", "--repeat", "3"]),
+    ("review page", ["bench/review_latency.py", "--clicks", "50"]),
+]
+
+
+def machine() -> dict:
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    device = "cpu"
+    try:
+        import torch  # noqa: F401 - optional
+
+        if torch.cuda.is_available():
+            device = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return {"cores": os.cpu_count(), "memory_gib": round(mem_gib, 1), "device": device,
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def main() -> None:
+    results: dict = {"machine": machine(), "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                     "figures": {}, "errors": {}}
+    print(f"machine: {results['machine']}")
+    if results["machine"]["device"] == "cpu":
+        print("GPU benchmarks (SAM 3 per image and SAM 3D per object on CUDA): skipped, no CUDA device here")
+    for name, cmd in BENCHES:
+        if not (ROOT / cmd[0]).exists():
+            continue
+        print(f"\n== {name}: {' '.join(cmd)}", flush=True)
+        t = time.perf_counter()
+        proc = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True)
+        for line in proc.stdout.splitlines():
+            if line.startswith("BENCH_JSON "):
+                results["figures"].update(json.loads(line.removeprefix("BENCH_JSON ")))
+            else:
+                print(line)
+        if proc.returncode != 0:
+            results["errors"][name] = proc.stderr[-2000:]
+            print(f"!! {name} failed (exit {proc.returncode}); see latest.json errors")
+        print(f"({time.perf_counter() - t:.0f} s)")
+    out = ROOT / "bench" / "results" / "latest.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {out.relative_to(ROOT)}")
+    print(f"{'figure':45} value")
+    for group, figures in results["figures"].items():
+        for key, value in figures.items():
+            print(f"{group + '.' + key:45} {value}")
+
+
+if __name__ == "__main__":
+    main()
