@@ -8,7 +8,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 from .errors import ImageTooLargeError, InvalidImageError
 
@@ -163,3 +163,13 @@ def encode_jpeg(rgb: np.ndarray, quality: int = 92) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
+
+
+def draw_label(rgb: np.ndarray, text: str) -> np.ndarray:
+    """Write ``text`` white on black in the top-left corner (used to say which backend made an image)."""
+    im = Image.fromarray(rgb)
+    draw = ImageDraw.Draw(im)
+    left, top, right, bottom = draw.textbbox((6, 6), text)
+    draw.rectangle((left - 4, top - 3, right + 4, bottom + 3), fill=(0, 0, 0))
+    draw.text((6, 6), text, fill=(255, 255, 255))
+    return np.asarray(im)

@@ -9,9 +9,10 @@ import io
 
 import cv2
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from .errors import InputError
+from .images import draw_label
 from .types import Instance
 
 OVERLAY_COLOUR = (30, 144, 255)
@@ -105,14 +106,7 @@ def overlay(rgb: np.ndarray, mask: np.ndarray | None, *, label: str | None = Non
         cv2.drawContours(out, contours, -1, OVERLAY_COLOUR, thickness)
     else:
         out = out.astype(np.uint8)
-    if label:
-        im = Image.fromarray(out)
-        draw = ImageDraw.Draw(im)
-        left, top, right, bottom = draw.textbbox((6, 6), label)
-        draw.rectangle((left - 4, top - 3, right + 4, bottom + 3), fill=(0, 0, 0))
-        draw.text((6, 6), label, fill=(255, 255, 255))
-        out = np.asarray(im)
-    return out
+    return draw_label(out, label) if label else out
 
 
 def select_instance(instances: list[Instance], index: int | None) -> int | None:

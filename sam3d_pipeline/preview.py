@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image, ImageDraw
+
+from .images import draw_label
 
 BACKGROUND_TOP = np.array([236, 239, 243], np.float32)
 BACKGROUND_BOTTOM = np.array([200, 205, 212], np.float32)
@@ -70,11 +71,4 @@ def render_preview(mesh, *, size_px: int = 512, yaw_deg: float = -30.0, pitch_de
         flat[idx[chosen][take]] = shaded[ok][chosen][take]
         zbuf[idx[chosen][take]] = d[chosen][take]
     out = np.clip(image, 0, 255).astype(np.uint8)
-    if label:
-        im = Image.fromarray(out)
-        draw = ImageDraw.Draw(im)
-        left, top, right, bottom = draw.textbbox((6, 6), label)
-        draw.rectangle((left - 4, top - 3, right + 4, bottom + 3), fill=(0, 0, 0))
-        draw.text((6, 6), label, fill=(255, 255, 255))
-        out = np.asarray(im)
-    return out
+    return draw_label(out, label) if label else out
