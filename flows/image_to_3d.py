@@ -2,7 +2,8 @@
 
 Permanent failures (bad image, bad prompt options, unavailable backend) fail the run at once, with the
 reason in the run's state, in a markdown artifact and, when the input could be read, in ``result.json``.
-Transient storage failures are retried with backoff by the tasks that touch storage.
+Transient storage failures are retried with backoff by the tasks that touch storage. The model stages run
+in-process or as GPU deployments (``SAM3D_GPU_STAGES``, see ``tasks/stages.py``).
 """
 
 from __future__ import annotations
@@ -19,11 +20,10 @@ from sam3d_pipeline.masks import select_instance
 from sam3d_pipeline.pipeline import PointParam, RunOptions
 from sam3d_pipeline.settings import get_settings
 from sam3d_pipeline.storage import open_storage
+from tasks import stages
 from tasks.intake import decode_image, fetch_input
 from tasks.publish import publish_artifacts, publish_outputs, render_outputs
-from tasks.reconstruct import reconstruct_object
 from tasks.retry import retry_options
-from tasks.segment import segment_image
 
 
 @flow(name="image-to-3d", log_prints=False, validate_parameters=True)
@@ -87,12 +87,12 @@ def image_to_3d(
         timings["intake"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        seg = segment_image(loaded, options, run_plan, settings)
+        seg = stages.segment(loaded, options, run_plan, settings, root)
         selected = select_instance(seg.instances, options.instance_index)
         timings["segment"] = time.perf_counter() - t
         if selected is not None:
             t = time.perf_counter()
-            recon = reconstruct_object(loaded, seg.instances[selected].mask, options, run_plan, settings)
+            recon = stages.reconstruct(loaded, seg, selected, options, run_plan, settings, root)
             timings["reconstruct"] = time.perf_counter() - t
         else:
             logger.warning("no object found for prompt %r: nothing to reconstruct", options.prompt)
