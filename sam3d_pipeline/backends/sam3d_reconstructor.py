@@ -1,12 +1,14 @@
 """The ``sam3d`` reconstructor: Meta's SAM 3D Objects (facebookresearch/sam-3d-objects) behind our Protocol.
 
-Upstream interface (read at facebookresearch/sam-3d-objects, ``notebook/inference.py`` @ 0519b504127b):
+Upstream interface, read at facebookresearch/sam-3d-objects ``notebook/inference.py``
+@ 0519b504127b54df957338514bfa9ad29e77f476:
 ``Inference(config_file, compile=False)`` builds an ``InferencePipelinePointMap`` from a hydra config whose
 checkpoint paths are relative to the config's folder; calling it with ``(image, mask, seed, pointmap=None)``
 returns a dict holding ``gs`` (a Gaussian splat with ``save_ply(path)``), ``glb`` (a ``trimesh.Trimesh`` with
 vertex colours) and the pose ``rotation`` (1x4 quaternion wxyz), ``translation`` (1x3), ``scale`` (1x3).
-The pipeline (``sam3d_objects/pipeline/inference_pipeline_pointmap.py`` @ 79671e922dc8) computes a MoGe point
-map per call with ``compute_pointmap(rgba)`` unless one is passed, keeps its networks in ``pipeline.models``
+The pipeline (``sam3d_objects/pipeline/inference_pipeline_pointmap.py``
+@ 79671e922dc8fa64081f08f9744b41a70e48c328) computes a MoGe point map per call with
+``compute_pointmap(rgba)`` unless one is passed, keeps its networks in ``pipeline.models``
 (``ss_generator``, ``slat_generator``, ``ss_decoder``, ``slat_decoder_gs``, ``slat_decoder_mesh``, ...),
 ``pipeline.condition_embedders`` (DINOv2) and ``pipeline.depth_model`` (MoGe), and reads ``dtype``,
 ``ss_inference_steps``, ``slat_inference_steps`` and ``decode_formats`` from its config.
@@ -105,6 +107,12 @@ def _import_inference() -> Any:
             f"SAM 3D Objects cannot be imported ({exc}); it needs CUDA: use the gpu_worker image"
         ) from exc
     return module.Inference
+
+
+def _empty_cuda_cache() -> None:
+    import torch
+
+    torch.cuda.empty_cache()
 
 
 def patched_config(config_path: str | Path, settings: Settings) -> Path:
@@ -224,9 +232,7 @@ class Sam3dReconstructor:
             config = patched_config(self.settings.sam3d_config_path, self.settings)
             self._inference = inference_cls(str(config), compile=False)
             if self.settings.sam3d_low_memory:
-                import torch
-
-                self.offloader = StageOffloader(self._inference._pipeline, "cuda", torch.cuda.empty_cache)
+                self.offloader = StageOffloader(self._inference._pipeline, "cuda", _empty_cuda_cache)
                 self.offloader.install()
         return self._inference
 
