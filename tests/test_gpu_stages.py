@@ -54,6 +54,9 @@ def test_retry_rules():
 # -- stage flows under the Prefect test server ------------------------------------------------------------
 @pytest.fixture
 def sam3d_double(tmp_path, monkeypatch):
+    for var in ("LIDRA_SKIP_INIT", "MPLBACKEND", "CUDA_HOME", "CONDA_PREFIX", "GRADIO_ANALYTICS_ENABLED"):
+        monkeypatch.setenv(var, "")  # restored after the test; the adapter sets them
+        monkeypatch.delenv(var)
     monkeypatch.syspath_prepend(str(DOUBLE_DIR))
     monkeypatch.delitem(sys.modules, "inference", raising=False)
     ckpt = tmp_path / "ckpt"
@@ -63,7 +66,10 @@ def sam3d_double(tmp_path, monkeypatch):
     (ckpt / "pipeline.yaml").write_text(json.dumps({"ss_generator_ckpt_path": "a.ckpt",
                                                     "slat_generator_ckpt_path": "b.ckpt"}))
     monkeypatch.setenv("SAM3D_SAM3D_CONFIG_PATH", str(ckpt / "pipeline.yaml"))
-    import inference
+    from sam3d_pipeline.backends.sam3d_reconstructor import _import_inference
+
+    _import_inference()
+    inference = sys.modules["inference"]
 
     inference.INSTANCES.clear()
     inference.CALLS.clear()

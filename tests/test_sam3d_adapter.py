@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import sys
 from pathlib import Path
 
@@ -19,13 +20,15 @@ from sam3d_pipeline.settings import Settings
 from .photos import object_photo
 
 DOUBLE_DIR = Path(__file__).parent / "sam3d_double"
+ENV_VARS = ("LIDRA_SKIP_INIT", "MPLBACKEND", "CUDA_HOME", "CONDA_PREFIX", "GRADIO_ANALYTICS_ENABLED")
 
 
 @pytest.fixture
 def sam3d(tmp_path, monkeypatch):
     """The double importable as ``inference``, a config with checkpoints beside it; yields the module."""
-    for var in ("LIDRA_SKIP_INIT", "MPLBACKEND", "CUDA_HOME", "CONDA_PREFIX", "GRADIO_ANALYTICS_ENABLED"):
-        monkeypatch.delenv(var, raising=False)
+    for var in ENV_VARS:  # unset now, restored after the test (the adapter sets them)
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
     monkeypatch.syspath_prepend(str(DOUBLE_DIR))
     monkeypatch.delitem(sys.modules, "inference", raising=False)
     ckpt = tmp_path / "checkpoints"
@@ -44,7 +47,8 @@ def sam3d(tmp_path, monkeypatch):
     monkeypatch.setenv("SAM3D_SAM3D_CONFIG_PATH", str(ckpt / "pipeline.yaml"))
     empties = []
     monkeypatch.setattr(adapter, "_empty_cuda_cache", lambda: empties.append(1))
-    import inference
+    adapter._import_inference()  # the one place that prepares the import (the double needs CONDA_PREFIX)
+    inference = sys.modules["inference"]
 
     inference.CALLS.clear()
     inference.INSTANCES.clear()
@@ -70,8 +74,6 @@ def test_reconstruct_returns_our_types_with_backend_and_pose(sam3d):
     assert recon.stats["splat_points"] == len(recon.mesh.vertices)
     assert sam3d.CALLS == [{"seed": 7, "pointmap_given": True, "mask_area": int(mask.sum())}]
     # Import-time expectations of notebook/inference.py were met in one place.
-    import os
-
     assert os.environ["LIDRA_SKIP_INIT"] == "true" and os.environ["MPLBACKEND"] == "Agg"
     assert os.environ["CONDA_PREFIX"]
 
@@ -142,7 +144,24 @@ def test_low_memory_puts_only_the_running_stage_on_the_gpu(sam3d):
     assert "low-memory" in " ".join(rec.info().limits)
 
 
+def test_double_import_fails_like_upstream_without_conda(monkeypatch):
+    """Importing inference.py outside conda raises KeyError upstream: the adapter must set CONDA_PREFIX first."""
+    for var in ENV_VARS:
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
+    monkeypatch.syspath_prepend(str(DOUBLE_DIR))
+    monkeypatch.delitem(sys.modules, "inference", raising=False)
+    with pytest.raises(KeyError, match="CONDA_PREFIX"):
+        import inference  # noqa: F401
+    monkeypatch.delitem(sys.modules, "inference", raising=False)
+    assert adapter._import_inference().__name__ == "Inference"
+    assert os.environ["CUDA_HOME"] == os.environ["CONDA_PREFIX"]
+
+
 def test_missing_package_says_what_to_use(monkeypatch):
+    for var in ENV_VARS:
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
     monkeypatch.delitem(sys.modules, "inference", raising=False)
     monkeypatch.setattr(adapter, "INFERENCE_MODULE", "sam3d_inference_not_installed")
     with pytest.raises(BackendUnavailableError, match="gpu_worker image"):
@@ -176,12 +195,8 @@ def test_scene_is_flattened_and_empty_mesh_refused():
         adapter.mesh_from_output(trimesh.Trimesh())
 
 
-def test_splat_to_ply_bytes_round_trips_positions():
-    sys.path.insert(0, str(DOUBLE_DIR))
-    try:
-        from inference import Gaussian
-    finally:
-        sys.path.remove(str(DOUBLE_DIR))
+def test_splat_to_ply_bytes_round_trips_positions(sam3d):
+    Gaussian = sam3d.Gaussian
     xyz = np.random.default_rng(0).normal(size=(50, 3)).astype(np.float32)
     data = adapter.splat_to_ply_bytes(Gaussian(xyz, np.full((50, 3), 128.0)))
     cloud = trimesh.load(io.BytesIO(data), file_type="ply")

@@ -1,20 +1,21 @@
 """The ``sam3d`` reconstructor: Meta's SAM 3D Objects (facebookresearch/sam-3d-objects) behind our Protocol.
 
-Upstream interface, read at facebookresearch/sam-3d-objects ``notebook/inference.py``
-@ 0519b504127b54df957338514bfa9ad29e77f476:
+Upstream interface, read at facebookresearch/sam-3d-objects @ cf066761706cd02b07e2fc6274570ec8cdafb683
+(main, 2025-11-21; the commit the gpu_worker image pins), ``notebook/inference.py``:
 ``Inference(config_file, compile=False)`` builds an ``InferencePipelinePointMap`` from a hydra config whose
 checkpoint paths are relative to the config's folder; calling it with ``(image, mask, seed, pointmap=None)``
 returns a dict holding ``gs`` (a Gaussian splat with ``save_ply(path)``), ``glb`` (a ``trimesh.Trimesh`` with
 vertex colours) and the pose ``rotation`` (1x4 quaternion wxyz), ``translation`` (1x3), ``scale`` (1x3).
-The pipeline (``sam3d_objects/pipeline/inference_pipeline_pointmap.py``
-@ 79671e922dc8fa64081f08f9744b41a70e48c328) computes a MoGe point map per call with
+The pipeline (``sam3d_objects/pipeline/inference_pipeline_pointmap.py``, same commit) computes a MoGe point map
+per call with
 ``compute_pointmap(rgba)`` unless one is passed, keeps its networks in ``pipeline.models``
 (``ss_generator``, ``slat_generator``, ``ss_decoder``, ``slat_decoder_gs``, ``slat_decoder_mesh``, ...),
 ``pipeline.condition_embedders`` (DINOv2) and ``pipeline.depth_model`` (MoGe), and reads ``dtype``,
 ``ss_inference_steps``, ``slat_inference_steps`` and ``decode_formats`` from its config.
 
 What this adapter adds:
-- ``notebook/inference.py`` sets ``CUDA_HOME`` from ``CONDA_PREFIX`` and imports UI packages (gradio,
+- ``notebook/inference.py`` runs ``os.environ["CUDA_HOME"] = os.environ["CONDA_PREFIX"]`` (a KeyError outside
+  conda) and imports UI packages (gradio,
   seaborn, matplotlib, kaolin's notebook visualiser) at import time: ``_import_inference`` is the one place
   that prepares the environment (``CUDA_HOME``, ``CONDA_PREFIX``, ``LIDRA_SKIP_INIT``, headless ``MPLBACKEND``)
   and imports it.
@@ -51,7 +52,7 @@ from ..errors import BackendUnavailableError, InputError
 from ..settings import Settings
 from ..types import BackendInfo, Reconstruction
 
-VERSION = "sam3d-objects-0519b50"
+VERSION = "sam3d-objects-cf06676"
 INFERENCE_MODULE = "inference"  # notebook/inference.py, installed on sys.path by the gpu_worker image
 LIMITS = ("one object per call; pose is relative to the photo's camera (MoGe point map)",)
 

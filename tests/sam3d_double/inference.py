@@ -1,20 +1,22 @@
 """A test double of SAM 3D Objects' ``notebook/inference.py`` (the package needs CUDA; it cannot install here).
 
-It follows the real interface read at facebookresearch/sam-3d-objects:
-- ``notebook/inference.py`` @ 0519b504127b54df957338514bfa9ad29e77f476: ``Inference(config_file, compile=False)``
-  loads the YAML config (checkpoint paths relative to its folder) into ``self._pipeline``;
-  ``__call__(image, mask, seed=None, pointmap=None, ...)`` merges the mask into an RGBA image and returns
-  ``self._pipeline.run(...)``'s dict.
-- ``sam3d_objects/pipeline/inference_pipeline_pointmap.py`` @ 79671e922dc8fa64081f08f9744b41a70e48c328:
-  ``compute_pointmap(rgba, pointmap=None)`` returns ``{"pointmap": (3, H, W), ...}``
-  and clips by the alpha mask when ``clip_pointmap_beyond_scale`` is set; ``run`` calls ``compute_pointmap``,
-  ``sample_sparse_structure``, ``sample_slat``, ``decode_slat`` in that order and returns ``rotation``
-  (1x4, wxyz), ``translation`` (1x3), ``scale`` (1x3), ``glb`` (``trimesh.Trimesh``, vertex colours) and the
-  splat; networks live in ``models`` (ModuleDict), ``condition_embedders`` (dict) and ``depth_model``.
-- ``sam3d_objects/model/backbone/tdfy_dit/representations/gaussian/gaussian_model.py``
-  @ aa18aba7d1a98a82a593a20ca0fa072d4cd40181:
-  ``save_ply`` writes one binary little-endian ``vertex`` element of float32 ``x y z nx ny nz f_dc_0..2
-  opacity scale_0..2 rot_0..3``.
+It follows the real interface read at facebookresearch/sam-3d-objects @ cf066761706cd02b07e2fc6274570ec8cdafb683
+(main, the commit gpu_worker/Dockerfile pins):
+- ``notebook/inference.py``: at import it runs ``os.environ["CUDA_HOME"] = os.environ["CONDA_PREFIX"]`` (copied
+  here as behaviour: importing without ``CONDA_PREFIX`` fails); ``Inference(config_file, compile=False)`` loads
+  the config (checkpoint paths relative to its folder) into ``self._pipeline``; ``__call__(image, mask,
+  seed=None, pointmap=None)`` merges the mask into an RGBA image and returns ``self._pipeline.run(...)``'s dict.
+- ``sam3d_objects/pipeline/inference_pipeline_pointmap.py``: ``compute_pointmap(rgba, pointmap=None)`` returns
+  ``{"pointmap": (3, H, W), ...}`` and clips by the alpha mask when ``clip_pointmap_beyond_scale`` is set;
+  ``run`` calls ``compute_pointmap``, ``sample_sparse_structure``, ``sample_slat``, ``decode_slat`` in that
+  order and returns ``rotation`` (1x4, wxyz), ``translation`` (1x3), ``scale`` (1x3) and the decoded outputs.
+- ``sam3d_objects/pipeline/inference_pipeline.py``: networks live in ``models`` (ModuleDict),
+  ``condition_embedders`` (dict); outputs hold ``glb`` (``trimesh.Trimesh``, vertex colours) and
+  ``gs = gaussian[0]``; config keys ``dtype``, ``ss_inference_steps``, ``slat_inference_steps``,
+  ``decode_formats``.
+- ``sam3d_objects/model/backbone/tdfy_dit/representations/gaussian/gaussian_model.py``: ``save_ply`` writes
+  one binary little-endian ``vertex`` element of float32 ``x y z nx ny nz f_dc_0..2 opacity scale_0..2
+  rot_0..3`` (with plyfile).
 
 It does no learning: the "reconstruction" is an ellipsoid spanning the mask's box, coloured from the photo,
 so tests can check that inputs reach the model and outputs come back converted.
@@ -24,6 +26,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+
+os.environ["CUDA_HOME"] = os.environ["CONDA_PREFIX"]  # as upstream: importing outside conda raises KeyError
+os.environ["LIDRA_SKIP_INIT"] = "true"
 
 import numpy as np
 import trimesh
