@@ -52,6 +52,16 @@ def test_retry_rules():
 
 
 # -- stage flows under the Prefect test server ------------------------------------------------------------
+def _double_config(folder: Path) -> Path:
+    """A SAM 3D Objects config with its (placeholder) checkpoint files beside it, for the double."""
+    folder.mkdir(parents=True)
+    for name in ("a.ckpt", "b.ckpt"):
+        (folder / name).write_bytes(b"w")
+    (folder / "pipeline.yaml").write_text(json.dumps({"ss_generator_ckpt_path": "a.ckpt",
+                                                      "slat_generator_ckpt_path": "b.ckpt"}))
+    return folder / "pipeline.yaml"
+
+
 @pytest.fixture
 def sam3d_double(tmp_path, monkeypatch):
     for var in ("LIDRA_SKIP_INIT", "MPLBACKEND", "CUDA_HOME", "CONDA_PREFIX", "GRADIO_ANALYTICS_ENABLED"):
@@ -59,13 +69,7 @@ def sam3d_double(tmp_path, monkeypatch):
         monkeypatch.delenv(var)
     monkeypatch.syspath_prepend(str(DOUBLE_DIR))
     monkeypatch.delitem(sys.modules, "inference", raising=False)
-    ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
-    for name in ("a.ckpt", "b.ckpt"):
-        (ckpt / name).write_bytes(b"w")
-    (ckpt / "pipeline.yaml").write_text(json.dumps({"ss_generator_ckpt_path": "a.ckpt",
-                                                    "slat_generator_ckpt_path": "b.ckpt"}))
-    monkeypatch.setenv("SAM3D_SAM3D_CONFIG_PATH", str(ckpt / "pipeline.yaml"))
+    monkeypatch.setenv("SAM3D_SAM3D_CONFIG_PATH", str(_double_config(tmp_path / "ckpt")))
     from sam3d_pipeline.backends.sam3d_reconstructor import _import_inference
 
     _import_inference()
@@ -188,8 +192,12 @@ def served_stages(prefect_server, tmp_path):
     from prefect.settings import get_current_settings
 
     api_url = get_current_settings().api.url
+    config = _double_config(tmp_path / "stage-ckpt")
     env = os.environ | {"PREFECT_API_URL": api_url, "PREFECT_RUNNER_POLL_FREQUENCY": "1",
-                        "PREFECT_LOGGING_LEVEL": "WARNING"}
+                        "PREFECT_LOGGING_LEVEL": "WARNING", "SAM3D_SAM3D_CONFIG_PATH": str(config),
+                        # The stage process stands in for the GPU image: SAM 3D Objects is the double.
+                        "PYTHONPATH": os.pathsep.join([str(DOUBLE_DIR), str(Path(__file__).parents[1])])}
+    env.pop("CONDA_PREFIX", None)
     log = (tmp_path / "serve.log").open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "flows.gpu_stages"], cwd=Path(__file__).parents[1], env=env,
                             stdout=log, stderr=subprocess.STDOUT)
@@ -228,13 +236,15 @@ def test_image_to_3d_calls_the_stage_deployments(served_stages, tmp_path, monkey
     photo = tmp_path / "mug.png"
     photo.write_bytes(encode(rgb))
     state = image_to_3d(image=str(photo), prompt="mug", output_root=str(tmp_path / "out"), segmenter="lite",
-                        reconstructor="lite", return_state=True)
+                        reconstructor="sam3d", return_state=True)
     assert state.is_completed(), state.message
     result = state.result()
     assert result["status"] == "completed"
     prefix = Path(result["output_prefix"])
-    assert {p.name for p in prefix.iterdir()} == {"mask.png", "overlay.png", "object.glb", "preview.png",
-                                                  "result.json", "stages"}
+    assert {p.name for p in prefix.iterdir()} == {"mask.png", "overlay.png", "object.glb", "object.ply",
+                                                  "preview.png", "result.json", "stages"}
+    assert result["reconstructor"]["name"] == "sam3d" and result["pose"]["rotation"] == [1.0, 0.0, 0.0, 0.0]
+    assert (prefix / "object.ply").read_bytes() == (prefix / "stages/reconstruct/object.ply").read_bytes()
     assert iou(np.asarray(Image.open(prefix / "mask.png")) > 127, truth) > 0.9
     assert "GPU pool" in result["reconstructor"]["chosen_because"]
     assert [a["kind"] for a in result["mesh"]["gpu_attempts"]] == ["ok"]
@@ -243,3 +253,37 @@ def test_image_to_3d_calls_the_stage_deployments(served_stages, tmp_path, monkey
         stage_run = client.read_flow_run(stage_run_id)
     assert stage_run.state.is_completed()
     assert stage_run.parameters["jobs"][0]["mask"].endswith("stages/segment/mask-0.png")  # keys, not pixels
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_server")
+def test_inline_image_to_3d_with_sam3d_writes_glb_ply_and_pose(tmp_path, sam3d_double, monkeypatch):
+    """The embedded default: stages in-process (pixels stay in memory), SAM 3D Objects' outputs published."""
+    from dataclasses import replace
+
+    import trimesh
+
+    from flows.image_to_3d import image_to_3d
+    from sam3d_pipeline import backends
+    from sam3d_pipeline.backends.sam3d_reconstructor import ply_header
+
+    # The double stands in for the packages the registry looks for (torch, sam3d_objects).
+    monkeypatch.setitem(backends.RECONSTRUCTORS, "sam3d", replace(backends.RECONSTRUCTORS["sam3d"], requires=()))
+    monkeypatch.setenv("SAM3D_GPU_STAGES", "inline")
+    rgb, _ = object_photo(seed=6)
+    photo = tmp_path / "vase.png"
+    photo.write_bytes(encode(rgb))
+    state = image_to_3d(image=str(photo), prompt="vase", output_root=str(tmp_path / "out"), segmenter="lite",
+                        reconstructor="sam3d", seed=3, return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    prefix = Path(result["output_prefix"])
+    assert {p.name for p in prefix.iterdir()} == {"mask.png", "overlay.png", "object.glb", "object.ply",
+                                                  "preview.png", "result.json"}
+    on_disk = json.loads((prefix / "result.json").read_text())
+    assert on_disk["reconstructor"]["name"] == "sam3d" and on_disk["reconstructor"]["weights"] == "checkpoint"
+    assert on_disk["pose"]["rotation"] == [1.0, 0.0, 0.0, 0.0] and len(on_disk["pose"]["translation"]) == 3
+    assert on_disk["mesh"]["splat_points"] == ply_header((prefix / "object.ply").read_bytes())["vertex_count"]
+    mesh = trimesh.load(prefix / "object.glb", force="mesh")
+    assert len(mesh.faces) > 0 and mesh.visual.kind == "vertex"
+    assert sam3d_double.CALLS[-1]["seed"] == 3

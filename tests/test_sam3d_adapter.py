@@ -227,11 +227,18 @@ def test_pose_to_json_from_arrays_and_errors():
         adapter.pose_to_json([1, 0, 0, 0], [1, 2, 3], [np.nan, 1, 1])
 
 
-def test_deployment_mode_resolves_gpu_backends_without_importing_them():
+def test_deployment_mode_resolves_gpu_backends_without_their_packages(monkeypatch):
     settings = _settings(gpu_stages="deployment")
-    assert backends.resolve("reconstructor", "auto", settings).name == "sam3d"
-    assert backends.resolve("segmenter", "auto", settings).name == "sam3"
+    resolved = backends.resolve("reconstructor", "auto", settings)
+    assert resolved.name == "sam3d" and "GPU pool" in resolved.reason
+    assert backends.get_reconstructor("sam3d", settings).info().name == "sam3d"  # cheap: no torch, no model
     assert backends.resolve("reconstructor", "lite", settings).name == "lite"
+    from dataclasses import replace
+
+    missing = replace(backends.SEGMENTERS["lite"], target="sam3d_pipeline.backends.not_built:Nope")
+    monkeypatch.setitem(backends.SEGMENTERS, "sam3", missing)
+    with pytest.raises(BackendUnavailableError, match="not part of this build"):
+        backends.resolve("segmenter", "auto", settings)
     with pytest.raises(BackendUnavailableError, match="unknown"):
         backends.resolve("reconstructor", "nerf", settings)
     # In-process, sam3d cannot run on this machine (no torch/CUDA): refused with the reason.
