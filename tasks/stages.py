@@ -16,7 +16,10 @@ from typing import Any
 import numpy as np
 from prefect import get_run_logger
 from prefect.artifacts import create_table_artifact
+from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
+from prefect.states import Cancelling
 
 from sam3d_pipeline import pipeline, stages
 from sam3d_pipeline.gpu_failures import GpuStageError, StageAttempt, backoff_s, classify, next_low_memory, should_retry
@@ -50,10 +53,16 @@ def run_gpu_stage(deployment: str, parameters: dict[str, Any], settings: Setting
     low_memory = False
     for n in range(1, settings.gpu_stage_attempts + 1):
         params = parameters | ({"low_memory": True} if low_memory and low_memory_param else {})
-        flow_run = run_deployment(deployment, parameters=params, timeout=settings.gpu_stage_timeout_s)
+        try:
+            flow_run = run_deployment(deployment, parameters=params, timeout=settings.gpu_stage_timeout_s)
+        except ObjectNotFound as exc:
+            raise GpuStageError(f"deployment {deployment!r} not found: deploy it (prefect deploy --all) or set "
+                                "SAM3D_GPU_STAGES=inline", attempts) from exc
         state = flow_run.state
         final = state is not None and state.is_final()
         kind = classify(state.type.value, state.message) if final else "timeout"
+        if not final:
+            _cancel(flow_run.id, settings.gpu_stage_timeout_s)
         attempt = StageAttempt(attempt=n, flow_run_id=str(flow_run.id), state=state.type.value if state else "NONE",
                                kind=kind, message=(state.message or "")[:500] if state else "", low_memory=low_memory)
         attempts.append(attempt)
@@ -71,6 +80,14 @@ def run_gpu_stage(deployment: str, parameters: dict[str, Any], settings: Setting
     if len(attempts) > 1:
         _record(deployment, attempts)
     return attempts
+
+
+def _cancel(flow_run_id: Any, timeout_s: float) -> None:
+    """Cancel a stage run that outlived its timeout, so it stops holding (or waiting for) a GPU."""
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(
+            flow_run_id, Cancelling(message=f"no result within SAM3D_GPU_STAGE_TIMEOUT_S={timeout_s:g}"), force=True
+        )
 
 
 def _record(deployment: str, attempts: list[StageAttempt]) -> None:

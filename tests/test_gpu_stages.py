@@ -287,3 +287,48 @@ def test_inline_image_to_3d_with_sam3d_writes_glb_ply_and_pose(tmp_path, sam3d_d
     mesh = trimesh.load(prefix / "object.glb", force="mesh")
     assert len(mesh.faces) > 0 and mesh.visual.kind == "vertex"
     assert sam3d_double.CALLS[-1]["seed"] == 3
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_server")
+def test_missing_stage_deployment_fails_the_run_with_a_record(tmp_path, monkeypatch):
+    from flows.image_to_3d import image_to_3d
+
+    monkeypatch.setenv("SAM3D_GPU_STAGES", "deployment")
+    monkeypatch.setenv("SAM3D_SEGMENT_DEPLOYMENT", f"segment-image/not-deployed-{uuid.uuid4().hex[:6]}")
+    photo = tmp_path / "p.png"
+    photo.write_bytes(encode(object_photo()[0]))
+    state = image_to_3d(image=str(photo), prompt="thing", output_root=str(tmp_path / "out"), segmenter="lite",
+                        reconstructor="lite", return_state=True)
+    assert state.is_failed() and "not-deployed" in state.message and "prefect deploy" in state.message
+    [prefix] = list((tmp_path / "out").iterdir())
+    result = json.loads((prefix / "result.json").read_text())
+    assert result["status"] == "failed" and result["error"]["type"] == "GpuStageError"
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_server")
+def test_stage_run_that_never_starts_is_cancelled_at_the_timeout():
+    """No worker polls this deployment (like a GPU pool that cannot get capacity): the run is cancelled."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+
+    import tasks.stages as dispatch
+
+    name = f"never-{uuid.uuid4().hex[:6]}"
+    with get_client(sync_client=True) as client:
+        flow_id = client.create_flow_from_name("segment-image")
+        client.create_deployment(flow_id=flow_id, name=name)
+    settings = Settings(gpu_stage_timeout_s=2, gpu_stage_attempts=2, gpu_stage_retry_delay_s=0)
+
+    @flow
+    def caller():
+        return dispatch.run_gpu_stage(f"segment-image/{name}", {}, settings)
+
+    state = caller(return_state=True)
+    assert state.is_failed() and "timeout" in state.message
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    with get_client(sync_client=True) as client:
+        [run] = client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[name])))
+    assert run.state.type.value in ("CANCELLING", "CANCELLED")
