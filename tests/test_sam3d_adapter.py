@@ -244,3 +244,17 @@ def test_deployment_mode_resolves_gpu_backends_without_their_packages(monkeypatc
     # In-process, sam3d cannot run on this machine (no torch/CUDA): refused with the reason.
     with pytest.raises(BackendUnavailableError, match="sam3d"):
         backends.resolve("reconstructor", "sam3d", _settings())
+
+
+def test_sam3d_settings_that_change_the_output_change_the_prefix(monkeypatch):
+    from sam3d_pipeline import pipeline
+
+    options = pipeline.RunOptions(prompt="chair", segmenter="lite", reconstructor="sam3d")
+
+    def prefix(**kw):
+        settings = _settings(gpu_stages="deployment", **kw)  # resolves sam3d without its packages
+        return pipeline.plan("photos/chair.jpg", "sha256:abc", options, "out", settings).prefix
+
+    base = prefix()
+    assert prefix(sam3d_ss_steps=12) != base and prefix(sam3d_decode_formats=("mesh",)) != base
+    assert prefix(sam3d_low_memory=True) == base  # same result, only slower
