@@ -2,7 +2,8 @@
 
 Permanent failures (bad image, bad prompt options, unavailable backend) fail the run at once, with the
 reason in the run's state, in a markdown artifact and, when the input could be read, in ``result.json``.
-Transient storage failures are retried with backoff by the tasks that touch storage.
+Transient storage failures are retried with backoff by the tasks that touch storage. The model stages run
+in-process or as GPU deployments (``SAM3D_GPU_STAGES``, see ``tasks/stages.py``).
 """
 
 
@@ -20,11 +21,10 @@ from sam3d_pipeline.pipeline import PointParam, RunOptions
 from sam3d_pipeline.review.policy import needs_review
 from sam3d_pipeline.settings import get_settings
 from sam3d_pipeline.storage import open_storage
+from tasks import stages
 from tasks.intake import decode_image, fetch_input
 from tasks.publish import publish_artifacts, publish_outputs, render_outputs
-from tasks.reconstruct import reconstruct_object
 from tasks.retry import retry_options
-from tasks.segment import segment_image
 
 
 @flow(name="image-to-3d", log_prints=False, validate_parameters=True)
@@ -98,7 +98,7 @@ def image_to_3d(
 
         t = time.perf_counter()
         if review == "none":
-            seg = segment_image(loaded, options, run_plan, settings)
+            seg = stages.segment(loaded, options, run_plan, settings, root)
         else:  # a suspended review re-executes the flow: reuse the persisted first round
             seg = segment_or_reuse(loaded, options, run_plan, settings, open_storage(root, settings), 1)
         selected = select_instance(seg.instances, options.instance_index)
@@ -126,7 +126,7 @@ def image_to_3d(
             logger.info("the reviewer rejected the mask: no reconstruction")
         elif selected is not None:
             t = time.perf_counter()
-            recon = reconstruct_object(loaded, seg.instances[selected].mask, options, run_plan, settings)
+            recon = stages.reconstruct(loaded, seg, selected, options, run_plan, settings, root)
             timings["reconstruct"] = time.perf_counter() - t
         else:
             logger.warning("no object found for prompt %r: nothing to reconstruct", options.prompt)

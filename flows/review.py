@@ -29,7 +29,7 @@ from sam3d_pipeline.review.policy import CONTEXT_KEY, ReviewContext, TimeoutPoli
 from sam3d_pipeline.settings import Settings
 from sam3d_pipeline.storage import Storage
 from sam3d_pipeline.types import Instance, Segmentation
-from tasks.segment import segment_image
+from tasks import stages
 
 MASK_KEY_PATTERN = r"^review/[A-Za-z0-9._-]{1,100}\.png$"
 
@@ -123,7 +123,7 @@ def segment_or_reuse(image: LoadedImage, options: pipeline.RunOptions, run_plan:
     if reused is not None:
         get_run_logger().info("review round %d: reusing the persisted segmentation", round_number)
         return reused
-    return segment_image(image, options, run_plan, settings)
+    return stages.segment(image, options, run_plan, settings, storage.root)
 
 
 def should_suspend(timeout_s: float, settings: Settings) -> bool:

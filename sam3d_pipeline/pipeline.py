@@ -123,6 +123,9 @@ def plan(input_uri: str, input_id: str, options: RunOptions, output_root: str,
         hash_options |= {"review": review_mode}
     if rec.name == "lite":
         hash_options |= {"lite_mesh_resolution": s.lite_mesh_resolution, "lite_thickness": s.lite_thickness}
+    if rec.name == "sam3d":  # what changes SAM 3D Objects' output (low-memory mode does not)
+        hash_options |= {"sam3d_dtype": s.sam3d_dtype, "sam3d_ss_steps": s.sam3d_ss_steps,
+                         "sam3d_slat_steps": s.sam3d_slat_steps, "sam3d_decode_formats": list(s.sam3d_decode_formats)}
     prefix = output_prefix_name(
         input_uri,
         content_id=input_id,

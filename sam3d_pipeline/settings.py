@@ -85,6 +85,46 @@ class Settings(BaseSettings):
         2.0, ge=0, description="Base of the exponential backoff between Prefect task retries (seconds)."
     )
 
+    # GPU stages (segment-image, reconstruct-objects): in-process or Prefect deployments on the GPU pool.
+    gpu_stages: Literal["inline", "deployment"] = Field(
+        "inline",
+        description="inline: image-to-3d runs the model stages in its own process (embedded default); "
+        "deployment: it calls the segment-image / reconstruct-objects deployments with run_deployment.",
+    )
+    segment_deployment: str = Field(
+        "segment-image/segment-image", description="Deployment (flow/deployment) that runs segment-image."
+    )
+    reconstruct_deployment: str = Field(
+        "reconstruct-objects/reconstruct-objects",
+        description="Deployment (flow/deployment) that runs reconstruct-objects.",
+    )
+    gpu_stage_attempts: int = Field(
+        3, ge=1, le=10, description="Attempts per GPU stage run when it crashes (no capacity, spot, OOM)."
+    )
+    gpu_stage_retry_delay_s: float = Field(
+        30.0, ge=0, description="Base of the exponential backoff between GPU stage attempts (seconds)."
+    )
+    gpu_stage_timeout_s: float = Field(
+        3600.0, gt=0, description="Longest wait for one GPU stage run, including instance start (seconds)."
+    )
+
+    # SAM 3D Objects (the sam3d reconstructor; runs in the gpu_worker image).
+    sam3d_config_path: str = Field(
+        "/opt/checkpoints/sam-3d-objects/pipeline.yaml",
+        description="SAM 3D Objects pipeline config (its checkpoints sit beside it).",
+    )
+    sam3d_low_memory: bool = Field(
+        False, description="Keep each model stage on the CPU until it runs, then free it (fits a 24 GB GPU)."
+    )
+    sam3d_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="Inference dtype of the SAM 3D Objects pipeline."
+    )
+    sam3d_ss_steps: int = Field(25, ge=1, le=200, description="Sparse-structure (stage 1) sampling steps.")
+    sam3d_slat_steps: int = Field(25, ge=1, le=200, description="Structured-latent (stage 2) sampling steps.")
+    sam3d_decode_formats: tuple[Literal["gaussian", "mesh"], ...] = Field(
+        ("gaussian", "mesh"), min_length=1, description="What stage 2 decodes: gaussian (object.ply), mesh (GLB)."
+    )
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:

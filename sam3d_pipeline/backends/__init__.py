@@ -87,6 +87,14 @@ def resolve(role: str, requested: str, settings: Settings | None = None) -> Reso
     """
     s = settings or get_settings()
     registry = _registry(role)
+    if s.gpu_stages == "deployment":  # the model stages run in the GPU image, not in this process
+        name = AUTO_ORDER[role][0] if requested == "auto" else requested
+        if name not in registry:
+            raise BackendUnavailableError(f"unknown {role} {requested!r}; choose from auto, {', '.join(registry)}")
+        module_name = registry[name].target.split(":", 1)[0]
+        if importlib.util.find_spec(module_name) is None:  # its info() is still needed here for the output key
+            raise BackendUnavailableError(f"{role} {name!r}: backend module {module_name} is not part of this build")
+        return Resolved(role, requested, name, f"{name} runs on the GPU pool (SAM3D_GPU_STAGES=deployment)")
     if requested == "auto":
         skipped = []
         for name in AUTO_ORDER[role]:

@@ -1,0 +1,428 @@
+"""The ``sam3d`` reconstructor: Meta's SAM 3D Objects (facebookresearch/sam-3d-objects) behind our Protocol.
+
+Upstream interface, read at facebookresearch/sam-3d-objects @ cf066761706cd02b07e2fc6274570ec8cdafb683
+(main, 2025-11-21; the commit the gpu_worker image pins), ``notebook/inference.py``:
+``Inference(config_file, compile=False)`` builds an ``InferencePipelinePointMap`` from a hydra config whose
+checkpoint paths are relative to the config's folder; calling it with ``(image, mask, seed, pointmap=None)``
+returns a dict holding ``gs`` (a Gaussian splat with ``save_ply(path)``), ``glb`` (a ``trimesh.Trimesh`` with
+vertex colours) and the pose ``rotation`` (1x4 quaternion wxyz), ``translation`` (1x3), ``scale`` (1x3).
+The pipeline (``sam3d_objects/pipeline/inference_pipeline_pointmap.py``, same commit) computes a MoGe point map
+per call with
+``compute_pointmap(rgba)`` unless one is passed, keeps its networks in ``pipeline.models``
+(``ss_generator``, ``slat_generator``, ``ss_decoder``, ``slat_decoder_gs``, ``slat_decoder_mesh``, ...),
+``pipeline.condition_embedders`` (DINOv2) and ``pipeline.depth_model`` (MoGe), and reads ``dtype``,
+``ss_inference_steps``, ``slat_inference_steps`` and ``decode_formats`` from its config.
+
+What this adapter adds:
+- ``notebook/inference.py`` runs ``os.environ["CUDA_HOME"] = os.environ["CONDA_PREFIX"]`` (a KeyError outside
+  conda) and imports UI packages (gradio,
+  seaborn, matplotlib, kaolin's notebook visualiser) at import time: ``_import_inference`` is the one place
+  that prepares the environment (``CUDA_HOME``, ``CONDA_PREFIX``, ``LIDRA_SKIP_INIT``, headless ``MPLBACKEND``)
+  and imports it.
+- Settings become a patched copy of the config (dtype, steps, decode formats) written beside the original,
+  so the relative checkpoint paths still resolve.
+- Low-memory mode (``SAM3D_SAM3D_LOW_MEMORY=true``) keeps every network on the CPU and moves only the ones a
+  stage needs onto the GPU while that stage runs, then frees them. Expected peak GPU memory per stage on a
+  24 GB A10G in bf16 (from the checkpoint sizes: MoGe ViT-L ~1.3 GB, DINOv2 ViT-L ~0.6 GB per embedder,
+  stage-1 flow transformer ~3.4 GB, stage-2 ~2.5 GB, decoders ~0.4-0.9 GB, plus activations):
+  point map (MoGe) ~3-4 GB; sparse structure (stage 1 + DINOv2 + ss decoder) ~9-11 GB; structured latent
+  (stage 2 + DINOv2) ~7-9 GB; decode (gaussian + mesh decoders, FlexiCubes) ~8-12 GB; layout
+  post-optimisation (gsplat) ~2-4 GB. Without it every network stays resident (~13 GB of weights before
+  activations), which is what runs out of memory on 24 GB cards.
+- ``reconstruct_batch`` computes the point map once per photo and reuses it for every mask on that photo.
+- Outputs become our own types: the mesh as a ``trimesh.Trimesh`` (GLB written by the pipeline), the splat as
+  PLY bytes, the pose as plain JSON lists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import BackendUnavailableError, InputError
+from ..settings import Settings
+from ..types import BackendInfo, Reconstruction
+
+VERSION = "sam3d-objects-cf06676"
+INFERENCE_MODULE = "inference"  # notebook/inference.py, installed on sys.path by the gpu_worker image
+LIMITS = ("one object per call; pose is relative to the photo's camera (MoGe point map)",)
+
+# Which networks each pipeline stage needs on the GPU in low-memory mode (attribute paths on the pipeline).
+STAGE_MODULES: dict[str, tuple[str, ...]] = {
+    "compute_pointmap": ("depth_model",),
+    "sample_sparse_structure": (
+        "models.ss_generator",
+        "models.ss_decoder",
+        "models.ss_encoder",
+        "condition_embedders.ss_condition_embedder",
+    ),
+    "sample_slat": ("models.slat_generator", "condition_embedders.slat_condition_embedder"),
+    "decode_slat": ("models.slat_decoder_gs", "models.slat_decoder_gs_4", "models.slat_decoder_mesh"),
+}
+
+
+@dataclass(frozen=True)
+class ReconstructJob:
+    """One object to reconstruct.
+
+    Attributes:
+        rgb: ``(H, W, 3)`` uint8 photo.
+        mask: ``(H, W)`` bool mask of the object.
+        photo_id: identity of the photo (jobs with the same id share one point map).
+        seed: sampling seed.
+    """
+
+    rgb: np.ndarray
+    mask: np.ndarray
+    photo_id: str
+    seed: int = 0
+
+
+def _import_inference() -> Any:
+    """Import ``inference.Inference`` once, with its import-time expectations met here and nowhere else.
+
+    Raises:
+        BackendUnavailableError: the package (or a CUDA-only dependency) cannot be imported.
+    """
+    os.environ.setdefault("LIDRA_SKIP_INIT", "true")
+    os.environ.setdefault("MPLBACKEND", "Agg")  # the module imports matplotlib.pyplot
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # ... and gradio
+    if not os.environ.get("CUDA_HOME"):
+        cuda_home = os.environ.get("CONDA_PREFIX") or ("/usr/local/cuda" if Path("/usr/local/cuda").exists() else "")
+        if cuda_home:
+            os.environ["CUDA_HOME"] = cuda_home
+    os.environ.setdefault("CONDA_PREFIX", os.environ.get("CUDA_HOME", "/usr/local/cuda"))
+    try:
+        module = importlib.import_module(INFERENCE_MODULE)
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            f"SAM 3D Objects cannot be imported ({exc}); it needs CUDA: use the gpu_worker image"
+        ) from exc
+    return module.Inference
+
+
+def _empty_cuda_cache() -> None:
+    import torch
+
+    torch.cuda.empty_cache()
+
+
+def patched_config(config_path: str | Path, settings: Settings) -> Path:
+    """Write the pipeline config with our dtype, steps and decode formats beside the original.
+
+    Plain YAML round trip: hydra's ``_target_`` keys and ``${...}`` interpolations are kept as written.
+
+    Args:
+        config_path: upstream ``pipeline.yaml`` (hydra config; checkpoint paths relative to its folder).
+        settings: ``sam3d_dtype``, ``sam3d_ss_steps``, ``sam3d_slat_steps``, ``sam3d_decode_formats``.
+
+    Returns:
+        Path of ``pipeline.sam3d-pipeline-<hash>.yaml`` in the same folder (reused when identical).
+
+    Raises:
+        BackendUnavailableError: the config file does not exist.
+    """
+    import yaml
+
+    src = Path(config_path)
+    if not src.is_file():
+        raise BackendUnavailableError(f"SAM 3D Objects config {src} not found (run gpu_worker/fetch_checkpoints.py)")
+    config = yaml.safe_load(src.read_text()) or {}
+    if not isinstance(config, dict):
+        raise BackendUnavailableError(f"SAM 3D Objects config {src} is not a mapping")
+    config |= {
+        "dtype": settings.sam3d_dtype,
+        "ss_inference_steps": settings.sam3d_ss_steps,
+        "slat_inference_steps": settings.sam3d_slat_steps,
+        "decode_formats": list(settings.sam3d_decode_formats),
+    }
+    text = yaml.safe_dump(config, sort_keys=False)
+    dst = src.with_name(f"{src.stem}.sam3d-pipeline-{hashlib.sha256(text.encode()).hexdigest()[:10]}.yaml")
+    if not dst.exists() or dst.read_text() != text:
+        tmp = dst.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(dst)
+    return dst
+
+
+def _get_path(obj: Any, path: str) -> Any:
+    """``pipeline.models.ss_generator`` style lookup through attributes and mappings; None when absent."""
+    for part in path.split("."):
+        if obj is None:
+            return None
+        if hasattr(obj, "keys"):  # dict, torch.nn.ModuleDict
+            obj = obj[part] if part in obj else None
+        else:
+            obj = getattr(obj, part, None)
+    return obj
+
+
+class StageOffloader:
+    """Low-memory mode: networks live on the CPU; each stage moves what it needs to the GPU and frees it after.
+
+    Wraps the pipeline's stage methods (``STAGE_MODULES``) in place. ``empty_cache`` releases the freed
+    memory to the driver so the next stage can use it.
+    """
+
+    def __init__(self, pipeline: Any, device: str, empty_cache: Callable[[], None], offload_device: str = "cpu"):
+        self.pipeline = pipeline
+        self.device = device
+        self.offload_device = offload_device
+        self.empty_cache = empty_cache
+        self.peaks: dict[str, float] = {}
+
+    def install(self) -> None:
+        for modules in STAGE_MODULES.values():
+            for path in modules:
+                if (module := _get_path(self.pipeline, path)) is not None:
+                    module.to(self.offload_device)
+        self.empty_cache()
+        for method_name, modules in STAGE_MODULES.items():
+            original = getattr(self.pipeline, method_name, None)
+            if original is not None:
+                setattr(self.pipeline, method_name, self._wrap(method_name, original, modules))
+
+    @contextlib.contextmanager
+    def on_device(self, modules: Sequence[str]) -> Iterator[None]:
+        present = [m for m in (_get_path(self.pipeline, p) for p in modules) if m is not None]
+        for module in present:
+            module.to(self.device)
+        try:
+            yield
+        finally:
+            for module in present:
+                module.to(self.offload_device)
+            self.empty_cache()
+
+    def _wrap(self, name: str, fn: Callable[..., Any], modules: Sequence[str]) -> Callable[..., Any]:
+        def staged(*args: Any, **kwargs: Any) -> Any:
+            with self.on_device(modules):
+                return fn(*args, **kwargs)
+
+        staged.__name__ = name
+        return staged
+
+
+class Sam3dReconstructor:
+    """SAM 3D Objects reconstructor (see module docstring). The model loads on the first ``reconstruct``."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._inference: Any = None
+        self.offloader: StageOffloader | None = None
+
+    def info(self) -> BackendInfo:
+        limits = LIMITS
+        if self.settings.sam3d_low_memory:
+            limits += ("low-memory mode: stages load one at a time (slower)",)
+        return BackendInfo(name="sam3d", version=VERSION, device="cuda:0", limits=limits, weights="checkpoint")
+
+    # -- model -----------------------------------------------------------------------------------------
+    def _load(self) -> Any:
+        if self._inference is None:
+            inference_cls = _import_inference()
+            config = patched_config(self.settings.sam3d_config_path, self.settings)
+            self._inference = inference_cls(str(config), compile=False)
+            if self.settings.sam3d_low_memory:
+                self.offloader = StageOffloader(self._inference._pipeline, "cuda", _empty_cuda_cache)
+                self.offloader.install()
+        return self._inference
+
+    def unload(self) -> None:
+        """Drop the model (frees its GPU memory once nothing else refers to it)."""
+        self._inference = None
+        self.offloader = None
+
+    # -- inference -------------------------------------------------------------------------------------
+    def reconstruct(self, rgb: np.ndarray, mask: np.ndarray, *, seed: int = 0) -> Reconstruction:
+        """Reconstruct the object under ``mask``.
+
+        Args:
+            rgb: ``(H, W, 3)`` uint8 photo.
+            mask: ``(H, W)`` bool mask, same size.
+            seed: sampling seed.
+
+        Returns:
+            Mesh (``trimesh.Trimesh``, vertex colours), splat PLY bytes, pose (JSON lists) and stats.
+
+        Raises:
+            InputError: empty mask or size mismatch.
+            BackendUnavailableError: the package or its config/checkpoints are missing.
+        """
+        return self.reconstruct_batch([ReconstructJob(rgb, mask, photo_id="single", seed=seed)])[0]
+
+    def reconstruct_batch(self, jobs: Sequence[ReconstructJob]) -> list[Reconstruction]:
+        """Reconstruct several objects with one model load; one point map per distinct ``photo_id``.
+
+        Returns:
+            One ``Reconstruction`` per job, in order. ``stats["pointmap_reused"]`` says whether the job
+            reused a point map computed for an earlier job on the same photo.
+
+        Raises:
+            InputError: a job's mask is empty or does not match its photo (raised before any model work).
+        """
+        for i, job in enumerate(jobs):
+            _check_inputs(job.rgb, job.mask, f"job {i} ({job.photo_id})")
+        inference = self._load()
+        pointmaps: dict[str, Any] = {}
+        results = []
+        for job in jobs:
+            reused = job.photo_id in pointmaps
+            if not reused:
+                pointmaps[job.photo_id] = shared_pointmap(inference, job.rgb)
+            output = inference(job.rgb, job.mask, seed=job.seed, pointmap=pointmaps[job.photo_id])
+            results.append(self._to_reconstruction(output, reused))
+        return results
+
+    def _to_reconstruction(self, output: dict[str, Any], pointmap_reused: bool) -> Reconstruction:
+        mesh = output.get("glb")
+        splat = output.get("gs")
+        if splat is None and output.get("gaussian"):
+            splat = output["gaussian"][0]
+        if mesh is None:
+            raise BackendUnavailableError(
+                "SAM 3D Objects returned no mesh: keep 'mesh' in SAM3D_SAM3D_DECODE_FORMATS"
+            )
+        mesh = mesh_from_output(mesh)
+        ply = splat_to_ply_bytes(splat) if splat is not None else None
+        pose = pose_to_json(output["rotation"], output["translation"], output["scale"])
+        stats = {
+            "vertices": int(len(mesh.vertices)),
+            "faces": int(len(mesh.faces)),
+            "watertight": bool(mesh.is_watertight),
+            "extent": [round(float(v), 4) for v in mesh.extents],
+            "splat_points": ply_vertex_count(ply) if ply else 0,
+            "pointmap_reused": pointmap_reused,
+        }
+        return Reconstruction(mesh=mesh, backend=self.info(), splat_ply=ply, pose=pose, stats=stats)
+
+
+def _check_inputs(rgb: np.ndarray, mask: np.ndarray, what: str) -> None:
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise InputError(f"{what}: image must be (H, W, 3) uint8, got {rgb.shape} {rgb.dtype}")
+    if mask.shape != rgb.shape[:2]:
+        raise InputError(f"{what}: mask is {mask.shape[::-1]}, image is {rgb.shape[1::-1]} (width, height)")
+    if not mask.any():
+        raise InputError(f"{what}: mask is empty: nothing to reconstruct")
+
+
+def shared_pointmap(inference: Any, rgb: np.ndarray) -> Any:
+    """The photo's point map, computed once (MoGe) without the per-mask depth clipping.
+
+    ``compute_pointmap`` clips far points using the alpha mask when ``clip_pointmap_beyond_scale`` is set;
+    a point map shared by several masks must not be clipped for one of them, so clipping is off here and
+    the pipeline applies it per mask when it receives the point map.
+
+    Returns:
+        ``(H, W, 3)`` point map tensor in the pipeline's camera convention (what ``pointmap=`` accepts).
+    """
+    pipeline = inference._pipeline
+    rgba = np.concatenate([rgb[..., :3], np.full(rgb.shape[:2] + (1,), 255, np.uint8)], axis=-1)
+    clip = getattr(pipeline, "clip_pointmap_beyond_scale", None)
+    pipeline.clip_pointmap_beyond_scale = None
+    try:
+        pointmap_dict = pipeline.compute_pointmap(rgba)
+    finally:
+        pipeline.clip_pointmap_beyond_scale = clip
+    return pointmap_dict["pointmap"].permute(1, 2, 0)
+
+
+# -- conversions (pure; tested on real objects) ----------------------------------------------------------
+def mesh_from_output(glb: Any) -> Any:
+    """The pipeline's mesh as a ``trimesh.Trimesh`` (a ``Scene`` is flattened into one mesh).
+
+    Raises:
+        BackendUnavailableError: the object is not a trimesh mesh or scene, or has no faces.
+    """
+    import trimesh
+
+    if isinstance(glb, trimesh.Scene):
+        glb = glb.to_geometry() if hasattr(glb, "to_geometry") else glb.dump(concatenate=True)
+    if not isinstance(glb, trimesh.Trimesh) or len(glb.faces) == 0:
+        raise BackendUnavailableError(f"SAM 3D Objects returned an unusable mesh ({type(glb).__name__})")
+    return glb
+
+
+def splat_to_ply_bytes(splat: Any) -> bytes:
+    """Bytes of the splat's 3D Gaussian Splatting PLY, written by its own ``save_ply``.
+
+    Raises:
+        BackendUnavailableError: the file written is not a PLY with Gaussian fields.
+    """
+    with tempfile.TemporaryDirectory(prefix="sam3d-splat-") as tmp:
+        path = Path(tmp) / "splat.ply"
+        splat.save_ply(str(path))
+        data = path.read_bytes()
+    header = ply_header(data)
+    missing = {"x", "y", "z", "opacity", "f_dc_0", "scale_0", "rot_0"} - set(header["properties"])
+    if missing:
+        raise BackendUnavailableError(f"splat PLY lacks Gaussian fields {sorted(missing)}")
+    return data
+
+
+def ply_header(data: bytes) -> dict[str, Any]:
+    """Parse a PLY header: ``{"format": str, "vertex_count": int, "properties": [names]}``.
+
+    Raises:
+        ValueError: not a PLY file.
+    """
+    end = data.find(b"end_header\n")
+    if not data.startswith(b"ply\n") or end < 0:
+        raise ValueError("not a PLY file")
+    fmt, count, props = "", 0, []
+    for line in data[:end].decode("ascii").splitlines():
+        parts = line.split()
+        if parts[:1] == ["format"]:
+            fmt = parts[1]
+        elif parts[:2] == ["element", "vertex"]:
+            count = int(parts[2])
+        elif parts[:1] == ["property"]:
+            props.append(parts[-1])
+    return {"format": fmt, "vertex_count": count, "properties": props}
+
+
+def ply_vertex_count(data: bytes) -> int:
+    return int(ply_header(data)["vertex_count"])
+
+
+def _as_list(value: Any, size: int, name: str) -> list[float]:
+    if hasattr(value, "detach"):
+        value = value.detach().float().cpu().numpy()
+    arr = np.asarray(value, dtype=np.float64).reshape(-1)
+    if arr.size != size or not np.all(np.isfinite(arr)):
+        raise BackendUnavailableError(f"SAM 3D Objects returned an invalid {name}: {arr.tolist()}")
+    return [float(v) for v in arr]
+
+
+def pose_to_json(rotation: Any, translation: Any, scale: Any) -> dict[str, list[float]]:
+    """The object's pose in the photo's camera frame as JSON lists.
+
+    Args:
+        rotation: quaternion ``(1, 4)`` or ``(4,)``, ``w, x, y, z`` (tensor or array).
+        translation: ``(1, 3)`` or ``(3,)``.
+        scale: ``(1, 3)`` or ``(3,)``.
+
+    Returns:
+        ``{"rotation": [w, x, y, z] (unit norm), "translation": [x, y, z], "scale": [x, y, z]}``.
+
+    Raises:
+        BackendUnavailableError: wrong sizes, non-finite values or a zero quaternion.
+    """
+    quat = np.asarray(_as_list(rotation, 4, "rotation"))
+    norm = float(np.linalg.norm(quat))
+    if norm < 1e-8:
+        raise BackendUnavailableError("SAM 3D Objects returned a zero rotation quaternion")
+    return {
+        "rotation": [float(v) for v in quat / norm],
+        "translation": _as_list(translation, 3, "translation"),
+        "scale": _as_list(scale, 3, "scale"),
+    }

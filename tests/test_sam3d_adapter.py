@@ -1,0 +1,260 @@
+"""The sam3d reconstructor against a double of SAM 3D Objects' inference API, and its output conversions."""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trimesh
+import yaml
+
+from sam3d_pipeline import backends, stages
+from sam3d_pipeline.backends import sam3d_reconstructor as adapter
+from sam3d_pipeline.errors import BackendUnavailableError, InputError
+from sam3d_pipeline.settings import Settings
+
+from .photos import object_photo
+
+DOUBLE_DIR = Path(__file__).parent / "sam3d_double"
+ENV_VARS = ("LIDRA_SKIP_INIT", "MPLBACKEND", "CUDA_HOME", "CONDA_PREFIX", "GRADIO_ANALYTICS_ENABLED")
+
+
+@pytest.fixture
+def sam3d(tmp_path, monkeypatch):
+    """The double importable as ``inference``, a config with checkpoints beside it; yields the module."""
+    for var in ENV_VARS:  # unset now, restored after the test (the adapter sets them)
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
+    monkeypatch.syspath_prepend(str(DOUBLE_DIR))
+    monkeypatch.delitem(sys.modules, "inference", raising=False)
+    ckpt = tmp_path / "checkpoints"
+    ckpt.mkdir()
+    for name in ("ss_generator.ckpt", "slat_generator.ckpt"):
+        (ckpt / name).write_bytes(b"weights")
+    config = {
+        "_target_": "sam3d_objects.pipeline.inference_pipeline_pointmap.InferencePipelinePointMap",
+        "ss_generator_ckpt_path": "ss_generator.ckpt",
+        "slat_generator_ckpt_path": "slat_generator.ckpt",
+        "depth_model": {"_target_": "moge.model.MoGeModel", "path": "${workspace}/moge.pt"},
+        "dtype": "float32",
+        "clip_pointmap_beyond_scale": 3.0,
+    }
+    (ckpt / "pipeline.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.setenv("SAM3D_SAM3D_CONFIG_PATH", str(ckpt / "pipeline.yaml"))
+    empties = []
+    monkeypatch.setattr(adapter, "_empty_cuda_cache", lambda: empties.append(1))
+    adapter._import_inference()  # the one place that prepares the import (the double needs CONDA_PREFIX)
+    inference = sys.modules["inference"]
+
+    inference.CALLS.clear()
+    inference.INSTANCES.clear()
+    inference.empties = empties
+    yield inference
+
+
+def _settings(**kw) -> Settings:
+    return Settings(**kw)
+
+
+def test_reconstruct_returns_our_types_with_backend_and_pose(sam3d):
+    rgb, mask = object_photo()
+    rec = adapter.Sam3dReconstructor(_settings())
+    recon = rec.reconstruct(rgb, mask, seed=7)
+    assert recon.backend.name == "sam3d" and recon.backend.weights == "checkpoint"
+    assert isinstance(recon.mesh, trimesh.Trimesh) and len(recon.mesh.faces) > 0
+    assert recon.pose["rotation"] == [1.0, 0.0, 0.0, 0.0]  # the double's (2, 0, 0, 0), normalised
+    assert len(recon.pose["translation"]) == 3 and len(recon.pose["scale"]) == 3
+    header = adapter.ply_header(recon.splat_ply)
+    assert header["format"] == "binary_little_endian"
+    assert header["properties"][:3] == ["x", "y", "z"] and "opacity" in header["properties"]
+    assert recon.stats["splat_points"] == len(recon.mesh.vertices)
+    assert sam3d.CALLS == [{"seed": 7, "pointmap_given": True, "mask_area": int(mask.sum())}]
+    # Import-time expectations of notebook/inference.py were met in one place.
+    assert os.environ["LIDRA_SKIP_INIT"] == "true" and os.environ["MPLBACKEND"] == "Agg"
+    assert os.environ["CONDA_PREFIX"]
+
+
+def test_settings_reach_the_pipeline_config_and_originals_are_kept(sam3d):
+    rgb, mask = object_photo()
+    settings = _settings(sam3d_dtype="bfloat16", sam3d_ss_steps=12, sam3d_slat_steps=9,
+                         sam3d_decode_formats=("mesh",))
+    recon = adapter.Sam3dReconstructor(settings).reconstruct(rgb, mask)
+    [instance] = sam3d.INSTANCES
+    used = Path(instance.config_file)
+    assert used.parent == Path(settings.sam3d_config_path).parent  # relative checkpoint paths still resolve
+    config = yaml.safe_load(used.read_text())
+    assert config["dtype"] == "bfloat16" and config["ss_inference_steps"] == 12
+    assert config["slat_inference_steps"] == 9 and config["decode_formats"] == ["mesh"]
+    assert config["depth_model"]["path"] == "${workspace}/moge.pt"  # interpolations untouched
+    assert recon.splat_ply is None  # no gaussian decoded → no object.ply
+
+
+def test_gaussian_only_is_refused_with_a_reason(sam3d):
+    rgb, mask = object_photo()
+    with pytest.raises(BackendUnavailableError, match="decode_formats|DECODE_FORMATS"):
+        adapter.Sam3dReconstructor(_settings(sam3d_decode_formats=("gaussian",))).reconstruct(rgb, mask)
+
+
+def test_batch_loads_once_and_computes_one_point_map_per_photo(sam3d):
+    rgb_a, mask_a = object_photo(seed=1)
+    rgb_b, mask_b = object_photo(seed=2)
+    half = mask_a.copy()
+    half[:, : mask_a.shape[1] // 2] = False
+    jobs = [
+        adapter.ReconstructJob(rgb_a, mask_a, photo_id="a"),
+        adapter.ReconstructJob(rgb_a, half, photo_id="a"),
+        adapter.ReconstructJob(rgb_b, mask_b, photo_id="b"),
+    ]
+    rec = adapter.Sam3dReconstructor(_settings())
+    out = rec.reconstruct_batch(jobs)
+    assert len(sam3d.INSTANCES) == 1
+    assert sam3d.INSTANCES[0]._pipeline.pointmap_computations == 2
+    assert [r.stats["pointmap_reused"] for r in out] == [False, True, False]
+    # The shared point map was computed unclipped; clipping stays configured for per-mask calls.
+    assert sam3d.INSTANCES[0]._pipeline.clip_pointmap_beyond_scale == 3.0
+    assert out[0].pose["translation"] != out[1].pose["translation"]
+
+
+def test_bad_job_is_refused_before_the_model_loads(sam3d):
+    rgb, mask = object_photo()
+    with pytest.raises(InputError, match="job 1 .*mask is empty"):
+        adapter.Sam3dReconstructor(_settings()).reconstruct_batch(
+            [adapter.ReconstructJob(rgb, mask, "p"), adapter.ReconstructJob(rgb, np.zeros_like(mask), "p")]
+        )
+    assert sam3d.INSTANCES == []
+
+
+def test_low_memory_puts_only_the_running_stage_on_the_gpu(sam3d):
+    rgb, mask = object_photo()
+    rec = adapter.Sam3dReconstructor(_settings(sam3d_low_memory=True))
+    rec.reconstruct(rgb, mask)
+    pipeline = sam3d.INSTANCES[0]._pipeline
+    seen = [name for name, _ in pipeline.stage_devices]
+    assert seen == ["compute_pointmap", "sample_sparse_structure", "sample_slat", "decode_slat"]
+    for stage, devices in pipeline.stage_devices:
+        wanted = {p.rsplit(".", 1)[-1] for p in adapter.STAGE_MODULES[stage]}
+        on_gpu = {name for name, device in devices.items() if device == "cuda"}
+        assert on_gpu == wanted, stage
+    assert all(m.device == "cpu" for m in pipeline.models.values())  # everything back off the GPU
+    assert len(sam3d.empties) >= 5  # once after offloading, once after each stage
+    assert "low-memory" in " ".join(rec.info().limits)
+
+
+def test_double_import_fails_like_upstream_without_conda(monkeypatch):
+    """Importing inference.py outside conda raises KeyError upstream: the adapter must set CONDA_PREFIX first."""
+    for var in ENV_VARS:
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
+    monkeypatch.syspath_prepend(str(DOUBLE_DIR))
+    monkeypatch.delitem(sys.modules, "inference", raising=False)
+    with pytest.raises(KeyError, match="CONDA_PREFIX"):
+        import inference  # noqa: F401
+    monkeypatch.delitem(sys.modules, "inference", raising=False)
+    assert adapter._import_inference().__name__ == "Inference"
+    assert os.environ["CUDA_HOME"] == os.environ["CONDA_PREFIX"]
+
+
+def test_missing_package_says_what_to_use(monkeypatch):
+    for var in ENV_VARS:
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
+    monkeypatch.delitem(sys.modules, "inference", raising=False)
+    monkeypatch.setattr(adapter, "INFERENCE_MODULE", "sam3d_inference_not_installed")
+    with pytest.raises(BackendUnavailableError, match="gpu_worker image"):
+        adapter._import_inference()
+
+
+def test_missing_config_names_the_file(sam3d, tmp_path):
+    rgb, mask = object_photo()
+    rec = adapter.Sam3dReconstructor(_settings(sam3d_config_path=str(tmp_path / "nope.yaml")))
+    with pytest.raises(BackendUnavailableError, match="nope.yaml not found"):
+        rec.reconstruct(rgb, mask)
+
+
+# -- conversions on real objects --------------------------------------------------------------------------
+def test_trimesh_mesh_to_glb_keeps_geometry_and_vertex_colours():
+    mesh = trimesh.creation.box(extents=(1.0, 2.0, 0.5))
+    colours = np.tile([200, 30, 10, 255], (len(mesh.vertices), 1)).astype(np.uint8)
+    mesh.visual.vertex_colors = colours
+    glb = stages.mesh_to_glb(adapter.mesh_from_output(mesh), "sam3d@x")
+    assert glb[:4] == b"glTF"
+    back = stages.glb_to_mesh(glb)
+    assert isinstance(back, trimesh.Trimesh)
+    assert np.allclose(sorted(back.extents), sorted(mesh.extents))
+    assert np.array_equal(np.asarray(back.visual.vertex_colors)[:, :3], colours[: len(back.vertices), :3])
+
+
+def test_scene_is_flattened_and_empty_mesh_refused():
+    scene = trimesh.Scene([trimesh.creation.box(), trimesh.creation.icosphere()])
+    assert isinstance(adapter.mesh_from_output(scene), trimesh.Trimesh)
+    with pytest.raises(BackendUnavailableError):
+        adapter.mesh_from_output(trimesh.Trimesh())
+
+
+def test_splat_to_ply_bytes_round_trips_positions(sam3d):
+    Gaussian = sam3d.Gaussian
+    xyz = np.random.default_rng(0).normal(size=(50, 3)).astype(np.float32)
+    data = adapter.splat_to_ply_bytes(Gaussian(xyz, np.full((50, 3), 128.0)))
+    cloud = trimesh.load(io.BytesIO(data), file_type="ply")
+    assert np.allclose(np.asarray(cloud.vertices), xyz, atol=1e-6)
+    assert adapter.ply_vertex_count(data) == 50
+
+
+def test_splat_without_gaussian_fields_is_refused(tmp_path):
+    class PointsOnly:
+        def save_ply(self, path):
+            trimesh.PointCloud(np.zeros((3, 3))).export(path)
+
+    with pytest.raises(BackendUnavailableError, match="lacks Gaussian fields"):
+        adapter.splat_to_ply_bytes(PointsOnly())
+
+
+def test_pose_to_json_from_arrays_and_errors():
+    pose = adapter.pose_to_json(np.array([[0.0, 0.0, 0.0, 3.0]]), np.array([[1, 2, 3]]), [0.5, 0.5, 0.5])
+    assert pose == {"rotation": [0.0, 0.0, 0.0, 1.0], "translation": [1.0, 2.0, 3.0], "scale": [0.5, 0.5, 0.5]}
+    import json
+
+    assert json.loads(json.dumps(pose)) == pose
+    with pytest.raises(BackendUnavailableError, match="translation"):
+        adapter.pose_to_json([1, 0, 0, 0], [1, 2], [1, 1, 1])
+    with pytest.raises(BackendUnavailableError, match="zero rotation"):
+        adapter.pose_to_json([0, 0, 0, 0], [1, 2, 3], [1, 1, 1])
+    with pytest.raises(BackendUnavailableError, match="scale"):
+        adapter.pose_to_json([1, 0, 0, 0], [1, 2, 3], [np.nan, 1, 1])
+
+
+def test_deployment_mode_resolves_gpu_backends_without_their_packages(monkeypatch):
+    settings = _settings(gpu_stages="deployment")
+    resolved = backends.resolve("reconstructor", "auto", settings)
+    assert resolved.name == "sam3d" and "GPU pool" in resolved.reason
+    assert backends.get_reconstructor("sam3d", settings).info().name == "sam3d"  # cheap: no torch, no model
+    assert backends.resolve("reconstructor", "lite", settings).name == "lite"
+    from dataclasses import replace
+
+    missing = replace(backends.SEGMENTERS["lite"], target="sam3d_pipeline.backends.not_built:Nope")
+    monkeypatch.setitem(backends.SEGMENTERS, "sam3", missing)
+    with pytest.raises(BackendUnavailableError, match="not part of this build"):
+        backends.resolve("segmenter", "auto", settings)
+    with pytest.raises(BackendUnavailableError, match="unknown"):
+        backends.resolve("reconstructor", "nerf", settings)
+    # In-process, sam3d cannot run on this machine (no torch/CUDA): refused with the reason.
+    with pytest.raises(BackendUnavailableError, match="sam3d"):
+        backends.resolve("reconstructor", "sam3d", _settings())
+
+
+def test_sam3d_settings_that_change_the_output_change_the_prefix(monkeypatch):
+    from sam3d_pipeline import pipeline
+
+    options = pipeline.RunOptions(prompt="chair", segmenter="lite", reconstructor="sam3d")
+
+    def prefix(**kw):
+        settings = _settings(gpu_stages="deployment", **kw)  # resolves sam3d without its packages
+        return pipeline.plan("photos/chair.jpg", "sha256:abc", options, "out", settings).prefix
+
+    base = prefix()
+    assert prefix(sam3d_ss_steps=12) != base and prefix(sam3d_decode_formats=("mesh",)) != base
+    assert prefix(sam3d_low_memory=True) == base  # same result, only slower
