@@ -129,4 +129,5 @@ def reconstruct(image: LoadedImage, seg: Segmentation, selected: int, options: p
     }, settings, low_memory_param=True)
     recon = stages.load_reconstruction(output_root, job.output, settings)
     recon.stats["gpu_attempts"] = [a.as_dict() for a in attempts]
+    seg.messages.extend(f"reconstruct-objects {a.line()}" for a in attempts if len(attempts) > 1)
     return recon

@@ -255,6 +255,7 @@ def test_image_to_3d_calls_the_stage_deployments_and_recovers_from_oom(served_st
     attempts = result["mesh"]["gpu_attempts"]
     assert [(a["kind"], a["low_memory"]) for a in attempts] == [("oom", False), ("ok", True)]
     assert "CUDA out of memory" in attempts[0]["message"]
+    assert any(m.startswith("reconstruct-objects attempt 1: FAILED (oom)") for m in result["messages"])
     with get_client(sync_client=True) as client:
         first, second = (client.read_flow_run(a["flow_run_id"]) for a in attempts)
     assert first.state.is_failed() and second.state.is_completed()
