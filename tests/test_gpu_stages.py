@@ -33,6 +33,7 @@ DOUBLE_DIR = Path(__file__).parent / "sam3d_double"
         ("CRASHED", "Container 'prefect' exited with code 137", "oom"),
         ("CRASHED", "Flow run infrastructure exited with non-zero status code 1.", "crashed"),
         ("FAILED", "InputError: mask is empty", "failed"),
+        ("FAILED", "Flow run encountered an exception: TransientStorageError: s3://b/k: SlowDown", "transient"),
         ("CANCELLED", "cancelled by user", "cancelled"),
     ],
 )
