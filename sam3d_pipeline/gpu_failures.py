@@ -11,6 +11,7 @@ Classes:
 - ``oom``: CUDA or host out of memory (``CUDA out of memory``, ``OutOfMemoryError``, exit code 137).
   Retried once more with the low-memory settings.
 - ``crashed``: the process died for another infrastructure reason (Prefect ``CRASHED``). Transient.
+- ``transient``: the flow raised one of our transient errors (S3 5xx/throttling inside the stage). Transient.
 - ``failed``: the flow itself raised (bad input, missing checkpoint). Permanent: never retried.
 """
 
@@ -37,7 +38,8 @@ OOM = re.compile(
     r"OOMKilled|Killed \(signal 9\)",
     re.IGNORECASE,
 )
-TRANSIENT_KINDS = frozenset({"no_capacity", "spot_interruption", "oom", "crashed"})
+TRANSIENT_ERRORS = re.compile(r"\b(?:TransientStorageError|TransientError)\b")
+TRANSIENT_KINDS = frozenset({"no_capacity", "spot_interruption", "oom", "crashed", "transient"})
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,8 @@ def classify(state_type: str, message: str | None) -> str:
         message: the state's message (may be None).
 
     Returns:
-        ``ok``, ``no_capacity``, ``spot_interruption``, ``oom``, ``crashed``, ``cancelled`` or ``failed``.
+        ``ok``, ``no_capacity``, ``spot_interruption``, ``oom``, ``crashed``, ``transient``, ``cancelled`` or
+        ``failed``.
     """
     state_type = (state_type or "").upper()
     text = message or ""
@@ -93,6 +96,8 @@ def classify(state_type: str, message: str | None) -> str:
         return "spot_interruption"
     if state_type == "CRASHED":
         return "crashed"
+    if TRANSIENT_ERRORS.search(text):
+        return "transient"
     return "failed"
 
 

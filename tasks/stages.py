@@ -11,6 +11,7 @@ is logged, recorded in a table artifact, and listed in the run's messages.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -32,7 +33,7 @@ from .segment import segment_image
 
 
 def run_gpu_stage(deployment: str, parameters: dict[str, Any], settings: Settings, *,
-                  low_memory_param: bool = False, sleep=time.sleep) -> list[StageAttempt]:
+                  low_memory_param: bool = False, sleep: Callable[[float], None] = time.sleep) -> list[StageAttempt]:
     """Run a stage deployment until it completes, retrying infrastructure crashes with backoff.
 
     Args:
@@ -128,4 +129,5 @@ def reconstruct(image: LoadedImage, seg: Segmentation, selected: int, options: p
     }, settings, low_memory_param=True)
     recon = stages.load_reconstruction(output_root, job.output, settings)
     recon.stats["gpu_attempts"] = [a.as_dict() for a in attempts]
+    seg.messages.extend(f"reconstruct-objects {a.line()}" for a in attempts if len(attempts) > 1)
     return recon

@@ -91,8 +91,8 @@ def gpu_cluster(aws):
             "log_group": f"/sam3d/gpu-{suffix}", "ecs": ecs}
 
 
-def test_ecs_worker_registers_a_gpu_task_and_runs_it_on_the_capacity_provider(prefect_server, gpu_cluster,
-                                                                              monkeypatch):
+def _run_worker(monkeypatch, template_name: str, values: dict):
+    """Run prefect-aws's ECSWorker in-process for one flow run; returns (flow_run, result, run_task requests)."""
     import anyio
     from prefect import flow
     from prefect.client.orchestration import get_client
@@ -100,7 +100,7 @@ def test_ecs_worker_registers_a_gpu_task_and_runs_it_on_the_capacity_provider(pr
     from prefect_aws.workers.ecs_worker import ECSJobConfiguration, ECSWorker
 
     # The worker's event observer polls SQS with aiobotocore, which does not work against in-process moto;
-    # it only reports state changes after the task starts, which this test does not need.
+    # it only reports state changes after the task starts, which these tests do not need.
     async def _no_observer():
         return None
 
@@ -119,6 +119,20 @@ def test_ecs_worker_registers_a_gpu_task_and_runs_it_on_the_capacity_provider(pr
     def stage():  # only its flow run record is used
         return None
 
+    async def go():
+        async with get_client() as client:
+            flow_run = await client.create_flow_run(stage, parameters={})
+        config = await ECSJobConfiguration.from_template_and_values(_template(template_name), values)
+        config.prepare_for_flow_run(flow_run)
+        async with ECSWorker(work_pool_name=f"sam3d-{uuid.uuid4().hex[:6]}", create_pool_if_not_found=False) as w:
+            return flow_run, await w.run(flow_run, config)
+
+    flow_run, result = anyio.run(go)
+    return flow_run, result, run_requests
+
+
+def test_ecs_worker_registers_a_gpu_task_and_runs_it_on_the_capacity_provider(prefect_server, gpu_cluster,
+                                                                              monkeypatch):
     c = gpu_cluster
     image = "123456789012.dkr.ecr.us-east-1.amazonaws.com/sam3d-gpu-worker:0.1.0"
     # moto's container instances offer 4096 CPU units / 7482 MiB and no GPU model, so the task is sized to
@@ -126,17 +140,7 @@ def test_ecs_worker_registers_a_gpu_task_and_runs_it_on_the_capacity_provider(pr
     values = {"cluster": c["cluster"], "image": image, "cpu": 2048, "memory": 4096, "task_role_arn": c["task_role"],
               "execution_role_arn": c["exec_role"], "log_group": c["log_group"],
               "capacity_provider_strategy": [{"capacityProvider": c["provider"], "weight": 1, "base": 0}]}
-
-    async def go():
-        async with get_client() as client:
-            flow_id = await client.create_flow(stage)
-            flow_run = await client.create_flow_run(stage, parameters={}) if flow_id else None
-        config = await ECSJobConfiguration.from_template_and_values(_template("ecs-gpu-job-template.json"), values)
-        config.prepare_for_flow_run(flow_run)
-        async with ECSWorker(work_pool_name=f"sam3d-gpu-{uuid.uuid4().hex[:6]}", create_pool_if_not_found=False) as w:
-            return flow_run, await w.run(flow_run, config)
-
-    flow_run, result = anyio.run(go)
+    flow_run, result, run_requests = _run_worker(monkeypatch, "ecs-gpu-job-template.json", values)
     assert result.status_code == 0 and c["cluster"] in result.identifier
 
     [request] = run_requests
@@ -162,3 +166,4 @@ def test_ecs_worker_registers_a_gpu_task_and_runs_it_on_the_capacity_provider(pr
     [task] = ecs.describe_tasks(cluster=c["cluster"], tasks=[result.identifier.split("::", 1)[1]])["tasks"]
     assert task["taskDefinitionArn"] == task_def["taskDefinitionArn"]
     assert task.get("launchType") != "FARGATE"
+

@@ -33,6 +33,7 @@ DOUBLE_DIR = Path(__file__).parent / "sam3d_double"
         ("CRASHED", "Container 'prefect' exited with code 137", "oom"),
         ("CRASHED", "Flow run infrastructure exited with non-zero status code 1.", "crashed"),
         ("FAILED", "InputError: mask is empty", "failed"),
+        ("FAILED", "Flow run encountered an exception: TransientStorageError: s3://b/k: SlowDown", "transient"),
         ("CANCELLED", "cancelled by user", "cancelled"),
     ],
 )
@@ -195,6 +196,8 @@ def served_stages(prefect_server, tmp_path):
     config = _double_config(tmp_path / "stage-ckpt")
     env = os.environ | {"PREFECT_API_URL": api_url, "PREFECT_RUNNER_POLL_FREQUENCY": "1",
                         "PREFECT_LOGGING_LEVEL": "WARNING", "SAM3D_SAM3D_CONFIG_PATH": str(config),
+                        # A "24 GB card": all networks resident runs out of memory, one stage at a time fits.
+                        "SAM3D_DOUBLE_GPU_MODULES_MAX": "4",
                         # The stage process stands in for the GPU image: SAM 3D Objects is the double.
                         "PYTHONPATH": os.pathsep.join([str(DOUBLE_DIR), str(Path(__file__).parents[1])])}
     env.pop("CONDA_PREFIX", None)
@@ -225,13 +228,16 @@ def served_stages(prefect_server, tmp_path):
 
 
 @pytest.mark.slow
-def test_image_to_3d_calls_the_stage_deployments(served_stages, tmp_path, monkeypatch):
+def test_image_to_3d_calls_the_stage_deployments_and_recovers_from_oom(served_stages, tmp_path, monkeypatch):
+    """Deployment mode end to end: keys not pixels; the reconstruct stage runs out of GPU memory with every
+    network resident, and the retry with the low-memory settings completes."""
     from prefect.client.orchestration import get_client
 
     from flows.image_to_3d import image_to_3d
 
     monkeypatch.setenv("SAM3D_GPU_STAGES", "deployment")
     monkeypatch.setenv("SAM3D_GPU_STAGE_TIMEOUT_S", "120")
+    monkeypatch.setenv("SAM3D_GPU_STAGE_RETRY_DELAY_S", "0.5")
     rgb, truth = object_photo(seed=5)
     photo = tmp_path / "mug.png"
     photo.write_bytes(encode(rgb))
@@ -247,12 +253,15 @@ def test_image_to_3d_calls_the_stage_deployments(served_stages, tmp_path, monkey
     assert (prefix / "object.ply").read_bytes() == (prefix / "stages/reconstruct/object.ply").read_bytes()
     assert iou(np.asarray(Image.open(prefix / "mask.png")) > 127, truth) > 0.9
     assert "GPU pool" in result["reconstructor"]["chosen_because"]
-    assert [a["kind"] for a in result["mesh"]["gpu_attempts"]] == ["ok"]
-    stage_run_id = result["mesh"]["gpu_attempts"][0]["flow_run_id"]
+    attempts = result["mesh"]["gpu_attempts"]
+    assert [(a["kind"], a["low_memory"]) for a in attempts] == [("oom", False), ("ok", True)]
+    assert "CUDA out of memory" in attempts[0]["message"]
+    assert any(m.startswith("reconstruct-objects attempt 1: FAILED (oom)") for m in result["messages"])
     with get_client(sync_client=True) as client:
-        stage_run = client.read_flow_run(stage_run_id)
-    assert stage_run.state.is_completed()
-    assert stage_run.parameters["jobs"][0]["mask"].endswith("stages/segment/mask-0.png")  # keys, not pixels
+        first, second = (client.read_flow_run(a["flow_run_id"]) for a in attempts)
+    assert first.state.is_failed() and second.state.is_completed()
+    assert "low_memory" not in first.parameters and second.parameters["low_memory"] is True
+    assert second.parameters["jobs"][0]["mask"].endswith("stages/segment/mask-0.png")  # keys, not pixels
 
 
 @pytest.mark.slow

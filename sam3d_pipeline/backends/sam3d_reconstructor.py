@@ -40,6 +40,7 @@ import contextlib
 import hashlib
 import importlib
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -111,9 +112,10 @@ def _import_inference() -> Any:
 
 
 def _empty_cuda_cache() -> None:
-    import torch
-
-    torch.cuda.empty_cache()
+    """Return freed CUDA memory to the driver (nothing to do when the pipeline never imported torch)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def patched_config(config_path: str | Path, settings: Settings) -> Path:

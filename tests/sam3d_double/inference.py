@@ -117,6 +117,11 @@ class Pipeline:
         out = {n: m.device for n, m in self.models.items()}
         out |= {n: m.device for n, m in self.condition_embedders.items()}
         out["depth_model"] = self.depth_model.device
+        budget = os.environ.get("SAM3D_DOUBLE_GPU_MODULES_MAX")  # a small GPU: too many resident networks → OOM
+        resident = sum(device == "cuda" for device in out.values())
+        if budget is not None and resident > int(budget):
+            raise RuntimeError(f"CUDA out of memory. Tried to allocate 2.00 GiB ({resident} networks resident, "
+                               f"room for {budget})")
         return out
 
     def compute_pointmap(self, image, pointmap=None):
