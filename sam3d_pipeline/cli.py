@@ -111,6 +111,13 @@ def run(
         raise typer.Exit(EXIT_FAILED)
 
 
+from sam3d_pipeline.stack_cli import down, events_bridge, up  # noqa: E402
+
+app.command("events-bridge")(events_bridge)
+app.command("up")(up)
+app.command("down")(down)
+
+
 def main() -> None:
     sys.exit(app())
 
