@@ -112,30 +112,28 @@ class Prepared:
     markers: list[str] = field(default_factory=list)
 
 
-class EventsBridge:
-    """Moves S3 upload notifications from one SQS queue into Prefect events.
+class UploadPublisher:
+    """Turns parsed uploads into Prefect events: filter, prompt lookup, dedup markers, one POST.
+
+    Shared by the SQS bridge and the Lambda handler.
 
     Args:
-        queue_url: the SQS queue receiving S3 notifications (directly or through EventBridge).
         api_url: ``PREFECT_API_URL``.
-        settings: filter, prompt mapping, marker root and polling knobs.
+        settings: filter, prompt mapping, marker root.
         api_key: Prefect Cloud API key, if any.
-        sqs, s3: boto3 clients (default: new ones honouring ``AWS_ENDPOINT_URL``).
+        s3: boto3 S3 client (default: a new one honouring ``AWS_ENDPOINT_URL``).
     """
 
-    def __init__(self, queue_url: str, api_url: str, settings: EventSettings | None = None, *,
-                 api_key: str | None = None, sqs: Any = None, s3: Any = None) -> None:
+    def __init__(self, api_url: str, settings: EventSettings | None = None, *, api_key: str | None = None,
+                 s3: Any = None) -> None:
         import boto3
 
-        self.queue_url = queue_url
         self.api_url = api_url
         self.settings = settings or EventSettings()
         self.api_key = api_key
-        self.sqs = sqs or boto3.client("sqs")
         self.s3 = s3 or boto3.client("s3")
         self.filter = self.settings.event_filter()
         self.stats = BridgeStats()
-        self._backoff_s = 0.0
 
     # -- one upload --------------------------------------------------------------------------------
     def _marker_key(self, event_id: str) -> tuple[str, str] | None:
@@ -209,6 +207,47 @@ class EventsBridge:
             self.s3.put_object(Bucket=bucket, Key=key, Body=json.dumps(event).encode(),
                                ContentType="application/json")
 
+    def publish(self, records: list[ObjectCreated]) -> list[dict[str, Any]]:
+        """Hand the new uploads among ``records`` to Prefect; returns the events posted.
+
+        Raises:
+            TransientBridgeError, PermanentBridgeError: from ``post_events``.
+            botocore errors: from HEAD/PUT of objects and markers.
+        """
+        prepared = self.prepare(records)
+        post_events(self.api_url, prepared.events, api_key=self.api_key,
+                    timeout_s=self.settings.bridge_http_timeout_s)
+        self._write_markers(prepared)
+        for event in prepared.events:
+            p = event["payload"]
+            log.info("event %s for s3://%s/%s (prompt %r)", event["id"], p["bucket"], p["key"], p["prompt"])
+        self.stats.posted += len(prepared.events)
+        return prepared.events
+
+
+class EventsBridge:
+    """Moves S3 upload notifications from one SQS queue into Prefect events.
+
+    Args:
+        queue_url: the SQS queue receiving S3 notifications (directly or through EventBridge).
+        api_url: ``PREFECT_API_URL``.
+        settings: filter, prompt mapping, marker root and polling knobs.
+        api_key: Prefect Cloud API key, if any.
+        sqs, s3: boto3 clients (default: new ones honouring ``AWS_ENDPOINT_URL``).
+    """
+
+    def __init__(self, queue_url: str, api_url: str, settings: EventSettings | None = None, *,
+                 api_key: str | None = None, sqs: Any = None, s3: Any = None) -> None:
+        import boto3
+
+        self.queue_url = queue_url
+        self.api_url = api_url
+        self.settings = settings or EventSettings()
+        self.sqs = sqs or boto3.client("sqs")
+        self.publisher = UploadPublisher(api_url, self.settings, api_key=api_key, s3=s3)
+        self.stats = self.publisher.stats
+        self._backoff_s = 0.0
+
     # -- one message -------------------------------------------------------------------------------
     def handle(self, message: dict[str, Any]) -> bool:
         """Process one SQS message; True when it was deleted (done), False when it stays on the queue.
@@ -227,22 +266,19 @@ class EventsBridge:
                       message_id, receives, exc)
             return False
         try:
-            prepared = self.prepare(records)
-            post_events(self.api_url, prepared.events, api_key=self.api_key,
-                        timeout_s=self.settings.bridge_http_timeout_s)
-            self._write_markers(prepared)
+            self.publisher.publish(records)
         except PermanentBridgeError as exc:
             self.stats.errors += 1
             log.error("SQS message %s not delivered, left for the dead-letter queue: %s", message_id, exc)
             return False
-        except Exception as exc:  # noqa: BLE001 - classified right here; unknown errors are not swallowed
+        except Exception as exc:  # noqa: BLE001 - classified right here
             if isinstance(exc, TransientBridgeError) or _is_transient_aws(exc):
                 raise TransientBridgeError(f"message {message_id}: {exc}") from exc
-            raise
-        for event in prepared.events:
-            p = event["payload"]
-            log.info("event %s for s3://%s/%s (prompt %r)", event["id"], p["bucket"], p["key"], p["prompt"])
-        self.stats.posted += len(prepared.events)
+            # Permanent (access denied, bad marker root, ...): one message must not stop the bridge.
+            self.stats.errors += 1
+            log.error("SQS message %s not delivered (%s: %s), left for the dead-letter queue",
+                      message_id, type(exc).__name__, exc)
+            return False
         self.sqs.delete_message(QueueUrl=self.queue_url, ReceiptHandle=message["ReceiptHandle"])
         self.stats.deleted += 1
         return True
