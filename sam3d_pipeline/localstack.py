@@ -105,7 +105,7 @@ def _start_time(pid: int) -> str | None:
 def _alive(entry: dict[str, Any]) -> bool:
     """True when the recorded process still runs and is the one ``up`` started (not a reused PID)."""
     started = _start_time(entry["pid"])
-    return started is not None and started == entry.get("start_time")
+    return started is not None and started == entry.get("start_time") and not _is_zombie(entry["pid"])
 
 
 def read_stack(state_dir: Path) -> dict[str, Any] | None:
