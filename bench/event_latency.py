@@ -2,7 +2,8 @@
 
 Starts ``sam3d-pipeline up`` in a temporary state dir (or uses a running stack: ``--env-file``), uploads
 ``--uploads`` distinct small photos one at a time (each waits for its run to finish, so every figure is an
-unloaded latency), and prints median and p95 of PUT → Scheduled, Running and Completed. Then it fills a
+unloaded latency), and prints median and p95 of PUT → Scheduled (run created), Pending (worker picked it
+up), Running (flow process started) and Completed. Then it fills a
 separate queue with ``--events`` S3 notifications (automations switched off, so no runs), runs a second
 bridge process on it, and prints that process's resident memory before and after.
 
@@ -84,13 +85,13 @@ def latency_phase(env: dict[str, str], uploads: int, timeout_s: float) -> None:
                                                               method="GET")}
         rows.append({
             "scheduled": ts(run["created"]) - put_at,
+            "pending": states["PENDING"] - put_at,
             "running": states["RUNNING"] - put_at,
             "completed": states["COMPLETED"] - put_at,
         })
-        print(f"upload {i:2d}: created {rows[-1]['scheduled']:.2f} s, running {rows[-1]['running']:.2f} s, "
-              f"completed {rows[-1]['completed']:.2f} s")
+        print(f"upload {i:2d}: " + ", ".join(f"{name} {value:.2f} s" for name, value in rows[-1].items()))
     print(f"\nPUT → flow run latency over {len(rows)} uploads (lite backends, 160x120 PNG, one at a time):")
-    for name in ("scheduled", "running", "completed"):
+    for name in ("scheduled", "pending", "running", "completed"):
         values = [r[name] for r in rows]
         print(f"  {name:9s}: median {statistics.median(values):.2f} s, p95 {pct(values, 95):.2f} s, "
               f"max {max(values):.2f} s")

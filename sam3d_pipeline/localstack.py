@@ -165,7 +165,11 @@ class LocalStack:
         tmp.replace(self.state_dir / STACK_FILE)
 
     def _run(self, what: str, argv: list[str], env: dict[str, str], cwd: Path | None = None) -> str:
-        result = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=self.config.timeout_s)
+        try:
+            result = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True,
+                                    timeout=self.config.timeout_s)
+        except subprocess.TimeoutExpired:
+            raise StackError(f"{what} did not finish within {self.config.timeout_s:.0f} s") from None
         if result.returncode != 0:
             raise StackError(f"{what} failed ({result.returncode}): {(result.stdout + result.stderr)[-2000:]}")
         return result.stdout
