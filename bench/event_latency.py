@@ -2,10 +2,10 @@
 
 Starts ``sam3d-pipeline up`` in a temporary state dir (or uses a running stack: ``--env-file``), uploads
 ``--uploads`` distinct small photos one at a time (each waits for its run to finish, so every figure is an
-unloaded latency), and prints median and p95 of PUT → Scheduled (run created), Pending (worker picked it
-up), Running (flow process started) and Completed. Then it fills a
+unloaded latency), and prints median and p95 of PUT → event received by Prefect, Scheduled (run
+created), Pending (worker picked it up), Running (flow process started) and Completed. Then it fills a
 separate queue with ``--events`` S3 notifications (automations switched off, so no runs), runs a second
-bridge process on it, and prints that process's resident memory before and after.
+bridge process on it, and prints that process's resident memory once the queue is drained.
 
     .venv/bin/python bench/event_latency.py --uploads 20 --events 1000
 """
@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import boto3
@@ -83,7 +83,12 @@ def latency_phase(env: dict[str, str], uploads: int, timeout_s: float) -> None:
         known.add(run["id"])
         states = {s["type"]: ts(s["timestamp"]) for s in api(api_url, "/flow_run_states/?flow_run_id=" + run["id"],
                                                               method="GET")}
+        received = api(api_url, "/events/filter", {"filter": {
+            "event": {"name": ["aws.s3.object.created"]},
+            "resource": {"id": [f"aws.s3.object.{env['SAM3D_BUCKET']}/{key}"]},
+            "occurred": {"since": datetime.fromtimestamp(put_at - 3600, UTC).isoformat()}}})["events"]
         rows.append({
+            "event": ts(received[0]["received"]) - put_at if received else float("nan"),
             "scheduled": ts(run["created"]) - put_at,
             "pending": states["PENDING"] - put_at,
             "running": states["RUNNING"] - put_at,
@@ -91,7 +96,7 @@ def latency_phase(env: dict[str, str], uploads: int, timeout_s: float) -> None:
         })
         print(f"upload {i:2d}: " + ", ".join(f"{name} {value:.2f} s" for name, value in rows[-1].items()))
     print(f"\nPUT → flow run latency over {len(rows)} uploads (lite backends, 160x120 PNG, one at a time):")
-    for name in ("scheduled", "pending", "running", "completed"):
+    for name in ("event", "scheduled", "pending", "running", "completed"):
         values = [r[name] for r in rows]
         print(f"  {name:9s}: median {statistics.median(values):.2f} s, p95 {pct(values, 95):.2f} s, "
               f"max {max(values):.2f} s")
