@@ -129,6 +129,13 @@ def review_server(
     uvicorn.run(create_app(token), host=host, port=port, log_level="warning")
 
 
+from sam3d_pipeline.stack_cli import down, events_bridge, up  # noqa: E402
+
+app.command("events-bridge")(events_bridge)
+app.command("up")(up)
+app.command("down")(down)
+
+
 def main() -> None:
     sys.exit(app())
 

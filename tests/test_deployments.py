@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -125,7 +126,10 @@ def test_prefect_yaml_maps_each_flow_to_its_pool():
     pools = {name: d["work_pool"]["name"] for name, d in deployments.items()}
     assert "sam3d-cpu" in pools["image-to-3d"]
     assert "sam3d-gpu" in pools["segment-image"] and "sam3d-gpu" in pools["reconstruct-objects"]
-    assert deployments["image-to-3d"]["work_pool"]["job_variables"]["env"]["SAM3D_GPU_STAGES"] == "deployment"
+    # The cloud CPU pool sends the model stages to the GPU deployments; a local process pool runs them inline.
+    cpu_template = json.loads((ROOT / "deployments" / "ecs-cpu-job-template.json").read_text())
+    assert cpu_template["variables"]["properties"]["env"]["default"]["SAM3D_GPU_STAGES"] == "deployment"
+    assert "SAM3D_GPU_STAGES" not in json.dumps(deployments["image-to-3d"])
     settings = Settings()
     full_names = set()
     for name, d in deployments.items():

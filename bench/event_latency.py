@@ -1,0 +1,189 @@
+"""Latency from S3 PUT to flow run Running and Completed through the local stack, and the bridge's memory.
+
+Starts ``sam3d-pipeline up`` in a temporary state dir (or uses a running stack: ``--env-file``), uploads
+``--uploads`` distinct small photos one at a time (each waits for its run to finish, so every figure is an
+unloaded latency), and prints median and p95 of PUT → event received by Prefect, Scheduled (run
+created), Pending (worker picked it up), Running (flow process started) and Completed. Then it fills a
+separate queue with ``--events`` S3 notifications (automations switched off, so no runs), runs a second
+bridge process on it, and prints that process's resident memory once the queue is drained.
+
+    .venv/bin/python bench/event_latency.py --uploads 20 --events 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from datetime import UTC, datetime
+from pathlib import Path
+
+import boto3
+import numpy as np
+from PIL import Image, ImageDraw
+
+
+def photo(i: int, size: tuple[int, int] = (160, 120)) -> bytes:
+    """A distinct small photo: a coloured disc on a grey, slightly noisy background."""
+    rng = np.random.default_rng(i)
+    base = (rng.normal(180, 8, (size[1], size[0], 3))).clip(0, 255).astype(np.uint8)
+    image = Image.fromarray(base)
+    ImageDraw.Draw(image).ellipse((50, 30, 110, 90), fill=(200, 30 + i % 200, 30))
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return out.getvalue()
+
+
+def api(url: str, path: str, body: dict | None = None, method: str = "POST"):
+    request = urllib.request.Request(url + path, data=json.dumps(body or {}).encode(),
+                                     headers={"Content-Type": "application/json"}, method=method)
+    with urllib.request.urlopen(request, timeout=10) as response:
+        data = response.read()
+    return json.loads(data) if data else None
+
+
+def ts(text: str | None) -> float | None:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() if text else None
+
+
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q))
+
+
+def latency_phase(env: dict[str, str], uploads: int, timeout_s: float) -> None:
+    s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
+    api_url = env["PREFECT_API_URL"]
+    known = {r["id"] for r in api(api_url, "/flow_runs/filter", {})}
+    rows = []
+    for i in range(uploads):
+        key = f"{env['SAM3D_UPLOAD_PREFIX']}bench/{int(time.time())}-{i} photo.png"
+        uri = f"s3://{env['SAM3D_BUCKET']}/{key}"
+        put_at = time.time()
+        s3.put_object(Bucket=env["SAM3D_BUCKET"], Key=key, Body=photo(i))
+        deadline = time.monotonic() + timeout_s
+        run = None
+        while time.monotonic() < deadline:
+            runs = [r for r in api(api_url, "/flow_runs/filter", {}) if r["id"] not in known]
+            run = next((r for r in runs if r["parameters"].get("image") == uri), None)
+            if run and run["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                break
+            time.sleep(0.05)
+        if run is None or run["state_type"] != "COMPLETED":
+            print(f"upload {i}: run did not complete ({run and run['state_type']})", file=sys.stderr)
+            continue
+        known.add(run["id"])
+        states = {s["type"]: ts(s["timestamp"]) for s in api(api_url, "/flow_run_states/?flow_run_id=" + run["id"],
+                                                              method="GET")}
+        received = api(api_url, "/events/filter", {"filter": {
+            "event": {"name": ["aws.s3.object.created"]},
+            "resource": {"id": [f"aws.s3.object.{env['SAM3D_BUCKET']}/{key}"]},
+            "occurred": {"since": datetime.fromtimestamp(put_at - 3600, UTC).isoformat()}}})["events"]
+        rows.append({
+            "event": ts(received[0]["received"]) - put_at if received else float("nan"),
+            "scheduled": ts(run["created"]) - put_at,
+            "pending": states["PENDING"] - put_at,
+            "running": states["RUNNING"] - put_at,
+            "completed": states["COMPLETED"] - put_at,
+        })
+        print(f"upload {i:2d}: " + ", ".join(f"{name} {value:.2f} s" for name, value in rows[-1].items()))
+    print(f"\nPUT → flow run latency over {len(rows)} uploads (lite backends, 160x120 PNG, one at a time):")
+    for name in ("event", "scheduled", "pending", "running", "completed"):
+        values = [r[name] for r in rows]
+        print(f"  {name:9s}: median {statistics.median(values):.2f} s, p95 {pct(values, 95):.2f} s, "
+              f"max {max(values):.2f} s")
+
+
+def rss_kib(pid: int) -> dict[str, int]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(("VmRSS", "VmHWM")):
+            name, value = line.split(":")
+            fields[name] = int(value.split()[0])
+    return fields
+
+
+def memory_phase(env: dict[str, str], events: int, state_dir: Path) -> None:
+    kwargs = {"endpoint_url": env["AWS_ENDPOINT_URL"]}
+    s3, sqs = boto3.client("s3", **kwargs), boto3.client("sqs", **kwargs)
+    api_url = env["PREFECT_API_URL"]
+    automations = api(api_url, "/automations/filter", {})
+    for automation in automations:  # the events below must not start 1,000 runs
+        api(api_url, f"/automations/{automation['id']}", {"enabled": False}, method="PATCH")
+    bucket = env["SAM3D_BUCKET"]
+    queue_url = sqs.create_queue(QueueName=f"bench-memory-{int(time.time())}")["QueueUrl"]
+    body = photo(0)
+    print(f"\nmemory: uploading {events} objects and queueing their notifications…")
+    for start in range(0, events, 10):
+        entries = []
+        for i in range(start, min(start + 10, events)):
+            key = f"bench-memory/{i:05d} photo.jpg"
+            etag = s3.put_object(Bucket=bucket, Key=key, Body=body)["ETag"].strip('"')
+            record = {"eventSource": "aws:s3", "eventName": "ObjectCreated:Put", "eventTime": "2026-11-25T00:00:00Z",
+                      "s3": {"bucket": {"name": bucket}, "object": {"key": key.replace(" ", "+"), "size": len(body),
+                                                                    "eTag": etag, "sequencer": f"{i:016X}"}}}
+            entries.append({"Id": str(i), "MessageBody": json.dumps({"Records": [record]})})
+        sqs.send_message_batch(QueueUrl=queue_url, Entries=entries)
+    bridge_env = os.environ | env | {"SAM3D_UPLOAD_PREFIX": "bench-memory/", "SAM3D_BRIDGE_WAIT_S": "1"}
+    log = open(state_dir / "bench-bridge.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "sam3d_pipeline.cli", "events-bridge", "--queue-url", queue_url],
+                            env=bridge_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        started = time.monotonic()
+        while time.monotonic() - started < 900:
+            attrs = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["All"])["Attributes"]
+            waiting = int(attrs["ApproximateNumberOfMessages"]) + int(attrs["ApproximateNumberOfMessagesNotVisible"])
+            if waiting == 0:
+                break
+            time.sleep(0.5)
+        elapsed = time.monotonic() - started
+        memory = rss_kib(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        for automation in automations:
+            api(api_url, f"/automations/{automation['id']}", {"enabled": True}, method="PATCH")
+    text = (state_dir / "bench-bridge.log").read_text()
+    posted = text.count(" INFO sam3d_pipeline.events.bridge: event ")
+    print(f"bridge after {events} events ({posted} posted in {elapsed:.1f} s): "
+          f"RSS {memory['VmRSS'] / 1024:.1f} MiB, peak {memory['VmHWM'] / 1024:.1f} MiB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--uploads", type=int, default=20)
+    parser.add_argument("--events", type=int, default=1000)
+    parser.add_argument("--env-file", type=Path, help="use a running stack (its local-stack.env)")
+    parser.add_argument("--timeout-s", type=float, default=120.0)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="sam3d-bench-") as tmp:
+        state_dir = Path(tmp)
+        cli = [sys.executable, "-m", "sam3d_pipeline.cli"]
+        if args.env_file is None:
+            subprocess.run([*cli, "up", "--state-dir", tmp, "--prefect-port", "0", "--moto-port", "0"], check=True)
+            env_file = state_dir / "local-stack.env"
+        else:
+            env_file = args.env_file
+        env = dict(line.split("=", 1) for line in env_file.read_text().splitlines() if "=" in line and line[0] != "#")
+        env = {k: v.strip("'") for k, v in env.items()}
+        os.environ.update(env)
+        try:
+            if args.uploads:
+                latency_phase(env, args.uploads, args.timeout_s)
+            if args.events:
+                memory_phase(env, args.events, state_dir)
+        finally:
+            if args.env_file is None:
+                subprocess.run([*cli, "down", "--state-dir", tmp], check=False)
+
+
+if __name__ == "__main__":
+    main()

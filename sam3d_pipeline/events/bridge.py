@@ -1,0 +1,344 @@
+"""The events bridge: SQS long poll → Prefect events (``POST <PREFECT_API_URL>/events``).
+
+For each SQS message: parse it, drop what the filter rejects, HEAD each object for its ``prompt``
+metadata, skip uploads already handed to Prefect (marker objects keyed by the event id, which covers
+bucket, key, ETag and prompt), post the rest in one request, write their markers, and only then delete
+the message. Anything that fails leaves the message on the queue: transient failures (SQS, S3 or
+Prefect unreachable, 5xx, throttling) are retried after an exponential backoff; malformed messages are
+logged with the reason and left for the queue's redrive policy to move to a dead-letter queue.
+
+Redelivery is harmless by construction: the event id is deterministic (``parse.event_id``), Prefect
+drops event ids it has seen recently, and the markers remember them for good.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..storage import split_s3_uri
+from .parse import MalformedMessageError, ObjectCreated, parse_message, prefect_event, resolve_prompt
+from .settings import EventSettings
+
+log = logging.getLogger("sam3d_pipeline.events.bridge")
+
+
+class TransientBridgeError(RuntimeError):
+    """SQS, S3 or the Prefect API failed in a way worth retrying (unreachable, 5xx, throttled)."""
+
+
+class PermanentBridgeError(RuntimeError):
+    """A request was refused for good (e.g. the Prefect API answered 4xx): the message stays for redrive."""
+
+
+def post_events(api_url: str, events: list[dict[str, Any]], *, api_key: str | None = None,
+                timeout_s: float = 10.0) -> None:
+    """POST events to a Prefect API (``<api_url>/events``, self-hosted or Cloud).
+
+    Args:
+        api_url: the ``PREFECT_API_URL`` (``http://host:4200/api`` or a Cloud workspace URL).
+        events: JSON-ready Prefect events (``parse.prefect_event``).
+        api_key: bearer token for Prefect Cloud; None for a self-hosted server without auth.
+        timeout_s: request timeout in seconds.
+
+    Raises:
+        TransientBridgeError: connection failure, timeout, 429 or 5xx.
+        PermanentBridgeError: any other non-2xx answer (the body is quoted in the message).
+    """
+    if not events:
+        return
+    request = urllib.request.Request(
+        api_url.rstrip("/") + "/events",
+        data=json.dumps(events).encode(),
+        headers={"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            response.read()
+    except urllib.error.HTTPError as exc:
+        detail = exc.read()[:300].decode(errors="replace")
+        if exc.code == 429 or exc.code >= 500:
+            raise TransientBridgeError(f"Prefect API {api_url} answered {exc.code}: {detail}") from None
+        raise PermanentBridgeError(f"Prefect API {api_url} refused the events ({exc.code}): {detail}") from None
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+        raise TransientBridgeError(f"Prefect API {api_url} unreachable: {exc}") from None
+
+
+def _client_error_code(exc: BaseException) -> str:
+    response = getattr(exc, "response", None) or {}
+    return str(response.get("Error", {}).get("Code", ""))
+
+
+def _is_transient_aws(exc: BaseException) -> bool:
+    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
+
+    if isinstance(exc, ConnectionError | HTTPClientError):
+        return True
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        code = _client_error_code(exc)
+        return status >= 500 or status == 429 or "Throttl" in code or code == "SlowDown"
+    return False
+
+
+@dataclass
+class BridgeStats:
+    """Counters since the bridge started (logged periodically and on exit)."""
+
+    messages: int = 0
+    posted: int = 0
+    duplicates: int = 0
+    skipped: int = 0
+    malformed: int = 0
+    errors: int = 0
+    deleted: int = 0
+
+    def line(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.__dict__.items())
+
+
+@dataclass
+class Prepared:
+    """The events one message yields, and the marker keys to write once Prefect has them."""
+
+    events: list[dict[str, Any]] = field(default_factory=list)
+    markers: list[str] = field(default_factory=list)
+
+
+class UploadPublisher:
+    """Turns parsed uploads into Prefect events: filter, prompt lookup, dedup markers, one POST.
+
+    Shared by the SQS bridge and the Lambda handler.
+
+    Args:
+        api_url: ``PREFECT_API_URL``.
+        settings: filter, prompt mapping, marker root.
+        api_key: Prefect Cloud API key, if any.
+        s3: boto3 S3 client (default: a new one honouring ``AWS_ENDPOINT_URL``).
+    """
+
+    def __init__(self, api_url: str, settings: EventSettings | None = None, *, api_key: str | None = None,
+                 s3: Any = None) -> None:
+        import boto3
+
+        self.api_url = api_url
+        self.settings = settings or EventSettings()
+        self.api_key = api_key
+        self.s3 = s3 or boto3.client("s3")
+        self.filter = self.settings.event_filter()
+        self.stats = BridgeStats()
+
+    # -- one upload --------------------------------------------------------------------------------
+    def _marker_key(self, event_id: str) -> tuple[str, str] | None:
+        if not self.settings.event_marker_root:
+            return None
+        bucket, prefix = split_s3_uri(self.settings.event_marker_root)
+        return bucket, f"{prefix.rstrip('/')}/{event_id}.json" if prefix else f"{event_id}.json"
+
+    def _exists(self, bucket: str, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.s3.head_object(Bucket=bucket, Key=key)
+            return True
+        except ClientError as exc:
+            if _client_error_code(exc) in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+
+    def _metadata(self, obj: ObjectCreated) -> dict[str, str] | None:
+        """The object's user metadata, or None when the object is gone (deleted since the upload)."""
+        from botocore.exceptions import ClientError
+
+        try:
+            head = self.s3.head_object(Bucket=obj.bucket, Key=obj.key)
+        except ClientError as exc:
+            if _client_error_code(exc) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+        return {k.lower(): v for k, v in (head.get("Metadata") or {}).items()}
+
+    def prepare(self, records: list[ObjectCreated]) -> Prepared:
+        """Filter, resolve prompts and drop uploads already handed to Prefect.
+
+        Raises:
+            botocore errors from HEAD requests other than "not found" (classified by the caller).
+        """
+        prepared = Prepared()
+        for obj in records:
+            reason = self.filter.reason_to_skip(obj)
+            if reason:
+                log.info("skip %s: %s", obj.uri, reason)
+                self.stats.skipped += 1
+                continue
+            metadata = self._metadata(obj)
+            if metadata is None:
+                log.warning("skip %s: the object no longer exists", obj.uri)
+                self.stats.skipped += 1
+                continue
+            prompt = resolve_prompt(metadata, obj.key, self.settings.prompt_by_prefix)
+            event = prefect_event(obj, prompt)
+            marker = self._marker_key(event["id"])
+            if marker is not None and self._exists(*marker):
+                log.info("duplicate %s (etag %s, prompt %r): already handed to Prefect as %s",
+                         obj.uri, obj.etag, prompt, event["id"])
+                self.stats.duplicates += 1
+                continue
+            if any(e["id"] == event["id"] for e in prepared.events):
+                self.stats.duplicates += 1
+                continue
+            prepared.events.append(event)
+            if marker is not None:
+                prepared.markers.append(marker[1])
+        return prepared
+
+    def _write_markers(self, prepared: Prepared) -> None:
+        if not prepared.markers:
+            return
+        bucket, _ = split_s3_uri(self.settings.event_marker_root or "")
+        for event, key in zip(prepared.events, prepared.markers, strict=True):
+            self.s3.put_object(Bucket=bucket, Key=key, Body=json.dumps(event).encode(),
+                               ContentType="application/json")
+
+    def publish(self, records: list[ObjectCreated]) -> list[dict[str, Any]]:
+        """Hand the new uploads among ``records`` to Prefect; returns the events posted.
+
+        Raises:
+            TransientBridgeError, PermanentBridgeError: from ``post_events``.
+            botocore errors: from HEAD/PUT of objects and markers.
+        """
+        prepared = self.prepare(records)
+        post_events(self.api_url, prepared.events, api_key=self.api_key,
+                    timeout_s=self.settings.bridge_http_timeout_s)
+        self._write_markers(prepared)
+        for event in prepared.events:
+            p = event["payload"]
+            log.info("event %s for s3://%s/%s (prompt %r)", event["id"], p["bucket"], p["key"], p["prompt"])
+        self.stats.posted += len(prepared.events)
+        return prepared.events
+
+
+class EventsBridge:
+    """Moves S3 upload notifications from one SQS queue into Prefect events.
+
+    Args:
+        queue_url: the SQS queue receiving S3 notifications (directly or through EventBridge).
+        api_url: ``PREFECT_API_URL``.
+        settings: filter, prompt mapping, marker root and polling knobs.
+        api_key: Prefect Cloud API key, if any.
+        sqs, s3: boto3 clients (default: new ones honouring ``AWS_ENDPOINT_URL``).
+    """
+
+    def __init__(self, queue_url: str, api_url: str, settings: EventSettings | None = None, *,
+                 api_key: str | None = None, sqs: Any = None, s3: Any = None) -> None:
+        import boto3
+
+        self.queue_url = queue_url
+        self.api_url = api_url
+        self.settings = settings or EventSettings()
+        self.sqs = sqs or boto3.client("sqs")
+        self.publisher = UploadPublisher(api_url, self.settings, api_key=api_key, s3=s3)
+        self.stats = self.publisher.stats
+        self._backoff_s = 0.0
+
+    # -- one message -------------------------------------------------------------------------------
+    def handle(self, message: dict[str, Any]) -> bool:
+        """Process one SQS message; True when it was deleted (done), False when it stays on the queue.
+
+        Raises:
+            TransientBridgeError: a retryable failure; the message stays and becomes visible again.
+        """
+        self.stats.messages += 1
+        message_id = message.get("MessageId", "?")
+        try:
+            records = parse_message(message.get("Body", ""))
+        except MalformedMessageError as exc:
+            self.stats.malformed += 1
+            receives = message.get("Attributes", {}).get("ApproximateReceiveCount", "?")
+            log.error("malformed SQS message %s (receive #%s), left for the dead-letter queue: %s",
+                      message_id, receives, exc)
+            return False
+        try:
+            self.publisher.publish(records)
+        except PermanentBridgeError as exc:
+            self.stats.errors += 1
+            log.error("SQS message %s not delivered, left for the dead-letter queue: %s", message_id, exc)
+            return False
+        except Exception as exc:  # noqa: BLE001 - classified right here
+            if isinstance(exc, TransientBridgeError) or _is_transient_aws(exc):
+                raise TransientBridgeError(f"message {message_id}: {exc}") from exc
+            # Permanent (access denied, bad marker root, ...): one message must not stop the bridge.
+            self.stats.errors += 1
+            log.error("SQS message %s not delivered (%s: %s), left for the dead-letter queue",
+                      message_id, type(exc).__name__, exc)
+            return False
+        self.sqs.delete_message(QueueUrl=self.queue_url, ReceiptHandle=message["ReceiptHandle"])
+        self.stats.deleted += 1
+        return True
+
+    # -- the loop ------------------------------------------------------------------------------------
+    def poll_once(self) -> int:
+        """One long-poll receive and the handling of what it returned; returns the number of messages.
+
+        Raises:
+            TransientBridgeError: SQS unreachable, or a message hit a transient failure.
+        """
+        try:
+            response = self.sqs.receive_message(
+                QueueUrl=self.queue_url,
+                MaxNumberOfMessages=self.settings.bridge_batch,
+                WaitTimeSeconds=self.settings.bridge_wait_s,
+                MessageSystemAttributeNames=["ApproximateReceiveCount"],
+            )
+        except Exception as exc:  # noqa: BLE001 - classified right here
+            if _is_transient_aws(exc):
+                raise TransientBridgeError(f"SQS receive from {self.queue_url}: {exc}") from exc
+            raise
+        messages = response.get("Messages", [])
+        failure: TransientBridgeError | None = None
+        for message in messages:
+            try:
+                self.handle(message)
+            except TransientBridgeError as exc:
+                self.stats.errors += 1
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+        return len(messages)
+
+    def run(self, *, max_messages: int | None = None, stats_every_s: float = 60.0) -> BridgeStats:
+        """Poll until interrupted (or until ``max_messages`` were received), backing off after errors.
+
+        Args:
+            max_messages: stop after this many messages (None: run until SIGINT/SIGTERM).
+            stats_every_s: how often to log the counters (seconds).
+
+        Returns:
+            The counters at exit.
+        """
+        log.info("events bridge: %s → %s/events", self.queue_url, self.api_url.rstrip("/"))
+        last_stats = time.monotonic()
+        try:
+            while max_messages is None or self.stats.messages < max_messages:
+                try:
+                    self.poll_once()
+                    self._backoff_s = 0.0
+                except TransientBridgeError as exc:
+                    self._backoff_s = min(self.settings.bridge_backoff_max_s, max(0.5, self._backoff_s * 2))
+                    pause = self._backoff_s * (0.5 + random.random() / 2)
+                    log.warning("%s; retrying in %.1f s", exc, pause)
+                    time.sleep(pause)
+                if time.monotonic() - last_stats >= stats_every_s:
+                    log.info("stats: %s", self.stats.line())
+                    last_stats = time.monotonic()
+        except KeyboardInterrupt:
+            log.info("interrupted")
+        log.info("stopped; stats: %s", self.stats.line())
+        return self.stats

@@ -1,0 +1,404 @@
+"""``sam3d-pipeline up`` / ``down``: the whole event-driven pipeline on one machine, in the background.
+
+``up`` starts, each in its own process session with its log under ``<state dir>/logs/``:
+
+1. a moto server (S3 + SQS) with the bucket, a queue (and its dead-letter queue) and the bucket
+   notification ``s3:ObjectCreated:*`` under the upload prefix → that queue;
+2. a Prefect server on SQLite (database under ``<state dir>/prefect/``);
+3. the ``sam3d-cpu`` process work pool, the deployments of ``prefect.yaml`` (with their event trigger),
+   and a worker polling every ``--worker-poll-s`` seconds (Prefect's default is 10 s);
+4. the events bridge (SQS → Prefect events).
+
+It waits until each answers, prints the URLs, and writes them to ``<state dir>/local-stack.env`` for
+``set -a; . .sam3d/local-stack.env``. The PIDs go to ``<state dir>/stack.json``; ``down`` stops exactly
+those processes (checking each PID still belongs to the process that ``up`` started) and says so.
+``up`` while a stack from the same state dir is running prints its URLs and starts nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+STACK_FILE = "stack.json"
+ENV_FILE = "local-stack.env"
+POOL_NAME = "sam3d-cpu"
+STOP_ORDER = ("events-bridge", "worker", "prefect-server", "moto")
+LOCAL_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+class StackError(RuntimeError):
+    """A part of the local stack did not start; the message names it and points at its log."""
+
+
+@dataclass
+class StackConfig:
+    """What ``up`` builds.
+
+    Attributes:
+        state_dir: where pids, logs, the Prefect database and ``local-stack.env`` live.
+        project_dir: the folder holding ``prefect.yaml`` and ``flows/``.
+        bucket: the bucket uploads go to (outputs go under ``output_prefix`` in the same bucket).
+        upload_prefix: only uploads under this prefix start runs.
+        output_prefix: the pipeline's output root inside the bucket (never starts runs).
+        prefect_port, moto_port: loopback ports; 0 picks a free one.
+        worker_poll_s: the worker's work-pool poll interval (seconds).
+        visibility_timeout_s: SQS visibility timeout: how soon an unfinished message is redelivered.
+        timeout_s: how long to wait for each part to answer.
+    """
+
+    state_dir: Path
+    project_dir: Path
+    bucket: str = "sam3d-local"
+    upload_prefix: str = "uploads/"
+    output_prefix: str = "outputs/"
+    prefect_port: int = 4200
+    moto_port: int = 5055
+    review_port: int = 8765
+    worker_poll_s: float = 0.5
+    visibility_timeout_s: int = 10
+    timeout_s: float = 180.0
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+def default_project_dir() -> Path:
+    """The checkout this package was installed from (the folder holding ``prefect.yaml``)."""
+    return Path(__file__).resolve().parents[1]
+
+
+def _free_port(preferred: int) -> int:
+    if preferred:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", preferred))
+                return preferred
+            except OSError:
+                pass
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (clock ticks since boot), or None when no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _alive(entry: dict[str, Any]) -> bool:
+    """True when the recorded process still runs and is the one ``up`` started (not a reused PID)."""
+    started = _start_time(entry["pid"])
+    return started is not None and started == entry.get("start_time") and not _is_zombie(entry["pid"])
+
+
+def read_stack(state_dir: Path) -> dict[str, Any] | None:
+    """The recorded stack (``stack.json``), or None when there is none."""
+    path = state_dir / STACK_FILE
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
+def _http_ok(url: str, timeout_s: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            return 200 <= response.status < 300
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _wait(what: str, check, timeout_s: float, log: Path, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise StackError(f"{what} exited with status {proc.returncode}; see {log}")
+        if check():
+            return
+        time.sleep(0.2)
+    raise StackError(f"{what} did not answer within {timeout_s:.0f} s; see {log}")
+
+
+class LocalStack:
+    """Starts and stops the processes of one local stack (see the module docstring)."""
+
+    def __init__(self, config: StackConfig) -> None:
+        self.config = config
+        self.state_dir = config.state_dir.resolve()
+        self.logs = self.state_dir / "logs"
+        self.processes: dict[str, dict[str, Any]] = {}
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str], cwd: Path | None = None) -> subprocess.Popen:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        log = self.logs / f"{name}.log"
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                                    start_new_session=True)
+        self.processes[name] = {"pid": proc.pid, "start_time": _start_time(proc.pid), "log": str(log)}
+        self._save()
+        return proc
+
+    def _save(self, **extra: Any) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        current = read_stack(self.state_dir) or {}
+        current.update(extra)
+        current["processes"] = self.processes
+        tmp = self.state_dir / (STACK_FILE + ".tmp")
+        tmp.write_text(json.dumps(current, indent=2))
+        tmp.replace(self.state_dir / STACK_FILE)
+
+    def _run(self, what: str, argv: list[str], env: dict[str, str], cwd: Path | None = None) -> str:
+        try:
+            result = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True,
+                                    timeout=self.config.timeout_s)
+        except subprocess.TimeoutExpired:
+            raise StackError(f"{what} did not finish within {self.config.timeout_s:.0f} s") from None
+        if result.returncode != 0:
+            raise StackError(f"{what} failed ({result.returncode}): {(result.stdout + result.stderr)[-2000:]}")
+        return result.stdout
+
+    def _base_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "AWS_"))}
+        env.update(LOCAL_CREDENTIALS)
+        env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+        env["PYTHONUNBUFFERED"] = "1"
+        env.update(self.config.extra_env)
+        return env
+
+    # -- up --------------------------------------------------------------------------------------------
+    def up(self) -> dict[str, str]:
+        """Start everything and return the environment written to ``local-stack.env``.
+
+        Raises:
+            StackError: a part did not start (what was started is stopped again).
+        """
+        try:
+            return self._up()
+        except BaseException:
+            self.down(quiet=True)
+            raise
+
+    def _up(self) -> dict[str, str]:
+        cfg = self.config
+        python = sys.executable
+        moto_port = _free_port(cfg.moto_port)
+        prefect_port = _free_port(cfg.prefect_port)
+        moto_url = f"http://127.0.0.1:{moto_port}"
+        api_url = f"http://127.0.0.1:{prefect_port}/api"
+        ui_url = f"http://127.0.0.1:{prefect_port}"
+        output_root = f"s3://{cfg.bucket}/{cfg.output_prefix.strip('/')}"
+        marker_root = f"s3://{cfg.bucket}/_sam3d/events"
+        self._save(state_dir=str(self.state_dir))
+
+        # 1. moto: S3 + SQS, the bucket, the queue and the notification.
+        env = self._base_env()
+        proc = self._spawn("moto", [python, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(moto_port)], env)
+        _wait("moto server", lambda: _http_ok(f"{moto_url}/moto-api/"), cfg.timeout_s, self.logs / "moto.log", proc)
+        queue_url = self._wire_bucket(moto_url)
+
+        # 2. Prefect server (SQLite under the state dir).
+        prefect_home = self.state_dir / "prefect"
+        prefect_home.mkdir(parents=True, exist_ok=True)
+        server_env = env | {
+            "PREFECT_HOME": str(prefect_home),
+            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{prefect_home / 'prefect.db'}",
+            "PREFECT_LOGGING_LEVEL": "WARNING",
+        }
+        proc = self._spawn("prefect-server", [python, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                                              "--port", str(prefect_port)], server_env)
+        _wait("Prefect server", lambda: _http_ok(f"{api_url}/health"), cfg.timeout_s,
+              self.logs / "prefect-server.log", proc)
+
+        # 3. Work pool, deployments, worker (paused runs link to the review server started below).
+        review_port = _free_port(cfg.review_port)
+        review_url = f"http://127.0.0.1:{review_port}"
+        review_token = secrets.token_urlsafe(24)
+        stack_env = env | {
+            "SAM3D_REVIEW_PAGE_URL": review_url,
+            "PREFECT_HOME": str(prefect_home),
+            "PREFECT_API_URL": api_url,
+            "AWS_ENDPOINT_URL": moto_url,
+            "SAM3D_OUTPUT_ROOT": output_root,
+            "SAM3D_UPLOAD_PREFIX": cfg.upload_prefix,
+            "SAM3D_EVENT_MARKER_ROOT": marker_root,
+            "SAM3D_PROJECT_DIR": str(cfg.project_dir),
+            "SAM3D_CPU_POOL": POOL_NAME,
+        }
+        self._run("work pool creation", [python, "-m", "prefect", "--no-prompt", "work-pool", "create", POOL_NAME,
+                                         "--type", "process", "--overwrite"], stack_env)
+        # Only the orchestrating flow: locally the model stages run inline (no GPU pool here).
+        self._run("prefect deploy", [python, "-m", "prefect", "--no-prompt", "deploy", "--name", "image-to-3d"],
+                  stack_env, cwd=cfg.project_dir)
+        worker_env = stack_env | {
+            "PREFECT_WORKER_QUERY_SECONDS": str(cfg.worker_poll_s),
+            "PREFECT_WORKER_PREFETCH_SECONDS": "5",
+        }
+        proc = self._spawn("worker", [python, "-m", "prefect", "worker", "start", "--pool", POOL_NAME,
+                                      "--type", "process", "--name", "sam3d-local-worker"], worker_env,
+                           cwd=cfg.project_dir)
+        _wait("worker", lambda: self._worker_online(api_url), cfg.timeout_s, self.logs / "worker.log", proc)
+
+        # 4. The events bridge.
+        bridge_log = self.logs / "events-bridge.log"
+        proc = self._spawn("events-bridge", [python, "-m", "sam3d_pipeline.cli", "events-bridge",
+                                             "--queue-url", queue_url], stack_env | {"SAM3D_BRIDGE_WAIT_S": "10"})
+        _wait("events bridge", lambda: bridge_log.exists() and "events bridge:" in bridge_log.read_text(),
+              cfg.timeout_s, bridge_log, proc)
+
+        # 5. The review server (paused runs, token-protected).
+        proc = self._spawn("review-server", [python, "-m", "sam3d_pipeline.cli", "review-server", "--port",
+                                             str(review_port)], stack_env | {"SAM3D_REVIEW_TOKEN": review_token})
+        _wait("review server", lambda: _http_ok(f"{review_url}/"), cfg.timeout_s,
+              self.logs / "review-server.log", proc)
+
+        exported = {
+            "AWS_ENDPOINT_URL": moto_url,
+            **LOCAL_CREDENTIALS,
+            "PREFECT_API_URL": api_url,
+            "PREFECT_UI_URL": ui_url,
+            "SAM3D_BUCKET": cfg.bucket,
+            "SAM3D_UPLOAD_PREFIX": cfg.upload_prefix,
+            "SAM3D_OUTPUT_PREFIX": cfg.output_prefix,
+            "SAM3D_OUTPUT_ROOT": output_root,
+            "SAM3D_QUEUE_URL": queue_url,
+            "SAM3D_EVENT_MARKER_ROOT": marker_root,
+            "SAM3D_REVIEW_PAGE_URL": review_url,
+            "SAM3D_REVIEW_TOKEN": review_token,
+        }
+        env_file = self.state_dir / ENV_FILE
+        env_file.write_text(
+            "# Written by `sam3d-pipeline up`; load with: set -a; . " + str(env_file) + "\n"
+            + "".join(f"{k}={shlex.quote(v)}\n" for k, v in exported.items())
+        )
+        self._save(env=exported, env_file=str(env_file))
+        return exported
+
+    def _wire_bucket(self, moto_url: str) -> str:
+        import boto3
+
+        cfg = self.config
+        kwargs = {"endpoint_url": moto_url, "region_name": LOCAL_CREDENTIALS["AWS_DEFAULT_REGION"],
+                  "aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+        s3 = boto3.client("s3", **kwargs)
+        sqs = boto3.client("sqs", **kwargs)
+        s3.create_bucket(Bucket=cfg.bucket)
+        dlq_url = sqs.create_queue(QueueName="sam3d-uploads-dlq")["QueueUrl"]
+        dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+        queue_url = sqs.create_queue(
+            QueueName="sam3d-uploads",
+            Attributes={
+                "VisibilityTimeout": str(cfg.visibility_timeout_s),
+                "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "5"}),
+            },
+        )["QueueUrl"]
+        queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+        rules = [{"Name": "prefix", "Value": cfg.upload_prefix}] if cfg.upload_prefix else []
+        s3.put_bucket_notification_configuration(
+            Bucket=cfg.bucket,
+            NotificationConfiguration={
+                "QueueConfigurations": [{
+                    "Id": "sam3d-uploads",
+                    "QueueArn": queue_arn,
+                    "Events": ["s3:ObjectCreated:*"],
+                    **({"Filter": {"Key": {"FilterRules": rules}}} if rules else {}),
+                }]
+            },
+        )
+        return queue_url
+
+    @staticmethod
+    def _worker_online(api_url: str) -> bool:
+        request = urllib.request.Request(f"{api_url}/work_pools/{POOL_NAME}/workers/filter", data=b"{}",
+                                         headers={"Content-Type": "application/json"}, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=2) as response:
+                workers = json.loads(response.read())
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+        return any(w.get("status") == "ONLINE" for w in workers)
+
+    # -- down ------------------------------------------------------------------------------------------
+    def down(self, quiet: bool = False) -> list[str]:
+        """Stop the processes recorded in ``stack.json`` (bridge, worker, server, moto) by PID.
+
+        Returns:
+            One line per process: what was stopped, or that it was no longer running.
+        """
+        recorded = read_stack(self.state_dir)
+        processes = dict((recorded or {}).get("processes", {}))
+        processes.update(self.processes)
+        lines = []
+        for name in sorted(processes, key=lambda n: STOP_ORDER.index(n) if n in STOP_ORDER else -1):
+            entry = processes[name]
+            if not _alive(entry):
+                lines.append(f"{name} (pid {entry['pid']}) was not running")
+                continue
+            _stop_group(entry["pid"])
+            lines.append(f"stopped {name} (pid {entry['pid']})")
+        for leftover in (STACK_FILE, ENV_FILE):
+            (self.state_dir / leftover).unlink(missing_ok=True)
+        self.processes = {}
+        if not quiet:
+            for line in lines:
+                print(line)
+        return lines
+
+
+def _stop_group(pid: int, grace_s: float = 15.0) -> None:
+    """SIGTERM the process group ``up`` started (its session leader is ``pid``), SIGKILL after ``grace_s``."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        try:
+            waited, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            waited = 0
+        if waited == pid or _start_time(pid) is None or _is_zombie(pid):
+            break
+        time.sleep(0.1)
+    else:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:  # flow-run processes the worker started share its group; make sure none outlive it
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def running(state_dir: Path) -> dict[str, Any] | None:
+    """The recorded stack when at least one of its processes still runs, else None."""
+    recorded = read_stack(state_dir)
+    if recorded and any(_alive(p) for p in recorded.get("processes", {}).values()):
+        return recorded
+    return None

@@ -1,0 +1,86 @@
+"""Command-line entry points of the event path: ``events-bridge``, ``up`` and ``down`` (registered in cli.py)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def events_bridge(
+    queue_url: Annotated[str, typer.Option("--queue-url", help="SQS queue receiving the S3 notifications.")],
+    api_url: Annotated[
+        str | None, typer.Option("--api-url", help="Prefect API URL (default: PREFECT_API_URL).")
+    ] = None,
+    max_messages: Annotated[
+        int | None, typer.Option("--max-messages", min=1, help="Stop after this many messages (default: never).")
+    ] = None,
+) -> None:
+    """Long-poll SQS and turn each S3 upload into a Prefect event (aws.s3.object.created)."""
+    from sam3d_pipeline.events.bridge import EventsBridge
+
+    api_url = api_url or os.environ.get("PREFECT_API_URL")
+    if not api_url:
+        raise typer.BadParameter("no Prefect API: pass --api-url or set PREFECT_API_URL", param_hint="--api-url")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+
+    def _interrupt(signum, frame):  # SIGTERM ends the loop like Ctrl-C: counters are logged on the way out
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    EventsBridge(queue_url, api_url, api_key=os.environ.get("PREFECT_API_KEY")).run(max_messages=max_messages)
+
+
+StateDir = Annotated[Path, typer.Option("--state-dir", help="Where pids, logs and local-stack.env live.")]
+
+
+def up(
+    state_dir: StateDir = Path(".sam3d"),
+    bucket: Annotated[str, typer.Option("--bucket")] = "sam3d-local",
+    upload_prefix: Annotated[str, typer.Option("--upload-prefix")] = "uploads/",
+    output_prefix: Annotated[str, typer.Option("--output-prefix")] = "outputs/",
+    prefect_port: Annotated[int, typer.Option("--prefect-port", help="0 picks a free port.")] = 4200,
+    moto_port: Annotated[int, typer.Option("--moto-port", help="0 picks a free port.")] = 5055,
+    worker_poll_s: Annotated[float, typer.Option("--worker-poll-s", min=0.1, help="Work pool poll interval.")] = 0.5,
+) -> None:
+    """Start the local stack in the background: moto S3+SQS, Prefect server, worker, events bridge."""
+    from sam3d_pipeline.localstack import LocalStack, StackConfig, StackError, default_project_dir, running
+
+    existing = running(state_dir)
+    if existing:
+        print(f"already running (state in {state_dir.resolve()}); nothing started. `sam3d-pipeline down` stops it.")
+        for name, value in existing.get("env", {}).items():
+            print(f"  {name}={value}")
+        return
+    config = StackConfig(state_dir=state_dir, project_dir=default_project_dir(), bucket=bucket,
+                         upload_prefix=upload_prefix, output_prefix=output_prefix, prefect_port=prefect_port,
+                         moto_port=moto_port, worker_poll_s=worker_poll_s)
+    print("starting moto, Prefect server, worker and events bridge…", file=sys.stderr)
+    try:
+        env = LocalStack(config).up()
+    except StackError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise typer.Exit(1) from None
+    print(f"Prefect UI:      {env['PREFECT_UI_URL']}")
+    print(f"Prefect API:     {env['PREFECT_API_URL']}")
+    print(f"S3 + SQS (moto): {env['AWS_ENDPOINT_URL']}")
+    print(f"upload to:       s3://{env['SAM3D_BUCKET']}/{env['SAM3D_UPLOAD_PREFIX']}")
+    print(f"outputs under:   {env['SAM3D_OUTPUT_ROOT']}/")
+    print(f"review page:     {env['SAM3D_REVIEW_PAGE_URL']}/#token={env['SAM3D_REVIEW_TOKEN']}")
+    print(f"environment:     set -a; . {(state_dir / 'local-stack.env').resolve()}")
+
+
+def down(state_dir: StateDir = Path(".sam3d")) -> None:
+    """Stop exactly the processes `up` started (by PID)."""
+    from sam3d_pipeline.localstack import LocalStack, StackConfig, default_project_dir, read_stack
+
+    if read_stack(state_dir) is None:
+        print(f"nothing to stop: no stack recorded in {state_dir.resolve()}")
+        return
+    LocalStack(StackConfig(state_dir=state_dir, project_dir=default_project_dir())).down()

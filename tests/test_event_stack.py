@@ -1,0 +1,270 @@
+"""End to end through the local stack: S3 PUT → notification → SQS → events bridge → Prefect event →
+deployment trigger → worker → image-to-3d (lite backends) → outputs under the expected prefix.
+
+The module starts one stack with ``sam3d-pipeline up`` (moto, Prefect server on SQLite, process worker,
+events bridge) in a temporary state dir and stops it with ``sam3d-pipeline down``, checking by PID that
+everything it started is gone. The notification covers the whole bucket (no upload prefix), so the
+pipeline's own outputs and markers reach the bridge too and must be ignored there.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from sam3d_pipeline.keys import image_stem
+from sam3d_pipeline.localstack import _alive, read_stack
+
+from .photos import encode, object_photo
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "sam3d_pipeline.cli"]
+FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+
+
+class Stack:
+    def __init__(self, state_dir: Path) -> None:
+        import boto3
+
+        self.state_dir = state_dir
+        self.env = {}
+        for line in (state_dir / "local-stack.env").read_text().splitlines():
+            if "=" in line and not line.startswith("#"):
+                name, value = line.split("=", 1)
+                self.env[name] = value.strip("'")
+        kwargs = {"endpoint_url": self.env["AWS_ENDPOINT_URL"], "region_name": "us-east-1",
+                  "aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+        self.s3 = boto3.client("s3", **kwargs)
+        self.sqs = boto3.client("sqs", **kwargs)
+        self.bucket = self.env["SAM3D_BUCKET"]
+        self.api = self.env["PREFECT_API_URL"]
+        self.bridge_log = state_dir / "logs" / "events-bridge.log"
+        self.replacement_bridges: list[subprocess.Popen] = []
+
+    def put(self, key: str, seed: int, prompt: str | None = None) -> str:
+        rgb, _ = object_photo(160, 120, seed=seed)
+        metadata = {"prompt": prompt} if prompt else {}
+        self.s3.put_object(Bucket=self.bucket, Key=key, Body=encode(rgb), Metadata=metadata)
+        return f"s3://{self.bucket}/{key}"
+
+    def runs(self, image: str) -> list[dict]:
+        import urllib.request
+
+        body = json.dumps({"limit": 200, "sort": "EXPECTED_START_TIME_ASC"}).encode()
+        request = urllib.request.Request(f"{self.api}/flow_runs/filter", data=body,
+                                         headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return [r for r in json.loads(response.read()) if r["parameters"].get("image") == image]
+
+    def wait_finished(self, images: list[str], timeout_s: float = 240) -> dict[str, list[dict]]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            found = {image: self.runs(image) for image in images}
+            if all(runs and all(r["state_type"] in FINAL for r in runs) for runs in found.values()):
+                return found
+            if time.monotonic() > deadline:
+                states = {i: [r["state_type"] for r in runs] for i, runs in found.items()}
+                pytest.fail(f"runs not finished after {timeout_s} s: {states}\n{self.log_tail()}")
+            time.sleep(0.5)
+
+    def wait_log(self, text: str, count: int = 1, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.bridge_log.read_text().count(text) < count:
+            if time.monotonic() > deadline:
+                pytest.fail(f"bridge never logged {text!r} x{count}\n{self.log_tail()}")
+            time.sleep(0.2)
+
+    def log_tail(self) -> str:
+        return "\n".join(self.bridge_log.read_text().splitlines()[-20:])
+
+    def result(self, run: dict) -> tuple[str, dict]:
+        """(output prefix, result.json) of a completed run, found by its flow run id."""
+        listing = self.s3.list_objects_v2(Bucket=self.bucket, Prefix=self.env["SAM3D_OUTPUT_PREFIX"])
+        for item in listing.get("Contents", []):
+            if item["Key"].endswith("/result.json"):
+                result = json.loads(self.s3.get_object(Bucket=self.bucket, Key=item["Key"])["Body"].read())
+                if result.get("flow_run_id") == run["id"]:
+                    return item["Key"].rsplit("/", 1)[0] + "/", result
+        pytest.fail(f"no result.json for run {run['id']}")
+
+    def bridge_pid(self) -> int:
+        if self.replacement_bridges:
+            return self.replacement_bridges[-1].pid
+        return read_stack(self.state_dir)["processes"]["events-bridge"]["pid"]
+
+    def restart_bridge(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "PREFECT_"))} | self.env
+        env["SAM3D_BRIDGE_WAIT_S"] = "10"
+        with open(self.bridge_log, "ab") as log:
+            proc = subprocess.Popen([*CLI, "events-bridge", "--queue-url", self.env["SAM3D_QUEUE_URL"]], env=env,
+                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.replacement_bridges.append(proc)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    state_dir = tmp_path_factory.mktemp("stack")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "PREFECT_"))}
+    env["SAM3D_PROMPT_BY_PREFIX"] = json.dumps({"mugs/": "mug"})
+    up = [*CLI, "up", "--state-dir", str(state_dir), "--prefect-port", "0", "--moto-port", "0", "--upload-prefix", ""]
+    started = subprocess.run(up, env=env, capture_output=True, text=True, timeout=300)
+    assert started.returncode == 0, started.stdout + started.stderr
+    assert "Prefect UI:" in started.stdout
+    recorded = read_stack(state_dir)["processes"]
+    assert set(recorded) == {"moto", "prefect-server", "worker", "events-bridge"}
+    holder = Stack(state_dir)
+    try:
+        yield holder
+    finally:
+        for proc in holder.replacement_bridges:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=30)
+        stopped = subprocess.run([*CLI, "down", "--state-dir", str(state_dir)], env=env, capture_output=True,
+                                 text=True, timeout=120)
+        assert stopped.returncode == 0, stopped.stderr
+        for name in ("moto", "prefect-server", "worker"):
+            assert f"stopped {name} (pid {recorded[name]['pid']})" in stopped.stdout
+        assert not any(_alive(entry) for entry in recorded.values())
+        assert not (state_dir / "stack.json").exists()
+
+
+def test_env_file_and_up_twice_starts_nothing(stack):
+    for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+                 "PREFECT_API_URL", "SAM3D_BUCKET", "SAM3D_UPLOAD_PREFIX", "SAM3D_OUTPUT_PREFIX"):
+        assert name in stack.env
+    before = read_stack(stack.state_dir)["processes"]
+    again = subprocess.run([*CLI, "up", "--state-dir", str(stack.state_dir)], capture_output=True, text=True,
+                           timeout=60)
+    assert again.returncode == 0 and "already running" in again.stdout
+    assert read_stack(stack.state_dir)["processes"] == before
+
+
+def test_review_server_is_part_of_the_stack(stack):
+    import requests
+
+    url = stack.env["SAM3D_REVIEW_PAGE_URL"]
+    assert requests.get(f"{url}/api/runs", timeout=10).status_code == 401
+    listed = requests.get(f"{url}/api/runs", headers={"Authorization": f"Bearer {stack.env['SAM3D_REVIEW_TOKEN']}"},
+                          timeout=10)
+    assert listed.status_code == 200 and isinstance(listed.json(), list)
+    assert "review-server" in read_stack(stack.state_dir)["processes"]
+
+
+def test_uploads_start_one_completed_run_each(stack):
+    tag = uuid.uuid4().hex[:6]
+    uploads = {  # key → (prompt metadata, expected prompt)
+        f"photos {tag}/red chair.png": ("red chair", "red chair"),
+        f"photos{tag}/a+b=c.png": (None, "object"),  # deployment default
+        f"фото-{tag}/ünïcödé 椅子.png": ("stuhl", "stuhl"),
+        f"mugs/{tag}/deep/nested/cup.PNG": (None, "mug"),  # SAM3D_PROMPT_BY_PREFIX
+    }
+    images = {stack.put(key, seed=i, prompt=meta): (key, expected)
+              for i, (key, (meta, expected)) in enumerate(uploads.items())}
+    finished = stack.wait_finished(list(images))
+    for image, runs in finished.items():
+        key, expected_prompt = images[image]
+        assert len(runs) == 1, f"{key}: {len(runs)} runs"
+        (run,) = runs
+        assert run["state_type"] == "COMPLETED", run["state_name"]
+        assert run["parameters"]["prompt"] == expected_prompt
+        prefix, result = stack.result(run)
+        assert prefix.startswith(f"{stack.env['SAM3D_OUTPUT_PREFIX']}{image_stem(key)}-")
+        assert result["status"] == "completed" and result["prompt"] == expected_prompt
+        assert result["input"]["uri"] == image
+        assert result["segmenter"]["name"] == "lite" and result["reconstructor"]["name"] == "lite"
+        names = {o["Key"].rsplit("/", 1)[1] for o in
+                 stack.s3.list_objects_v2(Bucket=stack.bucket, Prefix=prefix)["Contents"]}
+        assert {"mask.png", "overlay.png", "object.glb", "preview.png", "result.json"} <= names
+    # The runs wrote PNGs under the output root; the bucket-wide notification sent them to the bridge too.
+    stack.wait_log(f"under the pipeline's own prefix s3://{stack.bucket}/{stack.env['SAM3D_OUTPUT_PREFIX']}")
+
+
+def test_redelivery_and_reupload_of_same_bytes_start_one_run(stack):
+    key = f"dup-{uuid.uuid4().hex[:6]}/photo.png"
+    image = stack.put(key, seed=7)
+    (run,) = stack.wait_finished([image])[image]
+    assert run["state_type"] == "COMPLETED"
+    etag = stack.s3.head_object(Bucket=stack.bucket, Key=key)["ETag"].strip('"')
+    redelivered = {"Records": [{
+        "eventVersion": "2.1", "eventSource": "aws:s3", "eventName": "ObjectCreated:Put",
+        "eventTime": "2026-11-25T08:00:00.000Z",
+        "s3": {"bucket": {"name": stack.bucket}, "object": {"key": key.replace("/", "%2F"), "size": 1, "eTag": etag,
+                                                             "sequencer": "00AA"}},
+    }]}
+    stack.sqs.send_message(QueueUrl=stack.env["SAM3D_QUEUE_URL"], MessageBody=json.dumps(redelivered))
+    stack.put(key, seed=7)  # the same bytes again: a new notification with the same ETag
+    stack.wait_log(f"duplicate s3://{stack.bucket}/{key}", count=2)
+    time.sleep(3)  # give a (wrong) second run time to appear
+    assert len(stack.runs(image)) == 1
+
+
+def test_upload_under_output_root_starts_nothing(stack):
+    key = f"{stack.env['SAM3D_OUTPUT_PREFIX']}manual-{uuid.uuid4().hex[:6]}/photo.png"
+    image = stack.put(key, seed=3)
+    stack.wait_log(f"skip s3://{stack.bucket}/{key}: under the pipeline's own prefix")
+    time.sleep(2)
+    assert stack.runs(image) == []
+
+
+def test_malformed_message_is_logged_and_the_bridge_keeps_working(stack):
+    pid = stack.bridge_pid()
+    queue = stack.env["SAM3D_QUEUE_URL"]
+    before = stack.bridge_log.read_text().count("malformed SQS message")
+    stack.sqs.send_message(QueueUrl=queue, MessageBody="this is not an S3 event")
+    stack.sqs.send_message(QueueUrl=queue, MessageBody=json.dumps({"Records": [{"eventSource": "aws:s3"}]}))
+    stack.wait_log("malformed SQS message", count=before + 2)
+    image = stack.put(f"after-malformed-{uuid.uuid4().hex[:6]}.png", seed=11)
+    (run,) = stack.wait_finished([image])[image]
+    assert run["state_type"] == "COMPLETED"
+    assert stack.bridge_pid() == pid and Path(f"/proc/{pid}").exists()
+
+
+def test_bridge_killed_mid_stream_loses_and_doubles_nothing(stack):
+    tag = uuid.uuid4().hex[:6]
+    images = []
+    for i in range(6):
+        images.append(stack.put(f"stream-{tag}/{i}.png", seed=100 + i))
+        if i == 1:
+            os.killpg(stack.bridge_pid(), signal.SIGKILL)  # mid-stream, possibly mid-message
+        time.sleep(0.3)
+    stack.restart_bridge()
+    finished = stack.wait_finished(images)
+    for image, runs in finished.items():
+        assert len(runs) == 1, f"{image}: {len(runs)} runs"
+        assert runs[0]["state_type"] == "COMPLETED"
+
+
+def test_lambda_handler_posts_the_eventbridge_event(stack, monkeypatch):
+    bucket = f"lambda-{uuid.uuid4().hex[:8]}"  # no notification on this bucket: only the handler sees it
+    stack.s3.create_bucket(Bucket=bucket)
+    rgb, _ = object_photo(160, 120, seed=21)
+    key = "inbox/lamp shade.png"
+    put = stack.s3.put_object(Bucket=bucket, Key=key, Body=encode(rgb), Metadata={"prompt": "lamp"})
+    for name in ("AWS_ENDPOINT_URL", "PREFECT_API_URL", "SAM3D_OUTPUT_ROOT", "SAM3D_EVENT_MARKER_ROOT"):
+        monkeypatch.setenv(name, stack.env[name])
+    spec = importlib.util.spec_from_file_location("lambda_handler", ROOT / "deployments" / "lambda" / "handler.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    event = {
+        "version": "0", "id": str(uuid.uuid4()), "detail-type": "Object Created", "source": "aws.s3",
+        "time": "2026-11-25T08:00:00Z", "region": "us-east-1",
+        "detail": {"bucket": {"name": bucket}, "object": {"key": "inbox/lamp+shade.png", "size": 1,
+                                                          "etag": put["ETag"].strip('"'), "sequencer": "01"}},
+    }
+    first = module.handler(event, None)
+    assert len(first["posted"]) == 1
+    assert module.handler(event, None)["posted"] == []  # a retried invocation: the marker says done
+    image = f"s3://{bucket}/{key}"
+    (run,) = stack.wait_finished([image])[image]
+    assert run["state_type"] == "COMPLETED" and run["parameters"]["prompt"] == "lamp"
