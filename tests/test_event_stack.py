@@ -121,7 +121,7 @@ def stack(tmp_path_factory):
     assert started.returncode == 0, started.stdout + started.stderr
     assert "Prefect UI:" in started.stdout
     recorded = read_stack(state_dir)["processes"]
-    assert set(recorded) == {"moto", "prefect-server", "worker", "events-bridge"}
+    assert set(recorded) == {"moto", "prefect-server", "worker", "events-bridge", "review-server"}
     holder = Stack(state_dir)
     try:
         yield holder
@@ -133,7 +133,7 @@ def stack(tmp_path_factory):
         stopped = subprocess.run([*CLI, "down", "--state-dir", str(state_dir)], env=env, capture_output=True,
                                  text=True, timeout=120)
         assert stopped.returncode == 0, stopped.stderr
-        for name in ("moto", "prefect-server", "worker"):
+        for name in ("moto", "prefect-server", "worker", "review-server"):
             assert f"stopped {name} (pid {recorded[name]['pid']})" in stopped.stdout
         assert not any(_alive(entry) for entry in recorded.values())
         assert not (state_dir / "stack.json").exists()
