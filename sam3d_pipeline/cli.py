@@ -111,6 +111,11 @@ def run(
         raise typer.Exit(EXIT_FAILED)
 
 
+from .catalog_cli import catalog as _catalog  # noqa: E402
+
+app.command("catalog")(_catalog)
+
+
 def main() -> None:
     sys.exit(app())
 
