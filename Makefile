@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-dev
 GALLERY := sam3d_pipeline/gallery
 GALLERY_STAMP := $(GALLERY)/node_modules/.installed
 
-.PHONY: demo test lint install bench clean gallery-assets chromium
+.PHONY: demo test lint install bench bench-catalog clean gallery-assets chromium
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,9 @@ test: $(STAMP) $(GALLERY_STAMP) chromium
 
 bench: $(STAMP)
 	$(PY) bench/run_one.py
+
+bench-catalog: $(STAMP)
+	$(PY) bench/catalog_throughput.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache $(GALLERY)/node_modules

@@ -2,7 +2,7 @@
 
 Stages: load the source → plan every item (read bytes, compute the prefix ``image-to-3d`` would use, skip
 items with a finished ``result.json``; no decoding, no model) → group the rest into GPU batches → per batch:
-decode, segment (one GPU slot, one segmenter load), reconstruct (one GPU slot, one reconstructor load),
+decode, segment and reconstruct while holding one GPU slot (each model loaded once per process),
 publish each item (``result.json`` last) → ``catalog.json`` and ``index.html`` at the output root.
 
 At most ``concurrency`` items are planned, and ``concurrency`` batches processed, at once; GPU stages also
@@ -36,9 +36,8 @@ from tasks.catalog import (
     load_catalog_source,
     plan_catalog_item,
     publish_catalog_item,
-    reconstruct_gpu_batch,
     record_catalog_failure,
-    segment_gpu_batch,
+    run_gpu_batch,
     write_catalog,
 )
 from tasks.retry import retry_options
@@ -49,7 +48,7 @@ DEFAULT_GPU_LIMIT = "sam3d-gpu"
 @task(name="process-gpu-batch", cache_policy=NO_CACHE)
 def process_gpu_batch(works: list[ItemWork], batch_index: int, gpu_limit: str, output_root: str,
                       settings: Settings, flow_run_id: str | None) -> list[CatalogEntry]:
-    """decode → segment (one slot) → reconstruct (one slot) → publish, for one group of items."""
+    """decode → segment and reconstruct (one GPU slot) → publish, for one group of items."""
     io_retries = retry_options(settings)
     decoded = []
     for work in works:
@@ -58,8 +57,7 @@ def process_gpu_batch(works: list[ItemWork], batch_index: int, gpu_limit: str, o
         except PipelineError as exc:  # transient read failures that outlived their retries
             work.error = exc
             decoded.append(work)
-    segmented = segment_gpu_batch(decoded, batch_index, gpu_limit, settings)
-    reconstructed = reconstruct_gpu_batch(segmented, batch_index, gpu_limit, settings)
+    reconstructed = run_gpu_batch(decoded, batch_index, gpu_limit, settings)
     return [publish_catalog_item(work, output_root, settings, flow_run_id) for work in reconstructed]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -74,31 +75,25 @@ def decode_catalog_item(work: ItemWork, settings: Settings) -> ItemWork:
     return work
 
 
-@task(name="segment-gpu-batch", cache_policy=NO_CACHE)
-def segment_gpu_batch(works: list[ItemWork], batch_index: int, gpu_limit: str, settings: Settings) -> list[ItemWork]:
-    """One GPU slot for the whole batch: the segmenter is built (model loaded) once and reused per item."""
+@task(name="gpu-batch", cache_policy=NO_CACHE)
+def run_gpu_batch(works: list[ItemWork], batch_index: int, gpu_limit: str, settings: Settings) -> list[ItemWork]:
+    """Segment, then reconstruct, a whole batch while holding one slot of the GPU limit.
+
+    Each backend is built (its model loaded) once per process and reused for every item of the batch; one
+    slot for both stages also pays Prefect's slot acquisition once per batch, not once per stage.
+    """
     logger = get_run_logger()
     ready = [w for w in works if w.error is None and w.image is not None]
     if not ready:
         logger.info("GPU batch %d: nothing to segment", batch_index)
         return works
+    waited = time.perf_counter()
     with concurrency(gpu_limit, occupy=1, strict=True):
-        logger.info("GPU batch %d: segmenting %d item(s) holding one %r slot", batch_index, len(ready), gpu_limit)
+        logger.info("GPU batch %d: holding one %r slot (waited %.2f s); segmenting %d item(s)", batch_index,
+                    gpu_limit, time.perf_counter() - waited, len(ready))
         works = catalog.segment_batch(works, settings)
-    return works
-
-
-@task(name="reconstruct-gpu-batch", cache_policy=NO_CACHE)
-def reconstruct_gpu_batch(works: list[ItemWork], batch_index: int, gpu_limit: str,
-                          settings: Settings) -> list[ItemWork]:
-    """One GPU slot for the whole batch: the reconstructor is built (model loaded) once and reused per item."""
-    logger = get_run_logger()
-    ready = [w for w in works if w.error is None and w.selected is not None]
-    if not ready:
-        logger.info("GPU batch %d: nothing to reconstruct", batch_index)
-        return works
-    with concurrency(gpu_limit, occupy=1, strict=True):
-        logger.info("GPU batch %d: reconstructing %d item(s) holding one %r slot", batch_index, len(ready), gpu_limit)
+        selected = sum(1 for w in works if w.error is None and w.selected is not None)
+        logger.info("GPU batch %d: reconstructing %d item(s)", batch_index, selected)
         works = catalog.reconstruct_batch(works, batch_index, settings)
     return works
 

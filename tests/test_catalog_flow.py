@@ -321,3 +321,31 @@ def test_gallery_lists_items_and_its_glbs_load_in_chromium(first_run, http_root)
             assert not errors, errors
         finally:
             browser.close()
+
+
+def test_catalog_command_exit_codes_and_summary_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from sam3d_pipeline.cli import app
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "good.png").write_bytes(encode(object_photo(160, 120, seed=3)[0]))
+    (photos / "blank.png").write_bytes(encode(uniform_photo(160, 120)))
+    (photos / "bad.png").write_bytes(b"GIF89a broken")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"image": "photos/good.png", "prompt": "cup"}\n{"image": "photos/blank.png"}\n'
+                        '{"image": "photos/bad.png", "prompt": "cup"}\n')
+    args = ["catalog", str(manifest), "--out", str(tmp_path / "out"), "--prompt", "thing", "--segmenter", "lite",
+            "--reconstructor", "lite", "--gpu-limit", f"gpu-{uuid.uuid4().hex[:8]}"]
+    runner = CliRunner()
+    first = runner.invoke(app, args)
+    assert first.exit_code == 1, first.output
+    assert "catalog: 3 item(s): 1 completed, 0 skipped, 1 no_object, 1 failed" in first.output
+    assert "failed: bad (line 3): " in first.output and "bad.png" in first.output
+    manifest.write_text('{"image": "photos/good.png", "prompt": "cup"}\n{"image": "photos/blank.png"}\n')
+    second = runner.invoke(app, args)
+    assert second.exit_code == 3, second.output  # nothing failed, but one item has no object
+    assert "catalog: 2 item(s): 0 completed, 2 skipped, 0 no_object, 0 failed" in second.output
+    manifest.write_text('{"image": "photos/good.png", "prompt": "cup"}\n')
+    assert runner.invoke(app, args).exit_code == 0
