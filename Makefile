@@ -5,8 +5,10 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed-dev
 GLTF_VALIDATOR := tools/gltf-validator/node_modules/.package-lock.json
+GALLERY := sam3d_pipeline/gallery
+GALLERY_STAMP := $(GALLERY)/node_modules/.installed
 
-.PHONY: demo test lint install bench clean chromium
+.PHONY: demo test lint install bench bench-catalog clean gallery-assets chromium
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,30 +16,42 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP)
+# The catalog gallery's 3D viewer (@google/model-viewer), installed from npm and copied next to index.html.
+$(GALLERY_STAMP): $(GALLERY)/package.json $(GALLERY)/package-lock.json
+	command -v npm >/dev/null || (apt-get update && apt-get install -y --no-install-recommends nodejs npm)
+	cd $(GALLERY) && npm ci --no-audit --no-fund
+	touch $(GALLERY_STAMP)
+
+gallery-assets: $(GALLERY_STAMP)
+
+install: $(STAMP) $(GALLERY_STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/sam3d-pipeline run "$$($(PY) -m sam3d_pipeline.samples coffee)" --prompt "coffee cup" --out outputs
 	@echo "Outputs are under ./outputs/ (open object.glb in any glTF viewer)"
 
 $(GLTF_VALIDATOR): tools/gltf-validator/package.json tools/gltf-validator/package-lock.json
+	command -v npm >/dev/null || (apt-get update && apt-get install -y --no-install-recommends nodejs npm)
 	npm ci --prefix tools/gltf-validator --no-audit --no-fund --loglevel=error
 
 # Browser tests drive Debian's Chromium (never a downloaded browser).
 chromium:
 	@command -v chromium >/dev/null 2>&1 || { \
 		echo "installing Debian's chromium for the browser tests"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-test: $(STAMP) $(GLTF_VALIDATOR) chromium
+test: $(STAMP) $(GLTF_VALIDATOR) $(GALLERY_STAMP) chromium
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
 bench: $(STAMP) chromium
 	$(PY) bench/run_all.py
 
+bench-catalog: $(STAMP)
+	$(PY) bench/catalog_throughput.py
+
 clean:
-	rm -rf $(VENV) outputs .pytest_cache .ruff_cache
+	rm -rf $(VENV) outputs .pytest_cache .ruff_cache $(GALLERY)/node_modules

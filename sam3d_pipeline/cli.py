@@ -135,6 +135,10 @@ app.command("events-bridge")(events_bridge)
 app.command("up")(up)
 app.command("down")(down)
 
+from .catalog_cli import catalog as _catalog  # noqa: E402
+
+app.command("catalog")(_catalog)
+
 
 def main() -> None:
     sys.exit(app())

@@ -1,0 +1,137 @@
+"""Catalog tasks: thin wrappers (retries, GPU-slot limits, logging, artifacts) around ``sam3d_pipeline.catalog``."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectNotFound
+
+from sam3d_pipeline import catalog
+from sam3d_pipeline.catalog import CatalogEntry, CatalogItem, ItemWork, ManifestRow
+from sam3d_pipeline.errors import is_transient
+from sam3d_pipeline.gallery import write_gallery
+from sam3d_pipeline.pipeline import RunOptions
+from sam3d_pipeline.settings import Settings
+from sam3d_pipeline.storage import open_storage
+
+from .retry import retry_if_transient
+
+
+@task(name="load-catalog-source", cache_policy=NO_CACHE, retry_condition_fn=retry_if_transient)
+def load_catalog_source(source: str, default_prompt: str | None, output_root: str,
+                        settings: Settings) -> list[ManifestRow]:
+    rows = catalog.load_source(source, default_prompt=default_prompt, output_root=output_root, settings=settings)
+    bad = sum(1 for r in rows if r.item is None)
+    get_run_logger().info("%s: %d row(s), %d unusable", source, len(rows), bad)
+    return rows
+
+
+@task(name="ensure-gpu-limit", cache_policy=NO_CACHE)
+def ensure_gpu_limit(name: str, slots: int | None) -> int:
+    """Make sure the global concurrency limit ``name`` exists (a missing one would be silently ignored).
+
+    ``slots`` None keeps an existing limit as operators set it (creating it with 1 slot when missing);
+    a number creates or resizes it. Returns the limit in force.
+    """
+    logger = get_run_logger()
+    with get_client(sync_client=True) as client:
+        try:
+            existing = client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            existing = None
+        if existing is not None and (slots is None or existing.limit == slots):
+            logger.info("GPU slot limit %r: %d slot(s)", name, existing.limit)
+            return existing.limit
+        wanted = slots or 1
+        client.upsert_global_concurrency_limit_by_name(name, wanted)
+        logger.info("GPU slot limit %r %s with %d slot(s)", name, "resized" if existing else "created", wanted)
+        return wanted
+
+
+@task(name="plan-item", cache_policy=NO_CACHE, retry_condition_fn=retry_if_transient)
+def plan_catalog_item(item: CatalogItem, options: RunOptions, output_root: str, settings: Settings,
+                      force: bool) -> ItemWork | CatalogEntry:
+    planned = catalog.plan_item(item, options, open_storage(output_root, settings), settings, force=force)
+    if isinstance(planned, ItemWork) and planned.error is not None and is_transient(planned.error):
+        raise planned.error
+    if isinstance(planned, CatalogEntry):
+        get_run_logger().info("%s: finished result at %s; skipped", item.id, planned.prefix)
+    return planned
+
+
+@task(name="decode-item", cache_policy=NO_CACHE, retry_condition_fn=retry_if_transient)
+def decode_catalog_item(work: ItemWork, settings: Settings) -> ItemWork:
+    if work.error is not None and is_transient(work.error):
+        work.error = None  # a retry of this task after a transient read failure
+    work = catalog.decode_item(work, settings)
+    if work.error is not None and is_transient(work.error):
+        raise work.error
+    return work
+
+
+@task(name="gpu-batch", cache_policy=NO_CACHE)
+def run_gpu_batch(works: list[ItemWork], batch_index: int, gpu_limit: str, settings: Settings) -> list[ItemWork]:
+    """Segment, then reconstruct, a whole batch while holding one slot of the GPU limit.
+
+    Each backend is built (its model loaded) once per process and reused for every item of the batch; one
+    slot for both stages also pays Prefect's slot acquisition once per batch, not once per stage.
+    """
+    logger = get_run_logger()
+    ready = [w for w in works if w.error is None and w.image is not None]
+    if not ready:
+        logger.info("GPU batch %d: nothing to segment", batch_index)
+        return works
+    waited = time.perf_counter()
+    with concurrency(gpu_limit, occupy=1, strict=True):
+        logger.info("GPU batch %d: holding one %r slot (waited %.2f s); segmenting %d item(s)", batch_index,
+                    gpu_limit, time.perf_counter() - waited, len(ready))
+        works = catalog.segment_batch(works, settings)
+        selected = sum(1 for w in works if w.error is None and w.selected is not None)
+        logger.info("GPU batch %d: reconstructing %d item(s)", batch_index, selected)
+        works = catalog.reconstruct_batch(works, batch_index, settings)
+    return works
+
+
+@task(name="publish-item", cache_policy=NO_CACHE)
+def publish_catalog_item(work: ItemWork, output_root: str, settings: Settings, flow_run_id: str | None) -> CatalogEntry:
+    entry = catalog.finish_item(work, open_storage(output_root, settings), settings, flow_run_id)
+    logger = get_run_logger()
+    if entry.status == "failed":
+        logger.warning("%s failed: %s", entry.id, (entry.error or {}).get("message"))
+    else:
+        logger.info("%s: %s at %s", entry.id, entry.status, entry.output_prefix)
+    return entry
+
+
+@task(name="record-failure", cache_policy=NO_CACHE)
+def record_catalog_failure(work: ItemWork, output_root: str, settings: Settings,
+                           flow_run_id: str | None) -> CatalogEntry:
+    return catalog.fail_item(work, open_storage(output_root, settings), flow_run_id)
+
+
+@task(name="write-catalog", cache_policy=NO_CACHE, retry_condition_fn=retry_if_transient)
+def write_catalog(index: dict[str, Any], output_root: str, settings: Settings) -> dict[str, str]:
+    """``index.html`` (and its viewer script) first, ``catalog.json`` last. Returns both URIs."""
+    storage = open_storage(output_root, settings)
+    gallery = write_gallery(storage, index)
+    index_uri = catalog.write_index(storage, index)
+    get_run_logger().info("catalog index %s, gallery %s", index_uri, gallery)
+    return {"catalog": index_uri, "gallery": gallery}
+
+
+@task(name="catalog-artifacts", cache_policy=NO_CACHE)
+def catalog_artifacts(entries: list[CatalogEntry], uris: dict[str, str], summary: str) -> None:
+    """For people: a table of failures with reasons, and a summary with counts and the index and gallery."""
+    failures = catalog.failure_rows(entries)
+    if failures:
+        create_table_artifact(table=failures, key="catalog-failures",
+                              description=f"{len(failures)} failed item(s) with reasons (retried on the next run)")
+    lines = [f"## {summary}", "", f"- catalog index: `{uris.get('catalog')}`",
+             f"- gallery: `{uris.get('gallery')}` (serve the output root over HTTP to view the 3D models)"]
+    create_markdown_artifact(markdown="\n".join(lines), key="catalog-summary", description=summary)
