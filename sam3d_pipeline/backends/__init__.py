@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -113,16 +114,18 @@ def resolve(role: str, requested: str, settings: Settings | None = None) -> Reso
 
 
 _CACHE: dict[tuple[str, str, str], Any] = {}
+_CACHE_LOCK = threading.Lock()  # concurrent tasks (catalog batches) must not build a model twice
 
 
 def _build(role: str, name: str, settings: Settings) -> Any:
     key = (role, name, settings.model_dump_json())
-    if key not in _CACHE:
-        entry = _registry(role)[name]
-        module_name, class_name = entry.target.split(":", 1)
-        cls = getattr(importlib.import_module(module_name), class_name)
-        _CACHE[key] = cls(settings)
-    return _CACHE[key]
+    with _CACHE_LOCK:
+        if key not in _CACHE:
+            entry = _registry(role)[name]
+            module_name, class_name = entry.target.split(":", 1)
+            cls = getattr(importlib.import_module(module_name), class_name)
+            _CACHE[key] = cls(settings)
+        return _CACHE[key]
 
 
 def get_segmenter(name: str, settings: Settings | None = None) -> Segmenter:
