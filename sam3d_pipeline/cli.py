@@ -111,6 +111,12 @@ def run(
         raise typer.Exit(EXIT_FAILED)
 
 
+from .cli_sam3 import doctor, export_decoder  # noqa: E402 (subcommands live in their own module)
+
+app.command("doctor")(doctor)
+app.command("export-decoder")(export_decoder)
+
+
 def main() -> None:
     sys.exit(app())
 
