@@ -41,7 +41,6 @@ class ClickDecoder(nn.Module):
         self.prompt_encoder = tracker.sam_prompt_encoder
         self.mask_decoder = tracker.sam_mask_decoder
         self.resolution = float(tracker.image_size)
-        self.register_buffer("dense_pe", self.prompt_encoder.get_dense_pe().detach().clone())
 
     def _embed_points(self, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         pe = self.prompt_encoder
@@ -52,6 +51,15 @@ class ClickDecoder(nn.Module):
         for i in range(pe.num_point_embeddings):
             emb = torch.where(labels == i, emb + pe.point_embeddings[i].weight, emb)
         return emb
+
+    def _dense_pe(self, image_embed: torch.Tensor) -> torch.Tensor:
+        """``PromptEncoder.get_dense_pe()`` computed in the graph (``PositionEmbeddingRandom.forward``), so the
+        export does not carry it as a 5.3 MB constant."""
+        grid = torch.ones_like(image_embed[0, 0])
+        h, w = grid.shape
+        y = (grid.cumsum(dim=0) - 0.5) / h
+        x = (grid.cumsum(dim=1) - 0.5) / w
+        return self.prompt_encoder.pe_layer._pe_encoding(torch.stack([x, y], dim=-1)).permute(2, 0, 1).unsqueeze(0)
 
     def forward(self, image_embed, high_res_feats_0, high_res_feats_1, point_coords, point_labels, mask_input,
                 has_mask_input, orig_im_size):
@@ -64,7 +72,7 @@ class ClickDecoder(nn.Module):
         )
         low_res, iou, _, _ = self.mask_decoder.predict_masks(
             image_embeddings=image_embed,
-            image_pe=self.dense_pe,
+            image_pe=self._dense_pe(image_embed),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             repeat_image=False,

@@ -85,7 +85,10 @@ class LoadedModel:
     checkpoint: str | None
     build_s: float
     compat: list[str] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    # The last image's encoder state, shared by every segmenter on this model (segment, click, embeddings
+    # and flow tasks on one image pay for set_image once): (image_key, state).
+    last_image: tuple[str, dict] | None = None
 
 
 _MODELS: dict[tuple[str, str, bool], LoadedModel] = {}
@@ -173,8 +176,6 @@ class Sam3Segmenter:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self._state_key: str | None = None
-        self._state: dict | None = None
         self._loaded: LoadedModel | None = None
 
     # Model and image state ---------------------------------------------------------------------------
@@ -208,15 +209,15 @@ class Sam3Segmenter:
         from PIL import Image
 
         key = image_key(rgb)
-        if self._state_key != key:
-            loaded = self.loaded
-            started = time.perf_counter()
-            with loaded.lock:
-                self._state = loaded.processor.set_image(Image.fromarray(rgb))
-            self._state["timings_s"] = {"set_image": time.perf_counter() - started}
-            self._state_key = key
-        assert self._state is not None
-        return self._state
+        loaded = self.loaded
+        with loaded.lock:
+            if loaded.last_image is None or loaded.last_image[0] != key:
+                loaded.last_image = None  # free the previous image's features first
+                started = time.perf_counter()
+                state = loaded.processor.set_image(Image.fromarray(rgb))
+                state["timings_s"] = {"set_image": time.perf_counter() - started}
+                loaded.last_image = (key, state)
+            return loaded.last_image[1]
 
     # Protocol ----------------------------------------------------------------------------------------
 
