@@ -6,6 +6,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from sam3d_pipeline import backends, embeddings
+from sam3d_pipeline.backends.base import Embedder
 from sam3d_pipeline.images import LoadedImage
 from sam3d_pipeline.pipeline import RunPlan
 from sam3d_pipeline.settings import Settings
@@ -21,7 +22,7 @@ def store_embeddings(image: LoadedImage, run_plan: RunPlan, settings: Settings) 
     """
     logger = get_run_logger()
     segmenter = backends.get_segmenter(run_plan.segmenter.name, settings)
-    if not hasattr(segmenter, "embeddings"):
+    if not isinstance(segmenter, Embedder):
         logger.info("segmenter %s has no click decoder: no embeddings stored", run_plan.segmenter.name)
         return None
     tensors = segmenter.embeddings(image.rgb)

@@ -104,9 +104,13 @@ def test_clicks_refine_through_predict_inst(sam3):
     _assert_well_formed(result, sam3.rgb)
 
 
-def test_random_init_leaves_no_empty_parameters(sam3):
-    bad = [name for name, p in sam3.model.named_parameters() if not torch.isfinite(p).all()]
+def test_random_init_fills_the_text_encoder(sam3):
+    """Without a checkpoint, the text encoder's ``torch.empty`` parameters would make every output NaN."""
+    encoder = sam3.model.backbone.language_backbone.encoder
+    bad = [name for name, p in encoder.named_parameters() if not torch.isfinite(p).all()]
     assert bad == []
+    assert 0.005 < float(encoder.positional_embedding.std()) < 0.05  # our normal(0, 0.02), not leftovers
+    assert sam3.seg.info().version.endswith("+random-init")
 
 
 def test_checkpoint_with_the_real_key_layout_loads(sam3, tmp_path):

@@ -236,3 +236,15 @@ def test_doctor_command_fails_with_a_clear_line(tmp_path):
     assert any(line.startswith("ok   python:") for line in lines)
     assert any(line.startswith("ok   prefect-api:") for line in lines), proc.stdout
     assert lines[-1] == "doctor: FAILED"
+
+
+def test_weights_are_part_of_the_output_key():
+    pytest.importorskip("torch")
+    from sam3d_pipeline.backends.sam3_segmenter import Sam3Segmenter
+
+    random = Sam3Segmenter(Settings(sam3_random_init=True)).info()
+    real = Sam3Segmenter(Settings(sam3_checkpoint="/models/sam3.pt")).info()
+    pinned = Sam3Segmenter(Settings(sam3_checkpoint="/models/sam3.pt", sam3_checkpoint_sha256="AB" * 32)).info()
+    assert random.weights == "random-init" and real.weights == "checkpoint"
+    assert len({random.key(), real.key(), pinned.key()}) == 3
+    assert pinned.version == "sam3-0.1.4+abababababab"

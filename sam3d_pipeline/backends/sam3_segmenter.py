@@ -198,7 +198,19 @@ class Sam3Segmenter:
             limits += LIMITS_RANDOM
         if device == "cpu":
             limits += LIMITS_CPU
-        return BackendInfo(name="sam3", version=VERSION, device=device, limits=limits, weights=weights)
+        return BackendInfo(name="sam3", version=self.version(), device=device, limits=limits, weights=weights)
+
+    def version(self) -> str:
+        """``sam3-0.1.4+<weights>``: outputs from other weights get other output keys (never reused).
+
+        The weights part is ``random-init``, or the configured sha256's first 12 hex digits, or a hash of the
+        configured checkpoint location.
+        """
+        if not self.settings.sam3_checkpoint:
+            return f"{VERSION}+random-init"
+        if self.settings.sam3_checkpoint_sha256:
+            return f"{VERSION}+{self.settings.sam3_checkpoint_sha256.lower()[:12]}"
+        return f"{VERSION}+src-{hashlib.sha256(self.settings.sam3_checkpoint.encode()).hexdigest()[:8]}"
 
     def image_state(self, rgb: np.ndarray) -> dict:
         """Run the image encoder (``Sam3Processor.set_image``) once per distinct image; reuse the state.
