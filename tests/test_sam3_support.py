@@ -248,3 +248,44 @@ def test_weights_are_part_of_the_output_key():
     assert random.weights == "random-init" and real.weights == "checkpoint"
     assert len({random.key(), real.key(), pinned.key()}) == 3
     assert pinned.version == "sam3-0.1.4+abababababab"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("status", [401, 403])
+def test_gated_hub_answer_explains_access(tmp_path, status):
+    """A local HTTP endpoint answering like the gated hub (HF_ENDPOINT), reached by the real huggingface_hub."""
+    import http.server
+    import os
+    import threading
+
+    class Gated(http.server.BaseHTTPRequestHandler):
+        def _refuse(self):
+            self.send_response(status)
+            self.send_header("X-Error-Code", "GatedRepo")
+            self.send_header("X-Error-Message", "Access to model facebook/sam3 is restricted.")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_HEAD = _refuse
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Gated)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "SAM3D_"))}
+        env.update(HF_ENDPOINT=f"http://127.0.0.1:{server.server_port}", HF_HOME=str(tmp_path / "hf"),
+                   SAM3D_SAM3_CHECKPOINT="hf://facebook/sam3", SAM3D_SAM3_ALLOW_HUB="true",
+                   SAM3D_MODEL_CACHE_DIR=str(tmp_path / "cache"))
+        code = ("from sam3d_pipeline.backends.sam3_assets import resolve_checkpoint;"
+                "from sam3d_pipeline.settings import Settings\n"
+                "try:\n    resolve_checkpoint(Settings())\n"
+                "except Exception as exc:\n    print(type(exc).__name__, exc)")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert proc.stdout.startswith("BackendUnavailableError"), proc.stdout + proc.stderr
+    assert f"answered {status}" in proc.stdout and "hf auth login" in proc.stdout and "gated" in proc.stdout
