@@ -120,8 +120,6 @@ def load_model(settings: Settings) -> LoadedModel:
         BackendUnavailableError: no checkpoint and random init not requested; vocabulary missing; ...
         InputError: the configured checkpoint path does not exist.
     """
-    import torch
-
     if not settings.sam3_checkpoint and not settings.sam3_random_init:
         raise BackendUnavailableError(
             "sam3 needs a checkpoint: set SAM3D_SAM3_CHECKPOINT (local file, s3:// URI, or hf://facebook/sam3 "
@@ -157,7 +155,6 @@ def load_model(settings: Settings) -> LoadedModel:
         loaded = LoadedModel(model, processor, device, weights, ckpt.source if ckpt else None, build_s, compat)
         _MODELS[key] = loaded
         log.info("SAM 3 built on %s in %.1f s (%s)", device, build_s, weights)
-        del torch
         return loaded
 
 
