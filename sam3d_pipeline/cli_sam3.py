@@ -16,10 +16,20 @@ def doctor(
     ] = False,
 ) -> None:
     """Preflight: Python, torch/device, sam3, vocabulary, checkpoint, S3, Prefect API, work pools."""
+    from pydantic import ValidationError
+
     from .doctor import exit_code, run_checks
     from .settings import get_settings
 
-    checks = run_checks(get_settings(), smoke_test=smoke)
+    try:
+        settings = get_settings()
+    except ValidationError as exc:
+        for error in exc.errors():
+            name = "SAM3D_" + "_".join(str(part) for part in error["loc"]).upper()
+            print(f"fail settings: {name}={error.get('input')!r}: {error['msg']} -> fix: correct or unset {name}")
+        print("doctor: FAILED")
+        raise typer.Exit(1) from None
+    checks = run_checks(settings, smoke_test=smoke)
     for check in checks:
         print(check.line(), flush=True)
     code = exit_code(checks, strict)

@@ -289,3 +289,15 @@ def test_gated_hub_answer_explains_access(tmp_path, status):
         server.server_close()
     assert proc.stdout.startswith("BackendUnavailableError"), proc.stdout + proc.stderr
     assert f"answered {status}" in proc.stdout and "hf auth login" in proc.stdout and "gated" in proc.stdout
+
+
+def test_doctor_names_a_bad_setting():
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SAM3D_")}
+    env["SAM3D_SAM3_CONFIDENCE_THRESHOLD"] = "1.5"
+    proc = subprocess.run([sys.executable, "-m", "sam3d_pipeline.cli", "doctor"], capture_output=True, text=True,
+                          timeout=60, env=env)
+    assert proc.returncode == 1
+    assert proc.stdout.splitlines()[0].startswith("fail settings: SAM3D_SAM3_CONFIDENCE_THRESHOLD=1.5"), proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr
