@@ -299,5 +299,5 @@ def test_doctor_names_a_bad_setting():
     proc = subprocess.run([sys.executable, "-m", "sam3d_pipeline.cli", "doctor"], capture_output=True, text=True,
                           timeout=60, env=env)
     assert proc.returncode == 1
-    assert proc.stdout.splitlines()[0].startswith("fail settings: SAM3D_SAM3_CONFIDENCE_THRESHOLD=1.5"), proc.stdout
+    assert proc.stdout.splitlines()[0].startswith("fail settings: SAM3D_SAM3_CONFIDENCE_THRESHOLD='1.5'"), proc.stdout
     assert "Traceback" not in proc.stdout + proc.stderr
