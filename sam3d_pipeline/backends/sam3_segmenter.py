@@ -35,6 +35,7 @@ EMBEDDING_SHAPES = {
 }
 # Text-encoder parameters created with ``torch.empty`` (``sam3/model/text_encoder_ve.py:196`` and ``:218``)
 # that only a checkpoint fills; random init must set them or outputs are NaN.
+RANDOM_INIT_SEED = 0
 UNINITIALISED_PARAMS = (
     "backbone.language_backbone.encoder.positional_embedding",
     "backbone.language_backbone.encoder.text_projection",
@@ -120,6 +121,8 @@ def load_model(settings: Settings) -> LoadedModel:
         BackendUnavailableError: no checkpoint and random init not requested; vocabulary missing; ...
         InputError: the configured checkpoint path does not exist.
     """
+    import torch
+
     if not settings.sam3_checkpoint and not settings.sam3_random_init:
         raise BackendUnavailableError(
             "sam3 needs a checkpoint: set SAM3D_SAM3_CHECKPOINT (local file, s3:// URI, or hf://facebook/sam3 "
@@ -137,18 +140,21 @@ def load_model(settings: Settings) -> LoadedModel:
         vocab = find_bpe_vocab()
         ckpt = resolve_checkpoint(settings)
         started = time.perf_counter()
-        model = build_sam3_image_model(
-            bpe_path=str(vocab),
-            device=device,
-            checkpoint_path=str(ckpt.path) if ckpt else None,
-            load_from_HF=False,  # never download implicitly; the hub goes through resolve_checkpoint
-            enable_inst_interactivity=True,
-        )
-        weights = "checkpoint"
-        if ckpt is None:
-            fixed = _random_init_fill(model)
-            log.warning("SAM 3 built with random weights (re-initialised %s)", ", ".join(fixed))
-            weights = "random-init"
+        # Random weights are seeded (without disturbing the caller's RNG) so smoke results are reproducible.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model = build_sam3_image_model(
+                bpe_path=str(vocab),
+                device=device,
+                checkpoint_path=str(ckpt.path) if ckpt else None,
+                load_from_HF=False,  # never download implicitly; the hub goes through resolve_checkpoint
+                enable_inst_interactivity=True,
+            )
+            weights = "checkpoint"
+            if ckpt is None:
+                fixed = _random_init_fill(model)
+                log.warning("SAM 3 built with random weights (re-initialised %s)", ", ".join(fixed))
+                weights = "random-init"
         model = model.to(device).eval()
         processor = Sam3Processor(model, device=device, confidence_threshold=settings.sam3_confidence_threshold)
         build_s = time.perf_counter() - started
