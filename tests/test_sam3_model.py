@@ -197,3 +197,30 @@ def test_flow_runs_end_to_end_with_sam3(sam3, tmp_path, monkeypatch):
     assert on_disk["segmenter"]["name"] == "sam3" and on_disk["segmenter"]["weights"] == "random-init"
     assert on_disk["reconstructor"]["name"] == "lite"
     assert (Path(result["output_prefix"]) / "object.glb").stat().st_size > 0
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_embeddings_task_stores_next_to_the_outputs(sam3, tmp_path):
+    from prefect import flow
+
+    from sam3d_pipeline import backends, pipeline
+    from tasks.embeddings import store_embeddings
+
+    path = sample_path("coffee")
+    image = pipeline.decode(path.read_bytes(), str(path), sam3.settings)
+    run_plan = pipeline.RunPlan(
+        input_uri=str(path), output_root=str(tmp_path), prefix="coffee-test",
+        segmenter=backends.Resolved("segmenter", "sam3", "sam3", "test"),
+        reconstructor=backends.Resolved("reconstructor", "lite", "lite", "test"),
+    )
+
+    @flow
+    def embed():
+        return store_embeddings(image, run_plan, sam3.settings)
+
+    uri = embed()
+    stored = embeddings.decode(Path(uri).read_bytes())
+    assert Path(uri) == tmp_path / "coffee-test" / "embeddings.bin"
+    exact = sam3.seg.embeddings(sam3.rgb)
+    for name, array in exact.items():
+        assert np.abs(stored[name] - array).max() <= (array.max() - array.min()) / 63  # within one 6-bit step
