@@ -139,6 +139,11 @@ from .catalog_cli import catalog as _catalog  # noqa: E402
 
 app.command("catalog")(_catalog)
 
+from .cli_sam3 import doctor, export_decoder  # noqa: E402 (subcommands live in their own module)
+
+app.command("doctor")(doctor)
+app.command("export-decoder")(export_decoder)
+
 
 def main() -> None:
     sys.exit(app())

@@ -69,6 +69,28 @@ class Settings(BaseSettings):
         None, description="Base URL of the review server, linked from paused runs (e.g. http://127.0.0.1:8765)."
     )
 
+    # SAM 3 (the ``sam3`` segmenter).
+    sam3_checkpoint: str | None = Field(
+        None,
+        description="SAM 3 checkpoint: a local file, s3://bucket/key, or 'hf://facebook/sam3' (needs sam3_allow_hub).",
+    )
+    sam3_checkpoint_sha256: str | None = Field(
+        None, description="Expected sha256 (hex) of the checkpoint; checked after an s3:// download when set."
+    )
+    sam3_allow_hub: bool = Field(
+        False, description="Allow downloading the gated checkpoint from the Hugging Face hub (never implicit)."
+    )
+    sam3_random_init: bool = Field(
+        False, description="Build SAM 3 with random weights (tests, smoke checks); results are marked random-init."
+    )
+    sam3_device: str = Field("auto", description="Torch device for SAM 3: auto (cuda when available), cpu, cuda:0.")
+    sam3_confidence_threshold: float = Field(
+        0.5, ge=0.0, le=1.0, description="SAM 3 detections scoring below this (presence x class) are dropped."
+    )
+    model_cache_dir: str = Field(
+        "~/.cache/sam3d-pipeline", description="Where downloaded checkpoints are kept (one copy per source)."
+    )
+
     # Storage and retries.
     s3_endpoint_url: str | None = Field(
         None, description="S3 endpoint override; AWS_ENDPOINT_URL is honoured when this is unset."

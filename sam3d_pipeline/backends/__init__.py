@@ -40,12 +40,22 @@ class BackendEntry:
         return None
 
 
+def _sam3_usable(settings: Settings) -> str | None:
+    """sam3 runs only with a checkpoint configured (or random init asked for) and a package that imports."""
+    if not settings.sam3_checkpoint and not settings.sam3_random_init:
+        return "no checkpoint configured (set SAM3D_SAM3_CHECKPOINT)"
+    from .sam3_segmenter import usable
+
+    return usable(settings)
+
+
 SEGMENTERS: dict[str, BackendEntry] = {
     "sam3": BackendEntry(
         name="sam3",
         target="sam3d_pipeline.backends.sam3_segmenter:Sam3Segmenter",
         requires=("torch", "sam3"),
         install_hint="pip install 'sam3d-pipeline[sam3]'",
+        usable=lambda settings: _sam3_usable(settings),
     ),
     "lite": BackendEntry(name="lite", target="sam3d_pipeline.backends.lite_segmenter:LiteSegmenter"),
 }

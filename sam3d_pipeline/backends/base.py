@@ -37,3 +37,12 @@ class Reconstructor(Protocol):
     def reconstruct(self, rgb: np.ndarray, mask: np.ndarray, *, seed: int = 0) -> Reconstruction:
         """Reconstruct the object under ``mask`` (``(H, W)`` bool) in ``rgb`` (``(H, W, 3)`` uint8)."""
         ...
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """Computes what a click decoder consumes for one image (segmenters with an interactive decoder)."""
+
+    def embeddings(self, rgb: np.ndarray) -> dict[str, np.ndarray]:
+        """Feature tensors for ``rgb`` (``(H, W, 3)`` uint8), name → float32 array ``(1, C, h, w)``."""
+        ...
