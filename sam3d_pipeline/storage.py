@@ -13,7 +13,6 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Protocol
-from urllib.parse import urlparse
 
 from .errors import (
     InputError,
@@ -68,10 +67,13 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
     Raises:
         InputError: not an ``s3://bucket/...`` URI.
     """
-    parsed = urlparse(uri)
-    if parsed.scheme != "s3" or not parsed.netloc:
+    # Not urlparse: S3 keys may contain '?', '#' and ';', which are literal characters here.
+    if not uri.startswith("s3://"):
         raise InputError(f"{uri}: not an s3://bucket/key URI")
-    return parsed.netloc, parsed.path.lstrip("/")
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    if not bucket:
+        raise InputError(f"{uri}: not an s3://bucket/key URI")
+    return bucket, key
 
 
 def _join(prefix: str, key: str) -> str:

@@ -61,6 +61,8 @@ def test_local_read_errors(tmp_path):
 
 def test_split_s3_uri():
     assert split_s3_uri("s3://bucket/a/b c.jpg") == ("bucket", "a/b c.jpg")
+    assert split_s3_uri("s3://bucket/what?#1;x.jpg") == ("bucket", "what?#1;x.jpg")
+    assert split_s3_uri("s3://bucket") == ("bucket", "")
     with pytest.raises(InputError, match="not an s3://bucket/key URI"):
         split_s3_uri("http://bucket/key")
 
