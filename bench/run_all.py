@@ -20,6 +20,9 @@ BENCHES = [
     ("overhead", ["bench/overhead.py", "--photos", "50"]),
     ("single run", ["bench/run_one.py", "--repeat", "3"]),
     ("review page", ["bench/review_latency.py", "--clicks", "50"]),
+    ("catalog throughput", ["bench/catalog_throughput.py", "--items", "24", "--rounds", "2"]),
+    ("event latency", ["bench/event_latency.py", "--uploads", "20", "--events", "1000"]),
+    ("sam3 on this cpu", ["bench/sam3_cpu.py"]),
 ]
 
 
