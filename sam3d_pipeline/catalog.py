@@ -414,14 +414,7 @@ def finished_result(storage: Storage, prefix: str) -> RunResult | None:
 
     A ``failed`` result (or none, or an unreadable one) means the item still has to run.
     """
-    key = f"{prefix}/{pipeline.RESULT_FILE}"
-    if not storage.exists(key):
-        return None
-    try:
-        result = RunResult.model_validate_json(storage.read_bytes(key))
-    except ValueError:
-        return None
-    return result if result.status in FINISHED_STATUSES else None
+    return pipeline.existing_result(storage, prefix, statuses=tuple(FINISHED_STATUSES))
 
 
 def plan_item(item: CatalogItem, options: RunOptions, storage: Storage, settings: Settings | None = None,

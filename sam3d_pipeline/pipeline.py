@@ -242,8 +242,11 @@ def result_json(result: RunResult) -> bytes:
     return json.dumps(result.model_dump(mode="json"), indent=2).encode()
 
 
-def existing_result(storage: Storage, prefix: str) -> RunResult | None:
-    """The completed result already at ``prefix``, if any (a re-run then reuses it)."""
+def existing_result(storage: Storage, prefix: str, statuses: tuple[str, ...] = ("completed",)) -> RunResult | None:
+    """The result already at ``prefix`` when its status is one of ``statuses`` (a re-run then reuses it).
+
+    A missing, unreadable or other-status result (e.g. ``failed``) returns None: the work must run.
+    """
     key = f"{prefix}/{RESULT_FILE}"
     if not storage.exists(key):
         return None
@@ -251,7 +254,7 @@ def existing_result(storage: Storage, prefix: str) -> RunResult | None:
         result = RunResult.model_validate_json(storage.read_bytes(key))
     except ValueError:
         return None
-    return result if result.status == "completed" else None
+    return result if result.status in statuses else None
 
 
 def build_result(
