@@ -13,12 +13,12 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from flows.review import ReviewConfig, edited_instance, review_loop, segment_or_reuse
+from flows.review import ReviewConfig, review_loop, segment_or_reuse
 from sam3d_pipeline import pipeline
 from sam3d_pipeline.errors import PipelineError
 from sam3d_pipeline.masks import select_instance
 from sam3d_pipeline.pipeline import PointParam, RunOptions
-from sam3d_pipeline.review.policy import needs_review
+from sam3d_pipeline.review.policy import edited_instance, needs_review
 from sam3d_pipeline.settings import get_settings
 from sam3d_pipeline.storage import open_storage
 from tasks import stages

@@ -21,23 +21,17 @@ from prefect.states import Running
 from pydantic import BaseModel, Field, create_model
 
 from sam3d_pipeline import backends, pipeline
-from sam3d_pipeline.errors import InputError, PipelineError
+from sam3d_pipeline.errors import InputError, ReviewTimeoutError
 from sam3d_pipeline.images import LoadedImage, encode_jpeg, encode_png
 from sam3d_pipeline.masks import box_from_mask, mask_from_png, overlay, select_instance
 from sam3d_pipeline.review.persist import load_round, save_round
 from sam3d_pipeline.review.policy import CONTEXT_KEY, ReviewContext, TimeoutPolicy, review_markdown, timeout_action
 from sam3d_pipeline.settings import Settings
 from sam3d_pipeline.storage import Storage
-from sam3d_pipeline.types import Instance, Segmentation
+from sam3d_pipeline.types import Segmentation
 from tasks import stages
 
 MASK_KEY_PATTERN = r"^review/[A-Za-z0-9._-]{1,100}\.png$"
-
-
-class ReviewTimeoutError(PipelineError):
-    """Nobody reviewed the mask in time and the timeout policy did not approve it."""
-
-    code = "review_timeout"
 
 
 class ReviewInput(RunInput):
@@ -277,8 +271,3 @@ def review_loop(
             continue
         record |= {"outcome": "approved", "waited_s": round(time.monotonic() - started, 1)}
         return ReviewOutcome("approved", seg, chosen, options, record=record)
-
-
-def edited_instance(mask: np.ndarray, base: Instance | None) -> Instance:
-    """The person's mask as an instance (score carried over from the instance it refined, else 1.0)."""
-    return Instance(mask=mask, box=box_from_mask(mask), score=base.score if base else 1.0)

@@ -51,6 +51,12 @@ class BackendUnavailableError(PipelineError):
     code = "backend_unavailable"
 
 
+class ReviewTimeoutError(PipelineError):
+    """Nobody reviewed the mask in time and the timeout policy did not approve it."""
+
+    code = "review_timeout"
+
+
 class TransientError(PipelineError):
     """A failure that may go away on retry (S3 5xx/throttling, connection reset, timeout)."""
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Protocol
 
 from .errors import (
+    ImageTooLargeError,
     InputError,
     InputNotFoundError,
     PipelineError,
@@ -277,8 +278,6 @@ def read_input(uri: str, settings: Settings | None = None) -> bytes:
         InputNotFoundError, ImageTooLargeError, StorageAccessError: permanent.
         TransientStorageError: S3 5xx/throttling/connection failures.
     """
-    from .errors import ImageTooLargeError
-
     s = settings or get_settings()
     if is_s3_uri(uri):
         bucket, key = split_s3_uri(uri)

@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from ..masks import box_from_mask
 from ..types import Instance
 
 CONTEXT_KEY = "review-context"
@@ -98,3 +99,9 @@ def review_markdown(
         "`prompt`, `boxes` (xyxy pixels), `points` (x, y, label 1/0) or `score_threshold`.",
     ]
     return "\n".join(lines)
+
+
+def edited_instance(mask: Any, base: Instance | None) -> Instance:
+    """The reviewer's mask (``(H, W)`` bool) as an instance; the score is carried over from the instance
+    it refined, else 1.0."""
+    return Instance(mask=mask, box=box_from_mask(mask), score=base.score if base else 1.0)
