@@ -6,10 +6,10 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed-dev
 GLTF_VALIDATOR := tools/gltf-validator/node_modules/.package-lock.json
 GALLERY := sam3d_pipeline/gallery
-GALLERY_STAMP := $(GALLERY)/node_modules/.installed
+GALLERY_STAMP := $(GALLERY)/node_modules $(REVIEW_WEB)/node_modules/.installed
 SAM3_STAMP := $(VENV)/.installed-sam3
 
-.PHONY: demo test lint install bench bench-catalog clean gallery-assets chromium
+.PHONY: demo test lint install bench bench-catalog clean gallery-assets review-assets chromium
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,17 @@ $(GALLERY_STAMP): $(GALLERY)/package.json $(GALLERY)/package-lock.json
 
 gallery-assets: $(GALLERY_STAMP)
 
-install: $(STAMP) $(GALLERY_STAMP)
+# The review page's in-browser click decoder runtime (onnxruntime-web), served by review-server.
+REVIEW_WEB := sam3d_pipeline/review/web
+REVIEW_WEB_STAMP := $(REVIEW_WEB)/node_modules/.installed
+$(REVIEW_WEB_STAMP): $(REVIEW_WEB)/package.json $(REVIEW_WEB)/package-lock.json
+	command -v npm >/dev/null || (apt-get update && apt-get install -y --no-install-recommends nodejs npm)
+	cd $(REVIEW_WEB) && npm ci --no-audit --no-fund --loglevel=error
+	touch $(REVIEW_WEB_STAMP)
+
+review-assets: $(REVIEW_WEB_STAMP)
+
+install: $(STAMP) $(GALLERY_STAMP) $(REVIEW_WEB_STAMP)
 
 # The real SAM 3 backend (torch, sam3, onnxruntime: ~5.6 GB); the test suite runs it on the CPU.
 $(SAM3_STAMP): $(STAMP)
@@ -49,15 +59,15 @@ chromium:
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-test: $(STAMP) $(SAM3_STAMP) $(GLTF_VALIDATOR) $(GALLERY_STAMP) chromium
+test: $(STAMP) $(SAM3_STAMP) $(GLTF_VALIDATOR) $(GALLERY_STAMP) $(REVIEW_WEB_STAMP) chromium
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
-bench: $(STAMP) chromium
+bench: $(STAMP) $(SAM3_STAMP) $(REVIEW_WEB_STAMP) chromium
 	$(PY) bench/run_all.py
 
 bench-catalog: $(STAMP)
 	$(PY) bench/catalog_throughput.py
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache .ruff_cache $(GALLERY)/node_modules
+	rm -rf $(VENV) outputs .pytest_cache .ruff_cache $(GALLERY)/node_modules $(REVIEW_WEB)/node_modules

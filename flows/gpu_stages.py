@@ -30,6 +30,7 @@ def segment_image(
     prefix: str,
     params: stages.SegmentParams,
     segmenter: str = "sam3",
+    review_assets: bool = False,
 ) -> dict[str, Any]:
     """Find instances in ``image`` and write their masks under ``<output_root>/<prefix>/stages/segment/``.
 
@@ -39,12 +40,14 @@ def segment_image(
         prefix: the run's output prefix name.
         params: prompt, boxes (xyxy px) and points (px).
         segmenter: resolved backend name (``sam3`` or ``lite``).
+        review_assets: also store the review page's click-decoder files (embeddings, decoder).
 
     Returns:
         The contents of ``segmentation.json`` (instances with mask keys, backend, messages).
     """
     logger = get_run_logger()
-    summary = stages.run_segment_stage(image, output_root, prefix, params, segmenter, get_settings())
+    summary = stages.run_segment_stage(image, output_root, prefix, params, segmenter, get_settings(),
+                                       review_assets=review_assets)
     logger.info("%s found %d instance(s) in %s", summary["backend"]["name"], len(summary["instances"]), image)
     return summary
 

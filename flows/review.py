@@ -20,7 +20,7 @@ from prefect.runtime import deployment, flow_run
 from prefect.states import Running
 from pydantic import BaseModel, Field, create_model
 
-from sam3d_pipeline import backends, pipeline
+from sam3d_pipeline import backends, clickdecoder, pipeline
 from sam3d_pipeline.errors import InputError, ReviewTimeoutError
 from sam3d_pipeline.images import LoadedImage, encode_jpeg, encode_png
 from sam3d_pipeline.masks import box_from_mask, mask_from_png, overlay, select_instance
@@ -117,7 +117,14 @@ def segment_or_reuse(image: LoadedImage, options: pipeline.RunOptions, run_plan:
     if reused is not None:
         get_run_logger().info("review round %d: reusing the persisted segmentation", round_number)
         return reused
-    return stages.segment(image, options, run_plan, settings, storage.root)
+    return stages.segment(image, options, run_plan, settings, storage.root, review_assets=round_number == 1)
+
+
+def decoder_files(storage: Storage, run_plan: pipeline.RunPlan) -> dict[str, str]:
+    """The in-browser click decoder's files for this run, when its segmenter stored them."""
+    keys = {"embeddings_key": clickdecoder.embeddings_key(run_plan.prefix),
+            "decoder_key": clickdecoder.decoder_key(run_plan.segmenter_info["version"])}
+    return keys if all(storage.exists(k) for k in keys.values()) else {}
 
 
 def should_suspend(timeout_s: float, settings: Settings) -> bool:
@@ -191,6 +198,7 @@ def review_loop(
                 output_root=storage.root, prefix=run_plan.prefix, round=round_number, input_uri=image.source,
                 prompt=options.prompt, width=image.width, height=image.height, instances=instances,
                 selected=selected, segmenter=run_plan.segmenter_info["name"],
+                **decoder_files(storage, run_plan),
             ),
         )
         remaining = max(1.0, config.timeout_s - (time.monotonic() - started))

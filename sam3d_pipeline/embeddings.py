@@ -127,16 +127,3 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     """Intersection over union of two bool masks (1.0 when both are empty)."""
     union = np.logical_or(a, b).sum()
     return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
-
-
-EMBEDDINGS_FILE = "embeddings.bin"
-
-
-def store(storage, prefix: str, tensors: dict[str, np.ndarray], bits: int | dict[str, int] = DEFAULT_BITS) -> str:
-    """Encode ``tensors`` and write them to ``<prefix>/embeddings.bin`` in ``storage`` (a ``Storage``).
-
-    Returns:
-        The URI written.
-    """
-    return storage.write_bytes(f"{prefix}/{EMBEDDINGS_FILE}", encode(tensors, bits),
-                               content_type="application/octet-stream")

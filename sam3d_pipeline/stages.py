@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from . import backends
+from . import backends, clickdecoder
 from .errors import InputError
 from .images import LoadedImage, load_image
 from .masks import mask_from_png, mask_to_png
@@ -80,7 +80,7 @@ def read_photo(uri: str, settings: Settings) -> LoadedImage:
 
 
 def run_segment_stage(image_uri: str, output_root: str, prefix: str, params: SegmentParams, segmenter: str,
-                      settings: Settings | None = None) -> dict[str, Any]:
+                      settings: Settings | None = None, review_assets: bool = False) -> dict[str, Any]:
     """Segment the photo at ``image_uri`` and write every instance mask under ``<prefix>/stages/segment/``.
 
     Args:
@@ -89,6 +89,8 @@ def run_segment_stage(image_uri: str, output_root: str, prefix: str, params: Seg
         prefix: the run's output prefix name (``<stem>-<hash>``).
         params: prompt, boxes (xyxy px), points (px).
         segmenter: resolved backend name (``lite``, ``sam3``), not ``auto``.
+        review_assets: also store the review page's click-decoder files (``clickdecoder.publish_review_assets``)
+            while the model and the photo's features are at hand.
 
     Returns:
         The contents of ``segmentation.json``: ``instances`` (index, score, box, area, mask key),
@@ -110,6 +112,9 @@ def run_segment_stage(image_uri: str, output_root: str, prefix: str, params: Seg
         "messages": list(seg.messages),
         "backend": seg.backend.as_dict(),
     }
+    if review_assets:
+        summary["review_assets"] = clickdecoder.publish_review_assets(
+            backends.get_segmenter(segmenter, s), image.rgb, storage, prefix)
     storage.write_bytes(f"{prefix}/{SEGMENT_DIR}/segmentation.json", json.dumps(summary, indent=2).encode(),
                         content_type="application/json")
     return summary

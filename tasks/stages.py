@@ -28,6 +28,7 @@ from sam3d_pipeline.images import LoadedImage
 from sam3d_pipeline.settings import Settings
 from sam3d_pipeline.types import Reconstruction, Segmentation
 
+from .embeddings import store_review_assets
 from .reconstruct import reconstruct_object
 from .segment import segment_image
 
@@ -97,16 +98,23 @@ def _record(deployment: str, attempts: list[StageAttempt]) -> None:
 
 
 def segment(image: LoadedImage, options: pipeline.RunOptions, run_plan: pipeline.RunPlan, settings: Settings,
-            output_root: str) -> Segmentation:
-    """Segment in-process, or through the ``segment-image`` deployment (``SAM3D_GPU_STAGES``)."""
+            output_root: str, review_assets: bool = False) -> Segmentation:
+    """Segment in-process, or through the ``segment-image`` deployment (``SAM3D_GPU_STAGES``).
+
+    ``review_assets`` also stores the review page's click-decoder files, where the model runs.
+    """
     if settings.gpu_stages == "inline":
-        return segment_image(image, options, run_plan, settings)
+        seg = segment_image(image, options, run_plan, settings)
+        if review_assets:
+            store_review_assets(image, run_plan, settings)
+        return seg
     pipeline.segment_request(options, image.width, image.height)  # bad boxes/points fail here, before a GPU
     params = stages.SegmentParams(prompt=options.prompt, boxes=options.boxes,
                                   points=[p.model_dump() for p in options.points])
     attempts = run_gpu_stage(settings.segment_deployment, {
         "image": run_plan.input_uri, "output_root": output_root, "prefix": run_plan.prefix,
         "params": params.model_dump(mode="json"), "segmenter": run_plan.segmenter.name,
+        **({"review_assets": True} if review_assets else {}),
     }, settings)
     seg = stages.load_segmentation(output_root, run_plan.prefix, settings)
     seg.messages.extend(f"segment-image {a.line()}" for a in attempts if len(attempts) > 1)

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+import subprocess
+import sys
 import uuid
 
 import pytest
@@ -25,7 +29,7 @@ from sam3d_pipeline import backends  # noqa: E402
 from sam3d_pipeline.settings import get_settings  # noqa: E402
 from sam3d_pipeline.storage import _s3_client  # noqa: E402
 
-from .servers import FaultyProxy, MotoServer  # noqa: E402
+from .servers import FaultyProxy, MotoServer, free_port, wait_for_port  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -75,3 +79,37 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+REVIEW_TOKEN = "test-token-123"
+
+
+@pytest.fixture
+def review_server():
+    from prefect.settings import PREFECT_API_URL
+
+    port = free_port()
+    env = os.environ | {"PREFECT_API_URL": PREFECT_API_URL.value(), "SAM3D_REVIEW_TOKEN": REVIEW_TOKEN}
+    proc = subprocess.Popen([sys.executable, "-m", "sam3d_pipeline.cli", "review-server", "--port", str(port)],
+                            env=env, start_new_session=True)
+    try:
+        wait_for_port(port, proc=proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run"],
+        )
+        yield chromium
+        chromium.close()

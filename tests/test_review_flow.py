@@ -90,7 +90,7 @@ class PausedRun:
 
     @property
     def prefix(self) -> Path:
-        [prefix] = list(self.out.iterdir())
+        [prefix] = [p for p in self.out.iterdir() if not p.name.startswith("_")]  # not _decoders/
         return prefix
 
 

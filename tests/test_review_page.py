@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -17,48 +12,16 @@ from PIL import Image
 
 from sam3d_pipeline.masks import iou
 
+from .conftest import REVIEW_TOKEN as TOKEN
 from .photos import object_photo
-from .servers import free_port, wait_for_port
 from .test_review_flow import PausedRun
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-TOKEN = "test-token-123"
 
 
 @pytest.fixture(autouse=True)
 def _fast_polling(monkeypatch):
     monkeypatch.setenv("SAM3D_REVIEW_POLL_INTERVAL_S", "0.2")
-
-
-@pytest.fixture
-def review_server():
-    from prefect.settings import PREFECT_API_URL
-
-    port = free_port()
-    env = os.environ | {"PREFECT_API_URL": PREFECT_API_URL.value(), "SAM3D_REVIEW_TOKEN": TOKEN}
-    proc = subprocess.Popen([sys.executable, "-m", "sam3d_pipeline.cli", "review-server", "--port", str(port)],
-                            env=env, start_new_session=True)
-    try:
-        wait_for_port(port, proc=proc)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        os.kill(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=10)
-
-
-@pytest.fixture
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        chromium = pw.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run"],
-        )
-        yield chromium
-        chromium.close()
 
 
 def test_api_requires_the_token_and_validates_input(tmp_path, review_server):

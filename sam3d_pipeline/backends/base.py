@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -45,4 +46,12 @@ class Embedder(Protocol):
 
     def embeddings(self, rgb: np.ndarray) -> dict[str, np.ndarray]:
         """Feature tensors for ``rgb`` (``(H, W, 3)`` uint8), name → float32 array ``(1, C, h, w)``."""
+        ...
+
+    def version(self) -> str:
+        """The model version; a click decoder belongs to exactly one."""
+        ...
+
+    def export_click_decoder(self, out_path: Path) -> dict:
+        """Write the click decoder that consumes :meth:`embeddings` as ONNX to ``out_path``; return a report."""
         ...

@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -358,6 +359,22 @@ class Sam3Segmenter:
             "high_res_feats_0": feats[0].float().cpu().numpy(),
             "high_res_feats_1": feats[1].float().cpu().numpy(),
         }
+
+    def export_click_decoder(self, out_path: Path) -> dict:
+        """Export this model's click decoder for the review page: uint8 weights (4.7 MB instead of 16.5 MB,
+        faster in onnxruntime-web), checked against torch before it is written to ``out_path``.
+
+        Returns:
+            The export report (sizes, differences from torch, latency), plus ``weights``.
+        """
+        import tempfile
+
+        from .sam3_onnx import export
+
+        with tempfile.TemporaryDirectory() as tmp:
+            report = export(self.loaded.model, Path(tmp) / "decoder.onnx", quantize=True)
+            Path(out_path).write_bytes(Path(report["quant_path"]).read_bytes())
+        return report | {"path": str(out_path), "weights": self.loaded.weights}
 
 
 def usable(settings: Settings) -> str | None:

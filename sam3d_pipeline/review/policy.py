@@ -35,6 +35,10 @@ class ReviewContext(BaseModel):
     instances: list[dict[str, Any]]
     selected: int | None
     segmenter: str
+    # The in-browser click decoder's files (``clickdecoder.publish_review_assets``), keys relative to
+    # ``output_root``; None when the segmenter has no click decoder (the page then refines on the server).
+    embeddings_key: str | None = None
+    decoder_key: str | None = None
 
 
 def needs_review(mode: ReviewMode, instances: list[Instance], auto_approve_score: float) -> tuple[bool, str]:

@@ -31,6 +31,8 @@ from . import prefect_api
 from .policy import ReviewContext
 
 STATIC = Path(__file__).parent / "static"
+# onnxruntime-web from npm (``make install`` runs ``npm ci`` in ``review/web``); served, never from a CDN.
+ORT_DIST = Path(__file__).parent / "web" / "node_modules" / "onnxruntime-web" / "dist"
 MAX_BODY_BYTES = 8 * 1024 * 1024
 REFINE_WORK_SIZE_PX = 360
 
@@ -99,14 +101,16 @@ def create_app(token: str, settings: Settings | None = None) -> FastAPI:
         return open_storage(ctx.output_root, s)
 
     def serve_file(ctx: ReviewContext, name: str, media_type: str) -> Response:
+        return serve_key(ctx, f"{ctx.prefix}/review/{name}", media_type)
+
+    def serve_key(ctx: ReviewContext, key: str, media_type: str, cache: str = "no-store") -> Response:
         storage = storage_for(ctx)
-        key = f"{ctx.prefix}/review/{name}"
         if isinstance(storage, S3Storage):  # short-lived presigned URL, no bytes through this server
             return RedirectResponse(storage.link(key, expires_s=300))
         try:
-            return Response(storage.read_bytes(key), media_type=media_type, headers={"Cache-Control": "no-store"})
+            return Response(storage.read_bytes(key), media_type=media_type, headers={"Cache-Control": cache})
         except InputNotFoundError:
-            raise HTTPException(status_code=404, detail=f"{name} not found for this run") from None
+            raise HTTPException(status_code=404, detail=f"{key.rsplit('/', 1)[-1]} not found for this run") from None
 
     def do_resume(run_id: UUID, answer: dict) -> dict:
         try:
@@ -130,12 +134,40 @@ def create_app(token: str, settings: Settings | None = None) -> FastAPI:
     @app.get("/api/runs/{run_id}", dependencies=auth)
     def run(run_id: UUID) -> dict:
         ctx = context(run_id)
-        return ctx.model_dump() | {
-            "id": str(run_id),
-            "decoder": "lite-server",
-            "decoder_label": "clicks are refined on the server with the lite segmenter (GrabCut); "
-            "no in-browser decoder for this backend",
-        }
+        if ctx.embeddings_key and ctx.decoder_key:
+            decoder = {
+                "decoder": "onnx-web",
+                "decoder_label": f"clicks are decoded in this browser by {ctx.segmenter}'s click decoder "
+                "(onnxruntime-web); no server round trip per click",
+                "decoder_url": f"/api/runs/{run_id}/decoder",
+                "decoder_cache_key": ctx.decoder_key,
+                "embeddings_url": f"/api/runs/{run_id}/embeddings",
+            }
+        else:
+            decoder = {
+                "decoder": "lite-server",
+                "decoder_label": "clicks are refined on the server with the lite segmenter (GrabCut); "
+                "no in-browser decoder for this backend",
+            }
+        return ctx.model_dump() | {"id": str(run_id)} | decoder
+
+    def decoder_file(ctx: ReviewContext, key: str | None, what: str) -> str:
+        if not key:
+            raise HTTPException(status_code=404, detail=f"no {what} for this run: segmenter {ctx.segmenter} "
+                                "has no click decoder")
+        return key
+
+    @app.get("/api/runs/{run_id}/embeddings", dependencies=auth)
+    def run_embeddings(run_id: UUID) -> Response:
+        ctx = context(run_id)
+        return serve_key(ctx, decoder_file(ctx, ctx.embeddings_key, "embeddings"), "application/octet-stream")
+
+    @app.get("/api/runs/{run_id}/decoder", dependencies=auth)
+    def run_decoder(run_id: UUID) -> Response:
+        """The ONNX click decoder; the page keeps it in its cache under ``decoder_cache_key`` (one per model)."""
+        ctx = context(run_id)
+        return serve_key(ctx, decoder_file(ctx, ctx.decoder_key, "click decoder"), "application/octet-stream",
+                         cache="private, max-age=86400")
 
     @app.get("/api/runs/{run_id}/image", dependencies=auth)
     def image(run_id: UUID) -> Response:
@@ -220,6 +252,8 @@ def create_app(token: str, settings: Settings | None = None) -> FastAPI:
         answer = {"action": "reprompt"} | body.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
         return do_resume(run_id, answer)
 
+    if ORT_DIST.is_dir():
+        app.mount("/static/ort", StaticFiles(directory=ORT_DIST), name="ort")
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
 

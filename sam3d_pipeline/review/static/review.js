@@ -1,6 +1,10 @@
 // The review page: shows a paused run's photo and masks, refines with clicks, and resumes the run.
 const $ = (id) => document.getElementById(id);
-const state = { token: null, run: null, photo: null, mask: null, points: [], box: null, instance: null, edited: false };
+const state = { token: null, run: null, photo: null, mask: null, points: [], box: null, instance: null, edited: false,
+  decoder: null, decoderLoading: null, busy: false, pending: false };
+// Per click: {decoder: "onnx-web" | "lite-server", decodeMs, totalMs} (read by the benchmarks and tests).
+window.reviewClicks = [];
+window.reviewState = state;
 
 function readToken() {
   const fromHash = new URLSearchParams(location.hash.slice(1)).get("token");
@@ -103,9 +107,67 @@ async function selectInstance(index) {
   draw();
 }
 
-async function refine() {
+// Fetch the decoder (kept in the browser's cache per model version), the photo's embeddings, build the
+// onnxruntime-web session and warm it up, so the first real click is as fast as the rest.
+async function loadDecoder(run) {
   const started = performance.now();
-  status("refining…");
+  const { ClickDecoder } = await import("/static/clickdecoder.js");
+  const [model, embeddings] = await Promise.all([cachedFetch(run.decoder_url, run.decoder_cache_key), fetchBytes(run.embeddings_url)]);
+  const decoder = await ClickDecoder.create(model);
+  decoder.setEmbeddings(embeddings, run.width, run.height);
+  const centre = [{ x: run.width / 2, y: run.height / 2, label: 1 }];
+  for (let i = 0; i < 3; i++) await decoder.decode(i === 2 ? [...centre, { x: 1, y: 1, label: 0 }] : centre, null);
+  document.body.dataset.decoderReadyMs = Math.round(performance.now() - started);
+  document.body.dataset.embeddingsBytes = embeddings.byteLength;
+  document.body.dataset.decoderThreads = decoder.threads;
+  return decoder;
+}
+
+async function fetchBytes(url) { return (await api(url)).arrayBuffer(); }
+
+async function cachedFetch(url, cacheKey) {
+  if (!self.caches) return fetchBytes(url);
+  const cache = await caches.open("sam3d-click-decoders");
+  const name = `/cache/${encodeURIComponent(cacheKey)}`;
+  const hit = await cache.match(name);
+  if (hit) { document.body.dataset.decoderFromCache = "1"; return hit.arrayBuffer(); }
+  const bytes = await fetchBytes(url);
+  await cache.put(name, new Response(bytes.slice(0)));
+  return bytes;
+}
+
+async function refine() {
+  if (state.busy) { state.pending = true; return; }  // decode the latest clicks once the current one ends
+  state.busy = true;
+  try {
+    do {
+      state.pending = false;
+      await refineOnce();
+    } while (state.pending);
+  } finally {
+    state.busy = false;
+  }
+}
+
+async function refineOnce() {
+  const started = performance.now();
+  let decoder = state.decoder;
+  if (!decoder && state.decoderLoading) {
+    status("waiting for the in-browser decoder…");
+    decoder = await state.decoderLoading.catch(() => null);
+  }
+  if (decoder) {
+    const result = await decoder.decode(state.points, state.box);
+    state.mask = result.mask; state.edited = true;
+    draw();
+    const total = performance.now() - started;
+    window.reviewClicks.push({ decoder: "onnx-web", decodeMs: result.ms, totalMs: total });
+    document.body.dataset.lastRefineMs = Math.round(total);
+    status(`decoded in this browser (onnxruntime-web, ${decoder.threads} thread(s)): mask ${result.index}, `
+      + `predicted IoU ${result.score.toFixed(2)}, ${Math.round(total)} ms`);
+    return;
+  }
+  status("refining on the server…");
   const body = { points: state.points, box: state.box, instance_index: state.instance };
   const result = await (await api(`/api/runs/${state.run.id}/refine`, { method: "POST", body: JSON.stringify(body) })).json();
   if (result.mask_png_base64) {
@@ -115,6 +177,7 @@ async function refine() {
   }
   draw();
   const ms = Math.round(performance.now() - started);
+  window.reviewClicks.push({ decoder: "lite-server", decodeMs: ms, totalMs: ms });
   document.body.dataset.lastRefineMs = ms;
   status(`${result.message} (${result.backend}, score ${result.score}, ${ms} ms)`);
 }
@@ -158,6 +221,20 @@ async function openRun(id) {
   state.run = run;
   $("meta").textContent = `${run.input_uri} · prompt “${run.prompt}” · round ${run.round} · ${run.width}×${run.height}`;
   $("decoder").textContent = run.decoder_label;
+  if (run.decoder === "onnx-web") {
+    state.decoderLoading = loadDecoder(run);
+    state.decoderLoading.then((decoder) => {
+      state.decoder = decoder;
+      document.body.dataset.decoder = "onnx-web";
+      $("decoder").textContent = `${run.decoder_label}; ready, ${decoder.threads} thread(s)`;
+    }).catch((err) => {
+      document.body.dataset.decoder = "lite-server";
+      $("decoder").textContent = `in-browser decoder unavailable (${err.message}): clicks are refined on the server `
+        + "with the lite segmenter (GrabCut)";
+    });
+  } else {
+    document.body.dataset.decoder = "lite-server";
+  }
   state.photo = await loadImage(await (await api(`/api/runs/${id}/image`)).blob());
   const list = $("instances");
   list.replaceChildren();

@@ -1,0 +1,145 @@
+"""The review page's click decoder: prompt rules, mask choice and upsampling, plus where its files live.
+
+The browser runs the exported decoder (``backends/sam3_onnx.py``) with onnxruntime-web
+(``review/static/clickdecoder.js``); this module is the same computation with onnxruntime in Python, so
+tests and benchmarks can check that the mask a person sees is the mask the decoder gives. numpy only, apart
+from :class:`OnnxClickDecoder` (onnxruntime, imported when used).
+
+Files (keys relative to the output root):
+    ``<prefix>/review/embeddings.bin``                   the image's decoder inputs (``embeddings.py``)
+    ``_decoders/<segmenter version>/click-decoder.onnx``  the decoder (uint8 weights), one per model version
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .types import Point
+
+LOW_RES = 288
+EMBEDDINGS_NAME = "embeddings.bin"
+DECODER_NAME = "click-decoder.onnx"
+
+
+def embeddings_key(prefix: str) -> str:
+    return f"{prefix}/review/{EMBEDDINGS_NAME}"
+
+
+def decoder_key(segmenter_version: str) -> str:
+    """Where the decoder of one model version lives (immutable: a new checkpoint has a new version)."""
+    safe = re.sub(r"[^A-Za-z0-9._+-]", "_", segmenter_version)
+    return f"_decoders/{safe}/{DECODER_NAME}"
+
+
+def prompt_inputs(points: Sequence[Point], box: tuple[float, float, float, float] | None) -> dict[str, np.ndarray]:
+    """``point_coords`` and ``point_labels`` for clicks (label 1 object, 0 background) and an optional box.
+
+    A box becomes its two corners (labels 2, 3); without a box the prompt ends with the padding point (-1).
+    """
+    coords = [(p.x, p.y) for p in points]
+    labels = [1.0 if p.label else 0.0 for p in points]
+    if box is not None:
+        coords += [(box[0], box[1]), (box[2], box[3])]
+        labels += [2.0, 3.0]
+    else:
+        coords.append((0.0, 0.0))
+        labels.append(-1.0)
+    return {"point_coords": np.asarray(coords, np.float32)[None], "point_labels": np.asarray(labels, np.float32)[None]}
+
+
+def choose_mask(iou: np.ndarray, n_points: int, has_box: bool) -> int:
+    """Output index: the best multimask output (1-3) for one click alone, else the single-mask output (0)."""
+    iou = np.asarray(iou, np.float32).reshape(-1)
+    if n_points <= 1 and not has_box:
+        return 1 + int(np.argmax(iou[1:4]))
+    return 0
+
+
+def upsample_mask(logits: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Bilinear upsampling of a ``(288, 288)`` logit map to ``(height, width)`` (PyTorch ``align_corners=False``),
+    thresholded at 0. The same arithmetic as ``upsampleMask`` in ``clickdecoder.js``."""
+    logits = np.asarray(logits, np.float32)
+    size = logits.shape[0]
+
+    def axis(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        src = np.maximum(0.0, (np.arange(n) + 0.5) * (size / n) - 0.5)
+        i0 = np.floor(src).astype(np.int64)
+        return i0, np.minimum(i0 + 1, size - 1), (src - i0).astype(np.float32)
+
+    x0, x1, wx = axis(width)
+    y0, y1, wy = axis(height)
+    top = logits[y0][:, x0] + (logits[y0][:, x1] - logits[y0][:, x0]) * wx
+    bottom = logits[y1][:, x0] + (logits[y1][:, x1] - logits[y1][:, x0]) * wx
+    return (top + (bottom - top) * wy[:, None]) > 0
+
+
+class OnnxClickDecoder:
+    """The exported decoder in onnxruntime (CPU), with the page's prompt and mask rules."""
+
+    def __init__(self, model: Path | bytes, threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        source = str(model) if isinstance(model, Path) else model
+        self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+    def decode(self, features: dict[str, np.ndarray], points: Sequence[Point],
+               box: tuple[float, float, float, float] | None, width: int, height: int) -> tuple[np.ndarray, float]:
+        """The mask (``(height, width)`` bool) and predicted IoU the page shows for these clicks and box."""
+        low, iou = self.raw(features, points, box, width, height)
+        index = choose_mask(iou[0], len(points), box is not None)
+        return upsample_mask(low[0, index], width, height), float(iou[0, index])
+
+    def raw(self, features: dict[str, np.ndarray], points: Sequence[Point],
+            box: tuple[float, float, float, float] | None, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+        """The decoder's outputs: ``low_res_masks`` (1, 4, 288, 288) and ``iou_predictions`` (1, 4)."""
+        feeds = {
+            **{k: np.ascontiguousarray(features[k], np.float32)
+               for k in ("image_embed", "high_res_feats_0", "high_res_feats_1")},
+            **prompt_inputs(points, box),
+            "mask_input": np.zeros((1, 1, LOW_RES, LOW_RES), np.float32),
+            "has_mask_input": np.zeros((1,), np.float32),
+            "orig_im_size": np.array([height, width], np.float32),
+        }
+        low, iou = self.session.run(["low_res_masks", "iou_predictions"], feeds)
+        return low, iou
+
+
+def publish_review_assets(segmenter: object, rgb: np.ndarray, storage, prefix: str) -> dict[str, str] | None:
+    """Store what the review page's in-browser decoder needs for this photo, unless already stored.
+
+    ``<prefix>/review/embeddings.bin`` (per photo, ~4 MB) and ``_decoders/<version>/click-decoder.onnx`` (per
+    model version, exported and checked against torch the first time a version is seen). Both writes are
+    whole-object, so a reader never sees half a file; two runs racing on a new version write the same bytes.
+
+    Args:
+        segmenter: the segmenter that produced (or will produce) the masks; ignored unless it is an
+            ``Embedder`` (``lite`` has no click decoder: the page then refines on the server).
+        storage: the run's output ``Storage``.
+
+    Returns:
+        ``{"embeddings_key", "decoder_key"}`` relative to the storage root, or None without a decoder.
+    """
+    import tempfile
+
+    from . import embeddings
+    from .backends.base import Embedder
+
+    if not isinstance(segmenter, Embedder):
+        return None
+    keys = {"embeddings_key": embeddings_key(prefix), "decoder_key": decoder_key(segmenter.version())}
+    if not storage.exists(keys["decoder_key"]):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / DECODER_NAME
+            segmenter.export_click_decoder(path)
+            storage.write_bytes(keys["decoder_key"], path.read_bytes(), content_type="application/octet-stream")
+    if not storage.exists(keys["embeddings_key"]):
+        storage.write_bytes(keys["embeddings_key"], embeddings.encode(segmenter.embeddings(rgb)),
+                            content_type="application/octet-stream")
+    return keys
