@@ -81,6 +81,8 @@ def create_app(token: str, settings: Settings | None = None) -> FastAPI:
         response.headers["Cross-Origin-Embedder-Policy"] = "require-corp"
         response.headers["Cross-Origin-Resource-Policy"] = "same-origin"
         response.headers["X-Content-Type-Options"] = "nosniff"
+        if request.url.path.startswith("/static/ort/"):  # the decoder runtime: versioned by the npm lock file
+            response.headers["Cache-Control"] = "public, max-age=604800"
         return response
 
     def authorised(authorization: Annotated[str | None, Header()] = None,
