@@ -59,7 +59,7 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
 
-def latency_phase(env: dict[str, str], uploads: int, timeout_s: float) -> None:
+def latency_phase(env: dict[str, str], uploads: int, timeout_s: float) -> dict:
     s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
     api_url = env["PREFECT_API_URL"]
     known = {r["id"] for r in api(api_url, "/flow_runs/filter", {})}
@@ -96,10 +96,14 @@ def latency_phase(env: dict[str, str], uploads: int, timeout_s: float) -> None:
         })
         print(f"upload {i:2d}: " + ", ".join(f"{name} {value:.2f} s" for name, value in rows[-1].items()))
     print(f"\nPUT → flow run latency over {len(rows)} uploads (lite backends, 160x120 PNG, one at a time):")
+    figures: dict = {"uploads": uploads, "completed_runs": len(rows)}
     for name in ("event", "scheduled", "pending", "running", "completed"):
         values = [r[name] for r in rows]
         print(f"  {name:9s}: median {statistics.median(values):.2f} s, p95 {pct(values, 95):.2f} s, "
               f"max {max(values):.2f} s")
+        figures[f"put_to_{name}_median_s"] = round(statistics.median(values), 2)
+        figures[f"put_to_{name}_p95_s"] = round(pct(values, 95), 2)
+    return figures
 
 
 def rss_kib(pid: int) -> dict[str, int]:
@@ -111,7 +115,7 @@ def rss_kib(pid: int) -> dict[str, int]:
     return fields
 
 
-def memory_phase(env: dict[str, str], events: int, state_dir: Path) -> None:
+def memory_phase(env: dict[str, str], events: int, state_dir: Path) -> dict:
     kwargs = {"endpoint_url": env["AWS_ENDPOINT_URL"]}
     s3, sqs = boto3.client("s3", **kwargs), boto3.client("sqs", **kwargs)
     api_url = env["PREFECT_API_URL"]
@@ -155,6 +159,8 @@ def memory_phase(env: dict[str, str], events: int, state_dir: Path) -> None:
     posted = text.count(" INFO sam3d_pipeline.events.bridge: event ")
     print(f"bridge after {events} events ({posted} posted in {elapsed:.1f} s): "
           f"RSS {memory['VmRSS'] / 1024:.1f} MiB, peak {memory['VmHWM'] / 1024:.1f} MiB")
+    return {"bridge_events": events, "bridge_events_posted": posted, "bridge_drain_s": round(elapsed, 1),
+            "bridge_rss_mib": round(memory["VmRSS"] / 1024, 1), "bridge_peak_rss_mib": round(memory["VmHWM"] / 1024, 1)}
 
 
 def main() -> None:
@@ -175,14 +181,16 @@ def main() -> None:
         env = dict(line.split("=", 1) for line in env_file.read_text().splitlines() if "=" in line and line[0] != "#")
         env = {k: v.strip("'") for k, v in env.items()}
         os.environ.update(env)
+        figures: dict = {}
         try:
             if args.uploads:
-                latency_phase(env, args.uploads, args.timeout_s)
+                figures |= latency_phase(env, args.uploads, args.timeout_s)
             if args.events:
-                memory_phase(env, args.events, state_dir)
+                figures |= memory_phase(env, args.events, state_dir)
         finally:
             if args.env_file is None:
                 subprocess.run([*cli, "down", "--state-dir", tmp], check=False)
+        print("BENCH_JSON " + json.dumps({"event_latency": figures}))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ Usage: ``.venv/bin/python bench/sam3_cpu.py [PHOTO]``.
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import sys
@@ -48,23 +49,29 @@ def main() -> None:
     h, w = rgb.shape[:2]
     settings = Settings(sam3_random_init=not os.environ.get("SAM3D_SAM3_CHECKPOINT"), sam3_confidence_threshold=0.0)
     seg = Sam3Segmenter(settings)
+    figures: dict = {"photo": f"{w}x{h}"}
     t = time.perf_counter()
     loaded = seg.loaded
-    print(f"build_s {time.perf_counter() - t:.1f} (weights {loaded.weights}, device {loaded.device})")
+    figures |= {"build_s": round(time.perf_counter() - t, 1), "weights": loaded.weights, "device": loaded.device}
+    print(f"build_s {figures['build_s']} (weights {loaded.weights}, device {loaded.device})")
     t = time.perf_counter()
     seg.image_state(rgb)
-    print(f"set_image_s {time.perf_counter() - t:.1f} ({w}x{h})")
+    figures["set_image_s"] = round(time.perf_counter() - t, 1)
+    print(f"set_image_s {figures['set_image_s']} ({w}x{h})")
     for label, request in (("text", SegmentRequest("coffee cup")),
                            ("box", SegmentRequest("", boxes=(Box(w * 0.2, h * 0.2, w * 0.7, h * 0.8),)))):
         t = time.perf_counter()
         result = seg.segment(rgb, request)
-        print(f"{label}_prompt_s {time.perf_counter() - t:.2f} ({len(result.instances)} instances)")
+        figures[f"{label}_prompt_s"] = round(time.perf_counter() - t, 2)
+        print(f"{label}_prompt_s {figures[f'{label}_prompt_s']} ({len(result.instances)} instances)")
     t = time.perf_counter()
     _, _, low = seg.click(rgb, [Point(w / 2, h / 2, 1)])
-    print(f"click_s {time.perf_counter() - t:.3f}")
+    figures["click_s"] = round(time.perf_counter() - t, 3)
+    print(f"click_s {figures['click_s']}")
     t = time.perf_counter()
     seg.click(rgb, [Point(w / 2, h / 2, 1), Point(10, 10, 0)], mask_input=low)
-    print(f"click_with_mask_s {time.perf_counter() - t:.3f}")
+    figures["click_with_mask_s"] = round(time.perf_counter() - t, 3)
+    print(f"click_with_mask_s {figures['click_with_mask_s']}")
 
     feats = seg.embeddings(rgb)
     float_bytes = sum(v.nbytes for v in feats.values())
@@ -77,13 +84,21 @@ def main() -> None:
         approx = embeddings.decode(blob)
         dec_s = time.perf_counter() - t
         fid = fidelity(decoder, feats, approx, h, w)
+        name = f"{bits}bit" if isinstance(bits, int) else "8-8-4bit"
+        figures[f"embeddings_{name}_bytes"] = len(blob)
+        figures[f"embeddings_{name}_mask_iou_mean"] = round(fid["iou_mean"], 4)
+        figures[f"embeddings_{name}_mask_iou_min"] = round(fid["iou_min"], 4)
         print(f"embeddings bits={bits}: {len(blob)} bytes (float32 {float_bytes}); encode {enc_s:.2f} s, "
               f"decode {dec_s:.2f} s; " + ", ".join(f"{k} {v:.5f}" for k, v in fid.items()))
 
     with tempfile.TemporaryDirectory() as tmp:
         report = export(loaded.model, Path(tmp) / "decoder.onnx", quantize=True)
     print("onnx " + ", ".join(f"{k} {v}" for k, v in report.items() if "path" not in k))
-    print(f"peak_rss_gib {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f}")
+    figures["embeddings_float32_bytes"] = float_bytes
+    figures |= {"onnx_" + k: (round(v, 6) if isinstance(v, float) else v) for k, v in report.items() if "path" not in k}
+    figures["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    print(f"peak_rss_gib {figures['peak_rss_gib']}")
+    print("BENCH_JSON " + json.dumps({"sam3_cpu": figures}))
 
 
 if __name__ == "__main__":

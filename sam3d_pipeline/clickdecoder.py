@@ -6,7 +6,8 @@ tests and benchmarks can check that the mask a person sees is the mask the decod
 from :class:`OnnxClickDecoder` (onnxruntime, imported when used).
 
 Files (keys relative to the output root):
-    ``<prefix>/review/embeddings.bin``                   the image's decoder inputs (``embeddings.py``)
+    ``<prefix>/review/embeddings.bin``                   the image's decoder inputs (``embeddings.py``),
+                                                         gzip-encoded
     ``_decoders/<segmenter version>/click-decoder.onnx``  the decoder (uint8 weights), one per model version
 """
 
@@ -59,9 +60,9 @@ def choose_mask(iou: np.ndarray, n_points: int, has_box: bool) -> int:
     return 0
 
 
-def upsample_mask(logits: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Bilinear upsampling of a ``(288, 288)`` logit map to ``(height, width)`` (PyTorch ``align_corners=False``),
-    thresholded at 0. The same arithmetic as ``upsampleMask`` in ``clickdecoder.js``."""
+def upsample_logits(logits: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Bilinear upsampling of a ``(288, 288)`` logit map to ``(height, width)`` float32 (PyTorch's
+    ``align_corners=False``). The same arithmetic as ``upsampleMask`` in ``clickdecoder.js``."""
     logits = np.asarray(logits, np.float32)
     size = logits.shape[0]
 
@@ -74,7 +75,12 @@ def upsample_mask(logits: np.ndarray, width: int, height: int) -> np.ndarray:
     y0, y1, wy = axis(height)
     top = logits[y0][:, x0] + (logits[y0][:, x1] - logits[y0][:, x0]) * wx
     bottom = logits[y1][:, x0] + (logits[y1][:, x1] - logits[y1][:, x0]) * wx
-    return (top + (bottom - top) * wy[:, None]) > 0
+    return top + (bottom - top) * wy[:, None]
+
+
+def upsample_mask(logits: np.ndarray, width: int, height: int) -> np.ndarray:
+    """The mask the page shows: :func:`upsample_logits` thresholded at 0."""
+    return upsample_logits(logits, width, height) > 0
 
 
 class OnnxClickDecoder:
@@ -114,8 +120,9 @@ class OnnxClickDecoder:
 def publish_review_assets(segmenter: object, rgb: np.ndarray, storage, prefix: str) -> dict[str, str] | None:
     """Store what the review page's in-browser decoder needs for this photo, unless already stored.
 
-    ``<prefix>/review/embeddings.bin`` (per photo, ~4 MB) and ``_decoders/<version>/click-decoder.onnx`` (per
-    model version, exported and checked against torch the first time a version is seen). Both writes are
+    ``<prefix>/review/embeddings.bin`` (per photo, ~3.5 MB gzip-encoded) and
+    ``_decoders/<version>/click-decoder.onnx`` (per model version, exported and checked against torch the first
+    time a version is seen). Both writes are
     whole-object, so a reader never sees half a file; two runs racing on a new version write the same bytes.
 
     Args:
@@ -140,6 +147,6 @@ def publish_review_assets(segmenter: object, rgb: np.ndarray, storage, prefix: s
             segmenter.export_click_decoder(path)
             storage.write_bytes(keys["decoder_key"], path.read_bytes(), content_type="application/octet-stream")
     if not storage.exists(keys["embeddings_key"]):
-        storage.write_bytes(keys["embeddings_key"], embeddings.encode(segmenter.embeddings(rgb)),
-                            content_type="application/octet-stream")
+        storage.write_bytes(keys["embeddings_key"], embeddings.compress(embeddings.encode(segmenter.embeddings(rgb))),
+                            content_type="application/octet-stream", content_encoding="gzip")
     return keys

@@ -14,6 +14,7 @@ With the default 6 bits everywhere, the three SAM 3 tensors (21.2 MB as float32)
 
 from __future__ import annotations
 
+import gzip
 import json
 import struct
 
@@ -22,6 +23,7 @@ import numpy as np
 MAGIC = b"S3DE"
 VERSION = 1
 DEFAULT_BITS = 6
+GZIP_MAGIC = b"\x1f\x8b"
 
 
 def _pack(q: np.ndarray, bits: int) -> bytes:
@@ -98,6 +100,8 @@ def decode(data: bytes) -> dict[str, np.ndarray]:
     Raises:
         ValueError: not an ``S3DE`` blob, an unknown version, or a truncated payload.
     """
+    if data[:2] == GZIP_MAGIC:  # stored gzip-encoded (``compress``)
+        data = gzip.decompress(data)
     if data[:4] != MAGIC:
         raise ValueError("embeddings: not an S3DE blob (bad magic)")
     version, header_len = struct.unpack("<II", data[4:12])
@@ -127,3 +131,9 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     """Intersection over union of two bool masks (1.0 when both are empty)."""
     union = np.logical_or(a, b).sum()
     return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
+def compress(blob: bytes) -> bytes:
+    """The S3DE bytes gzip-encoded for storage and transfer (served with ``Content-Encoding: gzip``, which
+    browsers undo themselves). Bit-packed features still shrink by ~14% (4.00 → 3.45 MB with SAM 3)."""
+    return gzip.compress(blob, compresslevel=6, mtime=0)

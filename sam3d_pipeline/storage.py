@@ -49,7 +49,8 @@ class Storage(Protocol):
 
     def read_bytes(self, key: str) -> bytes: ...
 
-    def write_bytes(self, key: str, data: bytes, *, content_type: str | None = None) -> str: ...
+    def write_bytes(self, key: str, data: bytes, *, content_type: str | None = None,
+                    content_encoding: str | None = None) -> str: ...
 
     def exists(self, key: str) -> bool: ...
 
@@ -118,7 +119,10 @@ class LocalStorage:
         except PermissionError as exc:
             raise StorageAccessError(f"{target}: permission denied: {exc}") from None
 
-    def write_bytes(self, key: str, data: bytes, *, content_type: str | None = None) -> str:
+    def write_bytes(self, key: str, data: bytes, *, content_type: str | None = None,
+                    content_encoding: str | None = None) -> str:
+        """Write ``data`` atomically (readers see the old file or the whole new one). The content type and
+        encoding are S3 metadata; a local file is the stored bytes as they are."""
         target = self._file(key)
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
@@ -233,8 +237,13 @@ class S3Storage:
         except _botocore_errors() as exc:
             raise classify_s3_error(exc, self.uri(key)) from exc
 
-    def write_bytes(self, key: str, data: bytes, *, content_type: str | None = None) -> str:
+    def write_bytes(self, key: str, data: bytes, *, content_type: str | None = None,
+                    content_encoding: str | None = None) -> str:
+        """Put the whole object (S3 shows it complete or not at all). ``content_encoding`` (e.g. ``gzip``) is
+        sent back on GET, so a browser fetching a presigned URL decompresses it itself."""
         extra = {"ContentType": content_type} if content_type else {}
+        if content_encoding:
+            extra["ContentEncoding"] = content_encoding
         try:
             self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **extra)
         except _botocore_errors() as exc:

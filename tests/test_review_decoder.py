@@ -24,6 +24,7 @@ from .conftest import REVIEW_TOKEN as TOKEN  # noqa: E402
 from .test_review_flow import PausedRun  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
+MARGIN = 0.01  # logits; measured differences between wasm and native onnxruntime: at most 0.0035
 
 
 def _clicks(page, n: int, timeout_s: float = 60) -> list[dict]:
@@ -56,28 +57,30 @@ def test_browser_decoder_mask_equals_onnxruntime_and_the_run_uses_it(tmp_path, r
     assert int(page.evaluate("document.body.dataset.decoderThreads")) >= 1
     assert "onnxruntime-web" in page.inner_text("#decoder")
 
-    box = page.locator("#canvas").bounding_box()
-    scale = box["width"] / width
+    canvas = page.locator("#canvas")
+    scale = canvas.bounding_box()["width"] / width
     clicks = [(300, 210, False), (250, 180, False), (90, 60, True)]  # two on the cup, one background
     for n, (x, y, negative) in enumerate(clicks, start=1):
-        if negative:
-            page.keyboard.down("Shift")
-        page.mouse.click(box["x"] + (x + 0.5) * scale, box["y"] + (y + 0.5) * scale)
-        if negative:
-            page.keyboard.up("Shift")
+        canvas.click(position={"x": (x + 0.5) * scale, "y": (y + 0.5) * scale}, modifiers=["Shift"] if negative else [])
         recorded = _clicks(page, n)
     assert [c["decoder"] for c in recorded] == ["onnx-web"] * 3
     points = [Point(p["x"], p["y"], p["label"]) for p in page.evaluate("window.reviewState.points")]
     assert [p.label for p in points] == [1, 1, 0]
     shown = np.array(page.evaluate("Array.from(window.reviewState.mask)"), dtype=bool).reshape(height, width)
 
-    # The same decoder file and stored embeddings, through onnxruntime in Python.
+    # The same decoder file and stored embeddings, through onnxruntime in Python. Dynamic uint8 quantisation
+    # in wasm and in native code may round an activation differently; with random weights the logits sit
+    # close to 0 (std ~0.08), so pixels within MARGIN of the threshold may flip. Everywhere else: equal.
     decoder = clickdecoder.OnnxClickDecoder(tmp_path / "out" / info["decoder_cache_key"])
     features = embeddings.decode((run.prefix / "review" / "embeddings.bin").read_bytes())
-    expected, _ = decoder.decode(features, points, None, width, height)
+    low, iou = decoder.raw(features, points, None, width, height)
+    logits = clickdecoder.upsample_logits(low[0, clickdecoder.choose_mask(iou[0], len(points), False)], width, height)
+    expected = logits > 0
+    decided = np.abs(logits) > MARGIN
+    assert shown.any() and np.array_equal(shown[decided], expected[decided])
     differing = int((shown != expected).sum())
-    assert shown.any() and differing <= 0.001 * shown.size, f"{differing} pixels differ"
-    assert embeddings.mask_iou(shown, expected) >= 0.99
+    assert differing <= 0.01 * shown.size, f"{differing} pixels differ"
+    assert embeddings.mask_iou(shown, expected) >= 0.98
 
     page.click("#approve")
     page.wait_for_function("document.body.dataset.resumed === 'approve'", timeout=30_000)

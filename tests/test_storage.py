@@ -126,3 +126,26 @@ def test_s3_connection_refused_is_transient(monkeypatch):
     get_settings.cache_clear()
     with pytest.raises(TransientStorageError, match="connection to S3 failed"):
         open_storage("s3://bucket/out").write_bytes("k", b"v")
+
+
+def test_gzip_encoded_embeddings_reach_a_browser_decompressed_and_python_decodes_them(s3):
+    """Stored gzip-encoded with Content-Encoding metadata: a presigned GET (what the review page fetches) is
+    decompressed by the HTTP client, and ``embeddings.decode`` reads the stored bytes directly."""
+    import numpy as np
+    import requests
+
+    from sam3d_pipeline import embeddings
+
+    _, bucket = s3
+    store = open_storage(f"s3://{bucket}/out")
+    rng = np.random.default_rng(0)
+    tensors = {"image_embed": rng.standard_normal((1, 8, 16, 16)).astype(np.float32)}
+    blob = embeddings.encode(tensors)
+    store.write_bytes("p/review/embeddings.bin", embeddings.compress(blob), content_type="application/octet-stream",
+                      content_encoding="gzip")
+    assert store.head("p/review/embeddings.bin")["ContentEncoding"] == "gzip"
+    fetched = requests.get(store.link("p/review/embeddings.bin", expires_s=60), timeout=10)
+    assert fetched.status_code == 200 and fetched.headers["Content-Encoding"] == "gzip"
+    assert fetched.content == blob  # undone by the client, as a browser does
+    decoded = embeddings.decode(store.read_bytes("p/review/embeddings.bin"))
+    assert np.abs(decoded["image_embed"] - tensors["image_embed"]).max() < 0.2

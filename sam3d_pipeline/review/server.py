@@ -21,6 +21,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from .. import backends
+from ..embeddings import GZIP_MAGIC
 from ..errors import InputError, InputNotFoundError, PipelineError
 from ..images import load_image
 from ..masks import mask_from_png, mask_to_png
@@ -110,9 +111,13 @@ def create_app(token: str, settings: Settings | None = None) -> FastAPI:
         if isinstance(storage, S3Storage):  # short-lived presigned URL, no bytes through this server
             return RedirectResponse(storage.link(key, expires_s=300))
         try:
-            return Response(storage.read_bytes(key), media_type=media_type, headers={"Cache-Control": cache})
+            data = storage.read_bytes(key)
         except InputNotFoundError:
             raise HTTPException(status_code=404, detail=f"{key.rsplit('/', 1)[-1]} not found for this run") from None
+        headers = {"Cache-Control": cache}
+        if data[:2] == GZIP_MAGIC and media_type == "application/octet-stream":  # stored gzip-encoded
+            headers["Content-Encoding"] = "gzip"
+        return Response(data, media_type=media_type, headers=headers)
 
     def do_resume(run_id: UUID, answer: dict) -> dict:
         try:

@@ -221,6 +221,20 @@ async function openRun(id) {
   state.run = run;
   $("meta").textContent = `${run.input_uri} · prompt “${run.prompt}” · round ${run.round} · ${run.width}×${run.height}`;
   $("decoder").textContent = run.decoder_label;
+  state.photo = await loadImage(await (await api(`/api/runs/${id}/image`)).blob());
+  const list = $("instances");
+  list.replaceChildren();
+  run.instances.forEach((inst) => {
+    const label = document.createElement("label");
+    label.innerHTML = `<input type="radio" name="instance" value="${inst.index}"> #${inst.index} score ${inst.score.toFixed(2)}`;
+    label.querySelector("input").checked = inst.index === run.selected;
+    label.querySelector("input").addEventListener("change", () => selectInstance(inst.index));
+    list.append(label);
+  });
+  if (run.selected !== null && run.selected !== undefined) await selectInstance(run.selected); else draw();
+  document.body.dataset.firstMaskMs = Math.round(performance.now());
+  // The decoder loads once the first mask is on screen (it would compete with it for the CPU); a click
+  // before it is ready waits for it.
   if (run.decoder === "onnx-web") {
     state.decoderLoading = loadDecoder(run);
     state.decoderLoading.then((decoder) => {
@@ -235,17 +249,7 @@ async function openRun(id) {
   } else {
     document.body.dataset.decoder = "lite-server";
   }
-  state.photo = await loadImage(await (await api(`/api/runs/${id}/image`)).blob());
-  const list = $("instances");
-  list.replaceChildren();
-  run.instances.forEach((inst) => {
-    const label = document.createElement("label");
-    label.innerHTML = `<input type="radio" name="instance" value="${inst.index}"> #${inst.index} score ${inst.score.toFixed(2)}`;
-    label.querySelector("input").checked = inst.index === run.selected;
-    label.querySelector("input").addEventListener("change", () => selectInstance(inst.index));
-    list.append(label);
-  });
-  if (run.selected !== null && run.selected !== undefined) await selectInstance(run.selected); else draw();
+
   bindCanvas();
   $("approve").onclick = async () => {
     const body = state.edited && state.mask
