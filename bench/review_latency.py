@@ -104,6 +104,8 @@ def open_page(context, url: str) -> dict:
     page.wait_for_selector("body[data-decoder]", timeout=120_000)
     ready_s = time.perf_counter() - opened
     time.sleep(0.5)  # let the last responses finish before counting
+    # When the frame with the first mask was painted, from the start of navigation (the page's own clock);
+    # the driver's own observation can lag behind while the page's main thread loads the decoder.
     in_page_s = float(page.get_attribute("body", "data-first-mask-ms")) / 1000
     return {"page": page, "first_mask_s": first_mask_s, "first_mask_in_page_s": in_page_s,
             "decoder_ready_s": ready_s, "bytes": transferred["bytes"],
@@ -239,6 +241,7 @@ def main() -> None:
         "first_mask_from_navigation_s": round(first["first_mask_in_page_s"], 2),
         "decoder_ready_s": round(first["decoder_ready_s"], 2),
         "second_image_first_mask_s": round(second["first_mask_s"], 2),
+        "second_image_first_mask_from_navigation_s": round(second["first_mask_in_page_s"], 2),
         "second_image_decoder_ready_s": round(second["decoder_ready_s"], 2),
         "clicks": len(total), "click_median_ms": round(statistics.median(total), 1),
         "click_p95_ms": round(pct(total, 95), 1), "decode_median_ms": round(statistics.median(decode), 1),
@@ -246,8 +249,10 @@ def main() -> None:
         "page_errors": len(errors),
     } | extra
     print(f"machine: {os.cpu_count()} cores; photo {width}x{height}; click path: {first['label']}")
-    print(f"open → first mask: {figures['first_mask_s']} s (decoder ready {figures['decoder_ready_s']} s); "
-          f"second photo: {figures['second_image_first_mask_s']} s (ready {figures['second_image_decoder_ready_s']} s)")
+    print(f"open → first mask painted: {figures['first_mask_from_navigation_s']} s from navigation start "
+          f"(seen by the driver at {figures['first_mask_s']} s; decoder ready {figures['decoder_ready_s']} s); "
+          f"next photo: {figures['second_image_first_mask_from_navigation_s']} s "
+          f"(ready {figures['second_image_decoder_ready_s']} s)")
     print(f"click → mask over {len(total)} clicks after {args.warmup} warm-up: median {figures['click_median_ms']} ms, "
           f"p95 {figures['click_p95_ms']} ms (decoder alone: median {figures['decode_median_ms']} ms)")
     print(f"bytes over the network: first page {figures['first_page_bytes']:,}; "

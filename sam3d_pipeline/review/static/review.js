@@ -232,9 +232,10 @@ async function openRun(id) {
     list.append(label);
   });
   if (run.selected !== null && run.selected !== undefined) await selectInstance(run.selected); else draw();
-  document.body.dataset.firstMaskMs = Math.round(performance.now());
   // The decoder loads once the first mask is on screen (it would compete with it for the CPU); a click
-  // before it is ready waits for it.
+  // before it is ready waits for it. rAF then a task: the frame with the mask has been painted.
+  await new Promise((resolve) => requestAnimationFrame(() => setTimeout(resolve, 0)));
+  document.body.dataset.firstMaskMs = Math.round(performance.now());  // since navigation started
   if (run.decoder === "onnx-web") {
     state.decoderLoading = loadDecoder(run);
     state.decoderLoading.then((decoder) => {
