@@ -146,8 +146,8 @@ def native_and_fidelity(out: str, run_prefix: Path, decoder_key: str, plans, sho
         figures[f"native_{threads}t_median_ms"] = round(statistics.median(times), 1)
         figures[f"native_{threads}t_p95_ms"] = round(pct(times, 95), 1)
     low, iou = decoder.raw(stored, [Point(*p) for p in plans[-1]], None, width, height)
-    logits = clickdecoder.upsample_logits(low[0, clickdecoder.choose_mask(iou[0], len(plans[-1]), False)], width,
-                                          height)
+    index = clickdecoder.choose_mask(low[0], iou[0], len(plans[-1]), False)
+    logits = clickdecoder.upsample_logits(clickdecoder.fill_holes(low[0, index]), width, height)
     decided = np.abs(logits) > 0.01
     figures["browser_vs_native_last_mask_iou"] = round(embeddings.mask_iou(shown, mask), 5)
     figures["browser_vs_native_pixels_differing"] = int((shown != mask).sum())
@@ -159,14 +159,18 @@ def native_and_fidelity(out: str, run_prefix: Path, decoder_key: str, plans, sho
         report = export(segmenter.loaded.model, Path(tmp) / "decoder.onnx", quantize=True)
         float_decoder = clickdecoder.OnnxClickDecoder(Path(report["path"]))
         page_decoder = clickdecoder.OnnxClickDecoder(Path(out) / decoder_key)
-        ious = []
+        ious, torch_ious = [], []
         for plan in plans:
             points = [Point(*p) for p in plan]
             ref, _ = float_decoder.decode(exact, points, None, width, height)
             got, _ = page_decoder.decode(stored, points, None, width, height)
             ious.append(embeddings.mask_iou(ref, got))
+            predicted, _, _ = segmenter.click(rgb, points)  # SAM 3's own predict_inst, float32 features
+            torch_ious.append(embeddings.mask_iou(predicted, ref))
     figures |= {"page_vs_float_mask_iou_mean": round(float(np.mean(ious)), 4),
                 "page_vs_float_mask_iou_min": round(float(np.min(ious)), 4),
+                "float_onnx_vs_predict_inst_iou_mean": round(float(np.mean(torch_ious)), 4),
+                "float_onnx_vs_predict_inst_iou_min": round(float(np.min(torch_ious)), 4),
                 "decoder_bytes": int(report["quant_size_bytes"]), "float_decoder_bytes": int(report["size_bytes"])}
     return figures
 
@@ -264,7 +268,9 @@ def main() -> None:
         print(f"browser mask vs onnxruntime in Python (last click): IoU {extra['browser_vs_native_last_mask_iou']}, "
               f"{extra['browser_vs_native_pixels_differing']} pixels differ")
         print(f"page decoder (uint8, 6-bit embeddings) vs float32: mask IoU mean "
-              f"{extra['page_vs_float_mask_iou_mean']}, min {extra['page_vs_float_mask_iou_min']}")
+              f"{extra['page_vs_float_mask_iou_mean']}, min {extra['page_vs_float_mask_iou_min']}; float32 ONNX "
+              f"vs SAM 3's predict_inst: mean {extra['float_onnx_vs_predict_inst_iou_mean']}, "
+              f"min {extra['float_onnx_vs_predict_inst_iou_min']}")
     if errors:
         print(f"page errors: {errors}")
     print("BENCH_JSON " + json.dumps({f"review_page_{args.segmenter}": figures}))

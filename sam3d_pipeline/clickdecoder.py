@@ -22,6 +22,9 @@ import numpy as np
 from .types import Point
 
 LOW_RES = 288
+STABILITY_DELTA = 0.05  # the tracker's MaskDecoder: dynamic_multimask_stability_delta / _thresh
+STABILITY_THRESH = 0.98
+MAX_HOLE_AREA = 256  # SAM3InteractiveImagePredictor(max_hole_area=256)
 EMBEDDINGS_NAME = "embeddings.bin"
 DECODER_NAME = "click-decoder.onnx"
 
@@ -37,27 +40,44 @@ def decoder_key(segmenter_version: str) -> str:
 
 
 def prompt_inputs(points: Sequence[Point], box: tuple[float, float, float, float] | None) -> dict[str, np.ndarray]:
-    """``point_coords`` and ``point_labels`` for clicks (label 1 object, 0 background) and an optional box.
-
-    A box becomes its two corners (labels 2, 3); without a box the prompt ends with the padding point (-1).
-    """
-    coords = [(p.x, p.y) for p in points]
-    labels = [1.0 if p.label else 0.0 for p in points]
-    if box is not None:
-        coords += [(box[0], box[1]), (box[2], box[3])]
-        labels += [2.0, 3.0]
-    else:
-        coords.append((0.0, 0.0))
-        labels.append(-1.0)
+    """``point_coords`` and ``point_labels`` as SAM 3's interactive predictor builds them
+    (``SAM3InteractiveImagePredictor._predict``): the box's two corners first (labels 2, 3), then the clicks
+    (label 1 object, 0 background), then the padding point (-1), which the prompt encoder always appends."""
+    coords = [] if box is None else [(box[0], box[1]), (box[2], box[3])]
+    labels = [] if box is None else [2.0, 3.0]
+    coords += [(p.x, p.y) for p in points] + [(0.0, 0.0)]
+    labels += [1.0 if p.label else 0.0 for p in points] + [-1.0]
     return {"point_coords": np.asarray(coords, np.float32)[None], "point_labels": np.asarray(labels, np.float32)[None]}
 
 
-def choose_mask(iou: np.ndarray, n_points: int, has_box: bool) -> int:
-    """Output index: the best multimask output (1-3) for one click alone, else the single-mask output (0)."""
+def choose_mask(low_res: np.ndarray, iou: np.ndarray, n_points: int, has_box: bool) -> int:
+    """Which of the decoder's four outputs the predictor returns (``MaskDecoder.forward``).
+
+    One click alone: the best multimask output (1-3) by predicted IoU. Otherwise the single-mask output (0),
+    unless its stability score (area above +0.05 over area above -0.05) is below 0.98: then the best
+    multimask output (``_dynamic_multimask_via_stability``).
+    """
     iou = np.asarray(iou, np.float32).reshape(-1)
+    best_multi = 1 + int(np.argmax(iou[1:4]))
     if n_points <= 1 and not has_box:
-        return 1 + int(np.argmax(iou[1:4]))
-    return 0
+        return best_multi
+    single = np.asarray(low_res[0])
+    union = int(np.count_nonzero(single > -STABILITY_DELTA))
+    stability = np.count_nonzero(single > STABILITY_DELTA) / union if union else 1.0
+    return 0 if stability >= STABILITY_THRESH else best_multi
+
+
+def fill_holes(logits: np.ndarray) -> np.ndarray:
+    """``SAM1Transforms.postprocess_masks``: background regions (logit <= 0, 8-connected) of at most 256
+    low-resolution pixels become foreground (logit 10)."""
+    from scipy import ndimage
+
+    logits = np.asarray(logits, np.float32)
+    labels, _ = ndimage.label(logits <= 0, structure=np.ones((3, 3), bool))
+    areas = np.bincount(labels.ravel())
+    small = areas <= MAX_HOLE_AREA
+    small[0] = False
+    return np.where(small[labels], np.float32(10.0), logits)
 
 
 def upsample_logits(logits: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -99,8 +119,8 @@ class OnnxClickDecoder:
                box: tuple[float, float, float, float] | None, width: int, height: int) -> tuple[np.ndarray, float]:
         """The mask (``(height, width)`` bool) and predicted IoU the page shows for these clicks and box."""
         low, iou = self.raw(features, points, box, width, height)
-        index = choose_mask(iou[0], len(points), box is not None)
-        return upsample_mask(low[0, index], width, height), float(iou[0, index])
+        index = choose_mask(low[0], iou[0], len(points), box is not None)
+        return upsample_mask(fill_holes(low[0, index]), width, height), float(iou[0, index])
 
     def raw(self, features: dict[str, np.ndarray], points: Sequence[Point],
             box: tuple[float, float, float, float] | None, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:

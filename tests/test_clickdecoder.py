@@ -9,23 +9,38 @@ from sam3d_pipeline import clickdecoder
 from sam3d_pipeline.types import Point
 
 
-def test_prompt_ends_with_padding_point_without_box_and_with_corners_with_box():
+def test_prompt_is_built_as_the_predictor_builds_it():
     clicks = [Point(10, 20, 1), Point(30, 40, 0)]
     plain = clickdecoder.prompt_inputs(clicks, None)
     assert plain["point_coords"].shape == (1, 3, 2) and plain["point_coords"].dtype == np.float32
     assert plain["point_labels"].tolist() == [[1, 0, -1]]
     boxed = clickdecoder.prompt_inputs(clicks, (1, 2, 50, 60))
-    assert boxed["point_labels"].tolist() == [[1, 0, 2, 3]]
-    assert boxed["point_coords"][0, 2:].tolist() == [[1, 2], [50, 60]]
-    assert clickdecoder.prompt_inputs([], (1, 2, 50, 60))["point_labels"].tolist() == [[2, 3]]
+    assert boxed["point_labels"].tolist() == [[2, 3, 1, 0, -1]]  # box corners first, padding point last
+    assert boxed["point_coords"][0, :2].tolist() == [[1, 2], [50, 60]]
+    assert clickdecoder.prompt_inputs([], (1, 2, 50, 60))["point_labels"].tolist() == [[2, 3, -1]]
 
 
-def test_one_click_takes_the_best_multimask_output_otherwise_the_single_mask():
+def test_mask_choice_follows_the_decoders_stability_rule():
     iou = np.array([0.99, 0.2, 0.7, 0.5])
-    assert clickdecoder.choose_mask(iou, 1, False) == 2  # never index 0 for a single click
-    assert clickdecoder.choose_mask(iou, 2, False) == 0
-    assert clickdecoder.choose_mask(iou, 1, True) == 0
-    assert clickdecoder.choose_mask(iou, 0, True) == 0
+    stable = np.full((4, 288, 288), -5.0, np.float32)
+    stable[0, 100:200, 100:200] = 5.0  # decisive logits: stability 1.0
+    assert clickdecoder.choose_mask(stable, iou, 1, False) == 2  # one click: best multimask output
+    assert clickdecoder.choose_mask(stable, iou, 2, False) == 0
+    assert clickdecoder.choose_mask(stable, iou, 0, True) == 0
+    unstable = stable.copy()
+    unstable[0, :, :150] = 0.0  # a wide band within +-0.05 of the threshold
+    assert clickdecoder.choose_mask(unstable, iou, 2, False) == 2
+
+
+def test_small_background_regions_are_filled_large_ones_kept():
+    logits = np.full((288, 288), 3.0, np.float32)
+    logits[10:20, 10:20] = -1.0  # 100 px hole: filled
+    logits[100:120, 100:120] = -1.0  # 400 px region: kept
+    logits[0:5, 280:288] = -1.0  # 40 px on the border: filled too (any small background component)
+    filled = clickdecoder.fill_holes(logits)
+    assert (filled[10:20, 10:20] == 10.0).all() and (filled[0:5, 280:288] == 10.0).all()
+    assert (filled[100:120, 100:120] == -1.0).all()
+    assert (filled[logits > 0] == 3.0).all()
 
 
 @pytest.mark.parametrize("size", [(400, 600), (37, 1001), (288, 288), (120, 90)])

@@ -74,7 +74,8 @@ def test_browser_decoder_mask_equals_onnxruntime_and_the_run_uses_it(tmp_path, r
     decoder = clickdecoder.OnnxClickDecoder(tmp_path / "out" / info["decoder_cache_key"])
     features = embeddings.decode((run.prefix / "review" / "embeddings.bin").read_bytes())
     low, iou = decoder.raw(features, points, None, width, height)
-    logits = clickdecoder.upsample_logits(low[0, clickdecoder.choose_mask(iou[0], len(points), False)], width, height)
+    index = clickdecoder.choose_mask(low[0], iou[0], len(points), False)
+    logits = clickdecoder.upsample_logits(clickdecoder.fill_holes(low[0, index]), width, height)
     expected = logits > 0
     decided = np.abs(logits) > MARGIN
     assert shown.any() and np.array_equal(shown[decided], expected[decided])

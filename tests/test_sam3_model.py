@@ -25,7 +25,6 @@ from sam3d_pipeline.backends.sam3_onnx import INPUT_NAMES, ClickDecoder, export,
 from sam3d_pipeline.backends.sam3_segmenter import Sam3Segmenter  # noqa: E402
 from sam3d_pipeline.samples import sample_path  # noqa: E402
 from sam3d_pipeline.settings import Settings  # noqa: E402
-from sam3d_pipeline.storage import LocalStorage  # noqa: E402
 from sam3d_pipeline.types import Box, Point, SegmentRequest  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -146,10 +145,10 @@ def test_embeddings_are_small_and_faithful(sam3, tmp_path):
     feats = sam3.seg.embeddings(sam3.rgb)
     assert {k: v.shape for k, v in feats.items()} == {
         "image_embed": (1, 256, 72, 72), "high_res_feats_0": (1, 32, 288, 288), "high_res_feats_1": (1, 64, 144, 144)}
-    uri = embeddings.store(LocalStorage(str(tmp_path)), "photo-abc", feats)
-    blob = Path(uri).read_bytes()
+    blob = embeddings.encode(feats)
     assert len(blob) <= 4_000_000
-    approx = embeddings.decode(blob)
+    assert len(embeddings.compress(blob)) < len(blob)  # what is stored and sent
+    approx = embeddings.decode(embeddings.compress(blob))
     decoder = ClickDecoder(sam3.model.inst_interactive_predictor.model).eval()
     h, w = sam3.rgb.shape[:2]
     ious, diffs = [], []
@@ -205,11 +204,11 @@ def test_flow_runs_end_to_end_with_sam3(sam3, tmp_path, monkeypatch):
 
 
 @pytest.mark.usefixtures("prefect_server")
-def test_embeddings_task_stores_next_to_the_outputs(sam3, tmp_path):
+def test_review_assets_task_stores_embeddings_and_a_decoder_that_matches_them(sam3, tmp_path):
     from prefect import flow
 
-    from sam3d_pipeline import backends, pipeline
-    from tasks.embeddings import store_embeddings
+    from sam3d_pipeline import backends, clickdecoder, pipeline
+    from tasks.embeddings import store_review_assets
 
     path = sample_path("coffee")
     image = pipeline.decode(path.read_bytes(), str(path), sam3.settings)
@@ -220,12 +219,23 @@ def test_embeddings_task_stores_next_to_the_outputs(sam3, tmp_path):
     )
 
     @flow
-    def embed():
-        return store_embeddings(image, run_plan, sam3.settings)
+    def assets():
+        return store_review_assets(image, run_plan, sam3.settings)
 
-    uri = embed()
-    stored = embeddings.decode(Path(uri).read_bytes())
-    assert Path(uri) == tmp_path / "coffee-test" / "embeddings.bin"
+    keys = assets()
+    assert keys == {"embeddings_key": "coffee-test/review/embeddings.bin",
+                    "decoder_key": "_decoders/sam3-0.1.4+random-init/click-decoder.onnx"}
+    stored = embeddings.decode((tmp_path / keys["embeddings_key"]).read_bytes())
     exact = sam3.seg.embeddings(sam3.rgb)
     for name, array in exact.items():
         assert np.abs(stored[name] - array).max() <= (array.max() - array.min()) / 63  # within one 6-bit step
+    # The stored decoder on the stored embeddings gives the torch predictor's mask for the same click.
+    h, w = sam3.rgb.shape[:2]
+    decoder = clickdecoder.OnnxClickDecoder(tmp_path / keys["decoder_key"])
+    clicks = [Point(300, 210, 1), Point(90, 60, 0)]
+    page_mask, _ = decoder.decode(stored, clicks, None, w, h)
+    torch_mask, _, _ = sam3.seg.click(sam3.rgb, clicks)
+    assert embeddings.mask_iou(page_mask, torch_mask) >= 0.9
+    before = (tmp_path / keys["decoder_key"]).stat().st_mtime_ns
+    assert assets() == keys  # a second photo of the same model reuses the decoder file
+    assert (tmp_path / keys["decoder_key"]).stat().st_mtime_ns == before

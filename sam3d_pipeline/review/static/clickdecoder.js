@@ -2,11 +2,14 @@
 //
 // The page downloads the decoder once per model version and, per image, the compact embeddings
 // (``embeddings.bin``, format S3DE: see sam3d_pipeline/embeddings.py). Every click is decoded here, with no
-// server round trip. The prompt and mask rules are the same as sam3d_pipeline/clickdecoder.py (the Python
-// reference the tests compare against).
+// server round trip. The prompt and mask rules follow SAM 3's interactive predictor (predict_inst) and are
+// the same as sam3d_pipeline/clickdecoder.py (the Python reference the tests compare against).
 import * as ort from "/static/ort/ort.wasm.min.mjs";
 
 const LOW_RES = 288;
+const STABILITY_DELTA = 0.05;  // the tracker's MaskDecoder (dynamic multimask via stability)
+const STABILITY_THRESH = 0.98;
+const MAX_HOLE_AREA = 256;  // SAM3InteractiveImagePredictor(max_hole_area=256)
 
 // S3DE: "S3DE" | uint32 version | uint32 header_len | JSON header | payload (per-channel quantised, bit-packed).
 export function parseS3DE(buffer) {
@@ -56,24 +59,64 @@ function unpack(chunk, bits, count) {
   return q;
 }
 
-// Decoder inputs for clicks (label 1 object, 0 background) and an optional xyxy box, in image pixels.
-// A box becomes two corner points (labels 2, 3); a prompt without a box ends with the padding point (-1).
+// Decoder inputs as SAM 3's interactive predictor builds them: the box's corners first (labels 2, 3), then
+// the clicks (1 object, 0 background), then the padding point (-1) the prompt encoder always appends.
 export function promptInputs(points, box) {
   const coords = [];
   const labels = [];
+  if (box) { coords.push(box[0], box[1], box[2], box[3]); labels.push(2, 3); }
   for (const p of points) { coords.push(p.x, p.y); labels.push(p.label ? 1 : 0); }
-  if (box) { coords.push(box[0], box[1], box[2], box[3]); labels.push(2, 3); } else { coords.push(0, 0); labels.push(-1); }
+  coords.push(0, 0); labels.push(-1);
   return { coords: new Float32Array(coords), labels: new Float32Array(labels), n: labels.length };
 }
 
-// One mask output for several clicks or a box, the best of the three multimask outputs for a single click.
-export function chooseMask(iou, nPoints, hasBox) {
-  if (nPoints <= 1 && !hasBox) {
-    let best = 1;
-    for (let i = 2; i <= 3; i++) if (iou[i] > iou[best]) best = i;
-    return best;
+// Which output the predictor returns: the best multimask output (1-3) for one click alone; otherwise the
+// single-mask output (0), unless its stability score is below 0.98 (then the best multimask output).
+export function chooseMask(logits, iou, nPoints, hasBox) {
+  let best = 1;
+  for (let i = 2; i <= 3; i++) if (iou[i] > iou[best]) best = i;
+  if (nPoints <= 1 && !hasBox) return best;
+  let inter = 0;
+  let union = 0;
+  for (let i = 0; i < LOW_RES * LOW_RES; i++) {
+    if (logits[i] > STABILITY_DELTA) inter++;
+    if (logits[i] > -STABILITY_DELTA) union++;
   }
-  return 0;
+  return (union ? inter / union : 1) >= STABILITY_THRESH ? 0 : best;
+}
+
+// Background regions (logit <= 0, 8-connected) of at most 256 low-resolution pixels become foreground
+// (logit 10), as the predictor's postprocess_masks does. Returns a new Float32Array of 288x288 logits.
+export function fillHoles(logits, offset) {
+  const n = LOW_RES * LOW_RES;
+  const out = logits.slice(offset, offset + n);
+  const seen = new Uint8Array(n);
+  const stack = new Int32Array(n);
+  const region = new Int32Array(n);
+  for (let start = 0; start < n; start++) {
+    if (seen[start] || out[start] > 0) continue;
+    let top = 0;
+    let size = 0;
+    stack[top++] = start; seen[start] = 1;
+    while (top) {
+      const i = stack[--top];
+      region[size++] = i;
+      const y = (i / LOW_RES) | 0;
+      const x = i - y * LOW_RES;
+      for (let dy = -1; dy <= 1; dy++) {
+        const yy = y + dy;
+        if (yy < 0 || yy >= LOW_RES) continue;
+        for (let dx = -1; dx <= 1; dx++) {
+          const xx = x + dx;
+          if (xx < 0 || xx >= LOW_RES) continue;
+          const j = yy * LOW_RES + xx;
+          if (!seen[j] && out[j] <= 0) { seen[j] = 1; stack[top++] = j; }
+        }
+      }
+    }
+    if (size <= MAX_HOLE_AREA) for (let k = 0; k < size; k++) out[region[k]] = 10;
+  }
+  return out;
 }
 
 // Bilinear upsampling (PyTorch's align_corners=False) of one 288x288 logit map to width x height, then > 0.
@@ -147,8 +190,9 @@ export class ClickDecoder {
     const out = await this.session.run(feeds);
     const decoded = performance.now();
     const iou = out.iou_predictions.data;
-    const index = chooseMask(iou, points.length, !!box);
-    const mask = upsampleMask(out.low_res_masks.data, index * LOW_RES * LOW_RES, this.width, this.height);
+    const index = chooseMask(out.low_res_masks.data, iou, points.length, !!box);
+    const logits = fillHoles(out.low_res_masks.data, index * LOW_RES * LOW_RES);
+    const mask = upsampleMask(logits, 0, this.width, this.height);
     return { mask, score: iou[index], index, ms: decoded - started, totalMs: performance.now() - started };
   }
 }
