@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import time
 
@@ -87,3 +88,46 @@ def test_click_refine_and_approve_in_chromium(tmp_path, review_server, browser):
     assert not errors, errors
     print(json.dumps({"first_mask_s": round(first_mask_s, 2),
                       "refine_ms": int(page.evaluate("document.body.dataset.lastRefineMs"))}))
+
+
+def test_page_reads_s3_files_through_presigned_urls(tmp_path, s3, review_server, browser):
+    """Outputs on S3 (moto server in its own process): the page fetches the photo and masks from 5-minute
+    presigned URLs, straight from the bucket (CORS for the page's origin), and the run completes."""
+    client, bucket = s3
+    client.put_bucket_cors(Bucket=bucket, CORSConfiguration={"CORSRules": [{
+        "AllowedOrigins": [review_server], "AllowedMethods": ["GET", "HEAD"], "AllowedHeaders": ["*"]}]})
+    rgb, truth = object_photo()
+    run = PausedRun(tmp_path, rgb, output_root=f"s3://{bucket}/out", review="required")
+    run.wait_paused()
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    info = requests.get(f"{review_server}/api/runs/{run.run_id}", headers=auth, timeout=10).json()
+    image_url = info["files"]["image"]
+    assert image_url.startswith("http") and "X-Amz-Expires=300" in image_url and bucket in image_url
+    assert requests.get(image_url, timeout=10).content[:3] == b"\xff\xd8\xff"  # the JPEG, no token needed
+    redirect = requests.get(f"{review_server}/api/runs/{run.run_id}/image", headers=auth, timeout=10,
+                            allow_redirects=False)
+    assert redirect.status_code == 307 and "X-Amz-Signature" in redirect.headers["location"]
+
+    page = browser.new_page()
+    errors = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    s3_requests = []
+    page.on("requestfinished", lambda r: s3_requests.append(r.url) if bucket in r.url else None)
+    page.goto(f"{review_server}/runs/{run.run_id}#token={TOKEN}")
+    page.wait_for_selector("body[data-ready='1']", timeout=30_000)
+    assert int(page.get_attribute("#canvas", "data-mask-pixels")) > 0  # the candidate mask came from S3
+    assert any("image.jpg" in u for u in s3_requests) and any("mask-" in u for u in s3_requests)
+    canvas = page.locator("#canvas")
+    scale = canvas.bounding_box()["width"] / 320
+    cy, cx = (float(v.mean()) for v in np.nonzero(truth))
+    canvas.click(position={"x": cx * scale, "y": cy * scale})
+    page.wait_for_function("document.body.dataset.lastRefineMs !== undefined", timeout=30_000)
+    shown_pixels = int(page.get_attribute("#canvas", "data-mask-pixels"))
+    page.click("#approve")
+    page.wait_for_function("document.body.dataset.resumed === 'approve'", timeout=30_000)
+    state = run.finish()
+    assert state.is_completed(), state.message
+    prefix = run.result["output_prefix"].removeprefix(f"s3://{bucket}/")
+    mask = np.asarray(Image.open(io.BytesIO(client.get_object(Bucket=bucket, Key=f"{prefix}/mask.png")["Body"].read())))
+    assert int((mask > 127).sum()) == shown_pixels
+    assert not errors, errors

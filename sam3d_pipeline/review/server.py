@@ -35,6 +35,7 @@ STATIC = Path(__file__).parent / "static"
 # onnxruntime-web from npm (``make install`` runs ``npm ci`` in ``review/web``); served, never from a CDN.
 ORT_DIST = Path(__file__).parent / "web" / "node_modules" / "onnxruntime-web" / "dist"
 MAX_BODY_BYTES = 8 * 1024 * 1024
+PRESIGNED_TTL_S = 300
 REFINE_WORK_SIZE_PX = 360
 
 
@@ -109,7 +110,7 @@ def create_app(token: str, settings: Settings | None = None) -> FastAPI:
     def serve_key(ctx: ReviewContext, key: str, media_type: str, cache: str = "no-store") -> Response:
         storage = storage_for(ctx)
         if isinstance(storage, S3Storage):  # short-lived presigned URL, no bytes through this server
-            return RedirectResponse(storage.link(key, expires_s=300))
+            return RedirectResponse(storage.link(key, expires_s=PRESIGNED_TTL_S))
         try:
             data = storage.read_bytes(key)
         except InputNotFoundError:
@@ -140,15 +141,28 @@ def create_app(token: str, settings: Settings | None = None) -> FastAPI:
 
     @app.get("/api/runs/{run_id}", dependencies=auth)
     def run(run_id: UUID) -> dict:
+        """The run's review context, with the URLs of its files: 5-minute presigned URLs when storage is S3
+        (the browser fetches them directly, without the review token), else this server's routes."""
         ctx = context(run_id)
+        storage = storage_for(ctx)
+        presign = isinstance(storage, S3Storage)
+
+        def url(route: str, key: str) -> str:
+            return storage.link(key, expires_s=PRESIGNED_TTL_S) if presign else f"/api/runs/{run_id}/{route}"
+
+        review = f"{ctx.prefix}/review"
+        files = {
+            "image": url("image", f"{review}/image.jpg"),
+            "masks": [url(f"masks/{i}", f"{review}/r{ctx.round}-mask-{i}.png") for i in range(len(ctx.instances))],
+        }
         if ctx.embeddings_key and ctx.decoder_key:
             decoder = {
                 "decoder": "onnx-web",
                 "decoder_label": f"clicks are decoded in this browser by {ctx.segmenter}'s click decoder "
                 "(onnxruntime-web); no server round trip per click",
-                "decoder_url": f"/api/runs/{run_id}/decoder",
+                "decoder_url": url("decoder", ctx.decoder_key),
                 "decoder_cache_key": ctx.decoder_key,
-                "embeddings_url": f"/api/runs/{run_id}/embeddings",
+                "embeddings_url": url("embeddings", ctx.embeddings_key),
             }
         else:
             decoder = {
@@ -156,7 +170,7 @@ def create_app(token: str, settings: Settings | None = None) -> FastAPI:
                 "decoder_label": "clicks are refined on the server with the lite segmenter (GrabCut); "
                 "no in-browser decoder for this backend",
             }
-        return ctx.model_dump() | {"id": str(run_id)} | decoder
+        return ctx.model_dump() | {"id": str(run_id), "files": files} | decoder
 
     def decoder_file(ctx: ReviewContext, key: str | None, what: str) -> str:
         if not key:

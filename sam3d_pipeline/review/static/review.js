@@ -102,7 +102,7 @@ function draw() {
 
 async function selectInstance(index) {
   state.instance = index; state.points = []; state.box = null; state.edited = false;
-  const blob = await (await api(`/api/runs/${state.run.id}/masks/${index}`)).blob();
+  const blob = await (await fetchFile(state.run.files.masks[index])).blob();
   state.mask = await maskFromPng(blob, state.run.width, state.run.height);
   draw();
 }
@@ -123,7 +123,15 @@ async function loadDecoder(run) {
   return decoder;
 }
 
-async function fetchBytes(url) { return (await api(url)).arrayBuffer(); }
+// A run's file: this server's route (with the token), or a presigned S3 URL fetched directly (CORS, no token).
+async function fetchFile(url) {
+  if (url.startsWith("/")) return api(url);
+  const response = await fetch(url, { mode: "cors", credentials: "omit" });
+  if (!response.ok) throw new Error(`${response.status} fetching a run file (expired link? reload the page)`);
+  return response;
+}
+
+async function fetchBytes(url) { return (await fetchFile(url)).arrayBuffer(); }
 
 async function cachedFetch(url, cacheKey) {
   if (!self.caches) return fetchBytes(url);
@@ -221,7 +229,7 @@ async function openRun(id) {
   state.run = run;
   $("meta").textContent = `${run.input_uri} · prompt “${run.prompt}” · round ${run.round} · ${run.width}×${run.height}`;
   $("decoder").textContent = run.decoder_label;
-  state.photo = await loadImage(await (await api(`/api/runs/${id}/image`)).blob());
+  state.photo = await loadImage(await (await fetchFile(run.files.image)).blob());
   const list = $("instances");
   list.replaceChildren();
   run.instances.forEach((inst) => {
