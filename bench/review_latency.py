@@ -159,16 +159,28 @@ def native_and_fidelity(out: str, run_prefix: Path, decoder_key: str, plans, sho
         report = export(segmenter.loaded.model, Path(tmp) / "decoder.onnx", quantize=True)
         float_decoder = clickdecoder.OnnxClickDecoder(Path(report["path"]))
         page_decoder = clickdecoder.OnnxClickDecoder(Path(out) / decoder_key)
-        ious, torch_ious = [], []
+        ious, torch_ious, same_output, flips = [], [], [], 0
         for plan in plans:
             points = [Point(*p) for p in plan]
             ref, _ = float_decoder.decode(exact, points, None, width, height)
             got, _ = page_decoder.decode(stored, points, None, width, height)
             ious.append(embeddings.mask_iou(ref, got))
+            # The same output index on both sides: the decoder's numerical fidelity without the discrete choice
+            # (the stability rule can pick another output when mask 0 sits at its 0.98 threshold).
+            f_low, f_iou = float_decoder.raw(exact, points, None, width, height)
+            p_low, p_iou = page_decoder.raw(stored, points, None, width, height)
+            index = clickdecoder.choose_mask(f_low[0], f_iou[0], len(points), False)
+            flips += index != clickdecoder.choose_mask(p_low[0], p_iou[0], len(points), False)
+            same_output.append(embeddings.mask_iou(*(
+                clickdecoder.upsample_mask(clickdecoder.fill_holes(low[0, index]), width, height)
+                for low in (f_low, p_low))))
             predicted, _, _ = segmenter.click(rgb, points)  # SAM 3's own predict_inst, float32 features
             torch_ious.append(embeddings.mask_iou(predicted, ref))
     figures |= {"page_vs_float_mask_iou_mean": round(float(np.mean(ious)), 4),
                 "page_vs_float_mask_iou_min": round(float(np.min(ious)), 4),
+                "page_vs_float_same_output_iou_mean": round(float(np.mean(same_output)), 4),
+                "page_vs_float_same_output_iou_min": round(float(np.min(same_output)), 4),
+                "page_vs_float_output_choice_differs": int(flips),
                 "float_onnx_vs_predict_inst_iou_mean": round(float(np.mean(torch_ious)), 4),
                 "float_onnx_vs_predict_inst_iou_min": round(float(np.min(torch_ious)), 4),
                 "decoder_bytes": int(report["quant_size_bytes"]), "float_decoder_bytes": int(report["size_bytes"])}
@@ -268,7 +280,10 @@ def main() -> None:
         print(f"browser mask vs onnxruntime in Python (last click): IoU {extra['browser_vs_native_last_mask_iou']}, "
               f"{extra['browser_vs_native_pixels_differing']} pixels differ")
         print(f"page decoder (uint8, 6-bit embeddings) vs float32: mask IoU mean "
-              f"{extra['page_vs_float_mask_iou_mean']}, min {extra['page_vs_float_mask_iou_min']}; float32 ONNX "
+              f"{extra['page_vs_float_mask_iou_mean']}, min {extra['page_vs_float_mask_iou_min']} "
+              f"({extra['page_vs_float_output_choice_differs']} clicks chose another output; same output: mean "
+              f"{extra['page_vs_float_same_output_iou_mean']}, min {extra['page_vs_float_same_output_iou_min']}); "
+              f"float32 ONNX "
               f"vs SAM 3's predict_inst: mean {extra['float_onnx_vs_predict_inst_iou_mean']}, "
               f"min {extra['float_onnx_vs_predict_inst_iou_min']}")
     if errors:
