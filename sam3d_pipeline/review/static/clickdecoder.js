@@ -193,6 +193,7 @@ export class ClickDecoder {
     const index = chooseMask(out.low_res_masks.data, iou, points.length, !!box);
     const logits = fillHoles(out.low_res_masks.data, index * LOW_RES * LOW_RES);
     const mask = upsampleMask(logits, 0, this.width, this.height);
+    this.lastOutput = { lowRes: out.low_res_masks.data, iou: Array.from(iou), index };  // for checks
     return { mask, score: iou[index], index, ms: decoded - started, totalMs: performance.now() - started };
   }
 }
