@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed-dev
 GLTF_VALIDATOR := tools/gltf-validator/node_modules/.package-lock.json
 GALLERY := sam3d_pipeline/gallery
-GALLERY_STAMP := $(GALLERY)/node_modules $(REVIEW_WEB)/node_modules/.installed
+GALLERY_STAMP := $(GALLERY)/node_modules/.installed
 SAM3_STAMP := $(VENV)/.installed-sam3
 
 .PHONY: demo test lint install bench bench-catalog clean gallery-assets review-assets chromium
