@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Annotated
 
@@ -38,7 +37,9 @@ def catalog(
     if reconstructor not in ("auto", "lite", "sam3d"):
         raise typer.BadParameter(f"{reconstructor!r}: choose auto, lite or sam3d", param_hint="--reconstructor")
     console.print(f"[bold]catalog-batch[/bold] {source} (starting Prefect…)", soft_wrap=True)
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from sam3d_pipeline.settings import local_prefect_defaults
+
+    local_prefect_defaults()
     started = time.perf_counter()
     from flows.catalog_batch import catalog_batch
 

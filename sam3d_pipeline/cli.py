@@ -79,25 +79,34 @@ def run(
         raise typer.Exit(EXIT_FAILED)
 
     console.print(f"[bold]image-to-3d[/bold] {image} prompt={prompt!r} (starting Prefect…)", soft_wrap=True)
-    # The ephemeral API server's telemetry heartbeat only adds noise (and SQLite lock errors) to a local run.
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from sam3d_pipeline.settings import local_prefect_defaults
+
+    local_prefect_defaults()
     started = time.perf_counter()
     from flows.image_to_3d import image_to_3d
     from sam3d_pipeline.report import RunResult, summary_line
 
-    state = image_to_3d(
-        image=image,
-        prompt=prompt,
-        output_root=out,
-        boxes=boxes,
-        points=points,
-        instance_index=instance,
-        segmenter=segmenter,
-        reconstructor=reconstructor,
-        seed=seed,
-        force=force,
-        return_state=True,
-    )
+    try:
+        state = image_to_3d(
+            image=image,
+            prompt=prompt,
+            output_root=out,
+            boxes=boxes,
+            points=points,
+            instance_index=instance,
+            segmenter=segmenter,
+            reconstructor=reconstructor,
+            seed=seed,
+            force=force,
+            return_state=True,
+        )
+    except RuntimeError as exc:
+        if "ephemeral Prefect API" not in str(exc):
+            raise
+        console.print(f"[red]error:[/red] {image}: Prefect's local API server did not start ({exc}); set "
+                      "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS higher, or PREFECT_API_URL to a running "
+                      "Prefect server", soft_wrap=True)
+        raise typer.Exit(EXIT_FAILED) from None
     wall = time.perf_counter() - started
     if not state.is_completed():
         console.print(f"[red]failed:[/red] {state.message}", soft_wrap=True)

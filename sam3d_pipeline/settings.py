@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from typing import Literal
 
@@ -152,3 +153,14 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """Settings read once from the environment (tests call ``get_settings.cache_clear()``)."""
     return Settings()
+
+
+EPHEMERAL_STARTUP_TIMEOUT_S = 120  # Prefect's default (20 s) is too short on a busy 2-core laptop
+
+
+def local_prefect_defaults() -> None:
+    """Environment defaults for a run on Prefect's ephemeral API (no ``PREFECT_API_URL``), set before Prefect
+    is imported; a value the user set wins. Telemetry off (it only adds SQLite lock errors to a local run) and
+    a start-up timeout long enough for a loaded machine."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(EPHEMERAL_STARTUP_TIMEOUT_S))

@@ -15,8 +15,8 @@ from sam3d_pipeline.cli import parse_box, parse_point
 from .photos import encode, object_photo, uniform_photo
 
 
-def _cli(*args: str, home: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = os.environ | {"PREFECT_HOME": str(home / "prefect-home"), "PREFECT_API_URL": ""}
+def _cli(*args: str, home: Path, timeout: int = 300, **extra_env: str) -> subprocess.CompletedProcess:
+    env = os.environ | {"PREFECT_HOME": str(home / "prefect-home"), "PREFECT_API_URL": ""} | extra_env
     env.pop("PREFECT_API_URL")
     return subprocess.run(
         [sys.executable, "-m", "sam3d_pipeline.cli", *args],
@@ -81,3 +81,15 @@ def test_no_object_exits_3_and_corrupt_image_exits_1(tmp_path):
     proc = _cli("run", str(bad), "--prompt", "chair", "--out", str(tmp_path / "out"), home=tmp_path)
     assert proc.returncode == 1
     assert "bad.png: not a recognised image" in proc.stderr
+
+
+@pytest.mark.slow
+def test_local_api_that_does_not_start_is_a_clear_error(tmp_path):
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(encode(uniform_photo()))
+    proc = _cli("run", str(photo), "--prompt", "chair", "--out", str(tmp_path / "out"), home=tmp_path,
+                PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="0")  # no server starts in 0 s
+    assert proc.returncode == 1
+    assert "photo.png: Prefect's local API server did not start" in proc.stderr
+    assert "PREFECT_API_URL" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()  # nothing half-written

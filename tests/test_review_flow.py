@@ -39,7 +39,8 @@ def _schema_saved(client, run) -> bool:
 class PausedRun:
     """Runs image-to-3d in a thread and gives access to its paused flow run."""
 
-    def __init__(self, tmp_path: Path, rgb: np.ndarray, output_root: str | None = None, **params):
+    def __init__(self, tmp_path: Path, rgb: np.ndarray, output_root: str | None = None, prompt: str = "thing",
+                 **params):
         from prefect import tags
 
         from flows.image_to_3d import image_to_3d
@@ -52,7 +53,7 @@ class PausedRun:
 
         def target():
             with tags(self.tag):
-                self.state = image_to_3d(image=str(photo), prompt="thing", output_root=output_root or str(self.out),
+                self.state = image_to_3d(image=str(photo), prompt=prompt, output_root=output_root or str(self.out),
                                          return_state=True, **params)
             # Read the result here: a caller running an event loop (a browser driver) would get a coroutine.
             self.result = self.state.result(raise_on_failure=False)

@@ -50,6 +50,9 @@ def test_api_requires_the_token_and_validates_input(tmp_path, review_server):
     huge = requests.post(f"{base}/refine", headers=auth | {"Content-Type": "application/json"},
                          data=b"x" * (9 * 1024 * 1024), timeout=30)
     assert huge.status_code == 413
+    chunked = requests.post(f"{base}/refine", headers=auth | {"Content-Type": "application/json"},
+                            data=iter([b'{"points": [', b"]}"]), timeout=10)  # no Content-Length
+    assert chunked.status_code == 411
     run.wait_paused()
     assert requests.post(f"{base}/reject", headers=auth, json={"comment": "no"}, timeout=10).status_code == 200
     run.finish()
@@ -88,6 +91,29 @@ def test_click_refine_and_approve_in_chromium(tmp_path, review_server, browser):
     assert not errors, errors
     print(json.dumps({"first_mask_s": round(first_mask_s, 2),
                       "refine_ms": int(page.evaluate("document.body.dataset.lastRefineMs"))}))
+
+
+def test_run_list_shows_upload_text_as_text(tmp_path, review_server, browser):
+    """Prompts come from upload metadata: the list page shows markup in them as text and runs none of it."""
+    prompt = '<img src=x onerror="window.injected = 1">chair'
+    run = PausedRun(tmp_path, object_photo()[0], prompt=prompt, review="required")
+    run.wait_paused()
+    page = browser.new_page()
+    page.goto(f"{review_server}/#token={TOKEN}")
+    link = page.locator(f"a[href='/runs/{run.run_id}']")
+    link.wait_for(timeout=30_000)
+    item = page.locator("#runs li", has=link)
+    assert prompt in item.inner_text()
+    assert item.locator("img").count() == 0
+    assert page.evaluate("window.injected") is None
+    link.click()
+    page.wait_for_selector("body[data-ready='1']", timeout=30_000)
+    assert prompt in page.inner_text("#meta")
+    assert page.evaluate("window.injected") is None
+    page.click("#reject")
+    page.wait_for_function("document.body.dataset.resumed === 'reject'", timeout=30_000)
+    assert run.finish().is_completed()
+    assert run.result["status"] == "rejected"
 
 
 def _expires_in_s(url: str) -> float:

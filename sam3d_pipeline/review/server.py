@@ -35,6 +35,7 @@ STATIC = Path(__file__).parent / "static"
 # onnxruntime-web from npm (``make install`` runs ``npm ci`` in ``review/web``); served, never from a CDN.
 ORT_DIST = Path(__file__).parent / "web" / "node_modules" / "onnxruntime-web" / "dist"
 MAX_BODY_BYTES = 8 * 1024 * 1024
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 PRESIGNED_TTL_S = 300
 REFINE_WORK_SIZE_PX = 360
 
@@ -75,8 +76,12 @@ def create_app(token: str, settings: Settings | None = None) -> FastAPI:
     @app.middleware("http")
     async def limit_and_isolate(request: Request, call_next):
         length = request.headers.get("content-length")
-        if length is not None and int(length) > MAX_BODY_BYTES:
-            return JSONResponse({"detail": f"request body over {MAX_BODY_BYTES} bytes"}, status_code=413)
+        if length is None and request.method in BODY_METHODS:  # a chunked body would bypass the size limit
+            return JSONResponse({"detail": "send a Content-Length header with the request body"}, status_code=411)
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            status = 413 if length.isdigit() else 400
+            return JSONResponse({"detail": f"request body over {MAX_BODY_BYTES} bytes" if status == 413
+                                 else "malformed Content-Length header"}, status_code=status)
         response = await call_next(request)
         # Cross-origin isolation lets the in-browser decoder use threads (SharedArrayBuffer).
         response.headers["Cross-Origin-Opener-Policy"] = "same-origin"

@@ -282,10 +282,18 @@ async function listRuns() {
   const runs = await (await api("/api/runs")).json();
   const ul = $("runs");
   ul.replaceChildren();
-  if (!runs.length) ul.innerHTML = "<li>No runs are waiting.</li>";
+  if (!runs.length) {
+    const li = document.createElement("li");
+    li.textContent = "No runs are waiting.";
+    ul.append(li);
+  }
+  // Names, keys and prompts come from uploads (S3 metadata): text only, never markup.
   for (const run of runs) {
     const li = document.createElement("li");
-    li.innerHTML = `<a href="/runs/${run.id}">${run.name}</a> · ${run.image} · “${run.prompt}”`;
+    const link = document.createElement("a");
+    link.href = `/runs/${encodeURIComponent(run.id)}`;
+    link.textContent = run.name;
+    li.append(link, ` · ${run.image} · “${run.prompt}”`);
     ul.append(li);
   }
 }
