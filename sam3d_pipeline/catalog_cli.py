@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Annotated
 
@@ -42,12 +43,14 @@ def catalog(
     local_prefect_defaults()
     started = time.perf_counter()
     from flows.catalog_batch import catalog_batch
+    from flows.local import local_run_settings, uses_ephemeral_api
 
-    state = catalog_batch(
-        source=source, output_root=out, default_prompt=prompt, concurrency=concurrency, batch_size=batch_size,
-        gpu_limit=gpu_limit, gpu_slots=gpu_slots, segmenter=segmenter, reconstructor=reconstructor, seed=seed,
-        force=force, return_state=True,
-    )
+    with local_run_settings() if uses_ephemeral_api() else contextlib.nullcontext():
+        state = catalog_batch(
+            source=source, output_root=out, default_prompt=prompt, concurrency=concurrency, batch_size=batch_size,
+            gpu_limit=gpu_limit, gpu_slots=gpu_slots, segmenter=segmenter, reconstructor=reconstructor, seed=seed,
+            force=force, return_state=True,
+        )
     wall = time.perf_counter() - started
     if not state.is_completed():
         console.print(f"[red]failed:[/red] {state.message}", soft_wrap=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -84,22 +85,24 @@ def run(
     local_prefect_defaults()
     started = time.perf_counter()
     from flows.image_to_3d import image_to_3d
+    from flows.local import local_run_settings, uses_ephemeral_api
     from sam3d_pipeline.report import RunResult, summary_line
 
     try:
-        state = image_to_3d(
-            image=image,
-            prompt=prompt,
-            output_root=out,
-            boxes=boxes,
-            points=points,
-            instance_index=instance,
-            segmenter=segmenter,
-            reconstructor=reconstructor,
-            seed=seed,
-            force=force,
-            return_state=True,
-        )
+        with local_run_settings() if uses_ephemeral_api() else contextlib.nullcontext():
+            state = image_to_3d(
+                image=image,
+                prompt=prompt,
+                output_root=out,
+                boxes=boxes,
+                points=points,
+                instance_index=instance,
+                segmenter=segmenter,
+                reconstructor=reconstructor,
+                seed=seed,
+                force=force,
+                return_state=True,
+            )
     except RuntimeError as exc:
         if "ephemeral Prefect API" not in str(exc):
             raise
