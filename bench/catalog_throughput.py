@@ -2,7 +2,8 @@
 
 Every variant processes the same N distinct photos (crops and flips of the 600x400 sample, so every output
 prefix differs) into a fresh output root, in one process, with the Prefect test server started once before
-timing. Rounds alternate plain → flow c=1 → flow c=2 so machine noise hits all three; figures are medians.
+timing; flows run as `sam3d-pipeline catalog` runs them on the embedded default (``flows.local``: no
+flow-run heartbeats). Rounds alternate plain → flow c=1 → flow c=2 so machine noise hits all three; figures are medians.
 
 - plain: ``catalog.run_catalog_plain`` (the same stage functions, one thread, no Prefect).
 - flow c=1: ``catalog-batch`` with concurrency 1 and 1 GPU slot.
@@ -70,6 +71,7 @@ def main() -> None:
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.catalog_batch import catalog_batch
+    from flows.local import local_run_settings
     from sam3d_pipeline import catalog
     from sam3d_pipeline.storage import LocalStorage
 
@@ -81,7 +83,7 @@ def main() -> None:
         # Warm-up: import and build the backends once, outside the timings.
         catalog.run_catalog_plain(rows[:1], LocalStorage(tmp_path / "warm"), segmenter="lite", reconstructor="lite")
         t = time.perf_counter()
-        with prefect_test_harness(server_startup_timeout=120):
+        with prefect_test_harness(server_startup_timeout=120), local_run_settings():
             server_start_s = time.perf_counter() - t
             limit = f"bench-gpu-{uuid.uuid4().hex[:6]}"
             for r in range(args.rounds):

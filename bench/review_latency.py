@@ -7,8 +7,9 @@ the next); everything is stopped at the end.
 ``--segmenter sam3`` (the default when sam3 is installed; random weights on this CPU) measures the in-browser
 decoder (onnxruntime-web), then the same clicks with onnxruntime in Python on the same decoder file and
 embeddings (native baseline, and the browser mask checked against it), and the decoder's fidelity: masks from
-the uint8 decoder on the stored 6-bit embeddings (what the page runs) against the float32 decoder on float32
-features. ``--segmenter lite`` measures the server-side refinement fallback.
+the page's decoder (uint8 weights, or float32 with ``--decoder-weights float32``) on the stored 6-bit
+embeddings (what the page runs) against the float32 decoder on float32 features, and each compression alone.
+``--segmenter lite`` measures the server-side refinement fallback.
 
 Usage: python bench/review_latency.py [--segmenter sam3|lite] [--clicks 50]
 """
@@ -127,7 +128,7 @@ def run_clicks(page, plans, width: int) -> list[dict]:
 
 def native_and_fidelity(out: str, run_prefix: Path, decoder_key: str, plans, shown: np.ndarray,
                         browser_low: np.ndarray, width: int, height: int, rgb: np.ndarray) -> dict:
-    """onnxruntime in Python on the page's files; and uint8+6-bit against float32+float32 masks."""
+    """onnxruntime in Python on the page's files; and the page's masks against float32+float32 masks."""
     from sam3d_pipeline import clickdecoder, embeddings
     from sam3d_pipeline.backends.sam3_onnx import export
     from sam3d_pipeline.backends.sam3_segmenter import Sam3Segmenter
@@ -157,11 +158,15 @@ def native_and_fidelity(out: str, run_prefix: Path, decoder_key: str, plans, sho
         float_decoder = clickdecoder.OnnxClickDecoder(Path(report["path"]))
         page_decoder = clickdecoder.OnnxClickDecoder(Path(out) / decoder_key)
         ious, torch_ious, same_output, flips = [], [], [], 0
+        decoder_only, embeddings_only = [], []  # which of the two compressions costs the fidelity
         for plan in plans:
             points = [Point(*p) for p in plan]
             ref, _ = float_decoder.decode(exact, points, None, width, height)
             got, _ = page_decoder.decode(stored, points, None, width, height)
             ious.append(embeddings.mask_iou(ref, got))
+            decoder_only.append(embeddings.mask_iou(ref, page_decoder.decode(exact, points, None, width, height)[0]))
+            embeddings_only.append(
+                embeddings.mask_iou(ref, float_decoder.decode(stored, points, None, width, height)[0]))
             # The same output index on both sides: the decoder's numerical fidelity without the discrete choice
             # (the stability rule can pick another output when mask 0 sits at its 0.98 threshold).
             f_low, f_iou = float_decoder.raw(exact, points, None, width, height)
@@ -178,6 +183,8 @@ def native_and_fidelity(out: str, run_prefix: Path, decoder_key: str, plans, sho
                 "page_vs_float_same_output_iou_mean": round(float(np.mean(same_output)), 4),
                 "page_vs_float_same_output_iou_min": round(float(np.min(same_output)), 4),
                 "page_vs_float_output_choice_differs": int(flips),
+                "page_decoder_on_float_features_iou_mean": round(float(np.mean(decoder_only)), 4),
+                "float_decoder_on_stored_embeddings_iou_mean": round(float(np.mean(embeddings_only)), 4),
                 "float_onnx_vs_predict_inst_iou_mean": round(float(np.mean(torch_ious)), 4),
                 "float_onnx_vs_predict_inst_iou_min": round(float(np.min(torch_ious)), 4),
                 "decoder_bytes": int(report["quant_size_bytes"]), "float_decoder_bytes": int(report["size_bytes"])}
@@ -190,7 +197,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="clicks measured but left out of the figures")
     parser.add_argument("--segmenter", choices=["sam3", "lite"],
                         default="sam3" if importlib.util.find_spec("sam3") else "lite")
+    parser.add_argument("--decoder-weights", choices=["uint8", "float32"], default="uint8",
+                        help="SAM3D_REVIEW_DECODER_WEIGHTS: the in-browser decoder's weights")
     args = parser.parse_args()
+    os.environ["SAM3D_REVIEW_DECODER_WEIGHTS"] = args.decoder_weights
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ |= {"PREFECT_LOGGING_LEVEL": "WARNING",  # paused runs poll at the default interval (5 s)
                    "SAM3D_SAM3_RANDOM_INIT": "true", "SAM3D_SAM3_CONFIDENCE_THRESHOLD": "0"}
@@ -280,16 +290,19 @@ def main() -> None:
         print(f"browser vs onnxruntime in Python (last click): largest logit difference "
               f"{extra['browser_vs_native_max_logit_diff']}; mask IoU {extra['browser_vs_native_last_mask_iou']}, "
               f"{extra['browser_vs_native_pixels_differing']} pixels differ")
-        print(f"page decoder (uint8, 6-bit embeddings) vs float32: mask IoU mean "
+        print(f"page decoder ({args.decoder_weights}, 6-bit embeddings) vs float32: mask IoU mean "
               f"{extra['page_vs_float_mask_iou_mean']}, min {extra['page_vs_float_mask_iou_min']} "
               f"({extra['page_vs_float_output_choice_differs']} clicks chose another output; same output: mean "
               f"{extra['page_vs_float_same_output_iou_mean']}, min {extra['page_vs_float_same_output_iou_min']}); "
+              f"{args.decoder_weights} decoder alone {extra['page_decoder_on_float_features_iou_mean']}, "
+              f"6-bit embeddings alone {extra['float_decoder_on_stored_embeddings_iou_mean']}; "
               f"float32 ONNX "
               f"vs SAM 3's predict_inst: mean {extra['float_onnx_vs_predict_inst_iou_mean']}, "
               f"min {extra['float_onnx_vs_predict_inst_iou_min']}")
     if errors:
         print(f"page errors: {errors}")
-    print("BENCH_JSON " + json.dumps({f"review_page_{args.segmenter}": figures}))
+    name = f"review_page_{args.segmenter}" + ("_float32" if args.decoder_weights == "float32" else "")
+    print("BENCH_JSON " + json.dumps({name: figures | {"decoder_weights": args.decoder_weights}}))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ BENCHES = [
     ("overhead", ["bench/overhead.py", "--photos", "50"]),
     ("single run", ["bench/run_one.py", "--repeat", "3"]),
     ("review page (in-browser decoder)", ["bench/review_latency.py", "--clicks", "50", "--segmenter", "sam3"]),
+    ("review page (float32 decoder)", ["bench/review_latency.py", "--clicks", "50", "--segmenter", "sam3",
+                                       "--decoder-weights", "float32"]),
     ("review page (lite fallback)", ["bench/review_latency.py", "--clicks", "20", "--segmenter", "lite"]),
     ("catalog throughput", ["bench/catalog_throughput.py", "--items", "24", "--rounds", "2"]),
     ("event latency", ["bench/event_latency.py", "--uploads", "20", "--events", "1000"]),

@@ -44,10 +44,15 @@ def child(mode: str, out: str) -> None:
 
     photo = str(sample_path("coffee"))
     if mode == "flow":
+        from sam3d_pipeline.settings import local_prefect_defaults
+
+        local_prefect_defaults()  # as `sam3d-pipeline run` on the embedded default
         import flows.image_to_3d as f
+        from flows.local import local_run_settings
 
         imported = time.perf_counter()
-        state = f.image_to_3d(image=photo, prompt="coffee cup", output_root=out, force=True, return_state=True)
+        with local_run_settings():
+            state = f.image_to_3d(image=photo, prompt="coffee cup", output_root=out, force=True, return_state=True)
         result = state.result()
         server_rss = _descendant_peak_rss_kib()
     else:

@@ -120,10 +120,11 @@ def segment_or_reuse(image: LoadedImage, options: pipeline.RunOptions, run_plan:
     return stages.segment(image, options, run_plan, settings, storage.root, review_assets=round_number == 1)
 
 
-def decoder_files(storage: Storage, run_plan: pipeline.RunPlan) -> dict[str, str]:
+def decoder_files(storage: Storage, run_plan: pipeline.RunPlan, settings: Settings) -> dict[str, str]:
     """The in-browser click decoder's files for this run, when its segmenter stored them."""
     keys = {"embeddings_key": clickdecoder.embeddings_key(run_plan.prefix),
-            "decoder_key": clickdecoder.decoder_key(run_plan.segmenter_info["version"])}
+            "decoder_key": clickdecoder.decoder_key(run_plan.segmenter_info["version"],
+                                                    settings.review_decoder_weights)}
     return keys if all(storage.exists(k) for k in keys.values()) else {}
 
 
@@ -198,7 +199,7 @@ def review_loop(
                 output_root=storage.root, prefix=run_plan.prefix, round=round_number, input_uri=image.source,
                 prompt=options.prompt, width=image.width, height=image.height, instances=instances,
                 selected=selected, segmenter=run_plan.segmenter_info["name"],
-                **decoder_files(storage, run_plan),
+                **decoder_files(storage, run_plan, settings),
             ),
         )
         remaining = max(1.0, config.timeout_s - (time.monotonic() - started))

@@ -8,7 +8,9 @@ from :class:`OnnxClickDecoder` (onnxruntime, imported when used).
 Files (keys relative to the output root):
     ``<prefix>/review/embeddings.bin``                   the image's decoder inputs (``embeddings.py``),
                                                          gzip-encoded
-    ``_decoders/<segmenter version>/click-decoder.onnx``  the decoder (uint8 weights), one per model version
+    ``_decoders/<segmenter version>/click-decoder.onnx``  the decoder (uint8 weights), one per model version;
+                                                         ``click-decoder-float32.onnx`` with float32 weights
+                                                         (``SAM3D_REVIEW_DECODER_WEIGHTS``)
 """
 
 from __future__ import annotations
@@ -33,10 +35,13 @@ def embeddings_key(prefix: str) -> str:
     return f"{prefix}/review/{EMBEDDINGS_NAME}"
 
 
-def decoder_key(segmenter_version: str) -> str:
+def decoder_key(segmenter_version: str, weights: str = "uint8") -> str:
     """Where the decoder of one model version lives (immutable: a new checkpoint has a new version)."""
     safe = re.sub(r"[^A-Za-z0-9._+-]", "_", segmenter_version)
-    return f"_decoders/{safe}/{DECODER_NAME}"
+    if weights not in ("uint8", "float32"):
+        raise ValueError(f"decoder weights {weights!r}: choose uint8 or float32")
+    name = DECODER_NAME if weights == "uint8" else DECODER_NAME.replace(".onnx", f"-{weights}.onnx")
+    return f"_decoders/{safe}/{name}"
 
 
 def prompt_inputs(points: Sequence[Point], box: tuple[float, float, float, float] | None) -> dict[str, np.ndarray]:
@@ -137,7 +142,8 @@ class OnnxClickDecoder:
         return low, iou
 
 
-def publish_review_assets(segmenter: object, rgb: np.ndarray, storage, prefix: str) -> dict[str, str] | None:
+def publish_review_assets(segmenter: object, rgb: np.ndarray, storage, prefix: str,
+                          weights: str = "uint8") -> dict[str, str] | None:
     """Store what the review page's in-browser decoder needs for this photo, unless already stored.
 
     ``<prefix>/review/embeddings.bin`` (per photo, ~3.5 MB gzip-encoded) and
@@ -149,6 +155,7 @@ def publish_review_assets(segmenter: object, rgb: np.ndarray, storage, prefix: s
         segmenter: the segmenter that produced (or will produce) the masks; ignored unless it is an
             ``Embedder`` (``lite`` has no click decoder: the page then refines on the server).
         storage: the run's output ``Storage``.
+        weights: the decoder's weights, ``uint8`` (dynamic quantisation) or ``float32``.
 
     Returns:
         ``{"embeddings_key", "decoder_key"}`` relative to the storage root, or None without a decoder.
@@ -160,11 +167,11 @@ def publish_review_assets(segmenter: object, rgb: np.ndarray, storage, prefix: s
 
     if not isinstance(segmenter, Embedder):
         return None
-    keys = {"embeddings_key": embeddings_key(prefix), "decoder_key": decoder_key(segmenter.version())}
+    keys = {"embeddings_key": embeddings_key(prefix), "decoder_key": decoder_key(segmenter.version(), weights)}
     if not storage.exists(keys["decoder_key"]):
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / DECODER_NAME
-            segmenter.export_click_decoder(path)
+            segmenter.export_click_decoder(path, quantized=weights == "uint8")
             storage.write_bytes(keys["decoder_key"], path.read_bytes(), content_type="application/octet-stream")
     if not storage.exists(keys["embeddings_key"]):
         storage.write_bytes(keys["embeddings_key"], embeddings.compress(embeddings.encode(segmenter.embeddings(rgb))),

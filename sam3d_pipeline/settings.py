@@ -66,6 +66,11 @@ class Settings(BaseSettings):
         description="Reviews allowed to last longer than this suspend the run (it leaves its infrastructure and "
         "resumes from persisted results) instead of pausing it in process. Needs a deployment.",
     )
+    review_decoder_weights: Literal["uint8", "float32"] = Field(
+        "uint8",
+        description="Weights of the review page's in-browser click decoder: uint8 (4.7 MB, faster per click) or "
+        "float32 (16.5 MB, the model's own numbers). Downloaded once per model version and cached by the browser.",
+    )
     review_page_url: str | None = Field(
         None, description="Base URL of the review server, linked from paused runs (e.g. http://127.0.0.1:8765)."
     )

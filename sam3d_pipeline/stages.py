@@ -114,7 +114,7 @@ def run_segment_stage(image_uri: str, output_root: str, prefix: str, params: Seg
     }
     if review_assets:
         summary["review_assets"] = clickdecoder.publish_review_assets(
-            backends.get_segmenter(segmenter, s), image.rgb, storage, prefix)
+            backends.get_segmenter(segmenter, s), image.rgb, storage, prefix, s.review_decoder_weights)
     storage.write_bytes(f"{prefix}/{SEGMENT_DIR}/segmentation.json", json.dumps(summary, indent=2).encode(),
                         content_type="application/json")
     return summary

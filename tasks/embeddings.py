@@ -23,7 +23,7 @@ def store_review_assets(image: LoadedImage, run_plan: RunPlan, settings: Setting
     logger = get_run_logger()
     segmenter = backends.get_segmenter(run_plan.segmenter.name, settings)
     keys = clickdecoder.publish_review_assets(segmenter, image.rgb, open_storage(run_plan.output_root, settings),
-                                              run_plan.prefix)
+                                              run_plan.prefix, settings.review_decoder_weights)
     if keys is None:
         logger.info("segmenter %s has no click decoder: the review page refines clicks on the server",
                     run_plan.segmenter.name)

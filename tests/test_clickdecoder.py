@@ -63,6 +63,14 @@ def test_decoder_keys_are_per_model_version_and_safe():
     assert clickdecoder.embeddings_key("photo-abc") == "photo-abc/review/embeddings.bin"
 
 
+def test_float32_decoder_has_its_own_key_and_unknown_weights_are_refused():
+    uint8 = clickdecoder.decoder_key("sam3-0.1.4")
+    assert clickdecoder.decoder_key("sam3-0.1.4", "float32") == "_decoders/sam3-0.1.4/click-decoder-float32.onnx"
+    assert clickdecoder.decoder_key("sam3-0.1.4", "uint8") == uint8 != clickdecoder.decoder_key("sam3-0.1.4", "float32")
+    with pytest.raises(ValueError, match="float16"):
+        clickdecoder.decoder_key("sam3-0.1.4", "float16")
+
+
 def test_segmenters_without_a_click_decoder_store_nothing(tmp_path):
     from sam3d_pipeline.backends.lite_segmenter import LiteSegmenter
     from sam3d_pipeline.settings import Settings

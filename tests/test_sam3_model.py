@@ -239,3 +239,24 @@ def test_review_assets_task_stores_embeddings_and_a_decoder_that_matches_them(sa
     before = (tmp_path / keys["decoder_key"]).stat().st_mtime_ns
     assert assets() == keys  # a second photo of the same model reuses the decoder file
     assert (tmp_path / keys["decoder_key"]).stat().st_mtime_ns == before
+
+
+def test_float32_review_decoder_is_the_exported_float_model(sam3, tmp_path):
+    """``SAM3D_REVIEW_DECODER_WEIGHTS=float32``: the page gets the float decoder under its own key, next to the
+    uint8 one, and on exact features it gives the torch predictor's mask."""
+    from sam3d_pipeline import clickdecoder
+    from sam3d_pipeline.storage import LocalStorage
+
+    storage = LocalStorage(tmp_path)
+    uint8 = clickdecoder.publish_review_assets(sam3.seg, sam3.rgb, storage, "coffee-test")
+    float32 = clickdecoder.publish_review_assets(sam3.seg, sam3.rgb, storage, "coffee-test", weights="float32")
+    assert float32["embeddings_key"] == uint8["embeddings_key"]
+    assert float32["decoder_key"].endswith("/click-decoder-float32.onnx")
+    small, large = ((tmp_path / k["decoder_key"]).stat().st_size for k in (uint8, float32))
+    assert large > 3 * small  # float32 weights: ~16.5 MB against ~4.7 MB
+    h, w = sam3.rgb.shape[:2]
+    clicks = [Point(300, 210, 1), Point(90, 60, 0)]
+    mask, _ = clickdecoder.OnnxClickDecoder(tmp_path / float32["decoder_key"]).decode(
+        sam3.seg.embeddings(sam3.rgb), clicks, None, w, h)
+    torch_mask, _, _ = sam3.seg.click(sam3.rgb, clicks)
+    assert embeddings.mask_iou(mask, torch_mask) >= 0.99

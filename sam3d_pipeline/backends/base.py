@@ -52,6 +52,7 @@ class Embedder(Protocol):
         """The model version; a click decoder belongs to exactly one."""
         ...
 
-    def export_click_decoder(self, out_path: Path) -> dict:
-        """Write the click decoder that consumes :meth:`embeddings` as ONNX to ``out_path``; return a report."""
+    def export_click_decoder(self, out_path: Path, quantized: bool = True) -> dict:
+        """Write the click decoder that consumes :meth:`embeddings` as ONNX to ``out_path`` (uint8 weights when
+        ``quantized``, else float32); return a report."""
         ...

@@ -360,9 +360,10 @@ class Sam3Segmenter:
             "high_res_feats_1": feats[1].float().cpu().numpy(),
         }
 
-    def export_click_decoder(self, out_path: Path) -> dict:
-        """Export this model's click decoder for the review page: uint8 weights (4.7 MB instead of 16.5 MB,
-        faster in onnxruntime-web), checked against torch before it is written to ``out_path``.
+    def export_click_decoder(self, out_path: Path, quantized: bool = True) -> dict:
+        """Export this model's click decoder for the review page, checked against torch before it is written to
+        ``out_path``: uint8 weights when ``quantized`` (4.7 MB instead of 16.5 MB, faster in onnxruntime-web),
+        else float32.
 
         Returns:
             The export report (sizes, differences from torch, latency), plus ``weights``.
@@ -372,8 +373,8 @@ class Sam3Segmenter:
         from .sam3_onnx import export
 
         with tempfile.TemporaryDirectory() as tmp:
-            report = export(self.loaded.model, Path(tmp) / "decoder.onnx", quantize=True)
-            Path(out_path).write_bytes(Path(report["quant_path"]).read_bytes())
+            report = export(self.loaded.model, Path(tmp) / "decoder.onnx", quantize=quantized)
+            Path(out_path).write_bytes(Path(report["quant_path" if quantized else "path"]).read_bytes())
         return report | {"path": str(out_path), "weights": self.loaded.weights}
 
 
