@@ -3,7 +3,7 @@
 
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
@@ -26,3 +26,23 @@ def local_run_settings() -> Iterator[None]:
     """
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         yield
+
+
+class LocalApiDidNotStart(RuntimeError):
+    """Prefect's temporary API server did not start in time."""
+
+
+@contextmanager
+def cli_run_settings() -> Iterator[None]:
+    """What `sam3d-pipeline run` and `catalog` run their flow in: :func:`local_run_settings` on the embedded
+    default, Prefect's own settings when a server is configured. A temporary API server that does not start
+    becomes :class:`LocalApiDidNotStart`, with what to change."""
+    try:
+        with local_run_settings() if uses_ephemeral_api() else nullcontext():
+            yield
+    except RuntimeError as exc:
+        if isinstance(exc, LocalApiDidNotStart) or "ephemeral Prefect API" not in str(exc):
+            raise
+        raise LocalApiDidNotStart(
+            f"Prefect's local API server did not start ({exc}); set PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS "
+            "higher, or PREFECT_API_URL to a running Prefect server") from exc

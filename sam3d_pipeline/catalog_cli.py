@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Annotated
 
@@ -43,14 +42,18 @@ def catalog(
     local_prefect_defaults()
     started = time.perf_counter()
     from flows.catalog_batch import catalog_batch
-    from flows.local import local_run_settings, uses_ephemeral_api
+    from flows.local import LocalApiDidNotStart, cli_run_settings
 
-    with local_run_settings() if uses_ephemeral_api() else contextlib.nullcontext():
-        state = catalog_batch(
-            source=source, output_root=out, default_prompt=prompt, concurrency=concurrency, batch_size=batch_size,
-            gpu_limit=gpu_limit, gpu_slots=gpu_slots, segmenter=segmenter, reconstructor=reconstructor, seed=seed,
-            force=force, return_state=True,
-        )
+    try:
+        with cli_run_settings():
+            state = catalog_batch(
+                source=source, output_root=out, default_prompt=prompt, concurrency=concurrency,
+                batch_size=batch_size, gpu_limit=gpu_limit, gpu_slots=gpu_slots, segmenter=segmenter,
+                reconstructor=reconstructor, seed=seed, force=force, return_state=True,
+            )
+    except LocalApiDidNotStart as exc:
+        console.print(f"[red]error:[/red] {source}: {exc}", soft_wrap=True)
+        raise typer.Exit(EXIT_FAILED) from None
     wall = time.perf_counter() - started
     if not state.is_completed():
         console.print(f"[red]failed:[/red] {state.message}", soft_wrap=True)

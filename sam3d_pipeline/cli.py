@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import time
@@ -85,11 +84,11 @@ def run(
     local_prefect_defaults()
     started = time.perf_counter()
     from flows.image_to_3d import image_to_3d
-    from flows.local import local_run_settings, uses_ephemeral_api
+    from flows.local import LocalApiDidNotStart, cli_run_settings
     from sam3d_pipeline.report import RunResult, summary_line
 
     try:
-        with local_run_settings() if uses_ephemeral_api() else contextlib.nullcontext():
+        with cli_run_settings():
             state = image_to_3d(
                 image=image,
                 prompt=prompt,
@@ -103,12 +102,8 @@ def run(
                 force=force,
                 return_state=True,
             )
-    except RuntimeError as exc:
-        if "ephemeral Prefect API" not in str(exc):
-            raise
-        console.print(f"[red]error:[/red] {image}: Prefect's local API server did not start ({exc}); set "
-                      "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS higher, or PREFECT_API_URL to a running "
-                      "Prefect server", soft_wrap=True)
+    except LocalApiDidNotStart as exc:
+        console.print(f"[red]error:[/red] {image}: {exc}", soft_wrap=True)
         raise typer.Exit(EXIT_FAILED) from None
     wall = time.perf_counter() - started
     if not state.is_completed():

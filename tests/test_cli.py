@@ -93,3 +93,16 @@ def test_local_api_that_does_not_start_is_a_clear_error(tmp_path):
     assert "photo.png: Prefect's local API server did not start" in proc.stderr
     assert "PREFECT_API_URL" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+@pytest.mark.slow
+def test_catalog_with_a_local_api_that_does_not_start_is_a_clear_error(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "photo.png").write_bytes(encode(uniform_photo()))
+    proc = _cli("catalog", str(photos), "--prompt", "chair", "--out", str(tmp_path / "out"), home=tmp_path,
+                PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="0")
+    assert proc.returncode == 1
+    assert "Prefect's local API server did not start" in proc.stderr and str(photos) in proc.stderr
+    assert "PREFECT_API_URL" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
