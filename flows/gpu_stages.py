@@ -12,7 +12,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from sam3d_pipeline import stages
+from sam3d_pipeline import gpu_stages as stages
 from sam3d_pipeline.settings import Settings, get_settings
 
 

@@ -21,7 +21,7 @@ from sam3d_pipeline.pipeline import PointParam, RunOptions
 from sam3d_pipeline.review.policy import edited_instance, needs_review
 from sam3d_pipeline.settings import get_settings
 from sam3d_pipeline.storage import open_storage
-from tasks import stages
+from tasks import gpu_dispatch as stages
 from tasks.intake import decode_image, fetch_input
 from tasks.publish import publish_artifacts, publish_outputs, render_outputs
 from tasks.retry import retry_options

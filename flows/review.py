@@ -29,7 +29,7 @@ from sam3d_pipeline.review.policy import CONTEXT_KEY, ReviewContext, TimeoutPoli
 from sam3d_pipeline.settings import Settings
 from sam3d_pipeline.storage import Storage
 from sam3d_pipeline.types import Segmentation
-from tasks import stages
+from tasks import gpu_dispatch as stages
 
 MASK_KEY_PATTERN = r"^review/[A-Za-z0-9._-]{1,100}\.png$"
 

@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         print("error: no CUDA device visible (is the container started with a GPU?)", file=sys.stderr)
         return 2
 
-    from sam3d_pipeline import backends, stages
+    from sam3d_pipeline import backends
+    from sam3d_pipeline import gpu_stages as stages
     from sam3d_pipeline.images import load_image
     from sam3d_pipeline.masks import mask_to_png, select_instance
     from sam3d_pipeline.samples import sample_path

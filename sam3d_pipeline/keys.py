@@ -50,3 +50,123 @@ def run_hash(
 def output_prefix_name(uri: str, **hash_inputs: Any) -> str:
     """``<stem>-<hash>``: the folder under the output root that holds one run's files."""
     return f"{image_stem(uri)}-{run_hash(**hash_inputs)}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Every storage key under a run's prefix (and the few at the output root), in one place.
+
+RESULT_FILE = "result.json"
+CATALOG_FILE = "catalog.json"
+GALLERY_FILE = "index.html"
+EMBEDDINGS_NAME = "embeddings.bin"
+DECODER_NAME = "click-decoder.onnx"
+REVIEW_DIR = "review"
+SEGMENT_STAGE_DIR = "stages/segment"
+RECONSTRUCT_STAGE_DIR = "stages/reconstruct"
+DECODERS_DIR = "_decoders"
+WORKERS_DIR = "_workers"
+# Masks the review page uploads, relative to the run's prefix (the pause form validates this pattern).
+REVIEW_UPLOAD_PATTERN = r"^review/[A-Za-z0-9._-]{1,100}\.png$"
+CONTENT_TYPES = {
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".glb": "model/gltf-binary",
+    ".ply": "application/octet-stream",
+    ".json": "application/json",
+    ".bin": "application/octet-stream",
+    ".onnx": "application/octet-stream",
+    ".html": "text/html; charset=utf-8",
+}
+
+
+def content_type(key: str) -> str | None:
+    """The Content-Type written with ``key`` (by its suffix), or None when unknown."""
+    return CONTENT_TYPES.get(PurePosixPath(key).suffix.lower())
+
+
+class RunKeys:
+    """The keys of one run's files, relative to the output root.
+
+    Layout under ``<prefix>/``::
+
+        result.json, mask.png, overlay.png, object.glb, object.ply, preview.png    published outputs
+        stages/segment/segmentation.json, stages/segment/mask-<i>.png               segment stage (GPU side)
+        stages/reconstruct/{object.glb, object.ply, reconstruction.json}           reconstruct stage
+        review/image.jpg, review/overlay-r<n>.png, review/r<n>-<name>              review rounds
+        review/embeddings.bin, review/final-<id>.png                               review page files
+    """
+
+    def __init__(self, prefix: str):
+        if not prefix or prefix.startswith("/") or ".." in prefix.split("/"):
+            raise ValueError(f"bad run prefix {prefix!r}")
+        self.prefix = prefix.rstrip("/")
+
+    def __repr__(self) -> str:
+        return f"RunKeys({self.prefix!r})"
+
+    def file(self, name: str) -> str:
+        """A published output (``mask.png``, ``object.glb``, ...) or any key relative to the prefix."""
+        return f"{self.prefix}/{name}"
+
+    @property
+    def result(self) -> str:
+        return self.file(RESULT_FILE)
+
+    # segment stage
+    @property
+    def segment_dir(self) -> str:
+        return self.file(SEGMENT_STAGE_DIR)
+
+    @property
+    def segmentation(self) -> str:
+        return f"{self.segment_dir}/segmentation.json"
+
+    def stage_mask(self, index: int) -> str:
+        return f"{self.segment_dir}/mask-{index}.png"
+
+    # reconstruct stage
+    @property
+    def reconstruct_dir(self) -> str:
+        return self.file(RECONSTRUCT_STAGE_DIR)
+
+    # review
+    def review(self, name: str) -> str:
+        return self.file(f"{REVIEW_DIR}/{name}")
+
+    @property
+    def review_image(self) -> str:
+        return self.review("image.jpg")
+
+    def review_overlay(self, round_number: int) -> str:
+        return self.review(f"overlay-r{round_number}.png")
+
+    def review_round(self, round_number: int, name: str) -> str:
+        return self.review(f"r{round_number}-{name}")
+
+    @property
+    def embeddings(self) -> str:
+        return self.review(EMBEDDINGS_NAME)
+
+    @staticmethod
+    def review_upload_name(token: str) -> str:
+        """Name (relative to the prefix) of a mask the review page uploads."""
+        return f"{REVIEW_DIR}/final-{token}.png"
+
+
+def reconstruction_json(output: str) -> str:
+    """The ``reconstruction.json`` written last under a reconstruct job's ``output`` key prefix."""
+    return f"{output}/reconstruction.json"
+
+
+def decoder_key(segmenter_version: str, weights: str = "uint8") -> str:
+    """Where the click decoder of one model version lives (immutable: a new checkpoint has a new version)."""
+    safe = re.sub(r"[^A-Za-z0-9._+-]", "_", segmenter_version)
+    if weights not in ("uint8", "float32"):
+        raise ValueError(f"decoder weights {weights!r}: choose uint8 or float32")
+    name = DECODER_NAME if weights == "uint8" else DECODER_NAME.replace(".onnx", f"-{weights}.onnx")
+    return f"{DECODERS_DIR}/{safe}/{name}"
+
+
+def worker_key(session_id: str, name: str) -> str:
+    """Files a GPU worker session keeps at the output root (leases of the tasks it runs)."""
+    return f"{WORKERS_DIR}/{session_id}/{name}"

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sam3d_pipeline import gpu_failures, stages
+from sam3d_pipeline import gpu_failures
+from sam3d_pipeline import gpu_stages as stages
 from sam3d_pipeline.masks import iou
 from sam3d_pipeline.settings import Settings
 

@@ -12,7 +12,8 @@ import pytest
 import trimesh
 import yaml
 
-from sam3d_pipeline import backends, stages
+from sam3d_pipeline import backends
+from sam3d_pipeline import gpu_stages as stages
 from sam3d_pipeline.backends import sam3d_reconstructor as adapter
 from sam3d_pipeline.errors import BackendUnavailableError, InputError
 from sam3d_pipeline.settings import Settings
