@@ -17,10 +17,11 @@ from flows.review import ReviewConfig, review_loop, segment_or_reuse
 from sam3d_pipeline import pipeline
 from sam3d_pipeline.errors import PipelineError
 from sam3d_pipeline.masks import select_instance
-from sam3d_pipeline.pipeline import PointParam, RunOptions
+from sam3d_pipeline.pipeline import RunOptions
 from sam3d_pipeline.review.policy import edited_instance, needs_review
 from sam3d_pipeline.settings import get_settings
 from sam3d_pipeline.storage import open_storage
+from sam3d_pipeline.types import BoxParam, Point
 from tasks import gpu_dispatch as stages
 from tasks.intake import decode_image, fetch_input
 from tasks.publish import publish_artifacts, publish_outputs, render_outputs
@@ -32,8 +33,8 @@ def image_to_3d(
     image: str,
     prompt: str,
     output_root: str | None = None,
-    boxes: list[tuple[float, float, float, float]] | None = None,
-    points: list[PointParam] | None = None,
+    boxes: list[BoxParam] | None = None,
+    points: list[Point] | None = None,
     instance_index: int | None = None,
     segmenter: Literal["auto", "lite", "sam3"] = "auto",
     reconstructor: Literal["auto", "lite", "sam3d"] = "auto",

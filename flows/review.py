@@ -18,7 +18,7 @@ from prefect.exceptions import FlowPauseTimeout
 from prefect.input import RunInput, create_flow_run_input
 from prefect.runtime import deployment, flow_run
 from prefect.states import Running
-from pydantic import BaseModel, Field, create_model
+from pydantic import Field, create_model
 
 from sam3d_pipeline import backends, clickdecoder, pipeline
 from sam3d_pipeline.errors import InputError, ReviewTimeoutError
@@ -28,7 +28,7 @@ from sam3d_pipeline.review.persist import load_round, save_round
 from sam3d_pipeline.review.policy import CONTEXT_KEY, ReviewContext, TimeoutPolicy, review_markdown, timeout_action
 from sam3d_pipeline.settings import Settings
 from sam3d_pipeline.storage import Storage
-from sam3d_pipeline.types import Segmentation
+from sam3d_pipeline.types import Point, Segmentation, bounded_point_model
 from tasks import gpu_dispatch as stages
 
 MASK_KEY_PATTERN = r"^review/[A-Za-z0-9._-]{1,100}\.png$"
@@ -41,7 +41,7 @@ class ReviewInput(RunInput):
     instance_index: int | None = Field(None, description="Instance to reconstruct (approve).")
     prompt: str | None = Field(None, min_length=1, max_length=500, description="New text prompt (reprompt).")
     boxes: list[tuple[float, float, float, float]] = Field(default_factory=list, description="xyxy pixels.")
-    points: list[pipeline.PointParam] = Field(default_factory=list, description="Clicks: x, y, label 1/0.")
+    points: list[Point] = Field(default_factory=list, description="Clicks: x, y, label 1/0.")
     score_threshold: float | None = Field(None, ge=0.0, le=1.0, description="New score threshold (reprompt).")
     mask_key: str | None = Field(
         None, pattern=MASK_KEY_PATTERN, description="A mask PNG uploaded by the review page (approve)."
@@ -57,10 +57,7 @@ def bounded_input(n_instances: int, width: int, height: int, default_index: int 
     """
     x = Annotated[float, Field(ge=0, le=width)]
     y = Annotated[float, Field(ge=0, le=height)]
-    point = create_model(
-        "ReviewPoint", __base__=BaseModel, x=(Annotated[float, Field(ge=0, lt=width)], ...),
-        y=(Annotated[float, Field(ge=0, lt=height)], ...), label=(Literal[0, 1], 1),
-    )
+    point = bounded_point_model(width, height)
     return create_model(
         "ReviewInput",
         __base__=ReviewInput,
@@ -246,7 +243,7 @@ def review_loop(
             if answer.boxes:
                 updates["boxes"] = [tuple(b) for b in answer.boxes]
             if answer.points:
-                updates["points"] = [pipeline.PointParam(**p.model_dump()) for p in answer.points]
+                updates["points"] = [Point(**p.model_dump()) for p in answer.points]
             if not updates and answer.score_threshold is None:
                 note = "re-prompt needs a new prompt, boxes, points or score_threshold; still waiting"
                 continue

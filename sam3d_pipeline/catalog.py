@@ -34,7 +34,7 @@ from .errors import InputError, PipelineError
 from .images import LoadedImage
 from .keys import image_stem
 from .masks import select_instance
-from .pipeline import PointParam, RunOptions, RunPlan
+from .pipeline import RunOptions, RunPlan
 from .report import RunResult
 from .settings import Settings, get_settings
 from .storage import (
@@ -46,7 +46,7 @@ from .storage import (
     s3_client,
     split_s3_uri,
 )
-from .types import Reconstruction, Segmentation
+from .types import Point, Reconstruction, Segmentation
 
 CATALOG_FILE = "catalog.json"
 MANIFEST_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
@@ -72,7 +72,7 @@ class CatalogItem(BaseModel):
     image: str = Field(min_length=1)
     prompt: str = Field(min_length=1, max_length=500)
     box: tuple[float, float, float, float] | None = None
-    points: list[PointParam] = Field(default_factory=list)
+    points: list[Point] = Field(default_factory=list)
     review: bool = False
     line: int = 0
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, Field
 
@@ -35,24 +35,18 @@ SEGMENT_DIR = "stages/segment"
 RECONSTRUCT_DIR = "stages/reconstruct"
 
 
-class StagePoint(BaseModel):
-    x: float
-    y: float
-    label: Literal[0, 1] = 1
-
-
 class SegmentParams(BaseModel):
     """What ``segment-image`` segments (already validated against the image by the caller)."""
 
     prompt: str = Field(min_length=1)
     boxes: list[tuple[float, float, float, float]] = Field(default_factory=list)
-    points: list[StagePoint] = Field(default_factory=list)
+    points: list[Point] = Field(default_factory=list)
 
     def request(self) -> SegmentRequest:
         return SegmentRequest(
             prompt=self.prompt,
             boxes=tuple(Box(*b) for b in self.boxes),
-            points=tuple(Point(p.x, p.y, p.label) for p in self.points),
+            points=tuple(self.points),
         )
 
 

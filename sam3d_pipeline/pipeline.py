@@ -24,7 +24,7 @@ from .preview import render_preview
 from .report import RunResult
 from .settings import Settings, get_settings
 from .storage import Storage, open_storage, read_input
-from .types import Box, Point, Reconstruction, Segmentation, SegmentRequest
+from .types import Box, BoxParam, Point, Reconstruction, Segmentation, SegmentRequest
 
 RESULT_FILE = "result.json"
 CONTENT_TYPES = {
@@ -37,22 +37,12 @@ CONTENT_TYPES = {
 }
 
 
-class PointParam(BaseModel):
-    """A click in image pixels; label 1 = object, 0 = background."""
-
-    x: float
-    y: float
-    label: Literal[0, 1] = 1
-
-
 class RunOptions(BaseModel):
     """Per-run knobs (the ``image-to-3d`` flow's parameters, less the image and output root)."""
 
     prompt: str = Field(min_length=1, max_length=500, description="What to segment, e.g. 'red chair'.")
-    boxes: list[tuple[float, float, float, float]] = Field(
-        default_factory=list, description="Box prompts, xyxy in image pixels."
-    )
-    points: list[PointParam] = Field(default_factory=list, description="Click prompts in image pixels.")
+    boxes: list[BoxParam] = Field(default_factory=list, description="Box prompts, xyxy in image pixels.")
+    points: list[Point] = Field(default_factory=list, description="Click prompts in image pixels.")
     instance_index: int | None = Field(None, ge=0, description="Instance to reconstruct; default: highest score.")
     segmenter: Literal["auto", "lite", "sam3"] = "auto"
     reconstructor: Literal["auto", "lite", "sam3d"] = "auto"
@@ -69,7 +59,7 @@ class RunOptions(BaseModel):
     def selection(self) -> dict[str, Any]:
         return {
             "boxes": [list(b) for b in self.boxes],
-            "points": [p.model_dump() for p in self.points],
+            "points": [p.as_dict() for p in self.points],
             "instance_index": self.instance_index,
         }
 
@@ -161,7 +151,7 @@ def segment_request(options: RunOptions, width: int, height: int) -> SegmentRequ
     for p in options.points:
         if not (0 <= p.x < width and 0 <= p.y < height):
             raise InputError(f"point ({p.x}, {p.y}) lies outside the {width}x{height} image")
-        points.append(Point(p.x, p.y, p.label))
+        points.append(p)
     return SegmentRequest(prompt=options.prompt, boxes=tuple(boxes), points=tuple(points))
 
 
@@ -332,4 +322,4 @@ def run_plain(image_uri: str, options: RunOptions, output_root: str | None = Non
     return publish(storage, run_plan.prefix, files, result)
 
 
-__all__ = ["PipelineError", "RunOptions", "PointParam", "RunPlan", "run_plain"]
+__all__ = ["PipelineError", "RunOptions", "RunPlan", "run_plain"]

@@ -6,10 +6,12 @@ boxes are ``(x0, y0, x1, y1)`` in pixels, x to the right, y down, clipped to the
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import Annotated, Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, Field, create_model
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 
 @dataclass(frozen=True)
@@ -43,13 +45,35 @@ class BackendInfo:
         }
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True)
 class Point:
-    """A click in pixels; ``label`` 1 = on the object, 0 = background."""
+    """A click in image pixels; ``label`` 1 = on the object, 0 = background.
+
+    The one point type: backends, flow parameters (the UI form), manifests and the review API all use it.
+    Build it positionally (``Point(10, 20, 0)``) or from ``{"x": .., "y": .., "label": ..}``.
+    """
 
     x: float
     y: float
-    label: int = 1
+    label: Literal[0, 1] = 1
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# A box prompt as parameters carry it: xyxy in image pixels.
+BoxParam = tuple[float, float, float, float]
+
+
+def bounded_point_model(width: int, height: int) -> type[BaseModel]:
+    """A model of ``Point`` whose JSON schema also bounds x and y to a ``width`` x ``height`` image.
+
+    The review pause's form uses it, so the Prefect server itself refuses a click outside the image.
+    """
+    return create_model(
+        "ReviewPoint", __base__=BaseModel, x=(Annotated[float, Field(ge=0, lt=width)], ...),
+        y=(Annotated[float, Field(ge=0, lt=height)], ...), label=(Literal[0, 1], 1),
+    )
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,8 @@ from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 from prefect.states import Cancelling
 
-from sam3d_pipeline import gpu_stages as stages, pipeline
+from sam3d_pipeline import gpu_stages as stages
+from sam3d_pipeline import pipeline
 from sam3d_pipeline.gpu_failures import GpuStageError, StageAttempt, backoff_s, classify, next_low_memory, should_retry
 from sam3d_pipeline.images import LoadedImage
 from sam3d_pipeline.settings import Settings

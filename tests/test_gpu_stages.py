@@ -146,7 +146,7 @@ def test_crashed_stage_runs_are_retried_then_fall_back_to_low_memory(monkeypatch
     from prefect import flow
     from prefect.states import Completed, Crashed, Failed
 
-    import tasks.stages as dispatch
+    import tasks.gpu_dispatch as dispatch
 
     outcomes = [Crashed(message="RESOURCE:GPU"), Failed(message="CUDA out of memory. Tried to allocate 3 GiB"),
                 Completed()]
@@ -323,7 +323,7 @@ def test_stage_run_that_never_starts_is_cancelled_at_the_timeout():
     from prefect import flow
     from prefect.client.orchestration import get_client
 
-    import tasks.stages as dispatch
+    import tasks.gpu_dispatch as dispatch
 
     name = f"never-{uuid.uuid4().hex[:6]}"
     with get_client(sync_client=True) as client:

@@ -11,7 +11,7 @@ import hmac
 import secrets
 import uuid
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 from uuid import UUID
 
 import numpy as np
@@ -40,14 +40,8 @@ PRESIGNED_TTL_S = 300
 REFINE_WORK_SIZE_PX = 360
 
 
-class PointIn(BaseModel):
-    x: float
-    y: float
-    label: Literal[0, 1] = 1
-
-
 class RefineIn(BaseModel):
-    points: list[PointIn] = Field(default_factory=list, max_length=64)
+    points: list[Point] = Field(default_factory=list, max_length=64)
     box: tuple[float, float, float, float] | None = None
     instance_index: int | None = Field(None, ge=0, description="Candidate mask being refined.")
 
@@ -64,7 +58,7 @@ class RejectIn(BaseModel):
 class RepromptIn(BaseModel):
     prompt: str | None = Field(None, min_length=1, max_length=500)
     boxes: list[tuple[float, float, float, float]] = Field(default_factory=list, max_length=16)
-    points: list[PointIn] = Field(default_factory=list, max_length=64)
+    points: list[Point] = Field(default_factory=list, max_length=64)
     score_threshold: float | None = Field(None, ge=0, le=1)
 
 
@@ -230,7 +224,7 @@ def create_app(token: str, settings: Settings | None = None) -> FastAPI:
                 size=(ctx.width, ctx.height),
             )
         request = SegmentRequest(prompt=ctx.prompt, boxes=boxes, prior_mask=prior,
-                                 points=tuple(Point(p.x, p.y, p.label) for p in body.points))
+                                 points=tuple(body.points))
         # Interactive refinement works on a smaller copy (faster clicks); masks come back at full size.
         interactive = s.model_copy(update={"lite_work_size_px": min(s.lite_work_size_px, REFINE_WORK_SIZE_PX)})
         seg = backends.get_segmenter("lite", interactive).segment(photo.rgb, request)
