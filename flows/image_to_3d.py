@@ -3,29 +3,29 @@
 Permanent failures (bad image, bad prompt options, unavailable backend) fail the run at once, with the
 reason in the run's state, in a markdown artifact and, when the input could be read, in ``result.json``.
 Transient storage failures are retried with backoff by the tasks that touch storage. The model stages run
-in-process or as GPU deployments (``SAM3D_GPU_STAGES``, see ``tasks/stages.py``).
+in this process or on the warm GPU workers (``SAM3D_GPU_STAGES``; the one dispatch point is
+``tasks/gpu_dispatch.py``). The run's end (render, ``result.json`` last, artifacts) is ``sam3d_pipeline.finish``.
 """
 
 
-import time
 from typing import Any, Literal
 
-from prefect import flow, get_run_logger
-from prefect.runtime import flow_run
+from prefect import flow
 
-from flows.review import ReviewConfig, review_loop, segment_or_reuse
-from sam3d_pipeline import pipeline
 from sam3d_pipeline.errors import PipelineError
+from sam3d_pipeline.finish import RunRecord, existing_result, timed
 from sam3d_pipeline.masks import select_instance
 from sam3d_pipeline.pipeline import RunOptions
-from sam3d_pipeline.review.policy import edited_instance, needs_review
+from sam3d_pipeline.review.machine import apply_review
+from sam3d_pipeline.review.policy import needs_review
 from sam3d_pipeline.settings import get_settings
 from sam3d_pipeline.storage import open_storage
 from sam3d_pipeline.types import BoxParam, Point
-from tasks import gpu_dispatch as stages
-from tasks.intake import decode_image, fetch_input
-from tasks.publish import publish_artifacts, publish_outputs, render_outputs
+from tasks import gpu_dispatch
+from tasks.intake import decode_image, fetch_input, plan_run
+from tasks.publish import current_flow_run_id, finish_outputs, record_failure
 from tasks.retry import retry_options
+from tasks.review_pause import ReviewConfig, review_loop, segment_or_reuse
 
 
 @flow(name="image-to-3d", log_prints=False, validate_parameters=True)
@@ -67,110 +67,36 @@ def image_to_3d(
     Returns:
         The ``result.json`` contents (status ``completed``, ``no_object`` or ``rejected``); a failure raises.
     """
-    logger = get_run_logger()
     settings = get_settings()
-    options = RunOptions(
-        prompt=prompt,
-        boxes=boxes or [],
-        points=points or [],
-        instance_index=instance_index,
-        segmenter=segmenter,
-        reconstructor=reconstructor,
-        seed=seed,
-    )
-    root = open_storage(output_root or settings.output_root, settings).root
-    io_retries = retry_options(settings)
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
-    loaded = run_plan = seg = recon = None
-    selected = None
+    storage = open_storage(output_root or settings.output_root, settings)
+    options = RunOptions(prompt=prompt, boxes=boxes or [], points=points or [], instance_index=instance_index,
+                         segmenter=segmenter, reconstructor=reconstructor, seed=seed)
+    record = RunRecord(input_uri=image, options=options, flow_run_id=current_flow_run_id())
     try:
-        t = time.perf_counter()
-        data = fetch_input.with_options(**io_retries)(image, settings)
-        run_plan = pipeline.plan(image, pipeline.content_id(data), options, root, settings, review_mode=review)
-        logger.info("output prefix %s/%s", root, run_plan.prefix)
-        if not force:
-            done = pipeline.existing_result(open_storage(root, settings), run_plan.prefix)
-            if done is not None:
-                logger.info("a completed result exists at this prefix; reusing it (force=True recomputes)")
+        with timed(record, "intake"):
+            data = fetch_input.with_options(**retry_options(settings))(image, settings)
+            record.run_plan = plan_run(image, data, options, storage.root, settings, review)
+            if not force and (done := existing_result(storage, record.run_plan.prefix)) is not None:
                 return done.model_dump(mode="json")
-        loaded = decode_image(data, image, settings)
-        timings["intake"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        if review == "none":
-            seg = stages.segment(loaded, options, run_plan, settings, root)
-        else:  # a suspended review re-executes the flow: reuse the persisted first round
-            seg = segment_or_reuse(loaded, options, run_plan, settings, open_storage(root, settings), 1)
-        selected = select_instance(seg.instances, options.instance_index)
-        timings["segment"] = time.perf_counter() - t
-
-        wait, why = needs_review(review, seg.instances, review_auto_approve_score)
-        review_record: dict[str, Any] = {"mode": review, "reason": why}
-        rejected = False
+            record.image = decode_image(data, image, settings)
+        with timed(record, "segment"):
+            record.seg = (gpu_dispatch.segment(record.image, options, record.run_plan, settings, storage.root)
+                          if review == "none" else  # a resumed review re-executes the flow: reuse round 1
+                          segment_or_reuse(record.image, options, record.run_plan, settings, storage, 1))
+            record.selected = select_instance(record.seg.instances, options.instance_index)
+        wait, why = needs_review(review, record.seg.instances, review_auto_approve_score)
+        record.review = {"mode": review, "reason": why}
         if wait:
-            t = time.perf_counter()
-            outcome = review_loop(
-                config=ReviewConfig(review, why, review_auto_approve_score, review_timeout_s, review_on_timeout),
-                image=loaded, options=options, run_plan=run_plan, seg=seg, selected=selected,
-                storage=open_storage(root, settings), settings=settings, page_url=settings.review_page_url,
-            )
-            seg, selected, options, review_record = outcome.seg, outcome.selected, outcome.options, outcome.record
-            if outcome.edited_mask is not None:
-                base = seg.instances[selected] if selected is not None else None
-                seg.instances.append(edited_instance(outcome.edited_mask, base))
-                selected = len(seg.instances) - 1
-            rejected = outcome.status == "rejected"
-            timings["review_wait"] = time.perf_counter() - t
-
-        if rejected:
-            logger.info("the reviewer rejected the mask: no reconstruction")
-        elif selected is not None:
-            t = time.perf_counter()
-            recon = stages.reconstruct(loaded, seg, selected, options, run_plan, settings, root)
-            timings["reconstruct"] = time.perf_counter() - t
-        else:
-            logger.warning("no object found for prompt %r: nothing to reconstruct", options.prompt)
-
-        t = time.perf_counter()
-        files = render_outputs(loaded, seg, selected, recon, run_plan, settings)
-        timings["render"] = time.perf_counter() - t
-        status = "rejected" if rejected else "completed" if recon is not None else "no_object"
-        timings["total"] = time.perf_counter() - start
-        result = pipeline.build_result(
-            status=status, image=loaded, input_uri=image, options=options, run_plan=run_plan, seg=seg,
-            selected=selected, recon=recon, timings=timings, flow_run_id=_flow_run_id(), review=review_record,
-        )
-        t = time.perf_counter()
-        result = publish_outputs.with_options(**io_retries)(root, run_plan.prefix, files, result, settings)
-        result.timings_s["publish"] = round(time.perf_counter() - t, 3)
-        publish_artifacts(result, root, settings)
-        logger.info("%s: %s", result.status, result.output_prefix)
-        return result.model_dump(mode="json")
+            with timed(record, "review_wait"):
+                apply_review(record, review_loop(
+                    config=ReviewConfig(review, why, review_auto_approve_score, review_timeout_s, review_on_timeout),
+                    image=record.image, options=options, run_plan=record.run_plan, seg=record.seg,
+                    selected=record.selected, storage=storage, settings=settings, page_url=settings.review_page_url))
+        if record.selected is not None and not record.rejected:
+            with timed(record, "reconstruct"):
+                record.recon = gpu_dispatch.reconstruct(record.image, record.seg, record.selected, record.options,
+                                                        record.run_plan, settings, storage.root)
+        return finish_outputs(storage.root, record, settings).model_dump(mode="json")
     except PipelineError as exc:
-        timings["total"] = time.perf_counter() - start
-        _record_failure(exc, image, options, loaded, run_plan, seg, selected, timings, root, settings)
+        record_failure(storage.root, record, exc, settings)
         raise
-
-
-def _flow_run_id() -> str | None:
-    run_id = flow_run.get_id()
-    return str(run_id) if run_id else None
-
-
-def _record_failure(exc, image, options, loaded, run_plan, seg, selected, timings, root, settings) -> None:
-    """Write a failed ``result.json`` (when the prefix is known) and a markdown artifact with the reason."""
-    logger = get_run_logger()
-    logger.error("failed (%s, %s): %s", type(exc).__name__, "transient" if exc.transient else "permanent", exc)
-    result = pipeline.build_result(
-        status="failed", image=loaded, input_uri=image, options=options, run_plan=run_plan, seg=seg,
-        selected=selected, timings=timings, error=exc, flow_run_id=_flow_run_id(),
-    )
-    if run_plan is not None:
-        try:
-            result = publish_outputs.with_options(**retry_options(settings))(
-                root, run_plan.prefix, {}, result, settings
-            )
-        except PipelineError as write_exc:
-            logger.error("could not record the failure in result.json: %s", write_exc)
-    publish_artifacts(result, root, settings)

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# GPU image entry point: make sure the checkpoints are present and intact, then run the given command
-# (the ECS worker passes `prefect flow-run execute`). No model-hub downloads happen after this point.
+# GPU image entry point: make sure the checkpoints are present and intact, then run the given command. On the
+# sam3d-gpu pool the ECS worker passes `prefect flow-run execute`, which runs one gpu-worker session: it serves the
+# gpu-stage background task (segment, reconstruct) with the models kept loaded, and exits when idle.
+# No model-hub downloads happen after this point.
 set -euo pipefail
 
 CHECKPOINTS="${SAM3D_CHECKPOINT_DIR:-/opt/checkpoints}"
@@ -13,4 +15,16 @@ python /opt/sam3d-pipeline/gpu_worker/fetch_checkpoints.py verify --sizes-only "
   echo "checkpoints under ${CHECKPOINTS} are missing or incomplete; set SAM3D_CHECKPOINT_URI or rebuild" >&2
   exit 78
 }
+# A worker session reads task parameters from, and writes results to, storage it shares with the orchestrating
+# flows; with Prefect's local defaults every task it picks up would fail. Refuse to start instead.
+if [[ "${SAM3D_GPU_STAGES:-inline}" == "workers" ]]; then
+  for setting in PREFECT_TASKS_SCHEDULING_DEFAULT_STORAGE_BLOCK PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK; do
+    if [[ -z "${!setting:-}" ]]; then
+      echo "SAM3D_GPU_STAGES=workers needs ${setting} (the shared S3 block, e.g. s3-bucket/sam3d-task-storage)" >&2
+      exit 78
+    fi
+  done
+fi
+# exec: no shell in between, so the session itself gets the SIGTERM ECS sends on stop (through the task's init
+# process) and has the container's stopTimeout (120 s) to finish the task it is running.
 exec "$@"

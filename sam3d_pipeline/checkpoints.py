@@ -54,11 +54,9 @@ class FetchReport:
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
+    """Hex sha256 of a file's bytes, read in chunks (checkpoints run to gigabytes)."""
     with path.open("rb") as fh:
-        while chunk := fh.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def _safe_relpath(path: str) -> PurePosixPath:

@@ -15,33 +15,33 @@ Files (keys relative to the output root):
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from . import keys
+from .keys import DECODER_NAME
 from .types import Point
 
 LOW_RES = 288
 STABILITY_DELTA = 0.05  # the tracker's MaskDecoder: dynamic_multimask_stability_delta / _thresh
 STABILITY_THRESH = 0.98
 MAX_HOLE_AREA = 256  # SAM3InteractiveImagePredictor(max_hole_area=256)
-EMBEDDINGS_NAME = "embeddings.bin"
-DECODER_NAME = "click-decoder.onnx"
 
 
 def embeddings_key(prefix: str) -> str:
-    return f"{prefix}/review/{EMBEDDINGS_NAME}"
+    """``<prefix>/review/embeddings.bin``: the image's decoder inputs."""
+    return keys.RunKeys(prefix).embeddings
 
 
 def decoder_key(segmenter_version: str, weights: str = "uint8") -> str:
-    """Where the decoder of one model version lives (immutable: a new checkpoint has a new version)."""
-    safe = re.sub(r"[^A-Za-z0-9._+-]", "_", segmenter_version)
-    if weights not in ("uint8", "float32"):
-        raise ValueError(f"decoder weights {weights!r}: choose uint8 or float32")
-    name = DECODER_NAME if weights == "uint8" else DECODER_NAME.replace(".onnx", f"-{weights}.onnx")
-    return f"_decoders/{safe}/{name}"
+    """Where the decoder of one model version lives (immutable: a new checkpoint has a new version).
+
+    Raises:
+        ValueError: ``weights`` is neither ``uint8`` nor ``float32``.
+    """
+    return keys.decoder_key(segmenter_version, weights)
 
 
 def prompt_inputs(points: Sequence[Point], box: tuple[float, float, float, float] | None) -> dict[str, np.ndarray]:

@@ -1,4 +1,4 @@
-"""Compact storage of the click decoder's inputs (``embeddings.bin`` next to ``mask.png``), numpy only.
+"""Compact storage of the click decoder's inputs (``embeddings.bin`` next to ``mask.png``); the codec is numpy only.
 
 Format ``S3DE`` version 1 (little endian), made to be decoded by a few lines of JavaScript in the browser:
 
@@ -19,6 +19,8 @@ import json
 import struct
 
 import numpy as np
+
+from .masks import iou as mask_iou  # noqa: F401 (the fidelity checks of stored embeddings compare masks by IoU)
 
 MAGIC = b"S3DE"
 VERSION = 1
@@ -125,12 +127,6 @@ def decode(data: bytes) -> dict[str, np.ndarray]:
         view[1] = shape[1]
         out[e["name"]] = lo.reshape(view) + q * step.reshape(view)
     return out
-
-
-def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    """Intersection over union of two bool masks (1.0 when both are empty)."""
-    union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
 
 
 def compress(blob: bytes) -> bytes:

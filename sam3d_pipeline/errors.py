@@ -73,3 +73,16 @@ class TransientStorageError(TransientError):
 def is_transient(exc: BaseException) -> bool:
     """Return True when ``exc`` is worth retrying."""
     return isinstance(exc, PipelineError) and exc.transient
+
+
+def error_record(exc: BaseException) -> dict[str, str]:
+    """``{"type", "code", "message"}``: how ``result.json``, the catalog and GPU stage results record a failure."""
+    return {"type": type(exc).__name__, "code": getattr(exc, "code", "error"), "message": str(exc)}
+
+
+def error_from_record(record: dict[str, str]) -> PipelineError:
+    """The error an ``error_record`` describes (its class when it is one of ours, else ``PipelineError``)."""
+    cls = globals().get(record.get("type", ""))
+    if not (isinstance(cls, type) and issubclass(cls, PipelineError)):
+        cls = PipelineError
+    return cls(record.get("message", "unknown failure"))

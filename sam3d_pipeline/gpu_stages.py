@@ -1,57 +1,77 @@
-"""The two GPU stages as plain functions that talk through storage keys, never pixels.
+"""The GPU stages as plain functions: what runs where the models are, talking through storage keys.
 
-``segment-image`` and ``reconstruct-objects`` (flows in ``flows/gpu_stages.py``) call these. They read the
-photo from its URI and masks from storage, and write their results under the run's deterministic prefix:
+One request type, ``GpuBatch``, covers every use: ``image-to-3d`` sends one photo to segment, later one mask
+to reconstruct; a catalog GPU batch segments several photos, selects an instance of each and reconstructs
+them, all in one call. ``run_gpu_batch`` reads the photos from their URIs and masks from storage and writes
+its results under each run's deterministic prefix (``keys.RunKeys``)::
 
-    <prefix>/stages/segment/segmentation.json       instances (score, box, area), backend, messages
+    <prefix>/stages/segment/segmentation.json       instances (score, box, area, mask key), backend, messages
     <prefix>/stages/segment/mask-<i>.png            one PNG per instance
     <prefix>/stages/reconstruct/object.glb           mesh (vertex colours)
     <prefix>/stages/reconstruct/object.ply           Gaussian splat, when the backend makes one
     <prefix>/stages/reconstruct/reconstruction.json  pose, stats, backend (written last)
 
-The caller (``image-to-3d`` in deployment mode) loads them back with ``load_segmentation`` and
-``load_reconstruction``. Each JSON is written after the files it describes, so a stage's output is
-complete once its JSON exists.
+Each JSON is written after the files it describes, so a stage's output is complete once its JSON exists;
+the orchestrator reads them back with ``load_segmentation`` / ``load_reconstruction``. Models stay loaded
+in the process between calls (``backends`` caches them), which is what makes a GPU worker warm: each call
+reports ``model_load_s`` (0.0 when the model was already in memory) and ``run_s`` per stage.
 """
 
 from __future__ import annotations
 
-import io
 import json
+import time
 from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel, Field
 
 from . import backends, clickdecoder
-from .errors import InputError
+from .errors import InputError, PipelineError, error_record
+from .glb import glb_to_mesh, mesh_to_glb
 from .images import LoadedImage, load_image
-from .masks import mask_from_png, mask_to_png
+from .keys import RunKeys, reconstruction_json
+from .masks import mask_from_png, mask_to_png, select_instance
 from .settings import Settings, get_settings
-from .storage import open_storage, read_input
-from .types import BackendInfo, Box, Instance, Point, Reconstruction, Segmentation, SegmentRequest
-
-SEGMENT_DIR = "stages/segment"
-RECONSTRUCT_DIR = "stages/reconstruct"
+from .storage import Storage, open_storage, read_input
+from .types import BackendInfo, Box, BoxParam, Instance, Point, Reconstruction, Segmentation, SegmentRequest
 
 
 class SegmentParams(BaseModel):
-    """What ``segment-image`` segments (already validated against the image by the caller)."""
+    """What to segment (already validated against the image by the caller)."""
 
     prompt: str = Field(min_length=1)
-    boxes: list[tuple[float, float, float, float]] = Field(default_factory=list)
+    boxes: list[BoxParam] = Field(default_factory=list)
     points: list[Point] = Field(default_factory=list)
 
     def request(self) -> SegmentRequest:
-        return SegmentRequest(
-            prompt=self.prompt,
-            boxes=tuple(Box(*b) for b in self.boxes),
-            points=tuple(self.points),
-        )
+        return SegmentRequest(prompt=self.prompt, boxes=tuple(Box(*b) for b in self.boxes), points=tuple(self.points))
+
+
+class SegmentJob(BaseModel):
+    """One photo to segment.
+
+    Attributes:
+        image: URI of the photo (local path or ``s3://bucket/key``).
+        prefix: the run's output prefix name (``<stem>-<hash>``), relative to the batch's output root.
+        params: prompt, boxes (xyxy px), points (px).
+        instance_index: which instance a catalog batch reconstructs (None: the highest score).
+        seed: sampling seed of that reconstruction.
+        review_assets: also store the review page's click-decoder files while the features are at hand.
+        score_threshold: override ``SAM3D_SCORE_THRESHOLD`` (a reviewer's re-prompt).
+    """
+
+    image: str
+    prefix: str
+    params: SegmentParams
+    instance_index: int | None = Field(None, ge=0)
+    seed: int = Field(0, ge=0)
+    review_assets: bool = False
+    score_threshold: float | None = Field(None, ge=0.0, le=1.0)
 
 
 class ReconstructJobParam(BaseModel):
-    """One (image, mask) job for ``reconstruct-objects``.
+    """One (image, mask) job to reconstruct.
 
     Attributes:
         image: URI of the photo (local path or ``s3://bucket/key``).
@@ -68,143 +88,217 @@ class ReconstructJobParam(BaseModel):
     photo_id: str | None = None
 
 
+class GpuBatch(BaseModel):
+    """One unit of GPU work: segment some photos, reconstruct some masks, or both (a catalog batch).
+
+    Attributes:
+        output_root: local directory or ``s3://bucket/prefix`` every key is relative to.
+        segmenter, reconstructor: resolved backend names (never ``auto``).
+        segment: photos to segment.
+        reconstruct: masks to reconstruct.
+        reconstruct_selected: after segmenting, also reconstruct each photo's selected instance.
+        low_memory: override ``SAM3D_SAM3D_LOW_MEMORY`` (set after an out-of-memory crash).
+    """
+
+    output_root: str
+    segmenter: str = "lite"
+    reconstructor: str = "lite"
+    segment: list[SegmentJob] = Field(default_factory=list)
+    reconstruct: list[ReconstructJobParam] = Field(default_factory=list)
+    reconstruct_selected: bool = False
+    low_memory: bool | None = None
+
+    def describe(self) -> str:
+        parts = []
+        if self.segment:
+            parts.append(f"segment {len(self.segment)} photo(s) with {self.segmenter}")
+        if self.reconstruct or self.reconstruct_selected:
+            parts.append(f"reconstruct with {self.reconstructor}")
+        return ", ".join(parts) or "nothing"
+
+
 def read_photo(uri: str, settings: Settings) -> LoadedImage:
     """Read and decode the photo at ``uri`` (same checks as the pipeline's intake)."""
     return load_image(read_input(uri, settings), source=uri, max_pixels=settings.max_pixels)
 
 
-def run_segment_stage(image_uri: str, output_root: str, prefix: str, params: SegmentParams, segmenter: str,
-                      settings: Settings | None = None, review_assets: bool = False) -> dict[str, Any]:
-    """Segment the photo at ``image_uri`` and write every instance mask under ``<prefix>/stages/segment/``.
+def stage_settings(settings: Settings, *, low_memory: bool | None = None,
+                   score_threshold: float | None = None) -> Settings:
+    """``settings`` with a batch's overrides applied (the backends cache one model per distinct settings)."""
+    update: dict[str, Any] = {}
+    if low_memory is not None and low_memory != settings.sam3d_low_memory:
+        update["sam3d_low_memory"] = low_memory
+    if score_threshold is not None and score_threshold != settings.score_threshold:
+        update["score_threshold"] = score_threshold
+    return settings.model_copy(update=update) if update else settings
 
-    Args:
-        image_uri: the photo.
-        output_root: local directory or ``s3://bucket/prefix``.
-        prefix: the run's output prefix name (``<stem>-<hash>``).
-        params: prompt, boxes (xyxy px), points (px).
-        segmenter: resolved backend name (``lite``, ``sam3``), not ``auto``.
-        review_assets: also store the review page's click-decoder files (``clickdecoder.publish_review_assets``)
-            while the model and the photo's features are at hand.
+
+# ---------------------------------------------------------------------------------------------------------------
+# The stage cores, shared by the in-process path and the GPU workers
+
+
+def segment_photo(image: LoadedImage, request: SegmentRequest, segmenter: str,
+                  settings: Settings) -> tuple[Segmentation, dict[str, float]]:
+    """Run the segmenter on one decoded photo. Returns the segmentation and ``{"model_load_s", "run_s"}``."""
+    load_s = backends.load("segmenter", segmenter, settings)
+    t = time.perf_counter()
+    seg = backends.get_segmenter(segmenter, settings).segment(image.rgb, request)
+    return seg, {"model_load_s": load_s, "run_s": time.perf_counter() - t}
+
+
+def reconstruct_masks(jobs: Sequence[tuple[LoadedImage, Any, int, str]], reconstructor: str,
+                      settings: Settings) -> tuple[list[Reconstruction], dict[str, float]]:
+    """Reconstruct ``(photo, mask, seed, photo_id)`` jobs with one model; one point map per photo (sam3d).
 
     Returns:
-        The contents of ``segmentation.json``: ``instances`` (index, score, box, area, mask key),
-        ``used_text_prompt``, ``messages``, ``backend`` and ``image`` (width, height).
+        One ``Reconstruction`` per job, and ``{"model_load_s", "run_s"}`` for the whole call.
     """
-    s = settings or get_settings()
-    storage = open_storage(output_root, s)
-    image = read_photo(image_uri, s)
-    seg = backends.get_segmenter(segmenter, s).segment(image.rgb, params.request())
+    load_s = backends.load("reconstructor", reconstructor, settings)
+    backend = backends.get_reconstructor(reconstructor, settings)
+    t = time.perf_counter()
+    if hasattr(backend, "reconstruct_batch"):
+        from .backends.sam3d_reconstructor import ReconstructJob
+
+        recons = backend.reconstruct_batch([ReconstructJob(photo.rgb, mask, photo_id=photo_id, seed=seed)
+                                            for photo, mask, seed, photo_id in jobs])
+    else:
+        recons = [backend.reconstruct(photo.rgb, mask, seed=seed) for photo, mask, seed, _ in jobs]
+    return recons, {"model_load_s": load_s, "run_s": time.perf_counter() - t}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The storage-keyed batch (what a GPU worker runs)
+
+
+def run_gpu_batch(batch: GpuBatch, settings: Settings | None = None) -> dict[str, Any]:
+    """Run one ``GpuBatch``: segment, select and reconstruct as it asks, writing every result to storage.
+
+    A permanent problem with one job (an unreadable photo, a mask that does not match) is recorded on that
+    job and the others go on; transient storage failures raise, so the whole batch is tried again.
+
+    Returns:
+        ``{"segment": [...], "reconstruct": [...], "timing": {"segment": {...}, "reconstruct": {...}}}``: per
+        segment job the contents of its ``segmentation.json`` plus ``selected`` (or ``{"error": ...}``); per
+        reconstruction the contents of its ``reconstruction.json`` plus ``prefix`` (or ``{"error": ...}``).
+    """
+    s = stage_settings(settings or get_settings(), low_memory=batch.low_memory)
+    storage = open_storage(batch.output_root, s)
+    photos: dict[str, LoadedImage] = {}
+    out: dict[str, Any] = {"segment": [], "reconstruct": [], "timing": {}}
+    recon_jobs = list(batch.reconstruct)
+    load_s = run_s = 0.0
+    for job in batch.segment:
+        try:
+            photo = photos.get(job.image) or read_photo(job.image, s)
+            photos[job.image] = photo
+            seg_settings = stage_settings(s, score_threshold=job.score_threshold)
+            seg, timing = segment_photo(photo, job.params.request(), batch.segmenter, seg_settings)
+            load_s, run_s = load_s + timing["model_load_s"], run_s + timing["run_s"]
+            summary = write_segmentation(storage, job, photo, seg)
+            if job.review_assets:
+                summary["review_assets"] = clickdecoder.publish_review_assets(
+                    backends.get_segmenter(batch.segmenter, seg_settings), photo.rgb, storage, job.prefix,
+                    s.review_decoder_weights)
+            selected = select_instance(seg.instances, job.instance_index)
+            out["segment"].append(summary | {"selected": selected})
+            if batch.reconstruct_selected and selected is not None:
+                recon_jobs.append(ReconstructJobParam(image=job.image, mask=RunKeys(job.prefix).stage_mask(selected),
+                                                      output=RunKeys(job.prefix).reconstruct_dir, seed=job.seed))
+        except PipelineError as exc:
+            if exc.transient:
+                raise
+            out["segment"].append({"prefix": job.prefix, "error": error_record(exc)})
+    if batch.segment:
+        out["timing"]["segment"] = {"model_load_s": load_s, "run_s": run_s}
+    if recon_jobs:
+        out["reconstruct"], out["timing"]["reconstruct"] = _reconstruct_jobs(recon_jobs, batch.reconstructor,
+                                                                             storage, photos, s)
+    return out
+
+
+def _reconstruct_jobs(jobs: Sequence[ReconstructJobParam], reconstructor: str, storage: Storage,
+                      photos: dict[str, LoadedImage], settings: Settings) -> tuple[list[dict[str, Any]],
+                                                                                   dict[str, float]]:
+    results: list[dict[str, Any] | None] = [None] * len(jobs)
+    ready = []
+    for i, job in enumerate(jobs):
+        try:
+            photo = photos.get(job.image) or read_photo(job.image, settings)
+            photos[job.image] = photo
+            mask = mask_from_png(storage.read_bytes(job.mask), source=job.mask)
+            if mask.shape != photo.rgb.shape[:2]:
+                raise InputError(f"mask {job.mask} is {mask.shape[::-1]}, photo {job.image} is "
+                                 f"{photo.rgb.shape[1::-1]} (width, height)")
+            ready.append((i, (photo, mask, job.seed, job.photo_id or job.image)))
+        except PipelineError as exc:
+            if exc.transient:
+                raise
+            results[i] = {"output": job.output, "error": error_record(exc)}
+    timing = {"model_load_s": 0.0, "run_s": 0.0}
+    if ready:
+        try:
+            recons, timing = reconstruct_masks([r for _, r in ready], reconstructor, settings)
+        except PipelineError as exc:  # the backend refused the batch as a whole (checked before model work)
+            if exc.transient:
+                raise
+            for i, _ in ready:
+                results[i] = {"output": jobs[i].output, "error": error_record(exc)}
+        else:
+            for (i, _), recon in zip(ready, recons, strict=True):
+                results[i] = write_reconstruction(storage, jobs[i].output, recon)
+    return [r for r in results if r is not None], timing
+
+
+def write_segmentation(storage: Storage, job: SegmentJob, photo: LoadedImage, seg: Segmentation) -> dict[str, Any]:
+    """Write every instance mask, then ``segmentation.json`` (last). Returns its contents."""
+    keys = RunKeys(job.prefix)
     instances = []
     for i, inst in enumerate(seg.instances):
-        key = f"{prefix}/{SEGMENT_DIR}/mask-{i}.png"
-        storage.write_bytes(key, mask_to_png(inst.mask), content_type="image/png")
-        instances.append(inst.summary(i) | {"mask": key})
+        storage.write_bytes(keys.stage_mask(i), mask_to_png(inst.mask), content_type="image/png")
+        instances.append(inst.summary(i) | {"mask": keys.stage_mask(i)})
     summary = {
-        "image": {"uri": image_uri, "width": image.width, "height": image.height},
+        "prefix": job.prefix,
+        "image": {"uri": job.image, "width": photo.width, "height": photo.height},
         "instances": instances,
         "used_text_prompt": seg.used_text_prompt,
         "messages": list(seg.messages),
         "backend": seg.backend.as_dict(),
     }
-    if review_assets:
-        summary["review_assets"] = clickdecoder.publish_review_assets(
-            backends.get_segmenter(segmenter, s), image.rgb, storage, prefix, s.review_decoder_weights)
-    storage.write_bytes(f"{prefix}/{SEGMENT_DIR}/segmentation.json", json.dumps(summary, indent=2).encode(),
-                        content_type="application/json")
+    storage.write_bytes(keys.segmentation, json.dumps(summary, indent=2).encode(), content_type="application/json")
     return summary
 
 
-def _backend(info: dict[str, Any]) -> BackendInfo:
+def backend_from_dict(info: dict[str, Any]) -> BackendInfo:
     return BackendInfo(name=info["name"], version=info["version"], device=info.get("device", "cpu"),
                        limits=tuple(info.get("limits", ())), weights=info.get("weights", "none"))
 
 
 def load_segmentation(output_root: str, prefix: str, settings: Settings | None = None) -> Segmentation:
-    """Read back what ``run_segment_stage`` wrote (masks at image size, boxes xyxy px, scores)."""
+    """Read back what the segment stage wrote (masks at image size, boxes xyxy px, scores)."""
     s = settings or get_settings()
     storage = open_storage(output_root, s)
-    summary = json.loads(storage.read_bytes(f"{prefix}/{SEGMENT_DIR}/segmentation.json"))
+    summary = json.loads(storage.read_bytes(RunKeys(prefix).segmentation))
     size = (summary["image"]["width"], summary["image"]["height"])
     instances = [
         Instance(mask=mask_from_png(storage.read_bytes(inst["mask"]), size=size, source=inst["mask"]),
                  box=tuple(inst["box"]), score=float(inst["score"]))
         for inst in summary["instances"]
     ]
-    return Segmentation(instances=instances, backend=_backend(summary["backend"]),
+    return Segmentation(instances=instances, backend=backend_from_dict(summary["backend"]),
                         used_text_prompt=bool(summary["used_text_prompt"]), messages=list(summary["messages"]))
 
 
-def run_reconstruct_stage(jobs: Sequence[ReconstructJobParam], output_root: str, reconstructor: str,
-                          settings: Settings | None = None) -> list[dict[str, Any]]:
-    """Reconstruct a batch of (image, mask) jobs with one model load.
-
-    Photos are read once per distinct URI; backends with ``reconstruct_batch`` (sam3d) also compute the
-    point map once per photo. Each job writes ``object.glb``, ``object.ply`` (when made) and, last,
-    ``reconstruction.json`` under its ``output`` prefix.
-
-    Returns:
-        Per job, the contents of its ``reconstruction.json``: ``outputs`` (name → key), ``pose``,
-        ``stats``, ``backend``.
-
-    Raises:
-        InputError: an unreadable photo or mask, or a mask that does not match its photo.
-    """
-    s = settings or get_settings()
-    storage = open_storage(output_root, s)
-    photos: dict[str, LoadedImage] = {}
-    prepared = []
-    for job in jobs:
-        if job.image not in photos:
-            photos[job.image] = read_photo(job.image, s)
-        photo = photos[job.image]
-        mask = mask_from_png(storage.read_bytes(job.mask), source=job.mask)
-        if mask.shape != photo.rgb.shape[:2]:
-            raise InputError(f"mask {job.mask} is {mask.shape[::-1]}, photo {job.image} is "
-                             f"{photo.rgb.shape[1::-1]} (width, height)")
-        prepared.append((job, photo.rgb, mask))
-    backend = backends.get_reconstructor(reconstructor, s)
-    if hasattr(backend, "reconstruct_batch"):
-        from .backends.sam3d_reconstructor import ReconstructJob
-
-        recons = backend.reconstruct_batch(
-            [ReconstructJob(rgb, mask, photo_id=job.photo_id or job.image, seed=job.seed)
-             for job, rgb, mask in prepared]
-        )
-    else:
-        recons = [backend.reconstruct(rgb, mask, seed=job.seed) for job, rgb, mask in prepared]
-    return [write_reconstruction(storage, job.output, recon) for (job, _, _), recon in zip(prepared, recons,
-                                                                                            strict=True)]
-
-
-def mesh_to_glb(mesh: Any, generator: str) -> bytes:
-    """Binary glTF of a ``trimesh.Trimesh`` (vertex colours kept); ``generator`` lands in the scene extras."""
-    import trimesh
-
-    scene = trimesh.Scene(mesh)
-    scene.metadata.update({"generator": "sam3d-pipeline", "reconstructor": generator})
-    return trimesh.exchange.gltf.export_glb(scene)
-
-
-def glb_to_mesh(data: bytes) -> Any:
-    """The single mesh in a GLB as a ``trimesh.Trimesh`` (scene graph transforms applied)."""
-    import trimesh
-
-    loaded = trimesh.load(io.BytesIO(data), file_type="glb", process=False)
-    if isinstance(loaded, trimesh.Scene):
-        loaded = loaded.to_geometry() if hasattr(loaded, "to_geometry") else loaded.dump(concatenate=True)
-    return loaded
-
-
-def write_reconstruction(storage: Any, output: str, recon: Reconstruction) -> dict[str, Any]:
+def write_reconstruction(storage: Storage, output: str, recon: Reconstruction) -> dict[str, Any]:
     """Write one job's mesh, splat and ``reconstruction.json`` (last) under ``output``."""
     outputs = {"object.glb": f"{output}/object.glb"}
-    storage.write_bytes(outputs["object.glb"], mesh_to_glb(recon.mesh, recon.backend.key()),
+    storage.write_bytes(outputs["object.glb"], mesh_to_glb(recon.mesh, reconstructor=recon.backend.key()),
                         content_type="model/gltf-binary")
     if recon.splat_ply is not None:
         outputs["object.ply"] = f"{output}/object.ply"
         storage.write_bytes(outputs["object.ply"], recon.splat_ply, content_type="application/octet-stream")
-    summary = {"outputs": outputs, "pose": recon.pose, "stats": recon.stats, "backend": recon.backend.as_dict()}
-    storage.write_bytes(f"{output}/reconstruction.json", json.dumps(summary, indent=2).encode(),
+    summary = {"output": output, "outputs": outputs, "pose": recon.pose, "stats": recon.stats,
+               "backend": recon.backend.as_dict()}
+    storage.write_bytes(reconstruction_json(output), json.dumps(summary, indent=2).encode(),
                         content_type="application/json")
     return summary
 
@@ -213,9 +307,8 @@ def load_reconstruction(output_root: str, output: str, settings: Settings | None
     """Read back one job's ``reconstruction.json``, mesh and splat."""
     s = settings or get_settings()
     storage = open_storage(output_root, s)
-    summary = json.loads(storage.read_bytes(f"{output}/reconstruction.json"))
+    summary = json.loads(storage.read_bytes(reconstruction_json(output)))
     mesh = glb_to_mesh(storage.read_bytes(summary["outputs"]["object.glb"]))
     ply = storage.read_bytes(summary["outputs"]["object.ply"]) if "object.ply" in summary["outputs"] else None
-    return Reconstruction(mesh=mesh, backend=_backend(summary["backend"]), splat_ply=ply, pose=summary["pose"],
-                          stats=summary["stats"])
-
+    return Reconstruction(mesh=mesh, backend=backend_from_dict(summary["backend"]), splat_ply=ply,
+                          pose=summary["pose"], stats=summary["stats"])

@@ -91,7 +91,7 @@ class RunKeys:
 
         result.json, mask.png, overlay.png, object.glb, object.ply, preview.png    published outputs
         stages/segment/segmentation.json, stages/segment/mask-<i>.png               segment stage (GPU side)
-        stages/reconstruct/{object.glb, object.ply, reconstruction.json}           reconstruct stage
+        stages/reconstruct/{input-mask.png, object.glb, object.ply, reconstruction.json}  reconstruct stage
         review/image.jpg, review/overlay-r<n>.png, review/r<n>-<name>              review rounds
         review/embeddings.bin, review/final-<id>.png                               review page files
     """
@@ -128,6 +128,11 @@ class RunKeys:
     @property
     def reconstruct_dir(self) -> str:
         return self.file(RECONSTRUCT_STAGE_DIR)
+
+    @property
+    def reconstruct_input_mask(self) -> str:
+        """The mask sent to the GPU workers to reconstruct (the selected or the reviewer's edited one)."""
+        return f"{self.reconstruct_dir}/input-mask.png"
 
     # review
     def review(self, name: str) -> str:

@@ -7,7 +7,6 @@ reconstruct → render outputs → publish (files first, ``result.json`` last).
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -15,26 +14,15 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, Field, field_validator
 
-from . import backends
+from . import backends, finish, gpu_stages
 from .errors import InputError, PipelineError
-from .images import LoadedImage, encode_png, load_image
+from .images import LoadedImage, load_image
 from .keys import output_prefix_name
-from .masks import mask_to_png, overlay, select_instance
-from .preview import render_preview
+from .masks import select_instance
 from .report import RunResult
 from .settings import Settings, get_settings
-from .storage import Storage, open_storage, read_input
+from .storage import open_storage, read_input
 from .types import Box, BoxParam, Point, Reconstruction, Segmentation, SegmentRequest
-
-RESULT_FILE = "result.json"
-CONTENT_TYPES = {
-    "mask.png": "image/png",
-    "overlay.png": "image/png",
-    "preview.png": "image/png",
-    "object.glb": "model/gltf-binary",
-    "object.ply": "application/octet-stream",
-    "result.json": "application/json",
-}
 
 
 class RunOptions(BaseModel):
@@ -94,7 +82,7 @@ def content_id(data: bytes) -> str:
 
 def plan(input_uri: str, input_id: str, options: RunOptions, output_root: str,
          settings: Settings | None = None, review_mode: str = "none") -> RunPlan:
-    """Step 2: resolve backends (no model load) and compute the deterministic output prefix.
+    """Step 2: resolve backends (no model load, no torch import) and compute the deterministic output prefix.
 
     Needs only the input's identity (``content_id``), so a file that fails to decode still gets a
     prefix where its failure is recorded.
@@ -102,8 +90,8 @@ def plan(input_uri: str, input_id: str, options: RunOptions, output_root: str,
     s = settings or get_settings()
     seg = backends.resolve("segmenter", options.segmenter, s)
     rec = backends.resolve("reconstructor", options.reconstructor, s)
-    seg_info = backends.get_segmenter(seg.name, s).info()
-    rec_info = backends.get_reconstructor(rec.name, s).info()
+    seg_info = backends.describe("segmenter", seg.name, s)
+    rec_info = backends.describe("reconstructor", rec.name, s)
     hash_options = options.selection() | {
         "score_threshold": s.score_threshold,
         "min_instance_area_fraction": s.min_instance_area_fraction,
@@ -158,168 +146,51 @@ def segment_request(options: RunOptions, width: int, height: int) -> SegmentRequ
 def segment(
     image: LoadedImage, options: RunOptions, run_plan: RunPlan, settings: Settings | None = None
 ) -> Segmentation:
-    """Step 4: find instances with the planned segmenter."""
+    """Step 4: find instances with the planned segmenter, in this process."""
     request = segment_request(options, image.width, image.height)
-    return backends.get_segmenter(run_plan.segmenter.name, settings).segment(image.rgb, request)
+    seg, timing = gpu_stages.segment_photo(image, request, run_plan.segmenter.name, settings or get_settings())
+    seg.stage = in_process_stage(timing)
+    return seg
 
 
 def reconstruct(image: LoadedImage, mask: np.ndarray, options: RunOptions, run_plan: RunPlan,
                 settings: Settings | None = None) -> Reconstruction:
-    """Step 6: lift the selected mask into a mesh with the planned reconstructor."""
-    return backends.get_reconstructor(run_plan.reconstructor.name, settings).reconstruct(
-        image.rgb, mask, seed=options.seed
-    )
+    """Step 6: lift the selected mask into a mesh with the planned reconstructor, in this process."""
+    (recon,), timing = gpu_stages.reconstruct_masks([(image, mask, options.seed, run_plan.input_uri)],
+                                                    run_plan.reconstructor.name, settings or get_settings())
+    recon.stage = in_process_stage(timing)
+    return recon
 
 
-def backend_label(info: dict[str, Any]) -> str:
-    weights = "" if info.get("weights") in (None, "none", "checkpoint") else f", {info['weights']}"
-    return f"{info['name']} {info['version']}{weights}"
-
-
-def render_outputs(image: LoadedImage, seg: Segmentation, selected: int | None, recon: Reconstruction | None,
-                   run_plan: RunPlan, settings: Settings | None = None) -> dict[str, bytes]:
-    """Step 7: encode every output file (except ``result.json``) in memory."""
-    s = settings or get_settings()
-    mask = seg.instances[selected].mask if selected is not None else None
-    files = {
-        "overlay.png": encode_png(
-            overlay(image.rgb, mask, label=f"segmenter: {backend_label(run_plan.segmenter_info)}")
-        )
-    }
-    if mask is not None:
-        files["mask.png"] = mask_to_png(mask)
-    if recon is not None:
-        label = f"reconstructor: {backend_label(run_plan.reconstructor_info)}"
-        files["preview.png"] = encode_png(render_preview(recon.mesh, size_px=s.preview_size_px, label=label))
-        files["object.glb"] = export_glb(recon, run_plan)
-        if recon.splat_ply is not None:
-            files["object.ply"] = recon.splat_ply
-    return files
-
-
-def export_glb(recon: Reconstruction, run_plan: RunPlan) -> bytes:
-    """Binary glTF of the mesh with vertex colours; ``scenes[0].extras`` names the producing backends."""
-    import trimesh
-
-    scene = trimesh.Scene(recon.mesh)
-    scene.metadata.update(
-        {
-            "generator": "sam3d-pipeline",
-            "segmenter": f"{run_plan.segmenter_info.get('name')}@{run_plan.segmenter_info.get('version')}",
-            "reconstructor": f"{recon.backend.name}@{recon.backend.version}",
-        }
-    )
-    return trimesh.exchange.gltf.export_glb(scene)
-
-
-def publish(storage: Storage, prefix: str, files: dict[str, bytes], result: RunResult) -> RunResult:
-    """Step 8: write the files, then ``result.json`` last, so a prefix with a result is complete.
-
-    An earlier ``result.json`` at the same prefix is removed first, so readers never pair a new
-    file with an old report. Returns the result with ``outputs`` filled in.
-    """
-    storage.delete(f"{prefix}/{RESULT_FILE}")
-    outputs = {}
-    for name in sorted(files):
-        outputs[name] = storage.write_bytes(f"{prefix}/{name}", files[name], content_type=CONTENT_TYPES.get(name))
-    outputs[RESULT_FILE] = storage.uri(f"{prefix}/{RESULT_FILE}")
-    result = result.model_copy(update={"outputs": outputs})
-    storage.write_bytes(f"{prefix}/{RESULT_FILE}", result_json(result), content_type="application/json")
-    return result
-
-
-def result_json(result: RunResult) -> bytes:
-    return json.dumps(result.model_dump(mode="json"), indent=2).encode()
-
-
-def existing_result(storage: Storage, prefix: str, statuses: tuple[str, ...] = ("completed",)) -> RunResult | None:
-    """The result already at ``prefix`` when its status is one of ``statuses`` (a re-run then reuses it).
-
-    A missing, unreadable or other-status result (e.g. ``failed``) returns None: the work must run.
-    """
-    key = f"{prefix}/{RESULT_FILE}"
-    if not storage.exists(key):
-        return None
-    try:
-        result = RunResult.model_validate_json(storage.read_bytes(key))
-    except ValueError:
-        return None
-    return result if result.status in statuses else None
-
-
-def build_result(
-    *,
-    status: str,
-    image: LoadedImage | None,
-    input_uri: str,
-    options: RunOptions,
-    run_plan: RunPlan | None,
-    seg: Segmentation | None = None,
-    selected: int | None = None,
-    recon: Reconstruction | None = None,
-    timings: dict[str, float] | None = None,
-    error: BaseException | None = None,
-    flow_run_id: str | None = None,
-    review: dict[str, Any] | None = None,
-) -> RunResult:
-    """Assemble the report for any outcome (completed, no_object, failed)."""
-    messages = list(seg.messages) if seg else []
-    if run_plan:
-        messages[:0] = [run_plan.segmenter.reason, run_plan.reconstructor.reason]
-    return RunResult(
-        status=status,
-        input=image.describe() if image else {"uri": input_uri},
-        prompt=options.prompt,
-        prompt_used_by_segmenter=bool(seg.used_text_prompt) if seg else False,
-        segmenter=run_plan.segmenter_info if run_plan else None,
-        reconstructor=run_plan.reconstructor_info if run_plan else None,
-        instances=[inst.summary(i) for i, inst in enumerate(seg.instances)] if seg else [],
-        selected=selected,
-        selection=options.selection(),
-        review=review or {"mode": "none"},
-        mesh=recon.stats if recon else None,
-        pose=recon.pose if recon else None,
-        timings_s={k: round(v, 3) for k, v in (timings or {}).items()},
-        flow_run_id=flow_run_id,
-        output_prefix=f"{run_plan.output_root.rstrip('/')}/{run_plan.prefix}" if run_plan else "",
-        messages=messages,
-        error={"type": type(error).__name__, "code": getattr(error, "code", "error"), "message": str(error)}
-        if error
-        else None,
-    )
+def in_process_stage(timing: dict[str, float]) -> dict[str, Any]:
+    """The ``stages`` entry of a stage that ran in this process (no queue, no worker session)."""
+    return {"worker": "inline", "model_load_s": round(timing["model_load_s"], 6), "queue_wait_s": 0.0,
+            "run_s": round(timing["run_s"], 3)}
 
 
 def run_plain(image_uri: str, options: RunOptions, output_root: str | None = None,
               settings: Settings | None = None, force: bool = False) -> RunResult:
     """The whole pipeline without Prefect: the baseline the orchestration overhead is measured against."""
     s = settings or get_settings()
-    root = output_root or s.output_root
-    storage = open_storage(root, s)
-    timings: dict[str, float] = {}
-    start = t = time.perf_counter()
+    storage = open_storage(output_root or s.output_root, s)
+    record = finish.RunRecord(input_uri=image_uri, options=options)
+    t = time.perf_counter()
     data = read_bytes(image_uri, s)
-    run_plan = plan(image_uri, content_id(data), options, storage.root, s)
-    if not force and (done := existing_result(storage, run_plan.prefix)):
+    record.run_plan = plan(image_uri, content_id(data), options, storage.root, s)
+    if not force and (done := finish.existing_result(storage, record.run_plan.prefix)):
         return done
-    image = decode(data, image_uri, s)
-    timings["intake"] = time.perf_counter() - t
+    record.image = decode(data, image_uri, s)
+    record.timings["intake"] = time.perf_counter() - t
     t = time.perf_counter()
-    seg = segment(image, options, run_plan, s)
-    selected = select_instance(seg.instances, options.instance_index)
-    timings["segment"] = time.perf_counter() - t
-    recon = None
-    if selected is not None:
+    record.seg = segment(record.image, options, record.run_plan, s)
+    record.selected = select_instance(record.seg.instances, options.instance_index)
+    record.timings["segment"] = time.perf_counter() - t
+    if record.selected is not None:
         t = time.perf_counter()
-        recon = reconstruct(image, seg.instances[selected].mask, options, run_plan, s)
-        timings["reconstruct"] = time.perf_counter() - t
-    t = time.perf_counter()
-    files = render_outputs(image, seg, selected, recon, run_plan, s)
-    timings["render"] = time.perf_counter() - t
-    timings["total"] = time.perf_counter() - start
-    status = "completed" if recon is not None else "no_object"
-    result = build_result(status=status, image=image, input_uri=image_uri, options=options, run_plan=run_plan,
-                          seg=seg, selected=selected, recon=recon, timings=timings)
-    return publish(storage, run_plan.prefix, files, result)
+        record.recon = reconstruct(record.image, record.seg.instances[record.selected].mask, options,
+                                   record.run_plan, s)
+        record.timings["reconstruct"] = time.perf_counter() - t
+    return finish.finish_run(storage, record, s)
 
 
 __all__ = ["PipelineError", "RunOptions", "RunPlan", "run_plain"]

@@ -30,6 +30,11 @@ class RunResult(BaseModel):
     outputs: dict[str, str] = Field(default_factory=dict, description="file name → URI")
     mesh: dict[str, Any] | None = None
     pose: dict[str, Any] | None = None
+    stages: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="per model stage (segment, reconstruct): worker (session id, or inline), model_load_s "
+        "(0.0 when the model was already in memory), queue_wait_s, run_s",
+    )
     timings_s: dict[str, float] = Field(default_factory=dict)
     flow_run_id: str | None = None
     output_prefix: str

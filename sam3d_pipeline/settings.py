@@ -113,27 +113,34 @@ class Settings(BaseSettings):
         2.0, ge=0, description="Base of the exponential backoff between Prefect task retries (seconds)."
     )
 
-    # GPU stages (segment-image, reconstruct-objects): in-process or Prefect deployments on the GPU pool.
-    gpu_stages: Literal["inline", "deployment"] = Field(
+    # GPU stages: in-process, or Prefect background tasks served by warm GPU worker sessions.
+    gpu_stages: Literal["inline", "workers"] = Field(
         "inline",
-        description="inline: image-to-3d runs the model stages in its own process (embedded default); "
-        "deployment: it calls the segment-image / reconstruct-objects deployments with run_deployment.",
+        description="inline: the flows run the model stages in their own process (embedded default); "
+        "workers: they submit them as background tasks to warm GPU worker sessions (runs of the gpu-worker "
+        "deployment), which keep the models loaded between photos. Needs a Prefect server (PREFECT_API_URL).",
     )
-    segment_deployment: str = Field(
-        "segment-image/segment-image", description="Deployment (flow/deployment) that runs segment-image."
+    gpu_worker_deployment: str = Field(
+        "gpu-worker/gpu-worker",
+        description="Deployment (flow/deployment) whose runs are GPU worker sessions; flows start one when work "
+        "is queued. Without it, sessions are started by hand (sam3d-pipeline gpu-worker).",
     )
-    reconstruct_deployment: str = Field(
-        "reconstruct-objects/reconstruct-objects",
-        description="Deployment (flow/deployment) that runs reconstruct-objects.",
+    gpu_max_workers: int = Field(5, ge=1, le=100, description="Most GPU worker sessions the flows start at once.")
+    gpu_idle_s: float = Field(300.0, gt=0, description="A GPU worker session exits after this long idle (seconds).")
+    gpu_lease_s: float = Field(
+        30.0, ge=1.0,
+        description="A running GPU task refreshes its lease every third of this; a lease older than this means its "
+        "worker is gone and the work is submitted again (seconds).",
     )
+    gpu_poll_s: float = Field(0.25, gt=0, le=10, description="How often a flow checks a GPU task it waits on (s).")
     gpu_stage_attempts: int = Field(
-        3, ge=1, le=10, description="Attempts per GPU stage run when it crashes (no capacity, spot, OOM)."
+        3, ge=1, le=10, description="Attempts per GPU task when its worker is lost (spot, OOM, killed)."
     )
     gpu_stage_retry_delay_s: float = Field(
-        30.0, ge=0, description="Base of the exponential backoff between GPU stage attempts (seconds)."
+        5.0, ge=0, description="Base of the exponential backoff between GPU task attempts (seconds)."
     )
     gpu_stage_timeout_s: float = Field(
-        3600.0, gt=0, description="Longest wait for one GPU stage run, including instance start (seconds)."
+        3600.0, gt=0, description="Longest wait for one GPU task, queueing and instance start included (seconds)."
     )
 
     # SAM 3D Objects (the sam3d reconstructor; runs in the gpu_worker image).

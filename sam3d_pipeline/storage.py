@@ -3,7 +3,8 @@
 Local writes go to a temporary file in the target directory and are renamed into place; S3 PUTs are
 atomic per object. A run's prefix is complete once its ``result.json`` exists (written last).
 Every boto3 error is classified: 5xx, throttling and connection failures become ``TransientStorageError``
-(retried by the Prefect tasks), everything else a permanent error naming the object and the reason.
+(retried by the Prefect tasks), everything else a permanent error naming the object and the reason. The same
+transient-or-not rule (``is_transient_aws_error``) serves every AWS call, S3 and SQS alike.
 """
 
 from __future__ import annotations
@@ -169,34 +170,51 @@ def s3_client(settings: Settings | None = None):
     return _s3_client(endpoint or None, s.s3_max_attempts, s.s3_timeout_s)
 
 
-def classify_s3_error(exc: BaseException, what: str) -> PipelineError:
-    """Turn a botocore exception into our transient or permanent error, naming ``what`` failed."""
-    from botocore.exceptions import (
-        BotoCoreError,
-        ClientError,
-        ConnectionClosedError,
-        ConnectTimeoutError,
-        EndpointConnectionError,
-        ReadTimeoutError,
-        ResponseStreamingError,
-    )
+def _error_code_and_status(exc: BaseException) -> tuple[str, int]:
+    """The AWS error code and HTTP status of a botocore ``ClientError`` (``("", 0)`` for anything else)."""
+    response = getattr(exc, "response", None) or {}
+    code = str(response.get("Error", {}).get("Code", ""))
+    status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+    return code, status
 
+
+def is_transient_aws_error(exc: BaseException) -> bool:
+    """True when a botocore error from any AWS call (S3, SQS) is worth retrying.
+
+    Transient: 5xx and 429 answers, throttling and slow-down codes (``TRANSIENT_S3_CODES``, any code containing
+    ``Throttl``), and connection failures (refused, reset, timed out). Everything else, including errors that
+    are not botocore's, is permanent.
+    """
+    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
+
+    if isinstance(exc, ConnectionError | HTTPClientError):
+        return True
     if isinstance(exc, ClientError):
-        err = exc.response.get("Error", {})
-        code = str(err.get("Code", ""))
-        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-        message = err.get("Message") or code
-        if code in TRANSIENT_S3_CODES or status >= 500 or status == 429:
+        code, status = _error_code_and_status(exc)
+        return code in TRANSIENT_S3_CODES or "Throttl" in code or status >= 500 or status == 429
+    return False
+
+
+def classify_s3_error(exc: BaseException, what: str) -> PipelineError:
+    """Turn a botocore exception into our transient or permanent error, naming ``what`` failed.
+
+    Raises:
+        TypeError: ``exc`` is not a botocore error.
+    """
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    transient = is_transient_aws_error(exc)
+    if isinstance(exc, ClientError):
+        code, status = _error_code_and_status(exc)
+        message = exc.response.get("Error", {}).get("Message") or code
+        if transient:
             return TransientStorageError(f"{what}: S3 answered {status} {code}: {message} (will retry)")
         if code in NOT_FOUND_S3_CODES or status == 404:
             return InputNotFoundError(f"{what}: not found ({code or status})")
         if status == 403:
             return StorageAccessError(f"{what}: access denied by S3 (403 {code}); check the credentials' permissions")
         return StorageAccessError(f"{what}: S3 refused the request: {status} {code}: {message}")
-    if isinstance(
-        exc,
-        (EndpointConnectionError, ConnectionClosedError, ConnectTimeoutError, ReadTimeoutError, ResponseStreamingError),
-    ):
+    if transient:
         return TransientStorageError(f"{what}: connection to S3 failed: {exc} (will retry)")
     if isinstance(exc, BotoCoreError):
         return StorageAccessError(f"{what}: S3 client error: {exc}")
@@ -278,6 +296,30 @@ def open_storage(root: str, settings: Settings | None = None) -> Storage:
     if is_s3_uri(root):
         return S3Storage(root, settings)
     return LocalStorage(root)
+
+
+def list_uris(uri: str, settings: Settings | None = None) -> list[str]:
+    """Every object under an S3 prefix, as ``s3://bucket/key`` URIs in S3's key order (all pages).
+
+    Args:
+        uri: ``s3://bucket`` or ``s3://bucket/prefix``; the prefix is a plain key prefix (``s3://b/shop`` also
+            lists ``shop-2/...``), as S3 compares it.
+        settings: storage settings (endpoint, attempts, timeouts).
+
+    Raises:
+        InputError: not an ``s3://bucket/...`` URI.
+        TransientStorageError: S3 5xx/throttling/connection failures.
+        InputNotFoundError, StorageAccessError: no such bucket, access denied, other refusals.
+    """
+    bucket, prefix = split_s3_uri(uri)
+    client = s3_client(settings)
+    uris: list[str] = []
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            uris.extend(f"s3://{bucket}/{obj['Key']}" for obj in page.get("Contents", []))
+    except _botocore_errors() as exc:
+        raise classify_s3_error(exc, f"listing {uri}") from exc
+    return uris
 
 
 def read_input(uri: str, settings: Settings | None = None) -> bytes:

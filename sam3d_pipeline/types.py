@@ -137,6 +137,7 @@ class Segmentation:
     backend: BackendInfo
     used_text_prompt: bool
     messages: list[str] = field(default_factory=list)
+    stage: dict[str, Any] = field(default_factory=dict)  # where it ran: worker, model_load_s, queue_wait_s, run_s
 
 
 @dataclass
@@ -149,6 +150,7 @@ class Reconstruction:
         pose: ``{"rotation": [w,x,y,z], "translation": [x,y,z], "scale": [x,y,z]}`` or None.
         backend: who produced it.
         stats: vertex/face counts, watertightness, ...
+        stage: where it ran: ``worker``, ``model_load_s``, ``queue_wait_s``, ``run_s``.
     """
 
     mesh: Any
@@ -156,3 +158,4 @@ class Reconstruction:
     splat_ply: bytes | None = None
     pose: dict[str, list[float]] | None = None
     stats: dict[str, Any] = field(default_factory=dict)
+    stage: dict[str, Any] = field(default_factory=dict)

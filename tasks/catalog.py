@@ -3,32 +3,41 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectNotFound
 
 from sam3d_pipeline import catalog
-from sam3d_pipeline.catalog import CatalogEntry, CatalogItem, ItemWork, ManifestRow
-from sam3d_pipeline.errors import is_transient
+from sam3d_pipeline.catalog import CatalogEntry, CatalogItem, CatalogTally, ItemWork, ManifestRow
+from sam3d_pipeline.errors import PipelineError, is_transient
 from sam3d_pipeline.gallery import write_gallery
 from sam3d_pipeline.pipeline import RunOptions
 from sam3d_pipeline.settings import Settings
 from sam3d_pipeline.storage import open_storage
 
-from .retry import retry_if_transient
+from .retry import retry_if_transient, retry_options
 
 
 @task(name="load-catalog-source", cache_policy=NO_CACHE, retry_condition_fn=retry_if_transient)
 def load_catalog_source(source: str, default_prompt: str | None, output_root: str,
                         settings: Settings) -> list[ManifestRow]:
     rows = catalog.load_source(source, default_prompt=default_prompt, output_root=output_root, settings=settings)
-    bad = sum(1 for r in rows if r.item is None)
-    get_run_logger().info("%s: %d row(s), %d unusable", source, len(rows), bad)
+    logger = get_run_logger()
+    bad = [r for r in rows if r.item is None]
+    logger.info("%s: %d row(s), %d unusable", source, len(rows), len(bad))
+    for row in bad:
+        logger.warning("skipping unusable row: %s", row.error)
     return rows
 
 
@@ -109,6 +118,22 @@ def publish_catalog_item(work: ItemWork, output_root: str, settings: Settings, f
     return entry
 
 
+@task(name="process-gpu-batch", cache_policy=NO_CACHE)
+def process_gpu_batch(works: list[ItemWork], batch_index: int, gpu_limit: str, output_root: str,
+                      settings: Settings, flow_run_id: str | None) -> list[CatalogEntry]:
+    """decode → segment and reconstruct (one GPU slot) → publish, for one group of items."""
+    io_retries = retry_options(settings)
+    decoded = []
+    for work in works:
+        try:
+            decoded.append(decode_catalog_item.with_options(**io_retries)(work, settings))
+        except PipelineError as exc:  # transient read failures that outlived their retries
+            work.error = exc
+            decoded.append(work)
+    reconstructed = run_gpu_batch(decoded, batch_index, gpu_limit, settings)
+    return [publish_catalog_item(work, output_root, settings, flow_run_id) for work in reconstructed]
+
+
 @task(name="record-failure", cache_policy=NO_CACHE)
 def record_catalog_failure(work: ItemWork, output_root: str, settings: Settings,
                            flow_run_id: str | None) -> CatalogEntry:
@@ -135,3 +160,14 @@ def catalog_artifacts(entries: list[CatalogEntry], uris: dict[str, str], summary
     lines = [f"## {summary}", "", f"- catalog index: `{uris.get('catalog')}`",
              f"- gallery: `{uris.get('gallery')}` (serve the output root over HTTP to view the 3D models)"]
     create_markdown_artifact(markdown="\n".join(lines), key="catalog-summary", description=summary)
+
+
+def catalog_progress(tally: CatalogTally) -> Callable[[], None]:
+    """Create the ``catalog-progress`` artifact at 0 %; the returned callable updates it from ``tally``."""
+    artifact_id = create_progress_artifact(progress=0.0, key="catalog-progress",
+                                           description=f"catalog-batch: 0 of {tally.total} item(s) done")
+
+    def update() -> None:
+        update_progress_artifact(artifact_id, progress=tally.percent_done, description=tally.progress_line())
+
+    return update

@@ -1,142 +1,256 @@
-"""GPU stage dispatch: run segmentation and reconstruction in-process or as deployments on the GPU pool.
+"""The GPU boundary: the one place that decides where the model stages run (``SAM3D_GPU_STAGES``).
 
-``SAM3D_GPU_STAGES=inline`` (the embedded default) calls the in-process tasks with the pixels in memory.
-``SAM3D_GPU_STAGES=deployment`` calls the ``segment-image`` / ``reconstruct-objects`` deployments with
-``run_deployment``, passing storage keys, and reads their results back from storage. A stage run that
-crashes for an infrastructure reason (no GPU capacity, spot interruption, out of memory) is retried with
-exponential backoff; after an out-of-memory crash the retry runs with the low-memory settings. Every attempt
-is logged, recorded in a table artifact, and listed in the run's messages.
+``inline`` (the embedded default) runs them in this process with the pixels in memory. ``workers`` submits a
+``GpuBatch`` (storage keys, never pixels) as the ``gpu-stage`` background task (``tasks/gpu_tasks.py``) to the
+warm GPU worker sessions (``flows/gpu_worker.py``), starts sessions when the queue needs them, and waits,
+watching the task's lease: a worker lost mid-task (spot interruption, out of memory, SIGKILL) gets its task run
+marked Crashed and the batch submitted again, after an out-of-memory loss with the low-memory settings. A
+permanent input error raised by the stage is not retried. ``image-to-3d``, ``catalog-batch`` and the review's
+re-segment all come through here.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
 from prefect import get_run_logger
 from prefect.artifacts import create_table_artifact
-from prefect.client.orchestration import get_client
-from prefect.deployments import run_deployment
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.filters import (
+    DeploymentFilter,
+    DeploymentFilterId,
+    FlowRunFilter,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+    TaskRunFilter,
+    TaskRunFilterName,
+    TaskRunFilterState,
+    TaskRunFilterStateType,
+)
+from prefect.client.schemas.objects import StateType
+from prefect.client.schemas.sorting import FlowRunSort
 from prefect.exceptions import ObjectNotFound
-from prefect.states import Cancelling
+from prefect.states import Crashed
 
-from sam3d_pipeline import gpu_stages as stages
-from sam3d_pipeline import pipeline
+from sam3d_pipeline import gpu_stages, pipeline
+from sam3d_pipeline.errors import InputNotFoundError, error_from_record
 from sam3d_pipeline.gpu_failures import GpuStageError, StageAttempt, backoff_s, classify, next_low_memory, should_retry
+from sam3d_pipeline.gpu_stages import GpuBatch, ReconstructJobParam, SegmentJob, SegmentParams
+from sam3d_pipeline.gpu_workers import Lease, lease_key, lease_verdict, sessions_to_start
 from sam3d_pipeline.images import LoadedImage
+from sam3d_pipeline.keys import RunKeys
+from sam3d_pipeline.masks import mask_to_png
 from sam3d_pipeline.settings import Settings
+from sam3d_pipeline.storage import Storage, open_storage
 from sam3d_pipeline.types import Reconstruction, Segmentation
 
 from .embeddings import store_review_assets
-from .reconstruct import reconstruct_object
-from .segment import segment_image
+from .reconstruct import reconstruct_in_process
+from .segment import segment_in_process
 
-
-def run_gpu_stage(deployment: str, parameters: dict[str, Any], settings: Settings, *,
-                  low_memory_param: bool = False, sleep: Callable[[float], None] = time.sleep) -> list[StageAttempt]:
-    """Run a stage deployment until it completes, retrying infrastructure crashes with backoff.
-
-    Args:
-        deployment: ``flow-name/deployment-name``.
-        parameters: JSON-able flow parameters (storage keys, never pixels).
-        settings: ``gpu_stage_attempts``, ``gpu_stage_retry_delay_s``, ``gpu_stage_timeout_s``.
-        low_memory_param: the flow accepts ``low_memory``; set it after an out-of-memory crash.
-        sleep: the backoff sleep (seconds), replaceable in tests.
-
-    Returns:
-        Every attempt, the last one ``ok``.
-
-    Raises:
-        GpuStageError: a permanent failure, attempts exhausted, or a run still unfinished at the timeout.
-    """
-    logger = get_run_logger()
-    attempts: list[StageAttempt] = []
-    low_memory = False
-    for n in range(1, settings.gpu_stage_attempts + 1):
-        params = parameters | ({"low_memory": True} if low_memory and low_memory_param else {})
-        try:
-            flow_run = run_deployment(deployment, parameters=params, timeout=settings.gpu_stage_timeout_s)
-        except ObjectNotFound as exc:
-            raise GpuStageError(f"deployment {deployment!r} not found: deploy it (prefect deploy --all) or set "
-                                "SAM3D_GPU_STAGES=inline", attempts) from exc
-        state = flow_run.state
-        final = state is not None and state.is_final()
-        kind = classify(state.type.value, state.message) if final else "timeout"
-        if not final:
-            _cancel(flow_run.id, settings.gpu_stage_timeout_s)
-        attempt = StageAttempt(attempt=n, flow_run_id=str(flow_run.id), state=state.type.value if state else "NONE",
-                               kind=kind, message=(state.message or "")[:500] if state else "", low_memory=low_memory)
-        attempts.append(attempt)
-        (logger.info if kind == "ok" else logger.warning)("%s %s", deployment, attempt.line())
-        if kind == "ok":
-            break
-        if not should_retry(kind, n, settings.gpu_stage_attempts, low_memory):
-            _record(deployment, attempts)
-            raise GpuStageError(f"{deployment} did not complete: {attempt.line()}", attempts)
-        if low_memory_param:
-            low_memory = next_low_memory(kind, low_memory)
-        delay = backoff_s(n, settings.gpu_stage_retry_delay_s)
-        logger.info("retrying %s in %.0f s%s", deployment, delay, " with low-memory settings" if low_memory else "")
-        sleep(delay)
-    if len(attempts) > 1:
-        _record(deployment, attempts)
-    return attempts
-
-
-def _cancel(flow_run_id: Any, timeout_s: float) -> None:
-    """Cancel a stage run that outlived its timeout, so it stops holding (or waiting for) a GPU."""
-    with get_client(sync_client=True) as client:
-        client.set_flow_run_state(
-            flow_run_id, Cancelling(message=f"no result within SAM3D_GPU_STAGE_TIMEOUT_S={timeout_s:g}"), force=True
-        )
-
-
-def _record(deployment: str, attempts: list[StageAttempt]) -> None:
-    create_table_artifact(table=[a.as_dict() for a in attempts],
-                          description=f"GPU stage `{deployment}`: attempts (state, failure class, message)")
+ACTIVE_SESSION_STATES = [StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING]
 
 
 def segment(image: LoadedImage, options: pipeline.RunOptions, run_plan: pipeline.RunPlan, settings: Settings,
             output_root: str, review_assets: bool = False) -> Segmentation:
-    """Segment in-process, or through the ``segment-image`` deployment (``SAM3D_GPU_STAGES``).
+    """Find the instances ``options`` ask for, where ``SAM3D_GPU_STAGES`` says the segmenter runs.
 
     ``review_assets`` also stores the review page's click-decoder files, where the model runs.
     """
     if settings.gpu_stages == "inline":
-        seg = segment_image(image, options, run_plan, settings)
+        seg = segment_in_process(image, options, run_plan, settings)
         if review_assets:
             store_review_assets(image, run_plan, settings)
         return seg
     pipeline.segment_request(options, image.width, image.height)  # bad boxes/points fail here, before a GPU
-    params = stages.SegmentParams(prompt=options.prompt, boxes=options.boxes,
-                                  points=[p.model_dump() for p in options.points])
-    attempts = run_gpu_stage(settings.segment_deployment, {
-        "image": run_plan.input_uri, "output_root": output_root, "prefix": run_plan.prefix,
-        "params": params.model_dump(mode="json"), "segmenter": run_plan.segmenter.name,
-        **({"review_assets": True} if review_assets else {}),
-    }, settings)
-    seg = stages.load_segmentation(output_root, run_plan.prefix, settings)
-    seg.messages.extend(f"segment-image {a.line()}" for a in attempts if len(attempts) > 1)
+    job = SegmentJob(image=run_plan.input_uri, prefix=run_plan.prefix, review_assets=review_assets,
+                     params=SegmentParams(prompt=options.prompt, boxes=options.boxes, points=options.points),
+                     score_threshold=settings.score_threshold)
+    result, attempts = run_on_workers(GpuBatch(output_root=output_root, segmenter=run_plan.segmenter.name,
+                                               segment=[job]), settings)
+    done = result["segment"][0]
+    if "error" in done:
+        raise error_from_record(done["error"])
+    seg = gpu_stages.load_segmentation(output_root, run_plan.prefix, settings)
+    seg.stage = result["timing"]["segment"]
+    seg.messages.extend(f"gpu-stage {a.line()}" for a in attempts if len(attempts) > 1)
     return seg
 
 
 def reconstruct(image: LoadedImage, seg: Segmentation, selected: int, options: pipeline.RunOptions,
                 run_plan: pipeline.RunPlan, settings: Settings, output_root: str) -> Reconstruction:
-    """Reconstruct the selected instance in-process, or through the ``reconstruct-objects`` deployment."""
-    mask: np.ndarray = seg.instances[selected].mask
+    """Reconstruct the selected instance, where ``SAM3D_GPU_STAGES`` says the reconstructor runs."""
+    mask = seg.instances[selected].mask
     if settings.gpu_stages == "inline":
-        return reconstruct_object(image, mask, options, run_plan, settings)
-    job = stages.ReconstructJobParam(
-        image=run_plan.input_uri, mask=f"{run_plan.prefix}/{stages.SEGMENT_DIR}/mask-{selected}.png",
-        output=f"{run_plan.prefix}/{stages.RECONSTRUCT_DIR}", seed=options.seed,
-    )
-    attempts = run_gpu_stage(settings.reconstruct_deployment, {
-        "jobs": [job.model_dump(mode="json")], "output_root": output_root,
-        "reconstructor": run_plan.reconstructor.name,
-    }, settings, low_memory_param=True)
-    recon = stages.load_reconstruction(output_root, job.output, settings)
+        return reconstruct_in_process(image, mask, options, run_plan, settings)
+    # The mask goes to the workers as it is here: a stage mask, a reviewer's edit or a persisted round's.
+    keys = RunKeys(run_plan.prefix)
+    open_storage(output_root, settings).write_bytes(keys.reconstruct_input_mask, mask_to_png(mask),
+                                                    content_type="image/png")
+    job = ReconstructJobParam(image=run_plan.input_uri, mask=keys.reconstruct_input_mask,
+                              output=keys.reconstruct_dir, seed=options.seed)
+    result, attempts = run_on_workers(GpuBatch(output_root=output_root, reconstructor=run_plan.reconstructor.name,
+                                               reconstruct=[job]), settings)
+    done = result["reconstruct"][0]
+    if "error" in done:
+        raise error_from_record(done["error"])
+    recon = gpu_stages.load_reconstruction(output_root, job.output, settings)
+    recon.stage = result["timing"]["reconstruct"]
     recon.stats["gpu_attempts"] = [a.as_dict() for a in attempts]
-    seg.messages.extend(f"reconstruct-objects {a.line()}" for a in attempts if len(attempts) > 1)
+    seg.messages.extend(f"gpu-stage {a.line()}" for a in attempts if len(attempts) > 1)
     return recon
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Workers: submit, keep the pool big enough, watch the lease, resubmit what a lost worker dropped
+
+
+def run_on_workers(batch: GpuBatch, settings: Settings, *,
+                   sleep: Callable[[float], None] = time.sleep) -> tuple[dict[str, Any], list[StageAttempt]]:
+    """Run ``batch`` as a ``gpu-stage`` background task on the GPU workers and wait for its result.
+
+    Returns:
+        The stage's result (``timing[stage]`` completed with ``queue_wait_s``) and every attempt.
+
+    Raises:
+        PipelineError: the stage failed permanently (the stage's own error, e.g. ``InputError``).
+        GpuStageError: workers were lost more often than ``SAM3D_GPU_STAGE_ATTEMPTS``, or no result came within
+            ``SAM3D_GPU_STAGE_TIMEOUT_S``.
+    """
+    from .gpu_tasks import gpu_stage
+
+    logger = get_run_logger()
+    storage = open_storage(batch.output_root, settings)
+    attempts: list[StageAttempt] = []
+    low_memory = bool(batch.low_memory)
+    for n in range(1, settings.gpu_stage_attempts + 1):
+        this = batch.model_copy(update={"low_memory": True}) if low_memory else batch
+        submitted = time.time()
+        future = gpu_stage.delay(this, uuid.uuid4().hex)
+        run_id = str(future.task_run_id)
+        kind, message = _wait(future, run_id, storage, settings)
+        attempt = StageAttempt(attempt=n, flow_run_id=run_id, state="COMPLETED" if kind == "ok" else "CRASHED",
+                               kind=kind, message=message[:500], low_memory=low_memory)
+        attempts.append(attempt)
+        if kind == "ok":
+            result = future.result()
+            for timing in result["timing"].values():
+                timing["queue_wait_s"] = round(max(0.0, timing.pop("started_at", submitted) - submitted), 3)
+            if n > 1:
+                _record(attempts)
+            return result, attempts
+        if kind == "failed":  # the stage raised: its own error, permanent unless transient
+            future.result(raise_on_failure=True)
+        logger.warning("gpu-stage %s", attempt.line())
+        if not should_retry(kind, n, settings.gpu_stage_attempts, low_memory):
+            _record(attempts)
+            raise GpuStageError(f"gpu-stage did not complete: {attempt.line()}", attempts)
+        low_memory = next_low_memory(kind, low_memory)
+        delay = backoff_s(n, settings.gpu_stage_retry_delay_s)
+        logger.info("submitting again in %.1f s%s", delay, " with low-memory settings" if low_memory else "")
+        sleep(delay)
+    raise GpuStageError("gpu-stage did not complete", attempts)  # not reached: should_retry stops the loop
+
+
+def _wait(future: Any, run_id: str, storage: Storage, settings: Settings) -> tuple[str, str]:
+    """Wait for the task run to end, or its worker to be lost. Returns ``(kind, message)``."""
+    deadline = time.monotonic() + settings.gpu_stage_timeout_s
+    last_scaled = float("-inf")
+    with get_client(sync_client=True) as client:
+        while True:
+            future.wait(timeout=settings.gpu_poll_s)
+            state = client.read_task_run(run_id).state
+            if state is not None and state.is_final():
+                if state.is_completed():
+                    return "ok", ""
+                kind = classify(state.type.value, state.message)
+                return ("failed" if kind in ("failed", "transient") else kind), state.message or ""
+            lease = read_lease(storage, run_id)
+            ended, why = _session_ended(client, lease.session) if lease else (False, "")
+            verdict = lease_verdict(lease, now=time.time(), lease_s=settings.gpu_lease_s, session_ended=ended)
+            if verdict == "lost":
+                message = why or (f"worker session {lease.session} stopped renewing its lease "
+                                  f"(>{settings.gpu_lease_s:g} s)")
+                client.set_task_run_state(run_id, Crashed(message=f"GPU worker lost: {message}"), force=True)
+                storage.delete(lease_key(run_id))
+                return classify("CRASHED", message), message
+            if verdict == "queued" and time.monotonic() - last_scaled >= max(2.0, settings.gpu_poll_s):
+                ensure_sessions(client, settings)
+                last_scaled = time.monotonic()
+            if time.monotonic() > deadline:
+                message = f"no result within SAM3D_GPU_STAGE_TIMEOUT_S={settings.gpu_stage_timeout_s:g}"
+                client.set_task_run_state(run_id, Crashed(message=message), force=True)
+                return "timeout", message
+
+
+def read_lease(storage: Storage, task_run_id: str) -> Lease | None:
+    try:
+        return Lease.model_validate_json(storage.read_bytes(lease_key(task_run_id)))
+    except (InputNotFoundError, ValueError):
+        return None
+
+
+def _session_ended(client: SyncPrefectClient, session: str) -> tuple[bool, str]:
+    """Whether a worker session (a flow run id) has a final state, and that state's message."""
+    try:
+        run = client.read_flow_run(uuid.UUID(session))
+    except (ValueError, ObjectNotFound):  # a session started by hand has no flow run: only its heartbeat counts
+        return False, ""
+    if run.state is None or not run.state.is_final():
+        return False, ""
+    return True, f"worker session {session} ended {run.state.type.value}: {run.state.message or ''}".strip()
+
+
+_NO_DEPLOYMENT_LOGGED: set[str] = set()
+
+
+def ensure_sessions(client: SyncPrefectClient, settings: Settings) -> int:
+    """Start GPU worker sessions (runs of ``SAM3D_GPU_WORKER_DEPLOYMENT``) while queued work needs them.
+
+    Two flows that start sessions at the same moment may both start one: each then keeps its new session only
+    while it is within ``SAM3D_GPU_MAX_WORKERS`` by creation time, and deletes it otherwise (not yet started).
+    Returns how many sessions this call kept.
+    """
+    name = settings.gpu_worker_deployment
+    try:
+        deployment = client.read_deployment_by_name(name)
+    except ObjectNotFound:
+        if name not in _NO_DEPLOYMENT_LOGGED:
+            _NO_DEPLOYMENT_LOGGED.add(name)
+            get_run_logger().warning("no %r deployment: GPU work waits for a worker started by hand "
+                                     "(sam3d-pipeline gpu-worker)", name)
+        return 0
+    queued = client.read_task_runs(task_run_filter=TaskRunFilter(
+        name=TaskRunFilterName(like_="gpu-stage"),
+        state=TaskRunFilterState(type=TaskRunFilterStateType(any_=[StateType.SCHEDULED]))),
+        limit=settings.gpu_max_workers)
+    active = _active_sessions(client, deployment.id)
+    wanted = sessions_to_start(queued=len(queued), active=len(active), max_workers=settings.gpu_max_workers)
+    kept = 0
+    for _ in range(wanted):
+        run = client.create_flow_run_from_deployment(deployment.id, tags=["sam3d-gpu-session"])
+        order = [r.id for r in _active_sessions(client, deployment.id)]
+        if run.id in order and order.index(run.id) >= settings.gpu_max_workers:
+            client.delete_flow_run(run.id)
+            break
+        kept += 1
+    if kept:
+        get_run_logger().info("started %d GPU worker session(s) (%d queued task(s), %d session(s) active)", kept,
+                              len(queued), len(active))
+    return kept
+
+
+def _active_sessions(client: SyncPrefectClient, deployment_id: Any) -> Sequence[Any]:
+    return client.read_flow_runs(
+        deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
+        flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=ACTIVE_SESSION_STATES))),
+        sort=FlowRunSort.EXPECTED_START_TIME_ASC,  # creation order: every caller sees the same first N
+    )
+
+
+def _record(attempts: list[StageAttempt]) -> None:
+    create_table_artifact(table=[a.as_dict() for a in attempts],
+                          description="GPU stage: attempts (state, failure class, message)")

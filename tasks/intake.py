@@ -27,3 +27,11 @@ def decode_image(data: bytes, uri: str, settings: Settings) -> LoadedImage:
         ", EXIF orientation applied" if image.exif_transposed else "",
     )
     return image
+
+
+def plan_run(uri: str, data: bytes, options: pipeline.RunOptions, output_root: str, settings: Settings,
+             review_mode: str = "none") -> pipeline.RunPlan:
+    """The run's backends and output prefix, from the input's bytes (no decode, no model, no torch import)."""
+    run_plan = pipeline.plan(uri, pipeline.content_id(data), options, output_root, settings, review_mode=review_mode)
+    get_run_logger().info("output prefix %s/%s", output_root, run_plan.prefix)
+    return run_plan

@@ -1,43 +1,60 @@
-"""Publishing tasks: encode outputs, write them (``result.json`` last, retried when transient), and artifacts."""
+"""Publishing tasks: the run's end (``sam3d_pipeline.finish``) with retries when transient, and artifacts."""
 
 from __future__ import annotations
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
 
-from sam3d_pipeline import pipeline
-from sam3d_pipeline.images import LoadedImage
+from sam3d_pipeline import finish
+from sam3d_pipeline.errors import PipelineError
+from sam3d_pipeline.finish import RunRecord
 from sam3d_pipeline.report import RunResult, summary_markdown
 from sam3d_pipeline.settings import Settings
 from sam3d_pipeline.storage import open_storage
-from sam3d_pipeline.types import Reconstruction, Segmentation
 
-from .retry import retry_if_transient
+from .retry import retry_if_transient, retry_options
 
 
-@task(name="render-outputs", cache_policy=NO_CACHE)
-def render_outputs(
-    image: LoadedImage,
-    seg: Segmentation,
-    selected: int | None,
-    recon: Reconstruction | None,
-    run_plan: pipeline.RunPlan,
-    settings: Settings,
-) -> dict[str, bytes]:
-    files = pipeline.render_outputs(image, seg, selected, recon, run_plan, settings)
-    get_run_logger().info("encoded %s", ", ".join(f"{k} ({len(v):,} B)" for k, v in sorted(files.items())))
-    return files
+def current_flow_run_id() -> str | None:
+    run_id = flow_run.get_id()
+    return str(run_id) if run_id else None
 
 
 @task(name="publish-outputs", cache_policy=NO_CACHE, retry_condition_fn=retry_if_transient)
-def publish_outputs(
-    output_root: str, prefix: str, files: dict[str, bytes], result: RunResult, settings: Settings
-) -> RunResult:
-    storage = open_storage(output_root, settings)
-    published = pipeline.publish(storage, prefix, files, result)
-    get_run_logger().info("wrote %d file(s) under %s, result.json last", len(published.outputs), result.output_prefix)
-    return published
+def publish_run(output_root: str, record: RunRecord, settings: Settings) -> RunResult:
+    """Render every output and publish it, ``result.json`` last."""
+    result = finish.finish_run(open_storage(output_root, settings), record, settings)
+    get_run_logger().info("wrote %d file(s) under %s, result.json last", len(result.outputs), result.output_prefix)
+    return result
+
+
+@task(name="record-failure", cache_policy=NO_CACHE, retry_condition_fn=retry_if_transient)
+def publish_failure(output_root: str, record: RunRecord, exc: BaseException, settings: Settings) -> RunResult:
+    """Write a ``failed`` ``result.json`` (when the prefix is known)."""
+    return finish.fail_run(open_storage(output_root, settings), record, exc)
+
+
+def finish_outputs(output_root: str, record: RunRecord, settings: Settings) -> RunResult:
+    """End a run that produced its outputs: publish (retried when transient), then the artifacts."""
+    result = publish_run.with_options(**retry_options(settings))(output_root, record, settings)
+    publish_artifacts(result, output_root, settings)
+    get_run_logger().info("%s: %s", result.status, result.output_prefix)
+    return result
+
+
+def record_failure(output_root: str, record: RunRecord, exc: PipelineError, settings: Settings) -> RunResult:
+    """End a failed run: the reason in the log, in ``result.json`` (when the prefix is known) and an artifact."""
+    logger = get_run_logger()
+    logger.error("failed (%s, %s): %s", type(exc).__name__, "transient" if exc.transient else "permanent", exc)
+    try:
+        result = publish_failure.with_options(**retry_options(settings))(output_root, record, exc, settings)
+    except PipelineError as write_exc:
+        logger.error("could not record the failure in result.json: %s", write_exc)
+        result = finish.build_result(record, "failed", error=exc)
+    publish_artifacts(result, output_root, settings)
+    return result
 
 
 @task(name="publish-artifacts", cache_policy=NO_CACHE)

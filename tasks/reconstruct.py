@@ -13,7 +13,7 @@ from sam3d_pipeline.types import Reconstruction
 
 
 @task(name="reconstruct", cache_policy=NO_CACHE)
-def reconstruct_object(
+def reconstruct_in_process(
     image: LoadedImage, mask: np.ndarray, options: pipeline.RunOptions, run_plan: pipeline.RunPlan, settings: Settings
 ) -> Reconstruction:
     logger = get_run_logger()

@@ -12,7 +12,7 @@ from sam3d_pipeline.types import Segmentation
 
 
 @task(name="segment", cache_policy=NO_CACHE)
-def segment_image(
+def segment_in_process(
     image: LoadedImage, options: pipeline.RunOptions, run_plan: pipeline.RunPlan, settings: Settings
 ) -> Segmentation:
     logger = get_run_logger()

@@ -104,6 +104,48 @@ def test_gpu_batches_and_counts():
     assert skipped_blank.no_object and not catalog.all_succeeded([skipped_blank])
 
 
+def test_tally_collects_entries_progress_crashes_and_the_outcome(tmp_path):
+    """The flow's bookkeeping, without Prefect: rows in, entries as they arrive, catalog.json and the result out."""
+    for name in ("a.png", "c.png"):
+        (tmp_path / name).write_bytes(encode(object_photo(80, 60)[0]))
+    rows = catalog.parse_manifest('image,prompt,box\na.png,cup,\nb.png,cup,"1,2"\nc.png,cup,\n', fmt="csv",
+                                  source="m.csv", base=str(tmp_path))
+    tally = catalog.CatalogTally(source="m.csv", output_root=str(tmp_path / "out"), flow_run_id="run-1")
+    a, c = tally.begin(rows)
+    assert (a.id, c.id, tally.total) == ("a", "c", 3)
+    [bad] = tally.entries  # the unusable row is entered as failed at once
+    assert (bad.id, bad.line, bad.status) == ("line-3", 3, "failed") and "four numbers" in bad.error["message"]
+    assert tally.percent_done == 33.3
+    assert tally.progress_line() == ("catalog-batch: 1 of 3 item(s) done "
+                                     "(catalog: 1 item(s): 0 completed, 0 skipped, 0 no_object, 1 failed)")
+
+    storage = LocalStorage(tmp_path / "out")
+    planned = catalog.plan_item(c, c.options(segmenter="lite", reconstructor="lite"), storage)
+    crashed = catalog.crashed_entry(c, "worker lost", planned)  # a planned item keeps its prefix
+    assert crashed.error == {"type": "TaskFailure", "code": "task_failed", "message": "worker lost"}
+    assert crashed.prefix == planned.run_plan.prefix and crashed.output_prefix == f"{storage.root}/{crashed.prefix}"
+    assert not (tmp_path / "out").exists()  # nothing is written for a crash
+    unplanned = catalog.crashed_entry(a, "planning failed")
+    assert (unplanned.status, unplanned.prefix, unplanned.output_prefix) == ("failed", "", "")
+    done = catalog.CatalogEntry(id="a", line=2, image=a.image, prompt="cup", status="completed",
+                                result_status="completed")
+    tally.add(crashed, done)
+    assert tally.percent_done == 100.0 and tally.counts() == {"completed": 1, "skipped": 0, "no_object": 0, "failed": 2}
+
+    summary, index = tally.summary(), tally.index()
+    assert summary.startswith("catalog: 3 item(s): 1 completed, 0 skipped, 0 no_object, 2 failed (")
+    assert summary.endswith(" s)")
+    assert [it["id"] for it in index["items"]] == ["a", "line-3", "c"]  # manifest order, not arrival order
+    assert (index["source"], index["flow_run_id"], index["started_at"]) == ("m.csv", "run-1", tally.started_at)
+    uris = {"catalog": "out/catalog.json", "gallery": "out/index.html"}
+    assert tally.outcome(index, uris, summary) == {
+        "counts": index["counts"], "catalog": "out/catalog.json", "gallery": "out/index.html",
+        "all_succeeded": False, "any_no_object": False, "summary": summary, "items": index["items"],
+    }
+    tally.entries = [done]
+    assert tally.outcome(tally.index(), uris, "")["all_succeeded"]
+
+
 @pytest.fixture
 def spies(monkeypatch):
     """Count calls into the real lite backends (the methods still run)."""

@@ -1,8 +1,12 @@
-"""Cloud configuration: the CloudFormation template (cfn-lint, least-privilege IAM) and prefect.yaml."""
+"""Cloud configuration: the CloudFormation template (cfn-lint, least-privilege IAM, warm pool, CPU worker) and
+prefect.yaml (which flow runs on which pool, the gpu-worker session deployment)."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,9 +16,13 @@ ROOT = Path(__file__).parents[1]
 INFRA = ROOT / "deployments" / "infrastructure.yaml"
 UPLOADS = "arn:${AWS::Partition}:s3:::${BucketName}/${UploadPrefix}*"
 OUTPUTS = "arn:${AWS::Partition}:s3:::${BucketName}/${OutputPrefix}*"
+TASKS = "arn:${AWS::Partition}:s3:::${BucketName}/${TaskStoragePrefix}*"
 BUCKET = "arn:${AWS::Partition}:s3:::${BucketName}"
 READ = {"s3:GetObject", "s3:GetObjectVersion"}
 WRITE = {"s3:PutObject", "s3:DeleteObject"}
+GPU_TEMPLATE = ROOT / "deployments" / "ecs-gpu-job-template.json"
+CPU_TEMPLATE = ROOT / "deployments" / "ecs-cpu-job-template.json"
+STORAGE_SETTINGS = ("PREFECT_TASKS_SCHEDULING_DEFAULT_STORAGE_BLOCK", "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK")
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +63,7 @@ def _resource(value):
     return value["Fn::Sub"] if isinstance(value, dict) and "Fn::Sub" in value else value
 
 
-def test_s3_access_is_limited_to_the_two_prefixes(template):
+def test_s3_access_is_limited_to_the_pipeline_prefixes(template):
     s3_statements = 0
     for name, st in _statements(template):
         actions = set(_list(st["Action"]))
@@ -70,14 +78,14 @@ def test_s3_access_is_limited_to_the_two_prefixes(template):
         if s3_actions == {"s3:ListBucket"}:
             assert resources == {BUCKET}
             prefixes = {_resource(p) for p in st["Condition"]["StringLike"]["s3:prefix"]}
-            assert prefixes == {"${UploadPrefix}*", "${OutputPrefix}*"}
+            assert prefixes == {"${UploadPrefix}*", "${OutputPrefix}*", "${TaskStoragePrefix}*"}
         elif resources == {UPLOADS}:
             assert s3_actions <= READ, f"{name}: uploads are read-only, got {s3_actions}"
-        elif resources == {OUTPUTS}:
+        elif resources in ({OUTPUTS}, {TASKS}):
             assert s3_actions <= READ | WRITE
         else:
-            pytest.fail(f"{name}: S3 access outside the two prefixes: {resources}")
-    assert s3_statements == 3
+            pytest.fail(f"{name}: S3 access outside the pipeline prefixes: {resources}")
+    assert s3_statements == 4
     # Both task roles that touch data use exactly that policy; the worker role has no S3 access at all.
     for role in ("GpuStageTaskRole", "CpuFlowTaskRole"):
         props = template["Resources"][role]["Properties"]
@@ -86,6 +94,9 @@ def test_s3_access_is_limited_to_the_two_prefixes(template):
     assert not any(a.startswith("s3:") for a in worker_actions)
     pass_role = [st for n, st in _statements(template) if "iam:PassRole" in _list(st["Action"])]
     assert all(r != "*" for st in pass_role for r in _list(st["Resource"]))
+    # The task storage prefix is none of the others (uploads there would start runs; outputs are never acted on).
+    params = template["Parameters"]
+    assert len({params[p]["Default"] for p in ("UploadPrefix", "OutputPrefix", "TaskStoragePrefix")}) == 3
 
 
 def test_gpu_capacity_scales_to_zero_on_the_ecs_gpu_ami(template):
@@ -97,9 +108,127 @@ def test_gpu_capacity_scales_to_zero_on_the_ecs_gpu_ami(template):
     assert "/gpu/" in template["Parameters"]["EcsGpuAmiId"]["Default"]
     provider = res["GpuCapacityProvider"]["Properties"]["AutoScalingGroupProvider"]
     assert provider["ManagedScaling"]["Status"] == "ENABLED" and provider["ManagedScaling"]["TargetCapacity"] == 100
+    # Long-lived sessions: a scale-in must not terminate an instance whose session is running a task.
+    assert provider["ManagedTerminationProtection"] == "ENABLED" and asg["NewInstancesProtectedFromScaleIn"] is True
     user_data = res["GpuLaunchTemplate"]["Properties"]["LaunchTemplateData"]["UserData"]["Fn::Base64"]["Fn::Sub"]
-    assert "ECS_ENABLE_GPU_SUPPORT=true" in user_data and "ECS_CLUSTER=${Cluster}" in user_data
+    for line in ("ECS_CLUSTER=${Cluster}", "ECS_ENABLE_GPU_SUPPORT=true", "ECS_WARM_POOLS_CHECK=true",
+                 "ECS_IMAGE_PULL_BEHAVIOR=prefer-cached"):
+        assert line in user_data.splitlines(), line
     assert {"Ref": "GpuCapacityProvider"} in res["ClusterCapacityProviders"]["Properties"]["CapacityProviders"]
+
+
+def test_the_warm_pool_is_optional_and_keeps_instances_stopped(template):
+    params, res = template["Parameters"], template["Resources"]
+    assert params["EnableWarmPool"]["Default"] == "false"
+    assert set(params["EnableWarmPool"]["AllowedValues"]) == {"true", "false"}
+    assert template["Conditions"]["WarmPoolEnabled"] == {"Fn::Equals": [{"Ref": "EnableWarmPool"}, "true"]}
+    pool = res["GpuWarmPool"]
+    assert pool["Type"] == "AWS::AutoScaling::WarmPool" and pool["Condition"] == "WarmPoolEnabled"
+    props = pool["Properties"]
+    assert props["AutoScalingGroupName"] == {"Ref": "GpuAutoScalingGroup"}
+    assert props["PoolState"] == "Stopped" and props["MinSize"] == {"Ref": "WarmPoolMinSize"}
+    assert "InstanceReusePolicy" not in props  # ECS does not allow ReuseOnScaleIn
+    # The launch hook exists only with the pool; the instance completes it under the same names.
+    condition, [hook], no_value = res["GpuAutoScalingGroup"]["Properties"]["LifecycleHookSpecificationList"]["Fn::If"]
+    assert condition == "WarmPoolEnabled" and no_value == {"Ref": "AWS::NoValue"}
+    assert hook["LifecycleTransition"] == "autoscaling:EC2_INSTANCE_LAUNCHING" and hook["DefaultResult"] == "CONTINUE"
+    script = _instance_ready_script(template, warm_pool="true", image="")
+    assert f"--lifecycle-hook-name {hook['LifecycleHookName']} " in script
+    asg_name = res["GpuAutoScalingGroup"]["Properties"]["AutoScalingGroupName"]["Fn::Sub"]
+    assert asg_name == "${ProjectName}-gpu"
+    instance_policy = res["GpuInstanceRole"]["Properties"]["Policies"][0]["PolicyDocument"]["Statement"]
+    [complete] = [st for st in instance_policy if st["Action"] == "autoscaling:CompleteLifecycleAction"]
+    assert _resource(complete["Resource"]).endswith(f":autoScalingGroupName/{asg_name}")
+
+
+def _user_data(template, **values) -> str:
+    """The GPU instances' user data with the template's ${...} substituted."""
+    text = template["Resources"]["GpuLaunchTemplate"]["Properties"]["LaunchTemplateData"]["UserData"][
+        "Fn::Base64"]["Fn::Sub"]
+    values = {"Cluster": "sam3d", "ProjectName": "sam3d", **values}
+    return re.sub(r"\$\{([A-Za-z]+)\}", lambda m: values[m[1]], text)
+
+
+def _instance_ready_script(template, *, warm_pool: str, image: str) -> str:
+    user_data = _user_data(template, EnableWarmPool=warm_pool, GpuImage=image)
+    return user_data.split("<<'SCRIPT'\n", 1)[1].split("\nSCRIPT\n", 1)[0] + "\n"
+
+
+@pytest.mark.parametrize("state, pulls", [("Warmed:Stopped", True), ("InService", False)])
+def test_instance_ready_script_pulls_only_while_warming_then_completes_the_hook(template, tmp_path, state, pulls):
+    """The script the user data installs, run with curl, aws, docker and dnf replaced by recorders."""
+    image = "123456789012.dkr.ecr.us-east-1.amazonaws.com/sam3d-gpu-worker:0.1.0"
+    script = tmp_path / "sam3d-instance-ready"
+    script.write_text(_instance_ready_script(template, warm_pool="true", image=image))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls"
+    stubs = {
+        "curl": f"""case "$*" in
+  *api/token*) echo token ;;
+  *target-lifecycle-state*) echo {state} ;;
+  *instance-id*) echo i-0123 ;;
+  *placement/region*) echo us-east-1 ;;
+  *) exit 22 ;;
+esac""",
+        "aws": f'echo "aws $*" >> {calls}; [ "$1 $2" = "ecr get-login-password" ] && echo secret; exit 0',
+        "docker": f'cat > /dev/null; echo "docker $*" >> {calls}',
+        "dnf": f'echo "dnf $*" >> {calls}',
+    }
+    for name, body in stubs.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    subprocess.run(["bash", str(script)], env=env, stdin=subprocess.DEVNULL, check=True, timeout=30)
+    recorded = calls.read_text().splitlines()
+    assert recorded[-1] == ("aws autoscaling complete-lifecycle-action --region us-east-1 --auto-scaling-group-name "
+                            "sam3d-gpu --lifecycle-hook-name prepare-gpu-instance --lifecycle-action-result CONTINUE "
+                            "--instance-id i-0123")
+    pulled = [c for c in recorded if c.startswith("docker pull")]
+    assert pulled == ([f"docker pull {image}"] if pulls else [])
+    if pulls:
+        assert "docker login --username AWS --password-stdin 123456789012.dkr.ecr.us-east-1.amazonaws.com" in recorded
+    assert not any(c.startswith("dnf") for c in recorded)  # the AMI's own aws CLI is used when it has one
+
+
+def test_without_the_warm_pool_the_user_data_installs_nothing(template, tmp_path):
+    user_data = _user_data(template, EnableWarmPool="false", GpuImage="")
+    path = tmp_path / "user-data.sh"
+    path.write_text(user_data)
+    subprocess.run(["bash", "-n", str(path)], check=True, timeout=30)
+    assert 'if [ "false" = "true" ]; then' in user_data
+
+
+def test_cpu_pool_process_worker_is_an_always_on_service_with_the_flow_role(template):
+    res, params = template["Resources"], template["Parameters"]
+    assert params["CpuPoolType"]["Default"] == "process"
+    for name in ("CpuFlowWorkerTaskDefinition", "CpuFlowWorkerService"):
+        assert res[name]["Condition"] == "CpuPoolIsProcess"
+    service = res["CpuFlowWorkerService"]["Properties"]
+    assert service["DesiredCount"] == 1 and service["LaunchType"] == "FARGATE"
+    task = res["CpuFlowWorkerTaskDefinition"]["Properties"]
+    assert task["TaskRoleArn"] == {"Fn::GetAtt": ["CpuFlowTaskRole", "Arn"]}  # pipeline data only
+    assert task["ExecutionRoleArn"] == {"Fn::GetAtt": ["TaskExecutionRole", "Arn"]}
+    [container] = task["ContainerDefinitions"]
+    command = container["Command"]
+    assert command[:3] == ["prefect", "worker", "start"]
+    assert command[command.index("--type") + 1] == "process"
+    assert command[command.index("--pool") + 1] == {"Fn::Sub": "${ProjectName}-cpu"}
+    assert container["Image"] == {"Ref": "FlowImage"}
+    assert container["LogConfiguration"]["Options"]["awslogs-group"] == {"Ref": "CpuFlowLogGroup"}
+    assert [s["Name"] for s in container["Secrets"]] == ["PREFECT_API_KEY"]
+    env = {e["Name"]: e["Value"] for e in container["Environment"]}
+    assert env["SAM3D_GPU_STAGES"] == "workers"
+    for setting in STORAGE_SETTINGS:
+        assert env[setting] == {"Ref": "TaskStorageBlock"}
+    # Both sides of a background task use the same storage: the stack's default block is the GPU pool's.
+    gpu_env = json.loads(GPU_TEMPLATE.read_text())["variables"]["properties"]["env"]["default"]
+    assert {gpu_env[s] for s in STORAGE_SETTINGS} == {params["TaskStorageBlock"]["Default"]}
+    # The ECS worker of the CPU pool (one Fargate task per flow run) exists only when chosen instead.
+    workers = res["WorkerTaskDefinition"]["Properties"]["ContainerDefinitions"]
+    assert [c["Name"] for c in workers if "Name" in c] == ["gpu-pool-worker"]
+    [(condition, cpu_ecs_worker, _)] = [tuple(c["Fn::If"]) for c in workers if "Fn::If" in c]
+    assert condition == "CpuPoolIsEcs" and "--type" in cpu_ecs_worker["Command"]
 
 
 def test_uploads_reach_the_queue_and_failures_the_dead_letter_queue(template):
@@ -115,24 +244,49 @@ def test_uploads_reach_the_queue_and_failures_the_dead_letter_queue(template):
     assert redrive["deadLetterTargetArn"] == {"Fn::GetAtt": ["UploadDeadLetterQueue", "Arn"]}
 
 
-def test_prefect_yaml_maps_each_flow_to_its_pool():
+def _deployments() -> dict[str, dict]:
+    config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    return {d["name"]: d for d in config["deployments"]}
+
+
+def test_prefect_yaml_maps_each_flow_to_its_pool(template):
+    deployments = _deployments()
+    assert set(deployments) == {"image-to-3d", "gpu-worker", "catalog-batch"}
+    pools = {name: d["work_pool"]["name"] for name, d in deployments.items()}
+    assert pools == {"image-to-3d": "sam3d-cpu", "catalog-batch": "sam3d-cpu", "gpu-worker": "sam3d-gpu"}
+    # Warm GPU sessions: one GPU each, at most as many as the g5 group has instances.
+    gpu = deployments["gpu-worker"]
+    assert gpu["entrypoint"] == "flows/gpu_worker.py:gpu_worker"
+    assert gpu["concurrency_limit"] == 5 == template["Parameters"]["GpuMaxInstances"]["Default"]
+    job_variables = gpu["work_pool"]["job_variables"]
+    assert job_variables["image"].startswith("sam3d-gpu-worker:")
+    assert job_variables["env"]["SAM3D_GPU_STAGES"] == "workers"
+    # The GPU pool's env gives every session the stage mode, its idle timeout and the shared task storage.
+    gpu_env = json.loads(GPU_TEMPLATE.read_text())["variables"]["properties"]["env"]["default"]
+    assert gpu_env["SAM3D_GPU_STAGES"] == "workers" and float(gpu_env["SAM3D_GPU_IDLE_S"]) > 0
+    # The CPU side reads the stage mode from its worker's environment, never from the deployment, so a local
+    # process pool runs the stages inline; the ECS alternative of the CPU pool uses the same storage blocks.
+    for name in ("image-to-3d", "catalog-batch"):
+        assert "SAM3D_GPU_STAGES" not in json.dumps(deployments[name])
+    cpu_env = json.loads(CPU_TEMPLATE.read_text())["variables"]["properties"]["env"]["default"]
+    assert cpu_env["SAM3D_GPU_STAGES"] == "workers"
+    assert {cpu_env[s] for s in STORAGE_SETTINGS} == {gpu_env[s] for s in STORAGE_SETTINGS}
+    assert len({gpu_env[s] for s in STORAGE_SETTINGS}) == 1 and gpu_env[STORAGE_SETTINGS[0]].startswith("s3-bucket/")
+
+
+def test_gpu_worker_entrypoint_is_the_session_flow():
+    """Resolves the gpu-worker entrypoint by importing flows/gpu_worker.py: the name the orchestrating flows start
+    (``SAM3D_GPU_WORKER_DEPLOYMENT``) and its ``idle_s`` parameter (None: SAM3D_GPU_IDLE_S)."""
     from prefect.flows import load_flow_from_entrypoint
+    from prefect.utilities.callables import parameter_schema
 
     from sam3d_pipeline.settings import Settings
 
-    config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
-    deployments = {d["name"]: d for d in config["deployments"]}
-    assert set(deployments) >= {"image-to-3d", "segment-image", "reconstruct-objects"}
-    pools = {name: d["work_pool"]["name"] for name, d in deployments.items()}
-    assert "sam3d-cpu" in pools["image-to-3d"]
-    assert "sam3d-gpu" in pools["segment-image"] and "sam3d-gpu" in pools["reconstruct-objects"]
-    # The cloud CPU pool sends the model stages to the GPU deployments; a local process pool runs them inline.
-    cpu_template = json.loads((ROOT / "deployments" / "ecs-cpu-job-template.json").read_text())
-    assert cpu_template["variables"]["properties"]["env"]["default"]["SAM3D_GPU_STAGES"] == "deployment"
-    assert "SAM3D_GPU_STAGES" not in json.dumps(deployments["image-to-3d"])
-    settings = Settings()
-    full_names = set()
-    for name, d in deployments.items():
-        flow = load_flow_from_entrypoint(str(ROOT / d["entrypoint"]))
-        full_names.add(f"{flow.name}/{name}")
-    assert {settings.segment_deployment, settings.reconstruct_deployment} <= full_names
+    gpu = _deployments()["gpu-worker"]
+    flow = load_flow_from_entrypoint(str(ROOT / gpu["entrypoint"]))
+    assert f"{flow.name}/{gpu['name']}" == Settings().gpu_worker_deployment == "gpu-worker/gpu-worker"
+    schema = parameter_schema(flow.fn)
+    idle_s = schema.properties["idle_s"]
+    assert "default" in idle_s and idle_s["default"] is None
+    assert {"type": "number"} in idle_s["anyOf"] and {"type": "null"} in idle_s["anyOf"]
+    assert Settings(gpu_stages="workers").gpu_stages == "workers"

@@ -7,8 +7,10 @@ import uuid
 from pathlib import Path
 
 import pytest
+import yaml
 
-DEPLOYMENTS = Path(__file__).parents[1] / "deployments"
+ROOT = Path(__file__).parents[1]
+DEPLOYMENTS = ROOT / "deployments"
 pytestmark = pytest.mark.slow
 
 
@@ -48,6 +50,13 @@ def test_gpu_template_shape():
     assert jc["task_definition"]["requiresCompatibilities"] == ["EC2"]
     assert template["variables"]["properties"]["gpu_count"]["type"] == "string"
     assert template["variables"]["properties"]["memory"]["default"] >= 24 * 1024
+    # A session asked to stop (drain, spot notice) gets ECS's longest grace to finish its task; an init process
+    # forwards the SIGTERM and reaps what the models' libraries spawn.
+    assert container["stopTimeout"] == 120
+    assert container["linuxParameters"]["initProcessEnabled"] is True
+    env = template["variables"]["properties"]["env"]["default"]
+    assert env["SAM3D_GPU_STAGES"] == "workers" and float(env["SAM3D_GPU_IDLE_S"]) > 0
+    assert env["PREFECT_TASKS_SCHEDULING_DEFAULT_STORAGE_BLOCK"] == env["PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"]
 
 
 @pytest.fixture
@@ -115,13 +124,13 @@ def _run_worker(monkeypatch, template_name: str, values: dict):
 
     monkeypatch.setattr(ECSWorker, "_create_task_run", recording_create_task_run)
 
-    @flow(name="reconstruct-objects")
-    def stage():  # only its flow run record is used
+    @flow(name="gpu-worker")
+    def session():  # only its flow run record is used
         return None
 
     async def go():
         async with get_client() as client:
-            flow_run = await client.create_flow_run(stage, parameters={})
+            flow_run = await client.create_flow_run(session, parameters={})
         config = await ECSJobConfiguration.from_template_and_values(_template(template_name), values)
         config.prepare_for_flow_run(flow_run)
         async with ECSWorker(work_pool_name=f"sam3d-{uuid.uuid4().hex[:6]}", create_pool_if_not_found=False) as w:
@@ -131,14 +140,21 @@ def _run_worker(monkeypatch, template_name: str, values: dict):
     return flow_run, result, run_requests
 
 
-def test_ecs_worker_registers_a_gpu_task_and_runs_it_on_the_capacity_provider(prefect_server, gpu_cluster,
-                                                                              monkeypatch):
+def _gpu_worker_job_variables() -> dict:
+    config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    [deployment] = [d for d in config["deployments"] if d["name"] == "gpu-worker"]
+    return deployment["work_pool"]["job_variables"]
+
+
+def test_ecs_worker_starts_a_gpu_worker_session_on_the_capacity_provider(prefect_server, gpu_cluster, monkeypatch):
     c = gpu_cluster
     image = "123456789012.dkr.ecr.us-east-1.amazonaws.com/sam3d-gpu-worker:0.1.0"
-    # moto's container instances offer 4096 CPU units / 7482 MiB and no GPU model, so the task is sized to
-    # fit them here; the template's g5 defaults are checked in test_gpu_template_shape.
+    # The gpu-worker deployment's job variables, with the image and the cluster's names of this test. moto's
+    # container instances offer 4096 CPU units / 7482 MiB and no GPU model, so the task is sized to fit them here;
+    # the template's g5 defaults are checked in test_gpu_template_shape.
+    deployment_env = _gpu_worker_job_variables()["env"]
     values = {"cluster": c["cluster"], "image": image, "cpu": 2048, "memory": 4096, "task_role_arn": c["task_role"],
-              "execution_role_arn": c["exec_role"], "log_group": c["log_group"],
+              "execution_role_arn": c["exec_role"], "log_group": c["log_group"], "env": deployment_env,
               "capacity_provider_strategy": [{"capacityProvider": c["provider"], "weight": 1, "base": 0}]}
     flow_run, result, run_requests = _run_worker(monkeypatch, "ecs-gpu-job-template.json", values)
     assert result.status_code == 0 and c["cluster"] in result.identifier
@@ -152,6 +168,13 @@ def test_ecs_worker_registers_a_gpu_task_and_runs_it_on_the_capacity_provider(pr
         override["command"])
     env = {e["name"]: e["value"] for e in override["environment"]}
     assert env["PREFECT__FLOW_RUN_ID"] == str(flow_run.id)
+    # The deployment's env is merged over the pool's: the session gets its stage mode and models from the
+    # deployment, its idle timeout and the shared task storage from the pool.
+    pool_env = _template("ecs-gpu-job-template.json")["variables"]["properties"]["env"]["default"]
+    assert {k: env[k] for k in pool_env} == {**pool_env, **{k: v for k, v in deployment_env.items() if k in pool_env}}
+    assert {k: env[k] for k in deployment_env} == deployment_env
+    assert env["SAM3D_GPU_STAGES"] == "workers"
+    assert env["PREFECT_TASKS_SCHEDULING_DEFAULT_STORAGE_BLOCK"].startswith("s3-bucket/")
     assert request["overrides"]["taskRoleArn"] == c["task_role"]
 
     ecs = c["ecs"]
@@ -161,6 +184,7 @@ def test_ecs_worker_registers_a_gpu_task_and_runs_it_on_the_capacity_provider(pr
     assert container["resourceRequirements"] == [{"type": "GPU", "value": "1"}]
     assert container["memory"] == 4096 and container["cpu"] == 2048
     assert container["logConfiguration"]["options"]["awslogs-group"] == c["log_group"]
+    assert container["stopTimeout"] == 120
     assert task_def["requiresCompatibilities"] == ["EC2"]
     assert task_def["executionRoleArn"] == c["exec_role"] and task_def["taskRoleArn"] == c["task_role"]
     [task] = ecs.describe_tasks(cluster=c["cluster"], tasks=[result.identifier.split("::", 1)[1]])["tasks"]

@@ -140,14 +140,19 @@ def test_event_id_is_deterministic_over_upload_identity():
 
 
 def test_prefect_event_shape():
+    from prefect.events import Event
+
     (record,) = parse_message(notification("uploads/red+chair.jpg"))
-    event = prefect_event(record, "red chair")
+    typed = prefect_event(record, "red chair")
+    assert isinstance(typed, Event) and typed.id == event_id(record, "red chair")
+    event = typed.model_dump(mode="json")  # the JSON POST /api/events takes
     assert event["event"] == EVENT_NAME == "aws.s3.object.created"
     assert event["resource"]["prefect.resource.id"] == "aws.s3.object.photos/uploads/red chair.jpg"
     assert uuid.UUID(event["id"]).version == 5
     assert event["occurred"].startswith("2026-11-25T08:00:00")
+    assert event["related"] == []
     assert event["payload"] == {
         "bucket": "photos", "key": "uploads/red chair.jpg", "size": 1234, "etag": "abc123", "version_id": None,
         "sequencer": "0062", "source": "s3-notification", "prompt": "red chair", "aws_event_id": "REQ1",
     }
-    json.dumps(event)  # ready for POST /api/events
+    assert Event.model_validate_json(json.dumps(event)) == typed  # survives the trip through JSON

@@ -149,3 +149,52 @@ def test_gzip_encoded_embeddings_reach_a_browser_decompressed_and_python_decodes
     assert fetched.content == blob  # undone by the client, as a browser does
     decoded = embeddings.decode(store.read_bytes("p/review/embeddings.bin"))
     assert np.abs(decoded["image_embed"] - tensors["image_embed"]).max() < 0.2
+
+
+@pytest.mark.slow
+def test_list_uris_lists_a_key_prefix_in_key_order(s3):
+    from sam3d_pipeline.storage import list_uris
+
+    client, bucket = s3
+    for key in ("shop/b.png", "shop/a.png", "shop/deep/c.png", "shop-2/d.png", "other/e.png"):
+        client.put_object(Bucket=bucket, Key=key, Body=b"x")
+    assert list_uris(f"s3://{bucket}/shop/") == [f"s3://{bucket}/shop/{k}" for k in ("a.png", "b.png", "deep/c.png")]
+    assert list_uris(f"s3://{bucket}/shop") == [*list_uris(f"s3://{bucket}/shop-"), *list_uris(f"s3://{bucket}/shop/")]
+    assert len(list_uris(f"s3://{bucket}")) == 5
+    assert list_uris(f"s3://{bucket}/nothing-here/") == []
+    with pytest.raises(InputNotFoundError, match="listing s3://no-such-bucket-here/x"):
+        list_uris("s3://no-such-bucket-here/x")
+    with pytest.raises(InputError, match="not an s3://bucket/key URI"):
+        list_uris("/local/folder")
+
+
+@pytest.mark.slow
+def test_one_transient_rule_for_every_aws_call(s3, faulty_s3):
+    """``is_transient_aws_error`` (the events bridge's rule for SQS and S3) agrees with ``classify_s3_error``."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from sam3d_pipeline.storage import classify_s3_error, is_transient_aws_error, s3_client
+
+    from .servers import free_port
+
+    _, bucket = s3
+    client = s3_client()
+
+    def failure(status: int, code: str) -> ClientError:
+        faulty_s3.fail_next(1, status, code)
+        with pytest.raises(ClientError) as info:
+            client.put_object(Bucket=bucket, Key="k", Body=b"v")
+        return info.value
+
+    cases = {(503, "SlowDown"): True, (500, "InternalError"): True, (429, "TooManyRequests"): True,
+             (400, "ThrottlingException"): True, (400, "RequestTimeout"): True,
+             (403, "AccessDenied"): False, (404, "NoSuchBucket"): False, (400, "InvalidArgument"): False}
+    for (status, code), transient in cases.items():
+        exc = failure(status, code)
+        assert is_transient_aws_error(exc) is transient, (status, code)
+        assert is_transient(classify_s3_error(exc, "k")) is transient, (status, code)
+    refused = s3_client(Settings(s3_endpoint_url=f"http://127.0.0.1:{free_port()}", s3_max_attempts=1))
+    with pytest.raises(BotoCoreError) as info:
+        refused.put_object(Bucket=bucket, Key="k", Body=b"v")
+    assert is_transient_aws_error(info.value) and is_transient(classify_s3_error(info.value, "k"))
+    assert not is_transient_aws_error(ValueError("not an AWS error"))

@@ -45,4 +45,4 @@ def handler(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
         _publisher = UploadPublisher(os.environ["PREFECT_API_URL"], api_key=os.environ.get("PREFECT_API_KEY"))
     records = parse_message(event)
     posted = _publisher.publish(records)
-    return {"posted": [e["id"] for e in posted], "records": len(records)}
+    return {"posted": [str(e.id) for e in posted], "records": len(records)}

@@ -9,12 +9,14 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import BackendUnavailableError
 from ..settings import Settings, get_settings
+from ..types import BackendInfo
 from .base import Reconstructor, Segmenter
 
 
@@ -27,6 +29,9 @@ class BackendEntry:
     requires: tuple[str, ...] = ()  # importable packages it needs
     install_hint: str = ""
     usable: Callable[[Settings], str | None] | None = None  # returns a reason it cannot run, or None
+    # "module:function" taking (settings) and returning its BackendInfo without loading a model or importing
+    # torch; None: the backend class is light, and its info() is read from a built instance.
+    describe: str | None = None
 
     def unavailable_reason(self, settings: Settings) -> str | None:
         for package in self.requires:
@@ -56,6 +61,7 @@ SEGMENTERS: dict[str, BackendEntry] = {
         requires=("torch", "sam3"),
         install_hint="pip install 'sam3d-pipeline[sam3]'",
         usable=lambda settings: _sam3_usable(settings),
+        describe="sam3d_pipeline.backends.sam3_version:describe",
     ),
     "lite": BackendEntry(name="lite", target="sam3d_pipeline.backends.lite_segmenter:LiteSegmenter"),
 }
@@ -98,14 +104,14 @@ def resolve(role: str, requested: str, settings: Settings | None = None) -> Reso
     """
     s = settings or get_settings()
     registry = _registry(role)
-    if s.gpu_stages == "deployment":  # the model stages run in the GPU image, not in this process
+    if s.gpu_stages != "inline":  # the model stages run on the GPU workers, not in this process
         name = AUTO_ORDER[role][0] if requested == "auto" else requested
         if name not in registry:
             raise BackendUnavailableError(f"unknown {role} {requested!r}; choose from auto, {', '.join(registry)}")
-        module_name = registry[name].target.split(":", 1)[0]
-        if importlib.util.find_spec(module_name) is None:  # its info() is still needed here for the output key
+        module_name = (registry[name].describe or registry[name].target).split(":", 1)[0]
+        if importlib.util.find_spec(module_name) is None:  # its description is still needed for the output key
             raise BackendUnavailableError(f"{role} {name!r}: backend module {module_name} is not part of this build")
-        return Resolved(role, requested, name, f"{name} runs on the GPU pool (SAM3D_GPU_STAGES=deployment)")
+        return Resolved(role, requested, name, f"{name} runs on the GPU workers (SAM3D_GPU_STAGES={s.gpu_stages})")
     if requested == "auto":
         skipped = []
         for name in AUTO_ORDER[role]:
@@ -136,6 +142,32 @@ def _build(role: str, name: str, settings: Settings) -> Any:
             cls = getattr(importlib.import_module(module_name), class_name)
             _CACHE[key] = cls(settings)
         return _CACHE[key]
+
+
+def load(role: str, name: str, settings: Settings | None = None) -> float:
+    """Make the backend ready (built, its model in memory). Returns the seconds that took now: 0.0 when this
+    process already had it, which is what a warm GPU worker reports."""
+    s = settings or get_settings()
+    t = time.perf_counter()
+    with _CACHE_LOCK:
+        cached = (role, name, s.model_dump_json()) in _CACHE
+    backend = _build(role, name, s)
+    loader = getattr(backend, "load_model", None)
+    loaded_now = loader() if callable(loader) else False
+    return 0.0 if cached and not loaded_now else time.perf_counter() - t
+
+
+def describe(role: str, name: str, settings: Settings | None = None) -> BackendInfo:
+    """The ``BackendInfo`` of a resolved backend (name, version for output keys, device, limits).
+
+    Loads no model and, for sam3, imports neither torch nor sam3: the orchestrator plans output keys with it.
+    """
+    s = settings or get_settings()
+    entry = _registry(role)[name]
+    if entry.describe is not None:
+        module_name, function = entry.describe.split(":", 1)
+        return getattr(importlib.import_module(module_name), function)(s)
+    return _build(role, name, s).info()
 
 
 def get_segmenter(name: str, settings: Settings | None = None) -> Segmenter:

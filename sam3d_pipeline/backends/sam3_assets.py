@@ -14,6 +14,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..checkpoints import sha256_file
 from ..errors import BackendUnavailableError, InputError
 from ..settings import Settings
 from ..storage import classify_s3_error, is_s3_uri, s3_client, split_s3_uri
@@ -77,14 +78,6 @@ class CheckpointRef:
     size_bytes: int
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def cache_dir(settings: Settings) -> Path:
     return Path(os.path.expanduser(settings.model_cache_dir))
 
@@ -100,7 +93,7 @@ def _download_s3(uri: str, settings: Settings) -> Path:
         raise classify_s3_error(exc, f"checkpoint {uri}") from exc
     size = int(head["ContentLength"])
     if target.is_file() and target.stat().st_size == size:
-        if expected_sha is None or sha256_of(target) == expected_sha:
+        if expected_sha is None or sha256_file(target) == expected_sha:
             return target
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=".part-", suffix=".pt")
@@ -115,7 +108,7 @@ def _download_s3(uri: str, settings: Settings) -> Path:
         if got != size:
             raise BackendUnavailableError(f"checkpoint {uri}: downloaded {got} bytes, expected {size}")
         if expected_sha is not None:
-            actual = sha256_of(tmp)
+            actual = sha256_file(tmp)
             if actual != expected_sha:
                 raise BackendUnavailableError(
                     f"checkpoint {uri}: sha256 {actual} does not match the configured {expected_sha}; refusing it"

@@ -20,14 +20,12 @@ from ..errors import BackendUnavailableError, InputError
 from ..masks import clip_box
 from ..settings import Settings
 from ..types import BackendInfo, Box, Instance, Point, Segmentation, SegmentRequest
-from . import sam3_compat
+from . import sam3_compat, sam3_version
 from .sam3_assets import find_bpe_vocab, resolve_checkpoint
+from .sam3_version import VERSION  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
-VERSION = "sam3-0.1.4"
-LIMITS_CPU = ("running on the CPU: about a minute per image; use a CUDA GPU for real work",)
-LIMITS_RANDOM = ("random weights: masks and scores are meaningless (tests and smoke checks only)",)
 # Feature maps the click decoder consumes (``sam1_task_predictor.py`` ``_bb_feat_sizes``).
 EMBEDDING_SHAPES = {
     "image_embed": (1, 256, 72, 72),
@@ -190,31 +188,23 @@ class Sam3Segmenter:
             self._loaded = load_model(self.settings)
         return self._loaded
 
+    def load_model(self) -> bool:
+        """Load the model now unless it is in memory. Returns True when this call loaded it."""
+        was_loaded = self._loaded is not None
+        _ = self.loaded
+        return not was_loaded
+
     def info(self) -> BackendInfo:
-        weights = "checkpoint" if self.settings.sam3_checkpoint else "random-init"
-        device = self._loaded.device if self._loaded else self.settings.sam3_device
-        if device == "auto":
+        device = self._loaded.device if self._loaded else None
+        if device is None and self.settings.sam3_device == "auto":
             import torch
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        limits: tuple[str, ...] = ()
-        if weights == "random-init":
-            limits += LIMITS_RANDOM
-        if device == "cpu":
-            limits += LIMITS_CPU
-        return BackendInfo(name="sam3", version=self.version(), device=device, limits=limits, weights=weights)
+        return sam3_version.describe(self.settings, device)
 
     def version(self) -> str:
-        """``sam3-0.1.4+<weights>``: outputs from other weights get other output keys (never reused).
-
-        The weights part is ``random-init``, or the configured sha256's first 12 hex digits, or a hash of the
-        configured checkpoint location.
-        """
-        if not self.settings.sam3_checkpoint:
-            return f"{VERSION}+random-init"
-        if self.settings.sam3_checkpoint_sha256:
-            return f"{VERSION}+{self.settings.sam3_checkpoint_sha256.lower()[:12]}"
-        return f"{VERSION}+src-{hashlib.sha256(self.settings.sam3_checkpoint.encode()).hexdigest()[:8]}"
+        """See ``sam3_version.version``."""
+        return sam3_version.version(self.settings)
 
     def image_state(self, rgb: np.ndarray) -> dict:
         """Run the image encoder (``Sam3Processor.set_image``) once per distinct image; reuse the state.

@@ -239,6 +239,12 @@ class Sam3dReconstructor:
                 self.offloader.install()
         return self._inference
 
+    def load_model(self) -> bool:
+        """Load the pipeline now unless it is in memory. Returns True when this call loaded it."""
+        was_loaded = self._inference is not None
+        self._load()
+        return not was_loaded
+
     def unload(self) -> None:
         """Drop the model (frees its GPU memory once nothing else refers to it)."""
         self._inference = None

@@ -9,6 +9,10 @@ logged with the reason and left for the queue's redrive policy to move to a dead
 
 Redelivery is harmless by construction: the event id is deterministic (``parse.event_id``), Prefect
 drops event ids it has seen recently, and the markers remember them for good.
+
+The events are typed ``prefect.events.Event`` objects, sent with one HTTP ``POST`` rather than through
+Prefect's websocket events client: the POST's 2xx answer is the API accepting them, which is what the
+message's deletion waits for (a websocket send confirms nothing per event).
 """
 
 from __future__ import annotations
@@ -20,11 +24,14 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..storage import split_s3_uri
+from ..storage import is_transient_aws_error, split_s3_uri
 from .parse import MalformedMessageError, ObjectCreated, parse_message, prefect_event, resolve_prompt
 from .settings import EventSettings
+
+if TYPE_CHECKING:
+    from prefect.events import Event
 
 log = logging.getLogger("sam3d_pipeline.events.bridge")
 
@@ -37,13 +44,12 @@ class PermanentBridgeError(RuntimeError):
     """A request was refused for good (e.g. the Prefect API answered 4xx): the message stays for redrive."""
 
 
-def post_events(api_url: str, events: list[dict[str, Any]], *, api_key: str | None = None,
-                timeout_s: float = 10.0) -> None:
+def post_events(api_url: str, events: list[Event], *, api_key: str | None = None, timeout_s: float = 10.0) -> None:
     """POST events to a Prefect API (``<api_url>/events``, self-hosted or Cloud).
 
     Args:
         api_url: the ``PREFECT_API_URL`` (``http://host:4200/api`` or a Cloud workspace URL).
-        events: JSON-ready Prefect events (``parse.prefect_event``).
+        events: Prefect events (``parse.prefect_event``), sent as one JSON array.
         api_key: bearer token for Prefect Cloud; None for a self-hosted server without auth.
         timeout_s: request timeout in seconds.
 
@@ -55,7 +61,7 @@ def post_events(api_url: str, events: list[dict[str, Any]], *, api_key: str | No
         return
     request = urllib.request.Request(
         api_url.rstrip("/") + "/events",
-        data=json.dumps(events).encode(),
+        data=json.dumps([event.model_dump(mode="json") for event in events]).encode(),
         headers={"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})},
         method="POST",
     )
@@ -74,18 +80,6 @@ def post_events(api_url: str, events: list[dict[str, Any]], *, api_key: str | No
 def _client_error_code(exc: BaseException) -> str:
     response = getattr(exc, "response", None) or {}
     return str(response.get("Error", {}).get("Code", ""))
-
-
-def _is_transient_aws(exc: BaseException) -> bool:
-    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
-
-    if isinstance(exc, ConnectionError | HTTPClientError):
-        return True
-    if isinstance(exc, ClientError):
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        code = _client_error_code(exc)
-        return status >= 500 or status == 429 or "Throttl" in code or code == "SlowDown"
-    return False
 
 
 @dataclass
@@ -108,7 +102,7 @@ class BridgeStats:
 class Prepared:
     """The events one message yields, and the marker keys to write once Prefect has them."""
 
-    events: list[dict[str, Any]] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
     markers: list[str] = field(default_factory=list)
 
 
@@ -185,13 +179,13 @@ class UploadPublisher:
                 continue
             prompt = resolve_prompt(metadata, obj.key, self.settings.prompt_by_prefix)
             event = prefect_event(obj, prompt)
-            marker = self._marker_key(event["id"])
+            marker = self._marker_key(str(event.id))
             if marker is not None and self._exists(*marker):
                 log.info("duplicate %s (etag %s, prompt %r): already handed to Prefect as %s",
-                         obj.uri, obj.etag, prompt, event["id"])
+                         obj.uri, obj.etag, prompt, event.id)
                 self.stats.duplicates += 1
                 continue
-            if any(e["id"] == event["id"] for e in prepared.events):
+            if any(e.id == event.id for e in prepared.events):
                 self.stats.duplicates += 1
                 continue
             prepared.events.append(event)
@@ -204,10 +198,10 @@ class UploadPublisher:
             return
         bucket, _ = split_s3_uri(self.settings.event_marker_root or "")
         for event, key in zip(prepared.events, prepared.markers, strict=True):
-            self.s3.put_object(Bucket=bucket, Key=key, Body=json.dumps(event).encode(),
+            self.s3.put_object(Bucket=bucket, Key=key, Body=event.model_dump_json().encode(),
                                ContentType="application/json")
 
-    def publish(self, records: list[ObjectCreated]) -> list[dict[str, Any]]:
+    def publish(self, records: list[ObjectCreated]) -> list[Event]:
         """Hand the new uploads among ``records`` to Prefect; returns the events posted.
 
         Raises:
@@ -219,8 +213,8 @@ class UploadPublisher:
                     timeout_s=self.settings.bridge_http_timeout_s)
         self._write_markers(prepared)
         for event in prepared.events:
-            p = event["payload"]
-            log.info("event %s for s3://%s/%s (prompt %r)", event["id"], p["bucket"], p["key"], p["prompt"])
+            p = event.payload
+            log.info("event %s for s3://%s/%s (prompt %r)", event.id, p["bucket"], p["key"], p["prompt"])
         self.stats.posted += len(prepared.events)
         return prepared.events
 
@@ -272,7 +266,7 @@ class EventsBridge:
             log.error("SQS message %s not delivered, left for the dead-letter queue: %s", message_id, exc)
             return False
         except Exception as exc:  # noqa: BLE001 - classified right here
-            if isinstance(exc, TransientBridgeError) or _is_transient_aws(exc):
+            if isinstance(exc, TransientBridgeError) or is_transient_aws_error(exc):
                 raise TransientBridgeError(f"message {message_id}: {exc}") from exc
             # Permanent (access denied, bad marker root, ...): one message must not stop the bridge.
             self.stats.errors += 1
@@ -298,7 +292,7 @@ class EventsBridge:
                 MessageSystemAttributeNames=["ApproximateReceiveCount"],
             )
         except Exception as exc:  # noqa: BLE001 - classified right here
-            if _is_transient_aws(exc):
+            if is_transient_aws_error(exc):
                 raise TransientBridgeError(f"SQS receive from {self.queue_url}: {exc}") from exc
             raise
         messages = response.get("Messages", [])

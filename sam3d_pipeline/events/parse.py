@@ -9,7 +9,8 @@ Three shapes arrive here (all as the SQS message body, or as the event a Lambda 
 * ``s3:TestEvent``, which S3 sends when a notification is configured: skipped.
 
 Keys are URL-encoded in both AWS shapes (``+`` for a space, ``%XX`` for the rest; moto also encodes ``/``):
-they are decoded once here with ``unquote_plus``. Nothing in this module talks to the network.
+they are decoded once here with ``unquote_plus``. Nothing in this module talks to the network; Prefect is
+imported only when an event is built.
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ import json
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_plus
+
+if TYPE_CHECKING:
+    from prefect.events import Event
 
 EVENT_NAME = "aws.s3.object.created"
 RESOURCE_PREFIX = "aws.s3.object."
@@ -247,8 +251,8 @@ def event_id(obj: ObjectCreated, prompt: str | None) -> uuid.UUID:
     return uuid.uuid5(EVENT_NAMESPACE, identity)
 
 
-def prefect_event(obj: ObjectCreated, prompt: str | None = None, *, now: datetime | None = None) -> dict[str, Any]:
-    """The Prefect event (JSON-ready dict, as ``POST /api/events`` takes) for one upload.
+def prefect_event(obj: ObjectCreated, prompt: str | None = None, *, now: datetime | None = None) -> Event:
+    """The Prefect event for one upload, ready for ``POST /api/events``.
 
     Args:
         obj: the parsed notification.
@@ -256,22 +260,23 @@ def prefect_event(obj: ObjectCreated, prompt: str | None = None, *, now: datetim
         now: occurred time when the notification has none (default: the current UTC time).
 
     Returns:
-        ``{"id", "occurred", "event": "aws.s3.object.created", "resource": {"prefect.resource.id":
-        "aws.s3.object.<bucket>/<key>", ...}, "related": [], "payload": {bucket, key, size, etag,
-        version_id, sequencer, source, prompt, aws_event_id}}``.
+        A ``prefect.events.Event``: id ``event_id(obj, prompt)``, event ``aws.s3.object.created``, resource
+        ``aws.s3.object.<bucket>/<key>`` (labels ``prefect.resource.name`` = key, ``aws.s3.bucket``), no related
+        resources, payload ``{bucket, key, size, etag, version_id, sequencer, source, prompt, aws_event_id}``.
     """
-    occurred = obj.event_time or now or datetime.now(UTC)
-    return {
-        "id": str(event_id(obj, prompt)),
-        "occurred": occurred.isoformat(),
-        "event": EVENT_NAME,
-        "resource": {
+    from prefect.events import Event, Resource
+
+    return Event(
+        id=event_id(obj, prompt),
+        occurred=obj.event_time or now or datetime.now(UTC),
+        event=EVENT_NAME,
+        resource=Resource({
             "prefect.resource.id": f"{RESOURCE_PREFIX}{obj.bucket}/{obj.key}",
             "prefect.resource.name": obj.key,
             "aws.s3.bucket": obj.bucket,
-        },
-        "related": [],
-        "payload": {
+        }),
+        related=[],
+        payload={
             "bucket": obj.bucket,
             "key": obj.key,
             "size": obj.size,
@@ -282,4 +287,4 @@ def prefect_event(obj: ObjectCreated, prompt: str | None = None, *, now: datetim
             "prompt": prompt,
             "aws_event_id": obj.aws_event_id,
         },
-    }
+    )

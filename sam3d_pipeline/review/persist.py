@@ -7,13 +7,15 @@ import json
 from typing import Any
 
 from ..errors import InputError, InputNotFoundError
+from ..keys import RunKeys
 from ..masks import box_from_mask, mask_from_png, mask_to_png
 from ..storage import Storage
 from ..types import BackendInfo, Instance, Segmentation
 
 
 def round_key(prefix: str, round_number: int, name: str) -> str:
-    return f"{prefix}/review/r{round_number}-{name}"
+    """``<prefix>/review/r<round>-<name>``: one file of a persisted round."""
+    return RunKeys(prefix).review_round(round_number, name)
 
 
 def save_round(storage: Storage, prefix: str, round_number: int, seg: Segmentation, request: dict[str, Any]) -> None:

@@ -1,6 +1,6 @@
 """Review policy: when a run waits for a person, what a timeout does, and what the person sees.
 
-Pure logic; the pause itself lives in ``flows/review.py``.
+Pure logic; what each answer leads to is ``machine.py``, the pause itself ``tasks/review_pause.py``.
 """
 
 from __future__ import annotations

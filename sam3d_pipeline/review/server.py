@@ -24,6 +24,7 @@ from .. import backends
 from ..embeddings import GZIP_MAGIC
 from ..errors import InputError, InputNotFoundError, PipelineError
 from ..images import load_image
+from ..keys import RunKeys
 from ..masks import mask_from_png, mask_to_png
 from ..settings import Settings, get_settings
 from ..storage import S3Storage, open_storage
@@ -102,9 +103,6 @@ def create_app(token: str, settings: Settings | None = None) -> FastAPI:
 
     def storage_for(ctx: ReviewContext):
         return open_storage(ctx.output_root, s)
-
-    def serve_file(ctx: ReviewContext, name: str, media_type: str) -> Response:
-        return serve_key(ctx, f"{ctx.prefix}/review/{name}", media_type)
 
     def serve_key(ctx: ReviewContext, key: str, media_type: str, cache: str = "no-store") -> Response:
         storage = storage_for(ctx)
@@ -191,14 +189,15 @@ def create_app(token: str, settings: Settings | None = None) -> FastAPI:
 
     @app.get("/api/runs/{run_id}/image", dependencies=auth)
     def image(run_id: UUID) -> Response:
-        return serve_file(context(run_id), "image.jpg", "image/jpeg")
+        ctx = context(run_id)
+        return serve_key(ctx, RunKeys(ctx.prefix).review_image, "image/jpeg")
 
     @app.get("/api/runs/{run_id}/masks/{index}", dependencies=auth)
     def candidate_mask(run_id: UUID, index: int) -> Response:
         ctx = context(run_id)
         if not 0 <= index < len(ctx.instances):
             raise HTTPException(status_code=404, detail=f"instance {index} out of range ({len(ctx.instances)})")
-        return serve_file(ctx, f"r{ctx.round}-mask-{index}.png", "image/png")
+        return serve_key(ctx, RunKeys(ctx.prefix).review_round(ctx.round, f"mask-{index}.png"), "image/png")
 
     @app.post("/api/runs/{run_id}/refine", dependencies=auth)
     def refine(run_id: UUID, body: RefineIn) -> dict:
@@ -209,7 +208,8 @@ def create_app(token: str, settings: Settings | None = None) -> FastAPI:
                 raise HTTPException(status_code=422, detail=f"point ({p.x}, {p.y}) is outside the image")
         if not body.points and body.box is None:
             raise HTTPException(status_code=422, detail="give at least one click or a box")
-        data = storage_for(ctx).read_bytes(f"{ctx.prefix}/review/image.jpg")
+        run_keys = RunKeys(ctx.prefix)
+        data = storage_for(ctx).read_bytes(run_keys.review_image)
         photo = load_image(data, source="review image", max_pixels=s.max_pixels)
         boxes = ()
         if body.box is not None:
@@ -220,7 +220,7 @@ def create_app(token: str, settings: Settings | None = None) -> FastAPI:
         prior = None
         if body.instance_index is not None and body.instance_index < len(ctx.instances) and not boxes:
             prior = mask_from_png(
-                storage_for(ctx).read_bytes(f"{ctx.prefix}/review/r{ctx.round}-mask-{body.instance_index}.png"),
+                storage_for(ctx).read_bytes(run_keys.review_round(ctx.round, f"mask-{body.instance_index}.png")),
                 size=(ctx.width, ctx.height),
             )
         request = SegmentRequest(prompt=ctx.prompt, boxes=boxes, prior_mask=prior,
@@ -250,9 +250,9 @@ def create_app(token: str, settings: Settings | None = None) -> FastAPI:
                 mask = mask_from_png(png, size=(ctx.width, ctx.height), source="uploaded mask")
             except (ValueError, InputError) as exc:
                 raise HTTPException(status_code=422, detail=str(exc)) from None
-            key = f"review/final-{uuid.uuid4().hex[:12]}.png"
+            key = RunKeys.review_upload_name(uuid.uuid4().hex[:12])
             try:
-                storage_for(ctx).write_bytes(f"{ctx.prefix}/{key}", mask_to_png(mask), content_type="image/png")
+                storage_for(ctx).write_bytes(RunKeys(ctx.prefix).file(key), mask_to_png(mask), content_type="image/png")
             except PipelineError as exc:
                 raise HTTPException(status_code=503, detail=str(exc)) from None
             answer["mask_key"] = key

@@ -1,0 +1,53 @@
+"""What the SAM 3 segmenter is (name, version, weights, device, limits), known without importing torch or sam3.
+
+The orchestrating flow names a run's output prefix from these facts before any model exists, and it may
+run where torch is not installed at all (the CPU pool): nothing here imports a heavy package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+
+from ..settings import Settings
+from ..types import BackendInfo
+
+VERSION = "sam3-0.1.4"
+LIMITS_CPU = ("running on the CPU: about a minute per image; use a CUDA GPU for real work",)
+LIMITS_RANDOM = ("random weights: masks and scores are meaningless (tests and smoke checks only)",)
+
+
+def version(settings: Settings) -> str:
+    """``sam3-0.1.4+<weights>``: outputs from other weights get other output keys (never reused).
+
+    The weights part is ``random-init``, or the configured sha256's first 12 hex digits, or a hash of the
+    configured checkpoint location.
+    """
+    if not settings.sam3_checkpoint:
+        return f"{VERSION}+random-init"
+    if settings.sam3_checkpoint_sha256:
+        return f"{VERSION}+{settings.sam3_checkpoint_sha256.lower()[:12]}"
+    return f"{VERSION}+src-{hashlib.sha256(settings.sam3_checkpoint.encode()).hexdigest()[:8]}"
+
+
+def planned_device(settings: Settings) -> str:
+    """``SAM3D_SAM3_DEVICE``; for ``auto``, what torch says when it is already imported, else ``auto``.
+
+    ``auto`` is decided where the model runs; the stage reports the device it used.
+    """
+    device = settings.sam3_device
+    if device == "auto" and "torch" in sys.modules:
+        device = "cuda" if sys.modules["torch"].cuda.is_available() else "cpu"
+    return device
+
+
+def describe(settings: Settings, device: str | None = None) -> BackendInfo:
+    """The segmenter's ``BackendInfo``; ``device`` is the one in use once the model is loaded."""
+    weights = "checkpoint" if settings.sam3_checkpoint else "random-init"
+    device = device or planned_device(settings)
+    limits: tuple[str, ...] = ()
+    if weights == "random-init":
+        limits += LIMITS_RANDOM
+    if device == "cpu":
+        limits += LIMITS_CPU
+    return BackendInfo(name="sam3", version=version(settings), device=device, limits=limits, weights=weights)

@@ -1,0 +1,75 @@
+"""Catalog batches: many photos → 3D assets, each item the way ``image-to-3d`` (``pipeline.py``) does it.
+
+Every item lands at exactly the same deterministic output prefix as ``image-to-3d``, so a photo processed by
+either is found by both. The stages are plain functions; the ``catalog-batch`` flow wraps them in tasks and
+``run_catalog_plain`` chains them in a plain loop (the baseline for orchestration overhead). One idea per
+module: ``manifest`` (sources and rows), ``listing`` (a prefix or folder of photos), ``items`` (per-item
+stages and GPU batches), ``index`` (entries, counts, ``catalog.json``, a run's tally), ``plain`` (the loop).
+"""
+
+from ..keys import CATALOG_FILE
+from .index import (
+    FINISHED_STATUSES,
+    CatalogEntry,
+    CatalogTally,
+    EntryStatus,
+    all_succeeded,
+    build_index,
+    count_statuses,
+    crashed_entry,
+    failed_entry,
+    failure_rows,
+    summary_line,
+    write_index,
+)
+from .items import (
+    ItemWork,
+    decode_item,
+    entry_from_result,
+    fail_item,
+    finish_item,
+    finished_result,
+    gpu_batches,
+    plan_item,
+    reconstruct_batch,
+    segment_batch,
+)
+from .listing import IMAGE_SUFFIXES, list_images, listing_id
+from .manifest import MANIFEST_SUFFIXES, CatalogItem, ManifestRow, load_source, manifest_format, parse_manifest
+from .plain import run_catalog_plain
+
+__all__ = [
+    "CATALOG_FILE",
+    "FINISHED_STATUSES",
+    "IMAGE_SUFFIXES",
+    "MANIFEST_SUFFIXES",
+    "CatalogEntry",
+    "CatalogItem",
+    "CatalogTally",
+    "EntryStatus",
+    "ItemWork",
+    "ManifestRow",
+    "all_succeeded",
+    "build_index",
+    "count_statuses",
+    "crashed_entry",
+    "decode_item",
+    "entry_from_result",
+    "fail_item",
+    "failed_entry",
+    "failure_rows",
+    "finish_item",
+    "finished_result",
+    "gpu_batches",
+    "list_images",
+    "listing_id",
+    "load_source",
+    "manifest_format",
+    "parse_manifest",
+    "plan_item",
+    "reconstruct_batch",
+    "run_catalog_plain",
+    "segment_batch",
+    "summary_line",
+    "write_index",
+]

@@ -1,0 +1,38 @@
+"""Catalog sources without a manifest: the image files under an ``s3://bucket/prefix`` or a local folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import InputError
+from ..settings import Settings, get_settings
+from ..storage import is_s3_uri, list_uris
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+
+def listing_id(uri: str, source: str) -> str:
+    """The default item id of a listed file: its path below ``source`` without the suffix (``sub/two``)."""
+    rel = uri[len(source.rstrip("/")) + 1:] if uri.startswith(source.rstrip("/") + "/") else uri
+    return rel.rsplit(".", 1)[0]
+
+
+def list_images(source: str, *, output_root: str = "", settings: Settings | None = None) -> list[str]:
+    """Image files (by suffix) under an ``s3://bucket/prefix`` or a local folder, sorted, minus ``output_root``.
+
+    Raises:
+        InputError: a local source that is not a folder.
+        TransientStorageError, StorageAccessError: S3 listing failures.
+    """
+    s = settings or get_settings()
+    out = output_root.rstrip("/")
+    if is_s3_uri(source):
+        uris = list_uris(source, s)
+    else:
+        folder = Path(source).expanduser()
+        if not folder.is_dir():
+            raise InputError(f"{source}: not a manifest (.csv/.jsonl), an s3:// prefix or a folder")
+        uris = [str(p) for p in sorted(folder.resolve().rglob("*")) if p.is_file()]
+        out = str(Path(out).expanduser().resolve()) if out and not is_s3_uri(out) else out
+    images = [u for u in sorted(uris) if u.lower().endswith(IMAGE_SUFFIXES)]
+    return [u for u in images if not (out and (u == out or u.startswith(out + "/")))]

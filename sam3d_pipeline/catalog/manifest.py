@@ -1,0 +1,289 @@
+"""Catalog sources: manifest rows (CSV or JSON Lines) parsed into items, or a prefix/folder listed into rows.
+
+A bad row never raises: it becomes a ``ManifestRow`` with the reason, reported as a failed item.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError, field_validator
+
+from ..errors import InputError
+from ..keys import image_stem
+from ..pipeline import RunOptions
+from ..settings import Settings, get_settings
+from ..storage import is_s3_uri, read_input
+from ..types import Point
+from .listing import IMAGE_SUFFIXES, list_images, listing_id
+
+MANIFEST_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+
+
+class CatalogItem(BaseModel):
+    """One manifest row: a photo and how to segment it.
+
+    Attributes:
+        id: unique within the manifest; default ``<image stem>`` (``-<line>`` appended when repeated).
+        image: local path or ``s3://bucket/key`` (relative paths resolve against the manifest's folder).
+        prompt: what to segment.
+        box: optional box prompt, xyxy in image pixels.
+        points: optional clicks in image pixels (label 1 = object, 0 = background).
+        review: the row asks for a person to review the mask (recorded; batch runs do not pause).
+        line: 1-based line of the manifest (data rows start at 2 in a CSV with its header).
+    """
+
+    id: str = Field(min_length=1, max_length=200)
+    image: str = Field(min_length=1)
+    prompt: str = Field(min_length=1, max_length=500)
+    box: tuple[float, float, float, float] | None = None
+    points: list[Point] = Field(default_factory=list)
+    review: bool = False
+    line: int = 0
+
+    @field_validator("prompt", "image", "id")
+    @classmethod
+    def _strip(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            raise ValueError("is blank")
+        return value
+
+    def options(self, *, segmenter: str = "auto", reconstructor: str = "auto", seed: int = 0) -> RunOptions:
+        """The ``image-to-3d`` options this item runs with (same options → same output prefix)."""
+        return RunOptions(
+            prompt=self.prompt,
+            boxes=[self.box] if self.box else [],
+            points=self.points,
+            segmenter=segmenter,
+            reconstructor=reconstructor,
+            seed=seed,
+        )
+
+
+@dataclass
+class ManifestRow:
+    """A parsed manifest row: an item, or the reason the row cannot be used (never both)."""
+
+    line: int
+    item: CatalogItem | None = None
+    error: str | None = None
+    raw_id: str = ""
+    raw_image: str = ""
+
+
+def _parse_box(value: Any) -> tuple[float, float, float, float] | None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        parts = json.loads(text) if text.startswith("[") else text.split(",")
+    else:
+        parts = value
+    try:
+        numbers = [float(p) for p in parts]
+    except (TypeError, ValueError):
+        raise ValueError(f"box {value!r}: expected four numbers x0,y0,x1,y1") from None
+    if len(numbers) != 4:
+        raise ValueError(f"box {value!r}: expected four numbers x0,y0,x1,y1, got {len(numbers)}")
+    return tuple(numbers)  # type: ignore[return-value]
+
+
+def _parse_points(value: Any) -> list[dict[str, Any]]:
+    """JSON (``[{"x":..,"y":..,"label":..}]`` or ``[[x, y, label]]``) or ``x,y[,label];x,y``."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return []
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            value = json.loads(text)
+        else:
+            value = [chunk.split(",") for chunk in text.split(";") if chunk.strip()]
+    points = []
+    for p in value:
+        if isinstance(p, dict):
+            points.append(p)
+            continue
+        try:
+            numbers = [float(v) for v in p]
+        except (TypeError, ValueError):
+            raise ValueError(f"point {p!r}: expected x,y or x,y,label") from None
+        if len(numbers) not in (2, 3):
+            raise ValueError(f"point {p!r}: expected x,y or x,y,label")
+        points.append({"x": numbers[0], "y": numbers[1], "label": int(numbers[2]) if len(numbers) == 3 else 1})
+    return points
+
+
+def _parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value or "").strip().lower()
+    if text in ("", "0", "false", "no", "n", "off"):
+        return False
+    if text in ("1", "true", "yes", "y", "on"):
+        return True
+    raise ValueError(f"review {value!r}: expected true/false")
+
+
+def _resolve_image(image: str, base: str) -> str:
+    image = image.strip()
+    if not image or is_s3_uri(image) or not base:
+        return image
+    if is_s3_uri(base):
+        return image if image.startswith("/") else f"{base.rstrip('/')}/{image}"
+    path = Path(image).expanduser()
+    return str(path if path.is_absolute() else Path(base) / path)
+
+
+def _make_row(line: int, record: dict[str, Any], base: str, default_prompt: str | None) -> ManifestRow:
+    raw_image = str(record.get("image") or "").strip()
+    raw_id = str(record.get("id") or "").strip()
+    row = ManifestRow(line=line, raw_id=raw_id, raw_image=raw_image)
+    unknown = sorted(set(record) - {"image", "prompt", "box", "points", "review", "id"})
+    try:
+        if unknown:
+            raise ValueError(f"unknown field(s) {', '.join(unknown)}")
+        if not raw_image:
+            raise ValueError("field 'image' is missing or empty")
+        prompt = str(record.get("prompt") or "").strip() or (default_prompt or "")
+        if not prompt:
+            raise ValueError("field 'prompt' is empty and no default prompt was given")
+        row.item = CatalogItem(
+            id=raw_id or image_stem(raw_image),
+            image=_resolve_image(raw_image, base),
+            prompt=prompt,
+            box=_parse_box(record.get("box")),
+            points=_parse_points(record.get("points")),
+            review=_parse_bool(record.get("review")),
+            line=line,
+        )
+    except ValidationError as exc:
+        row.error = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'row'}: {e['msg']}" for e in exc.errors())
+    except (ValueError, TypeError) as exc:
+        row.error = str(exc)
+    return row
+
+
+def parse_manifest(text: str, *, fmt: Literal["csv", "jsonl"], source: str, base: str = "",
+                   default_prompt: str | None = None) -> list[ManifestRow]:
+    """Parse a manifest into rows; a bad row becomes a row with an ``error``, never an exception.
+
+    Args:
+        text: the manifest's contents (UTF-8 text).
+        fmt: ``csv`` (header row naming the fields) or ``jsonl`` (one JSON object per line).
+        source: the manifest's path or URI, named in error messages.
+        base: folder (local or ``s3://``) that relative image paths resolve against.
+        default_prompt: the prompt for rows whose ``prompt`` is empty.
+
+    Returns:
+        One ``ManifestRow`` per data row, in file order; blank lines are ignored. Repeated ids get
+        ``-<line>`` appended when they were defaulted, and are an error when given explicitly.
+
+    Raises:
+        InputError: the manifest as a whole is unusable (no header, no ``image`` column, no rows).
+    """
+    rows: list[ManifestRow] = []
+    if fmt == "csv":
+        reader = csv.DictReader(io.StringIO(text.lstrip("\ufeff")))
+        if not reader.fieldnames or "image" not in [f.strip() for f in reader.fieldnames]:
+            raise InputError(f"{source}: CSV manifest needs a header row with an 'image' column "
+                             f"(got {reader.fieldnames or 'no header'})")
+        for record in reader:
+            line = reader.line_num
+            if None in record:
+                rows.append(ManifestRow(line=line, error=f"{len(record[None])} value(s) more than header columns"))
+                continue
+            clean = {k.strip(): v for k, v in record.items() if k is not None and v not in (None, "")}
+            if not clean:
+                continue
+            rows.append(_make_row(line, clean, base, default_prompt))
+    elif fmt == "jsonl":
+        for line, raw in enumerate(text.splitlines(), start=1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                rows.append(ManifestRow(line=line, error=f"not valid JSON: {exc.msg} (column {exc.colno})"))
+                continue
+            if not isinstance(record, dict):
+                rows.append(ManifestRow(line=line, error=f"expected a JSON object, got {type(record).__name__}"))
+                continue
+            rows.append(_make_row(line, record, base, default_prompt))
+    else:
+        raise InputError(f"{source}: unknown manifest format {fmt!r} (csv or jsonl)")
+    if not rows:
+        raise InputError(f"{source}: the manifest has no data rows")
+    _dedupe_ids(rows)
+    for row in rows:
+        if row.error:
+            row.error = f"{source} line {row.line}: {row.error}"
+    return rows
+
+
+def _dedupe_ids(rows: list[ManifestRow]) -> None:
+    seen: dict[str, int] = {}
+    for row in rows:
+        if row.item is None:
+            continue
+        item_id = row.item.id
+        if item_id in seen:
+            if row.raw_id:
+                row.error = f"id {item_id!r} repeats line {seen[item_id]}"
+                row.item = None
+                continue
+            item_id = f"{item_id}-{row.line}"
+            row.item = row.item.model_copy(update={"id": item_id})
+        seen[item_id] = row.line
+
+
+def manifest_format(source: str) -> str | None:
+    """``csv`` / ``jsonl`` when ``source`` names a manifest file by its suffix, else None."""
+    return MANIFEST_SUFFIXES.get(PurePosixPath(source.rstrip("/")).suffix.lower())
+
+
+def load_source(source: str, *, default_prompt: str | None = None, output_root: str = "",
+                settings: Settings | None = None) -> list[ManifestRow]:
+    """The rows of a catalog source.
+
+    Args:
+        source: a manifest (``.csv`` / ``.jsonl`` / ``.ndjson``, local or ``s3://``), an ``s3://bucket/prefix``
+            or a local folder (every image file under it, sorted by key).
+        default_prompt: prompt for manifest rows without one; required for a prefix or folder.
+        output_root: skipped when listing a prefix or folder (the pipeline never reads its own outputs).
+        settings: storage settings.
+
+    Returns:
+        Rows in source order.
+
+    Raises:
+        InputError: unknown source, an unreadable manifest, a prefix without a default prompt, nothing listed.
+        TransientStorageError: S3 failures worth retrying.
+    """
+    s = settings or get_settings()
+    fmt = manifest_format(source)
+    if fmt is not None:
+        data = read_input(source, s)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{source}: manifest is not UTF-8 text: {exc}") from None
+        if is_s3_uri(source):
+            base = source.rsplit("/", 1)[0]
+        else:
+            base = str(Path(source).expanduser().resolve().parent)
+        return parse_manifest(text, fmt=fmt, source=source, base=base, default_prompt=default_prompt)  # type: ignore[arg-type]
+    if not default_prompt or not default_prompt.strip():
+        raise InputError(f"{source}: listing a prefix or folder needs a default prompt (--prompt)")
+    uris = list_images(source, output_root=output_root, settings=s)
+    if not uris:
+        raise InputError(f"{source}: no image files ({', '.join(IMAGE_SUFFIXES)}) found")
+    rows = [_make_row(i, {"image": uri, "prompt": default_prompt, "id": listing_id(uri, source)}, "", None)
+            for i, uri in enumerate(uris, start=1)]
+    _dedupe_ids(rows)
+    return rows

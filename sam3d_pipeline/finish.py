@@ -1,0 +1,203 @@
+"""The end of a run, written once: render the outputs, build ``result.json``, publish (files first, the result
+last), or record a failure. ``image-to-3d``, the plain loop (``pipeline.run_plain``) and every catalog item end
+here, so a prefix holds the same files whoever produced it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from .errors import PipelineError, error_record
+from .glb import mesh_to_glb
+from .images import LoadedImage, encode_png
+from .keys import RunKeys, content_type
+from .masks import mask_to_png, overlay
+from .preview import render_preview
+from .report import RunResult
+from .settings import Settings, get_settings
+from .storage import Storage
+from .types import Reconstruction, Segmentation
+
+if TYPE_CHECKING:  # pipeline.run_plain ends through this module
+    from .pipeline import RunOptions, RunPlan
+
+
+@dataclass
+class RunRecord:
+    """What a run knows when it ends: what it was asked, what it found, and how long each step took.
+
+    Attributes:
+        input_uri: the photo as given.
+        options: the run's options (after any re-prompt by a reviewer).
+        run_plan: backends and output prefix; None when the input could not even be read.
+        image: the decoded photo, when it decoded.
+        seg: the segmentation, when it ran; ``selected`` the instance reconstructed (None: nothing found).
+        recon: the reconstruction, when it ran.
+        review: the review record (``result.json``'s ``review``); None: not reviewed.
+        rejected: a reviewer rejected the mask.
+        timings: seconds per step; ``total`` is added when the run ends.
+        total_from_steps: ``total`` is the sum of the steps (catalog items share batches) instead of wall time.
+        messages: extra lines for ``result.json`` (e.g. which catalog row this was).
+    """
+
+    input_uri: str
+    options: RunOptions
+    run_plan: RunPlan | None = None
+    image: LoadedImage | None = None
+    seg: Segmentation | None = None
+    selected: int | None = None
+    recon: Reconstruction | None = None
+    review: dict[str, Any] | None = None
+    rejected: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+    total_from_steps: bool = False
+    flow_run_id: str | None = None
+    messages: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def status(self) -> Literal["completed", "no_object", "rejected"]:
+        if self.rejected:
+            return "rejected"
+        return "completed" if self.recon is not None else "no_object"
+
+    def close_timings(self) -> None:
+        steps = sum(v for k, v in self.timings.items() if k not in ("total", "publish", "review_wait"))
+        self.timings["total"] = steps if self.total_from_steps else time.perf_counter() - self.started
+
+
+@contextmanager
+def timed(record: RunRecord, step: str) -> Iterator[None]:
+    """Add the seconds the block takes to ``record.timings[step]`` (also when it raises)."""
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        record.timings[step] = record.timings.get(step, 0.0) + time.perf_counter() - t
+
+
+def backend_label(info: dict[str, Any]) -> str:
+    weights = "" if info.get("weights") in (None, "none", "checkpoint") else f", {info['weights']}"
+    return f"{info['name']} {info['version']}{weights}"
+
+
+def render_outputs(record: RunRecord, settings: Settings | None = None) -> dict[str, bytes]:
+    """Encode every output file except ``result.json``, in memory: overlay, mask, preview, GLB, splat."""
+    s = settings or get_settings()
+    image, seg, run_plan, recon = record.image, record.seg, record.run_plan, record.recon
+    mask = seg.instances[record.selected].mask if seg is not None and record.selected is not None else None
+    files = {"overlay.png": encode_png(overlay(image.rgb, mask,
+                                                label=f"segmenter: {backend_label(run_plan.segmenter_info)}"))}
+    if mask is not None:
+        files["mask.png"] = mask_to_png(mask)
+    if recon is not None:
+        label = f"reconstructor: {backend_label(run_plan.reconstructor_info)}"
+        files["preview.png"] = encode_png(render_preview(recon.mesh, size_px=s.preview_size_px, label=label))
+        files["object.glb"] = mesh_to_glb(
+            recon.mesh, segmenter=f"{run_plan.segmenter_info.get('name')}@{run_plan.segmenter_info.get('version')}",
+            reconstructor=recon.backend.key())
+        if recon.splat_ply is not None:
+            files["object.ply"] = recon.splat_ply
+    return files
+
+
+def build_result(record: RunRecord, status: str, error: BaseException | None = None) -> RunResult:
+    """The report for any outcome (completed, no_object, rejected, failed)."""
+    seg, run_plan, recon = record.seg, record.run_plan, record.recon
+    messages = list(seg.messages) if seg else []
+    if run_plan:
+        messages[:0] = [run_plan.segmenter.reason, run_plan.reconstructor.reason]
+    messages += record.messages
+    segmenter = dict(run_plan.segmenter_info) if run_plan else None
+    if segmenter is not None and seg is not None:  # where it really ran (the plan may not know the device)
+        segmenter |= {"device": seg.backend.device, "limits": list(seg.backend.limits)}
+    stages = {name: part.stage for name, part in (("segment", seg), ("reconstruct", recon)) if part and part.stage}
+    return RunResult(
+        status=status,
+        input=record.image.describe() if record.image else {"uri": record.input_uri},
+        prompt=record.options.prompt,
+        prompt_used_by_segmenter=bool(seg.used_text_prompt) if seg else False,
+        segmenter=segmenter,
+        reconstructor=run_plan.reconstructor_info if run_plan else None,
+        instances=[inst.summary(i) for i, inst in enumerate(seg.instances)] if seg else [],
+        selected=record.selected,
+        selection=record.options.selection(),
+        review=record.review or {"mode": "none"},
+        mesh=recon.stats if recon else None,
+        pose=recon.pose if recon else None,
+        stages=stages,
+        timings_s={k: round(v, 3) for k, v in record.timings.items()},
+        flow_run_id=record.flow_run_id,
+        output_prefix=f"{run_plan.output_root.rstrip('/')}/{run_plan.prefix}" if run_plan else "",
+        messages=messages,
+        error=error_record(error) if error else None,
+    )
+
+
+def publish(storage: Storage, prefix: str, files: dict[str, bytes], result: RunResult) -> RunResult:
+    """Write the files, then ``result.json`` last, so a prefix with a result is complete.
+
+    An earlier ``result.json`` at the same prefix is removed first, so readers never pair a new file with an old
+    report. Returns the result with ``outputs`` filled in.
+    """
+    keys = RunKeys(prefix)
+    storage.delete(keys.result)
+    outputs = {}
+    for name in sorted(files):
+        outputs[name] = storage.write_bytes(keys.file(name), files[name], content_type=content_type(name))
+    outputs["result.json"] = storage.uri(keys.result)
+    result = result.model_copy(update={"outputs": outputs})
+    storage.write_bytes(keys.result, result_json(result), content_type="application/json")
+    return result
+
+
+def result_json(result: RunResult) -> bytes:
+    return json.dumps(result.model_dump(mode="json"), indent=2).encode()
+
+
+def existing_result(storage: Storage, prefix: str, statuses: tuple[str, ...] = ("completed",)) -> RunResult | None:
+    """The result already at ``prefix`` when its status is one of ``statuses`` (a re-run then reuses it).
+
+    A missing, unreadable or other-status result (e.g. ``failed``) returns None: the work must run.
+    """
+    key = RunKeys(prefix).result
+    if not storage.exists(key):
+        return None
+    try:
+        result = RunResult.model_validate_json(storage.read_bytes(key))
+    except ValueError:
+        return None
+    return result if result.status in statuses else None
+
+
+def finish_run(storage: Storage, record: RunRecord, settings: Settings | None = None) -> RunResult:
+    """Render, build the result and publish it (``result.json`` last). Returns the published result."""
+    t = time.perf_counter()
+    files = render_outputs(record, settings)
+    record.timings["render"] = time.perf_counter() - t
+    record.close_timings()
+    t = time.perf_counter()
+    result = publish(storage, record.run_plan.prefix, files, build_result(record, record.status))
+    result.timings_s["publish"] = round(time.perf_counter() - t, 3)
+    return result
+
+
+def fail_run(storage: Storage | None, record: RunRecord, exc: BaseException) -> RunResult:
+    """Record a failure: a ``failed`` ``result.json`` at the prefix when it is known (so the next run retries it).
+
+    Returns the failed result; when even that write fails, the result says so in ``messages``.
+    """
+    if not record.timings.get("total"):
+        record.close_timings()
+    result = build_result(record, "failed", error=exc)
+    if storage is not None and record.run_plan is not None:
+        try:
+            result = publish(storage, record.run_plan.prefix, {}, result)
+        except PipelineError as write_exc:
+            result.messages.append(f"could not write the failed result.json: {write_exc}")
+    return result

@@ -1,0 +1,255 @@
+"""Pause ``image-to-3d`` for a person to approve, reject, re-prompt or refine the mask (typed ``RunInput``).
+
+The pause happens in the orchestrating flow between segmentation and reconstruction, so no GPU is held while
+a person decides. The input model is built per round with the image's and the instances' bounds, so the
+Prefect server itself refuses an out-of-range instance or a box outside the image and the run keeps waiting.
+What an answer leads to is decided by ``sam3d_pipeline.review.machine``; this module publishes each round,
+waits (paused in process, or suspended for long reviews of deployed runs) and performs the steps the machine
+asks for: re-segmenting through ``tasks.gpu_dispatch`` and reading an edited mask from storage.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from prefect import get_run_logger, pause_flow_run, suspend_flow_run
+from prefect.client.orchestration import get_client
+from prefect.exceptions import FlowPauseTimeout
+from prefect.input import RunInput, create_flow_run_input
+from prefect.runtime import deployment, flow_run
+from prefect.states import Running
+from pydantic import Field, create_model
+
+from sam3d_pipeline import backends, clickdecoder, finish, keys, pipeline
+from sam3d_pipeline.errors import InputError, ReviewTimeoutError
+from sam3d_pipeline.images import LoadedImage, encode_jpeg, encode_png
+from sam3d_pipeline.masks import mask_from_png, overlay
+from sam3d_pipeline.review.machine import (
+    Answer,
+    Ask,
+    ReadMask,
+    Resegment,
+    ReviewConfig,
+    ReviewFailed,
+    ReviewMachine,
+    ReviewOutcome,
+    Step,
+)
+from sam3d_pipeline.review.persist import load_round, save_round
+from sam3d_pipeline.review.policy import CONTEXT_KEY, ReviewContext, review_markdown
+from sam3d_pipeline.settings import Settings
+from sam3d_pipeline.storage import Storage
+from sam3d_pipeline.types import Point, Segmentation, bounded_point_model
+from tasks import gpu_dispatch
+
+__all__ = ["ReviewConfig", "ReviewInput", "ReviewOutcome", "bounded_input", "decoder_files", "review_loop",
+           "round_request", "segment_or_reuse", "should_suspend"]
+
+
+class ReviewInput(RunInput):
+    """What a person answers to a paused run (the Prefect UI shows this as a form)."""
+
+    action: Literal["approve", "reject", "reprompt"] = "approve"
+    instance_index: int | None = Field(None, description="Instance to reconstruct (approve).")
+    prompt: str | None = Field(None, min_length=1, max_length=500, description="New text prompt (reprompt).")
+    boxes: list[tuple[float, float, float, float]] = Field(default_factory=list, description="xyxy pixels.")
+    points: list[Point] = Field(default_factory=list, description="Clicks: x, y, label 1/0.")
+    score_threshold: float | None = Field(None, ge=0.0, le=1.0, description="New score threshold (reprompt).")
+    mask_key: str | None = Field(
+        None, pattern=keys.REVIEW_UPLOAD_PATTERN, description="A mask PNG uploaded by the review page (approve)."
+    )
+    comment: str | None = Field(None, max_length=1000)
+
+
+def bounded_input(n_instances: int, width: int, height: int, default_index: int | None = None) -> type[ReviewInput]:
+    """``ReviewInput`` whose JSON schema carries this round's bounds (validated by the Prefect server).
+
+    Defaults are set here rather than with ``with_initial_data(**kwargs)``, which would rebuild the fields
+    from their bare annotations and drop the bounds.
+    """
+    x = Annotated[float, Field(ge=0, le=width)]
+    y = Annotated[float, Field(ge=0, le=height)]
+    point = bounded_point_model(width, height)
+    return create_model(
+        "ReviewInput",
+        __base__=ReviewInput,
+        instance_index=(Annotated[int | None, Field(ge=0, le=n_instances - 1)], default_index),
+        boxes=(list[tuple[x, y, x, y]], []),
+        points=(list[point], []),
+    )
+
+
+def _publish_round(storage: Storage, prefix: str, round_number: int, image: LoadedImage, seg: Segmentation,
+                   selected: int | None, options: pipeline.RunOptions, label: str) -> str:
+    """Write what the review page and the pause description show; return the overlay's key."""
+    run_keys = keys.RunKeys(prefix)
+    mask = seg.instances[selected].mask if selected is not None else None
+    if round_number == 1:  # the EXIF-corrected photo, on the same pixel grid as every mask
+        storage.write_bytes(run_keys.review_image, encode_jpeg(image.rgb), content_type="image/jpeg")
+    key = run_keys.review_overlay(round_number)
+    storage.write_bytes(key, encode_png(overlay(image.rgb, mask, label=label)), content_type="image/png")
+    save_round(storage, prefix, round_number, seg, round_request(options))
+    return key
+
+
+def round_request(options: pipeline.RunOptions) -> dict[str, Any]:
+    """What a round's segmentation was made for (a persisted round is reused only for the same request)."""
+    return {"prompt": options.prompt, **options.selection()}
+
+
+def segment_or_reuse(image: LoadedImage, options: pipeline.RunOptions, run_plan: pipeline.RunPlan,
+                     settings: Settings, storage: Storage, round_number: int) -> Segmentation:
+    """Segment, unless this round's segmentation was persisted before a suspension (the run re-executes)."""
+    info = backends.get_segmenter(run_plan.segmenter.name, settings).info()
+    reused = load_round(storage, run_plan.prefix, round_number, round_request(options), info,
+                        (image.width, image.height))
+    if reused is not None:
+        get_run_logger().info("review round %d: reusing the persisted segmentation", round_number)
+        return reused
+    return gpu_dispatch.segment(image, options, run_plan, settings, storage.root, review_assets=round_number == 1)
+
+
+def decoder_files(storage: Storage, run_plan: pipeline.RunPlan, settings: Settings) -> dict[str, str]:
+    """The in-browser click decoder's files for this run, when its segmenter stored them."""
+    files = {"embeddings_key": clickdecoder.embeddings_key(run_plan.prefix),
+             "decoder_key": clickdecoder.decoder_key(run_plan.segmenter_info["version"],
+                                                     settings.review_decoder_weights)}
+    return files if all(storage.exists(k) for k in files.values()) else {}
+
+
+def should_suspend(timeout_s: float, settings: Settings) -> bool:
+    """Suspend (leave the infrastructure) for long reviews of deployed runs; pause in process otherwise."""
+    if timeout_s <= settings.review_suspend_after_s:
+        return False
+    if deployment.get_id() is None:
+        get_run_logger().info("a long review would suspend, but this run has no deployment: pausing in process")
+        return False
+    return True
+
+
+def _save_context(key: str, context: ReviewContext) -> None:
+    """Store the round's context for the review page; a re-executed (resumed) run finds it already there."""
+    import httpx
+
+    try:
+        create_flow_run_input(key=key, value=context.model_dump(mode="json"))
+    except httpx.HTTPStatusError as exc:
+        if exc.response.status_code != 409:
+            raise
+
+
+def _leave_expired_pause(message: str) -> None:
+    """A pause that timed out leaves the run Paused, and Prefect would end it with a generic message.
+
+    Move it back to Running so the run can complete (policy approved) or fail with our reason.
+    """
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(flow_run.get_id(), Running(message=message), force=True)
+
+
+class _ReviewRun:
+    """Performs the machine's steps for one run: publish and wait, re-segment, read an edited mask."""
+
+    def __init__(self, machine: ReviewMachine, image: LoadedImage, run_plan: pipeline.RunPlan, storage: Storage,
+                 settings: Settings, page_url: str | None):
+        self.machine, self.image, self.run_plan = machine, image, run_plan
+        self.storage, self.settings, self.page_url = storage, settings, page_url
+        self.started = time.monotonic()
+
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self.started
+
+    def ask(self, step: Ask) -> Step:
+        """Publish the round, pause (or suspend) until a person answers or the review times out."""
+        logger, machine, image, n = get_run_logger(), self.machine, self.image, step.round_number
+        seg, selected, options = machine.seg, machine.selected, machine.options
+        label = f"review round {n}: segmenter {finish.backend_label(self.run_plan.segmenter_info)}"
+        overlay_key = _publish_round(self.storage, self.run_plan.prefix, n, image, seg, selected, options, label)
+        instances = [inst.summary(i) for i, inst in enumerate(seg.instances)]
+        description = review_markdown(
+            input_uri=image.source, prompt=options.prompt, instances=instances, selected=selected,
+            overlay_link=self.storage.link(overlay_key),
+            page_link=f"{self.page_url.rstrip('/')}/runs/{flow_run.get_id()}" if self.page_url else None,
+            round_number=n, reason=machine.config.reason, note=step.note,
+        )
+        _save_context(f"{CONTEXT_KEY}-r{n}", ReviewContext(
+            output_root=self.storage.root, prefix=self.run_plan.prefix, round=n, input_uri=image.source,
+            prompt=options.prompt, width=image.width, height=image.height, instances=instances, selected=selected,
+            segmenter=self.run_plan.segmenter_info["name"], **decoder_files(self.storage, self.run_plan, self.settings),
+        ))
+        form = bounded_input(len(seg.instances), image.width, image.height, selected).with_initial_data(
+            description=description)
+        remaining_s = machine.wait_s(self.elapsed_s())
+        suspend = should_suspend(machine.config.timeout_s, self.settings)
+        logger.info("waiting for review (round %d, up to %.0f s, %s)", n, remaining_s,
+                    "suspended: the run leaves its infrastructure" if suspend else "paused in process")
+        try:
+            if suspend:  # a resumed run re-executes from the start, so the suspension gets the whole timeout
+                answer = suspend_flow_run(wait_for_input=form, timeout=int(np.ceil(machine.config.timeout_s)),
+                                          key=f"review-round-{n}")
+            else:
+                answer = pause_flow_run(wait_for_input=form, timeout=int(np.ceil(remaining_s)),
+                                        poll_interval=self.settings.review_poll_interval_s, key=f"review-round-{n}")
+        except FlowPauseTimeout:
+            after = machine.timeout(self.elapsed_s())
+            logger.warning(machine.record["detail"])
+            _leave_expired_pause(machine.record["detail"])
+            return after
+        logger.info("review round %d: %s", n, answer.action)
+        form_answer = answer.model_dump(mode="json", exclude={"metadata"})
+        return machine.answer(Answer.from_form(form_answer), self.elapsed_s())
+
+    def resegment(self, step: Resegment) -> Ask:
+        """Segment for the re-prompt (through ``gpu_dispatch``, or reuse a persisted round)."""
+        settings = self.settings if step.score_threshold is None else self.settings.model_copy(
+            update={"score_threshold": step.score_threshold})
+        try:
+            seg = segment_or_reuse(self.image, step.options, self.run_plan, settings, self.storage, step.round_number)
+        except InputError as exc:
+            return self.machine.segment_refused(exc)
+        return self.machine.segmented(seg)
+
+    def read_mask(self, step: ReadMask) -> Step:
+        """Read the reviewer's uploaded mask; one that is missing or does not fit the photo is refused."""
+        try:
+            mask = mask_from_png(self.storage.read_bytes(keys.RunKeys(self.run_plan.prefix).file(step.key)),
+                                 size=(self.image.width, self.image.height), source=step.key)
+        except InputError as exc:
+            return self.machine.mask_refused(exc)
+        return self.machine.mask_read(mask)
+
+
+def review_loop(
+    *,
+    config: ReviewConfig,
+    image: LoadedImage,
+    options: pipeline.RunOptions,
+    run_plan: pipeline.RunPlan,
+    seg: Segmentation,
+    selected: int | None,
+    storage: Storage,
+    settings: Settings,
+    page_url: str | None = None,
+) -> ReviewOutcome:
+    """Pause until a person decides; re-segment and pause again on re-prompt.
+
+    Raises:
+        ReviewTimeoutError: the review timed out and the policy says fail.
+    """
+    machine = ReviewMachine(config, seg=seg, selected=selected, options=options)
+    run = _ReviewRun(machine, image, run_plan, storage, settings, page_url)
+    step: Step = machine.start()
+    while True:
+        match step:
+            case Ask():
+                step = run.ask(step)
+            case Resegment():
+                step = run.resegment(step)
+            case ReadMask():
+                step = run.read_mask(step)
+            case ReviewFailed(reason=reason):
+                raise ReviewTimeoutError(reason)
+            case ReviewOutcome():
+                return step
