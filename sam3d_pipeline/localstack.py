@@ -7,7 +7,11 @@
 2. a Prefect server on SQLite (database under ``<state dir>/prefect/``);
 3. the ``sam3d-cpu`` process work pool, the deployments of ``prefect.yaml`` (with their event trigger),
    and a worker polling every ``--worker-poll-s`` seconds (Prefect's default is 10 s);
-4. the events bridge (SQS → Prefect events).
+4. the GPU stand-in: the ``sam3d-gpu`` pool (a process pool here, ECS on g5 in the cloud), the ``gpu-worker``
+   deployment, its worker, and one warm GPU worker session; the stack runs with ``SAM3D_GPU_STAGES=workers``,
+   so uploads, ``run``/``catalog`` with the stack's env and the review page all share the warm models, and
+   more sessions start (up to ``--gpu-workers``) when work queues up;
+5. the events bridge (SQS → Prefect events) and the review server.
 
 It waits until each answers, prints the URLs, and writes them to ``<state dir>/local-stack.env`` for
 ``set -a; . .sam3d/local-stack.env``. The PIDs go to ``<state dir>/stack.json``; ``down`` stops exactly
@@ -35,7 +39,9 @@ from typing import Any
 STACK_FILE = "stack.json"
 ENV_FILE = "local-stack.env"
 POOL_NAME = "sam3d-cpu"
-STOP_ORDER = ("events-bridge", "worker", "prefect-server", "moto")
+GPU_POOL_NAME = "sam3d-gpu"
+GPU_WORKER_DEPLOYMENT = "gpu-worker/gpu-worker"
+STOP_ORDER = ("events-bridge", "review-server", "gpu-worker", "worker", "prefect-server", "moto")
 LOCAL_CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
@@ -58,7 +64,8 @@ class StackConfig:
         upload_prefix: only uploads under this prefix start runs.
         output_prefix: the pipeline's output root inside the bucket (never starts runs).
         prefect_port, moto_port: loopback ports; 0 picks a free one.
-        worker_poll_s: the worker's work-pool poll interval (seconds).
+        worker_poll_s: the workers' work-pool poll interval (seconds).
+        gpu_workers: most GPU worker sessions at once (``SAM3D_GPU_MAX_WORKERS``); one starts with the stack.
         visibility_timeout_s: SQS visibility timeout: how soon an unfinished message is redelivered.
         timeout_s: how long to wait for each part to answer.
     """
@@ -72,9 +79,31 @@ class StackConfig:
     moto_port: int = 5055
     review_port: int = 8765
     worker_poll_s: float = 0.5
+    gpu_workers: int = 1
     visibility_timeout_s: int = 10
     timeout_s: float = 180.0
     extra_env: dict[str, str] = field(default_factory=dict)
+
+
+GPU_ENV_KEYS = ("SAM3D_GPU_STAGES", "SAM3D_GPU_MAX_WORKERS", "SAM3D_SEGMENTER", "SAM3D_RECONSTRUCTOR",
+                "PREFECT_LOCAL_STORAGE_PATH")
+
+
+def local_gpu_env(prefect_home: Path, gpu_workers: int, env: dict[str, str]) -> dict[str, str]:
+    """The stack's GPU settings: model stages on the warm worker sessions, task parameters and results in one
+    folder that every process of the stack shares, and what ``auto`` means on this machine's stand-in workers
+    (the backends usable here, e.g. ``lite`` without a SAM 3 checkpoint), unless the environment says."""
+    from .backends import resolve
+    from .settings import Settings
+
+    here = Settings(gpu_stages="inline")
+    return {
+        "SAM3D_GPU_STAGES": "workers",
+        "SAM3D_GPU_MAX_WORKERS": str(gpu_workers),
+        "SAM3D_SEGMENTER": env.get("SAM3D_SEGMENTER") or resolve("segmenter", "auto", here).name,
+        "SAM3D_RECONSTRUCTOR": env.get("SAM3D_RECONSTRUCTOR") or resolve("reconstructor", "auto", here).name,
+        "PREFECT_LOCAL_STORAGE_PATH": env.get("PREFECT_LOCAL_STORAGE_PATH") or str(prefect_home / "storage"),
+    }
 
 
 def default_project_dir() -> Path:
@@ -243,19 +272,24 @@ class LocalStack:
             "SAM3D_PROJECT_DIR": str(cfg.project_dir),
             "SAM3D_CPU_POOL": POOL_NAME,
         }
-        self._run("work pool creation", [python, "-m", "prefect", "--no-prompt", "work-pool", "create", POOL_NAME,
-                                         "--type", "process", "--overwrite"], stack_env)
-        # Only the orchestrating flow: locally the model stages run inline (no GPU pool here).
-        self._run("prefect deploy", [python, "-m", "prefect", "--no-prompt", "deploy", "--name", "image-to-3d"],
-                  stack_env, cwd=cfg.project_dir)
+        stack_env |= local_gpu_env(prefect_home, cfg.gpu_workers, env)
         worker_env = stack_env | {
             "PREFECT_WORKER_QUERY_SECONDS": str(cfg.worker_poll_s),
             "PREFECT_WORKER_PREFETCH_SECONDS": "5",
         }
-        proc = self._spawn("worker", [python, "-m", "prefect", "worker", "start", "--pool", POOL_NAME,
-                                      "--type", "process", "--name", "sam3d-local-worker"], worker_env,
-                           cwd=cfg.project_dir)
-        _wait("worker", lambda: self._worker_online(api_url), cfg.timeout_s, self.logs / "worker.log", proc)
+        for pool, deployment, name in ((POOL_NAME, "image-to-3d", "worker"),
+                                       (GPU_POOL_NAME, "gpu-worker", "gpu-worker")):
+            self._run(f"work pool {pool}", [python, "-m", "prefect", "--no-prompt", "work-pool", "create", pool,
+                                            "--type", "process", "--overwrite"], stack_env)
+            self._run(f"prefect deploy {deployment}", [python, "-m", "prefect", "--no-prompt", "deploy", "--name",
+                                                       deployment], stack_env, cwd=cfg.project_dir)
+            proc = self._spawn(name, [python, "-m", "prefect", "worker", "start", "--pool", pool, "--type",
+                                      "process", "--name", f"sam3d-local-{name}"], worker_env, cwd=cfg.project_dir)
+            _wait(name, lambda pool=pool: self._worker_online(api_url, pool), cfg.timeout_s,
+                  self.logs / f"{name}.log", proc)
+        # One warm session from the start; the flows start more (up to --gpu-workers) when work queues up.
+        self._run("first GPU worker session", [python, "-m", "prefect", "deployment", "run", GPU_WORKER_DEPLOYMENT],
+                  stack_env)
 
         # 4. The events bridge.
         bridge_log = self.logs / "events-bridge.log"
@@ -283,6 +317,7 @@ class LocalStack:
             "SAM3D_EVENT_MARKER_ROOT": marker_root,
             "SAM3D_REVIEW_PAGE_URL": review_url,
             "SAM3D_REVIEW_TOKEN": review_token,
+            **{k: stack_env[k] for k in GPU_ENV_KEYS},
         }
         env_file = self.state_dir / ENV_FILE
         env_file.write_text(
@@ -326,8 +361,8 @@ class LocalStack:
         return queue_url
 
     @staticmethod
-    def _worker_online(api_url: str) -> bool:
-        request = urllib.request.Request(f"{api_url}/work_pools/{POOL_NAME}/workers/filter", data=b"{}",
+    def _worker_online(api_url: str, pool: str = POOL_NAME) -> bool:
+        request = urllib.request.Request(f"{api_url}/work_pools/{pool}/workers/filter", data=b"{}",
                                          headers={"Content-Type": "application/json"}, method="POST")
         try:
             with urllib.request.urlopen(request, timeout=2) as response:

@@ -35,10 +35,11 @@ class Settings(BaseSettings):
     )
 
     # Backends.
-    segmenter: SegmenterChoice = Field("auto", description="Segmentation backend: auto, lite or sam3.")
+    segmenter: SegmenterChoice = Field(
+        "auto", description="What a run's segmenter 'auto' stands for: lite or sam3; auto picks the best usable "
+        "here (sam3 when it can run), or with SAM3D_GPU_STAGES=workers the real model the GPU image runs.")
     reconstructor: ReconstructorChoice = Field(
-        "auto", description="Reconstruction backend: auto, lite or sam3d."
-    )
+        "auto", description="What a run's reconstructor 'auto' stands for: lite or sam3d (see segmenter).")
     min_instance_area_fraction: float = Field(
         0.002, ge=0.0, le=1.0, description="Instances smaller than this fraction of the image are dropped."
     )

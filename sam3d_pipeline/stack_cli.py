@@ -48,6 +48,7 @@ def up(
     prefect_port: Annotated[int, typer.Option("--prefect-port", help="0 picks a free port.")] = 4200,
     moto_port: Annotated[int, typer.Option("--moto-port", help="0 picks a free port.")] = 5055,
     worker_poll_s: Annotated[float, typer.Option("--worker-poll-s", min=0.1, help="Work pool poll interval.")] = 0.5,
+    gpu_workers: Annotated[int, typer.Option("--gpu-workers", min=1, help="Most GPU worker sessions at once.")] = 1,
 ) -> None:
     """Start the local stack in the background: moto S3+SQS, Prefect server, worker, events bridge."""
     from sam3d_pipeline.localstack import LocalStack, StackConfig, StackError, default_project_dir, running
@@ -60,8 +61,8 @@ def up(
         return
     config = StackConfig(state_dir=state_dir, project_dir=default_project_dir(), bucket=bucket,
                          upload_prefix=upload_prefix, output_prefix=output_prefix, prefect_port=prefect_port,
-                         moto_port=moto_port, worker_poll_s=worker_poll_s)
-    print("starting moto, Prefect server, worker and events bridge…", file=sys.stderr)
+                         moto_port=moto_port, worker_poll_s=worker_poll_s, gpu_workers=gpu_workers)
+    print("starting moto, Prefect server, workers, a GPU worker session and the events bridge…", file=sys.stderr)
     try:
         env = LocalStack(config).up()
     except StackError as exc:

@@ -26,6 +26,7 @@ from sam3d_pipeline.pipeline import RunOptions
 from sam3d_pipeline.settings import Settings
 from sam3d_pipeline.storage import open_storage
 
+from . import gpu_dispatch
 from .retry import retry_if_transient, retry_options
 
 
@@ -85,11 +86,13 @@ def decode_catalog_item(work: ItemWork, settings: Settings) -> ItemWork:
 
 
 @task(name="gpu-batch", cache_policy=NO_CACHE)
-def run_gpu_batch(works: list[ItemWork], batch_index: int, gpu_limit: str, settings: Settings) -> list[ItemWork]:
+def run_gpu_batch(works: list[ItemWork], batch_index: int, gpu_limit: str, output_root: str,
+                  settings: Settings) -> list[ItemWork]:
     """Segment, then reconstruct, a whole batch while holding one slot of the GPU limit.
 
-    Each backend is built (its model loaded) once per process and reused for every item of the batch; one
-    slot for both stages also pays Prefect's slot acquisition once per batch, not once per stage.
+    Where the models run is ``gpu_dispatch``'s decision: in this process (each backend loaded once per
+    process), or on the warm GPU workers as one task. One slot for both stages also pays Prefect's slot
+    acquisition once per batch, not once per stage.
     """
     logger = get_run_logger()
     ready = [w for w in works if w.error is None and w.image is not None]
@@ -100,10 +103,7 @@ def run_gpu_batch(works: list[ItemWork], batch_index: int, gpu_limit: str, setti
     with concurrency(gpu_limit, occupy=1, strict=True):
         logger.info("GPU batch %d: holding one %r slot (waited %.2f s); segmenting %d item(s)", batch_index,
                     gpu_limit, time.perf_counter() - waited, len(ready))
-        works = catalog.segment_batch(works, settings)
-        selected = sum(1 for w in works if w.error is None and w.selected is not None)
-        logger.info("GPU batch %d: reconstructing %d item(s)", batch_index, selected)
-        works = catalog.reconstruct_batch(works, batch_index, settings)
+        works = gpu_dispatch.catalog_batch(works, batch_index, output_root, settings)
     return works
 
 
@@ -130,7 +130,7 @@ def process_gpu_batch(works: list[ItemWork], batch_index: int, gpu_limit: str, o
         except PipelineError as exc:  # transient read failures that outlived their retries
             work.error = exc
             decoded.append(work)
-    reconstructed = run_gpu_batch(decoded, batch_index, gpu_limit, settings)
+    reconstructed = run_gpu_batch(decoded, batch_index, gpu_limit, output_root, settings)
     return [publish_catalog_item(work, output_root, settings, flow_run_id) for work in reconstructed]
 
 

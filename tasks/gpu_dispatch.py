@@ -35,7 +35,7 @@ from prefect.client.schemas.sorting import FlowRunSort
 from prefect.exceptions import ObjectNotFound
 from prefect.states import Crashed
 
-from sam3d_pipeline import gpu_stages, pipeline
+from sam3d_pipeline import catalog, gpu_stages, pipeline
 from sam3d_pipeline.errors import InputNotFoundError, error_from_record
 from sam3d_pipeline.gpu_failures import GpuStageError, StageAttempt, backoff_s, classify, next_low_memory, should_retry
 from sam3d_pipeline.gpu_stages import GpuBatch, ReconstructJobParam, SegmentJob, SegmentParams
@@ -102,6 +102,23 @@ def reconstruct(image: LoadedImage, seg: Segmentation, selected: int, options: p
     recon.stats["gpu_attempts"] = [a.as_dict() for a in attempts]
     seg.messages.extend(f"gpu-stage {a.line()}" for a in attempts if len(attempts) > 1)
     return recon
+
+
+def catalog_batch(works: list[catalog.ItemWork], batch_index: int, output_root: str,
+                  settings: Settings) -> list[catalog.ItemWork]:
+    """Segment, select and reconstruct a catalog GPU batch: in this process, or on the workers as one task."""
+    logger = get_run_logger()
+    if settings.gpu_stages == "inline":
+        works = catalog.segment_batch(works, settings)
+        logger.info("GPU batch %d: reconstructing %d item(s)", batch_index,
+                    sum(1 for w in works if w.error is None and w.selected is not None))
+        return catalog.reconstruct_batch(works, batch_index, settings)
+    batch = catalog.gpu_batch_request(works, output_root, settings)
+    if batch is None:
+        return works
+    logger.info("GPU batch %d: %d item(s) to the GPU workers as one task", batch_index, len(batch.segment))
+    result, _ = run_on_workers(batch, settings)
+    return catalog.apply_gpu_result(works, result, batch_index, output_root, settings)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -104,6 +104,8 @@ def resolve(role: str, requested: str, settings: Settings | None = None) -> Reso
     """
     s = settings or get_settings()
     registry = _registry(role)
+    if requested == "auto" and getattr(s, role) != "auto":  # SAM3D_SEGMENTER / SAM3D_RECONSTRUCTOR name it
+        return resolve(role, getattr(s, role), s)
     if s.gpu_stages != "inline":  # the model stages run on the GPU workers, not in this process
         name = AUTO_ORDER[role][0] if requested == "auto" else requested
         if name not in registry:

@@ -24,14 +24,17 @@ from .index import (
 )
 from .items import (
     ItemWork,
+    apply_gpu_result,
     decode_item,
     entry_from_result,
     fail_item,
     finish_item,
     finished_result,
+    gpu_batch_request,
     gpu_batches,
     plan_item,
     reconstruct_batch,
+    run_record,
     segment_batch,
 )
 from .listing import IMAGE_SUFFIXES, list_images, listing_id
@@ -40,6 +43,9 @@ from .plain import run_catalog_plain
 
 __all__ = [
     "CATALOG_FILE",
+    "apply_gpu_result",
+    "gpu_batch_request",
+    "run_record",
     "FINISHED_STATUSES",
     "IMAGE_SUFFIXES",
     "MANIFEST_SUFFIXES",

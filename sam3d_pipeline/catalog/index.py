@@ -157,7 +157,7 @@ class CatalogTally:
     total: int = 0
     entries: list[CatalogEntry] = field(default_factory=list)
     started_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
-    _started: float = field(default_factory=time.perf_counter, repr=False)
+    _started: float = field(default_factory=time.perf_counter, init=False, repr=False)
 
     def begin(self, rows: Sequence[ManifestRow]) -> list[CatalogItem]:
         """Count ``rows`` as the run's items; each unusable row is entered as failed now. Returns the usable items."""

@@ -9,10 +9,13 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from .. import finish, pipeline
-from ..errors import InputError, PipelineError
+from .. import finish, gpu_stages, pipeline
+from ..errors import InputError, PipelineError, error_from_record
+from ..gpu_stages import GpuBatch, SegmentJob, SegmentParams
 from ..images import LoadedImage
+from ..keys import RunKeys
 from ..masks import select_instance
 from ..pipeline import RunOptions, RunPlan
 from ..report import RunResult
@@ -130,6 +133,15 @@ def reconstruct_batch(works: Sequence[ItemWork], batch_index: int, settings: Set
     return list(works)
 
 
+def run_record(work: ItemWork, flow_run_id: str | None = None) -> finish.RunRecord:
+    """The item as a run that ends through ``finish`` (its total is the sum of its steps: batches are shared)."""
+    return finish.RunRecord(
+        input_uri=work.item.image, options=work.options, run_plan=work.run_plan, image=work.image, seg=work.seg,
+        selected=work.selected, recon=work.recon, timings=work.timings, total_from_steps=True,
+        flow_run_id=flow_run_id, messages=[f"catalog item {work.item.id!r} (line {work.item.line})"],
+    )
+
+
 def finish_item(work: ItemWork, storage: Storage, settings: Settings | None = None,
                 flow_run_id: str | None = None) -> CatalogEntry:
     """Render and publish an item's outputs (``result.json`` last), or record its failure.
@@ -137,23 +149,10 @@ def finish_item(work: ItemWork, storage: Storage, settings: Settings | None = No
     A failure with a known prefix is written as a ``failed`` ``result.json`` there (so the next run retries
     it); without a prefix (the input could not be read) it is reported in the catalog only.
     """
-    s = settings or get_settings()
-    total_keys = ("plan", "intake", "segment", "reconstruct")
     if work.error is None and work.seg is not None:
-        t = time.perf_counter()
         try:
-            files = pipeline.render_outputs(work.image, work.seg, work.selected, work.recon, work.run_plan, s)
-            work.timings["render"] = time.perf_counter() - t
-            work.timings["total"] = sum(work.timings.get(k, 0.0) for k in (*total_keys, "render"))
-            status = "completed" if work.recon is not None else "no_object"
-            result = pipeline.build_result(
-                status=status, image=work.image, input_uri=work.item.image, options=work.options,
-                run_plan=work.run_plan, seg=work.seg, selected=work.selected, recon=work.recon,
-                timings=work.timings, flow_run_id=flow_run_id,
-            )
-            result.messages.append(f"catalog item {work.item.id!r} (line {work.item.line})")
-            result = pipeline.publish(storage, work.run_plan.prefix, files, result)
-            return entry_from_result(work.item, result, status=status, prefix=work.run_plan.prefix,
+            result = finish.finish_run(storage, run_record(work, flow_run_id), settings)
+            return entry_from_result(work.item, result, status=result.status, prefix=work.run_plan.prefix,
                                      gpu_batch=work.gpu_batch)
         except PipelineError as exc:
             work.error = exc
@@ -164,20 +163,69 @@ def finish_item(work: ItemWork, storage: Storage, settings: Settings | None = No
 
 def fail_item(work: ItemWork, storage: Storage | None, flow_run_id: str | None = None) -> CatalogEntry:
     """Record ``work.error``: a ``failed`` ``result.json`` at the prefix when known, and the catalog entry."""
-    exc = work.error or PipelineError("unknown failure")
-    work.timings.setdefault("total", sum(work.timings.values()))
-    result = pipeline.build_result(
-        status="failed", image=work.image, input_uri=work.item.image, options=work.options,
-        run_plan=work.run_plan, seg=work.seg, selected=work.selected, timings=work.timings, error=exc,
-        flow_run_id=flow_run_id,
-    )
-    prefix = work.run_plan.prefix if work.run_plan else ""
-    if storage is not None and prefix:
+    result = finish.fail_run(storage, run_record(work, flow_run_id), work.error or PipelineError("unknown failure"))
+    return entry_from_result(work.item, result, status="failed", prefix=work.run_plan.prefix if work.run_plan else "",
+                             gpu_batch=work.gpu_batch)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A GPU batch on the GPU workers: the request, and its results carried back onto the items
+
+
+def gpu_batch_request(works: Sequence[ItemWork], output_root: str, settings: Settings) -> GpuBatch | None:
+    """One ``GpuBatch`` that segments, selects and reconstructs every decodable item of a catalog batch.
+
+    Prompts that do not fit the photo (a box outside it) fail their item here, before any GPU work. None when
+    no item is left to send.
+    """
+    jobs, segmenter, reconstructor = [], None, None
+    for work in works:
+        if work.error is not None or work.image is None:
+            continue
         try:
-            result = pipeline.publish(storage, prefix, {}, result)
-        except PipelineError as write_exc:
-            result.messages.append(f"could not write the failed result.json: {write_exc}")
-    return entry_from_result(work.item, result, status="failed", prefix=prefix, gpu_batch=work.gpu_batch)
+            pipeline.segment_request(work.options, work.image.width, work.image.height)
+        except PipelineError as exc:
+            work.error = exc
+            continue
+        segmenter, reconstructor = work.run_plan.segmenter.name, work.run_plan.reconstructor.name
+        jobs.append(SegmentJob(image=work.item.image, prefix=work.run_plan.prefix, seed=work.options.seed,
+                               instance_index=work.options.instance_index, score_threshold=settings.score_threshold,
+                               params=SegmentParams(prompt=work.options.prompt, boxes=work.options.boxes,
+                                                    points=work.options.points)))
+    if not jobs:
+        return None
+    return GpuBatch(output_root=output_root, segmenter=segmenter, reconstructor=reconstructor, segment=jobs,
+                    reconstruct_selected=True)
+
+
+def apply_gpu_result(works: Sequence[ItemWork], result: dict[str, Any], batch_index: int, output_root: str,
+                     settings: Settings) -> list[ItemWork]:
+    """Load what the workers wrote for each item (masks, mesh) back onto it, or record its error."""
+    segmented = {r["prefix"]: r for r in result["segment"]}
+    reconstructed = {r["output"]: r for r in result["reconstruct"]}
+    timing = result["timing"]
+    for work in works:
+        done = segmented.get(work.run_plan.prefix) if work.run_plan is not None and work.error is None else None
+        if done is None:
+            continue
+        if "error" in done:
+            work.error = error_from_record(done["error"])
+            continue
+        work.seg = gpu_stages.load_segmentation(output_root, work.run_plan.prefix, settings)
+        work.seg.stage = timing.get("segment", {})
+        work.selected = done["selected"]
+        work.timings["segment"] = timing["segment"]["run_s"] / max(1, len(segmented))
+        recon = reconstructed.get(RunKeys(work.run_plan.prefix).reconstruct_dir)
+        if work.selected is None or recon is None:
+            continue
+        work.gpu_batch = batch_index
+        if "error" in recon:
+            work.error = error_from_record(recon["error"])
+            continue
+        work.recon = gpu_stages.load_reconstruction(output_root, recon["output"], settings)
+        work.recon.stage = timing.get("reconstruct", {})
+        work.timings["reconstruct"] = timing["reconstruct"]["run_s"] / max(1, len(reconstructed))
+    return list(works)
 
 
 def entry_from_result(item: CatalogItem, result: RunResult, *, status: EntryStatus, prefix: str,
