@@ -39,6 +39,7 @@ class Lease(BaseModel):
 
     task_run_id: str
     session: str
+    work: str = ""
     host: str = ""
     pid: int = 0
     started_at: float

@@ -23,6 +23,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.client.subscriptions import Subscription
+from prefect.logging import get_logger
 from prefect.runtime import task_run
 from prefect.settings import get_current_settings
 from prefect.task_worker import TaskWorker
@@ -37,10 +38,10 @@ _SESSION: dict[str, Any] = {"id": "", "ledger": None}
 
 
 @contextmanager
-def held_lease(storage: Storage, task_run_id: str, session: str, lease_s: float) -> Iterator[Lease]:
+def held_lease(storage: Storage, task_run_id: str, session: str, lease_s: float, work: str = "") -> Iterator[Lease]:
     """Write the task's lease and refresh its heartbeat every ``lease_s / 3`` until the block ends."""
     now = time.time()
-    lease = Lease(task_run_id=task_run_id, session=session, host=socket.gethostname(), pid=os.getpid(),
+    lease = Lease(task_run_id=task_run_id, session=session, work=work, host=socket.gethostname(), pid=os.getpid(),
                   started_at=now, heartbeat_at=now)
     key = lease_key(task_run_id)
     storage.write_bytes(key, lease.model_dump_json().encode(), content_type="application/json")
@@ -85,7 +86,7 @@ def gpu_stage(batch: GpuBatch, submission: str) -> dict[str, Any]:
     status = "failed"
     result: dict[str, Any] = {"timing": {}}
     try:
-        with held_lease(storage, run_id, session, settings.gpu_lease_s):
+        with held_lease(storage, run_id, session, settings.gpu_lease_s, batch.describe()):
             result = run_gpu_batch(batch, settings)
         status = "completed"
     finally:
@@ -148,6 +149,7 @@ class OneAtATimeWorker(TaskWorker):
         base_url = get_current_settings().api.url
         if base_url is None:
             raise ValueError("GPU worker sessions need a Prefect server: set PREFECT_API_URL")
+        get_logger("gpu_worker").info("waiting for gpu-stage tasks (one at a time)")
         while True:
             subscription = Subscription(model=TaskRun, path="/task_runs/subscriptions/scheduled",
                                         keys=self.task_keys, client_id=self.client_id, base_url=base_url)

@@ -29,8 +29,8 @@ class BackendEntry:
     requires: tuple[str, ...] = ()  # importable packages it needs
     install_hint: str = ""
     usable: Callable[[Settings], str | None] | None = None  # returns a reason it cannot run, or None
-    # "module:function" taking (settings) and returning its BackendInfo without loading a model or importing
-    # torch; None: the backend class is light, and its info() is read from a built instance.
+    # "module:function" taking (settings) and returning its BackendInfo without building the backend, loading a
+    # model or importing torch: the orchestrator plans output keys with it. None: read info() of a built one.
     describe: str | None = None
 
     def unavailable_reason(self, settings: Settings) -> str | None:
@@ -63,7 +63,8 @@ SEGMENTERS: dict[str, BackendEntry] = {
         usable=lambda settings: _sam3_usable(settings),
         describe="sam3d_pipeline.backends.sam3_version:describe",
     ),
-    "lite": BackendEntry(name="lite", target="sam3d_pipeline.backends.lite_segmenter:LiteSegmenter"),
+    "lite": BackendEntry(name="lite", target="sam3d_pipeline.backends.lite_segmenter:LiteSegmenter",
+                         describe="sam3d_pipeline.backends.lite_segmenter:describe"),
 }
 RECONSTRUCTORS: dict[str, BackendEntry] = {
     "sam3d": BackendEntry(
@@ -71,8 +72,10 @@ RECONSTRUCTORS: dict[str, BackendEntry] = {
         target="sam3d_pipeline.backends.sam3d_reconstructor:Sam3dReconstructor",
         requires=("torch", "sam3d_objects"),
         install_hint="needs CUDA; use the gpu_worker image",
+        describe="sam3d_pipeline.backends.sam3d_reconstructor:describe",
     ),
-    "lite": BackendEntry(name="lite", target="sam3d_pipeline.backends.lite_reconstructor:LiteReconstructor"),
+    "lite": BackendEntry(name="lite", target="sam3d_pipeline.backends.lite_reconstructor:LiteReconstructor",
+                         describe="sam3d_pipeline.backends.lite_reconstructor:describe"),
 }
 # Preference order for "auto": the real model first, the CPU backend last (always usable).
 AUTO_ORDER = {"segmenter": ("sam3", "lite"), "reconstructor": ("sam3d", "lite")}

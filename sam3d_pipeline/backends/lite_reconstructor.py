@@ -24,6 +24,11 @@ LIMITS = (
 PAD = 2
 
 
+
+def describe(settings: Settings | None = None) -> BackendInfo:
+    """This backend's ``BackendInfo`` (the same for every settings: a classical algorithm on the CPU)."""
+    return BackendInfo(name="lite", version=VERSION, device="cpu", limits=LIMITS, weights="none")
+
 class LiteReconstructor:
     """Silhouette-inflation reconstructor (see module docstring)."""
 
@@ -31,7 +36,7 @@ class LiteReconstructor:
         self.settings = settings
 
     def info(self) -> BackendInfo:
-        return BackendInfo(name="lite", version=VERSION, device="cpu", limits=LIMITS, weights="none")
+        return describe(self.settings)
 
     def reconstruct(self, rgb: np.ndarray, mask: np.ndarray, *, seed: int = 0) -> Reconstruction:
         """Inflate the object under ``mask``.

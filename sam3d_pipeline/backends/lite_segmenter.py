@@ -24,6 +24,11 @@ LIMITS = (
 GRABCUT_ITERATIONS = 5
 
 
+
+def describe(settings: Settings | None = None) -> BackendInfo:
+    """This backend's ``BackendInfo`` (the same for every settings: a classical algorithm on the CPU)."""
+    return BackendInfo(name="lite", version=VERSION, device="cpu", limits=LIMITS, weights="none")
+
 class LiteSegmenter:
     """GrabCut-based segmenter (see module docstring)."""
 
@@ -31,7 +36,7 @@ class LiteSegmenter:
         self.settings = settings
 
     def info(self) -> BackendInfo:
-        return BackendInfo(name="lite", version=VERSION, device="cpu", limits=LIMITS, weights="none")
+        return describe(self.settings)
 
     def segment(self, rgb: np.ndarray, request: SegmentRequest) -> Segmentation:
         """Segment ``rgb`` (``(H, W, 3)`` uint8).

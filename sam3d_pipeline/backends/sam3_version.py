@@ -36,8 +36,9 @@ def planned_device(settings: Settings) -> str:
     ``auto`` is decided where the model runs; the stage reports the device it used.
     """
     device = settings.sam3_device
-    if device == "auto" and "torch" in sys.modules:
-        device = "cuda" if sys.modules["torch"].cuda.is_available() else "cpu"
+    torch = sys.modules.get("torch")
+    if device == "auto" and torch is not None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     return device
 
 

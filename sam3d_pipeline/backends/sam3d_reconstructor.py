@@ -214,6 +214,14 @@ class StageOffloader:
         return staged
 
 
+
+def describe(settings: Settings) -> BackendInfo:
+    """The reconstructor's ``BackendInfo``, known without loading (or importing) SAM 3D Objects."""
+    limits = LIMITS
+    if settings.sam3d_low_memory:
+        limits += ("low-memory mode: stages load one at a time (slower)",)
+    return BackendInfo(name="sam3d", version=VERSION, device="cuda:0", limits=limits, weights="checkpoint")
+
 class Sam3dReconstructor:
     """SAM 3D Objects reconstructor (see module docstring). The model loads on the first ``reconstruct``."""
 
@@ -223,10 +231,7 @@ class Sam3dReconstructor:
         self.offloader: StageOffloader | None = None
 
     def info(self) -> BackendInfo:
-        limits = LIMITS
-        if self.settings.sam3d_low_memory:
-            limits += ("low-memory mode: stages load one at a time (slower)",)
-        return BackendInfo(name="sam3d", version=VERSION, device="cuda:0", limits=limits, weights="checkpoint")
+        return describe(self.settings)
 
     # -- model -----------------------------------------------------------------------------------------
     def _load(self) -> Any:

@@ -1,0 +1,354 @@
+"""Warm GPU workers: the pure decisions, the storage-keyed GPU batch, and real worker sessions (subprocesses
+running ``sam3d-pipeline gpu-worker``) serving ``image-to-3d`` and ``catalog-batch`` against the session's
+Prefect test server: models stay loaded, a killed worker's task is run again, an idle worker exits."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sam3d_pipeline import backends
+from sam3d_pipeline.gpu_stages import GpuBatch, ReconstructJobParam, SegmentJob, SegmentParams, run_gpu_batch
+from sam3d_pipeline.gpu_workers import IdleClock, Lease, SessionLedger, lease_verdict, sessions_to_start
+from sam3d_pipeline.keys import RunKeys
+from sam3d_pipeline.masks import iou
+
+from .photos import encode, object_photo
+
+ROOT = Path(__file__).resolve().parents[1]
+DOUBLE_DIR = Path(__file__).parent / "sam3d_double"
+
+
+# -- the decisions, without Prefect ----------------------------------------------------------------------------
+def _lease(heartbeat_at: float) -> Lease:
+    return Lease(task_run_id="t", session="s", started_at=0.0, heartbeat_at=heartbeat_at)
+
+
+def test_lease_verdicts():
+    assert lease_verdict(None, now=100.0, lease_s=10) == "queued"
+    assert lease_verdict(_lease(95.0), now=100.0, lease_s=10) == "running"
+    assert lease_verdict(_lease(85.0), now=100.0, lease_s=10) == "lost"  # stopped renewing
+    assert lease_verdict(_lease(99.0), now=100.0, lease_s=10, session_ended=True) == "lost"  # its process is gone
+
+
+def test_sessions_to_start_follows_the_queue_within_the_maximum():
+    assert sessions_to_start(queued=0, active=0, max_workers=5) == 0
+    assert sessions_to_start(queued=1, active=0, max_workers=5) == 1
+    assert sessions_to_start(queued=8, active=1, max_workers=5) == 4
+    assert sessions_to_start(queued=3, active=5, max_workers=5) == 0
+    assert sessions_to_start(queued=2, active=7, max_workers=5) == 0
+
+
+def test_idle_clock_and_ledger():
+    now = [0.0]
+    clock = IdleClock(10.0, clock=lambda: now[0])
+    now[0] = 9.0
+    assert not clock.tick(busy=False)
+    assert not clock.tick(busy=True)  # busy resets the clock
+    now[0] = 18.0
+    assert not clock.tick(busy=False)
+    now[0] = 19.5
+    assert clock.tick(busy=False)
+    ledger = SessionLedger("s1")
+    ledger.record(task_run_id="a", work="segment", status="completed",
+                  timing={"segment": {"model_load_s": 2.5, "run_s": 1.0}})
+    ledger.record(task_run_id="b", work="segment", status="completed",
+                  timing={"segment": {"model_load_s": 0.0, "run_s": 1.0}})
+    assert ledger.summary() == {"session": "s1", "tasks": 2, "failed": 0,
+                                "model_loads": {"segment": 1, "reconstruct": 0}}
+
+
+# -- the GPU batch itself (storage keys in, storage keys out) ---------------------------------------------------
+def test_gpu_batch_segments_selects_and_reconstructs_each_photo(tmp_path):
+    out = tmp_path / "out"
+    jobs = []
+    truths = {}
+    for seed in (1, 2):
+        rgb, truth = object_photo(seed=seed)
+        photo = tmp_path / f"p{seed}.png"
+        photo.write_bytes(encode(rgb))
+        truths[f"p{seed}-x"] = truth
+        jobs.append(SegmentJob(image=str(photo), prefix=f"p{seed}-x", params=SegmentParams(prompt="thing")))
+    jobs.append(SegmentJob(image=str(tmp_path / "missing.png"), prefix="missing-x", params=SegmentParams(prompt="x")))
+    result = run_gpu_batch(GpuBatch(output_root=str(out), segment=jobs, reconstruct_selected=True))
+    by_prefix = {r["prefix"]: r for r in result["segment"]}
+    assert by_prefix["missing-x"]["error"]["code"] == "input_not_found"  # one bad photo fails only itself
+    for prefix, truth in truths.items():
+        assert by_prefix[prefix]["selected"] == 0
+        mask = np.asarray(Image.open(out / RunKeys(prefix).stage_mask(0))) > 127
+        assert iou(mask, truth) > 0.9
+        summary = json.loads((out / RunKeys(prefix).reconstruct_dir / "reconstruction.json").read_text())
+        assert summary["backend"]["name"] == "lite" and summary["stats"]["faces"] > 0
+    assert [r["output"] for r in result["reconstruct"]] == [RunKeys(p).reconstruct_dir for p in truths]
+    assert set(result["timing"]) == {"segment", "reconstruct"}
+
+
+def test_gpu_batch_refuses_a_mask_of_another_size(tmp_path):
+    rgb, _ = object_photo()
+    photo = tmp_path / "p.png"
+    photo.write_bytes(encode(rgb))
+    (tmp_path / "out" / "x").mkdir(parents=True)
+    Image.fromarray(np.ones((10, 10), np.uint8) * 255).save(tmp_path / "out" / "x" / "mask.png")
+    result = run_gpu_batch(GpuBatch(output_root=str(tmp_path / "out"), reconstruct=[
+        ReconstructJobParam(image=str(photo), mask="x/mask.png", output="x/r")]))
+    error = result["reconstruct"][0]["error"]
+    assert error["type"] == "InputError" and "x/mask.png" in error["message"] and "(10, 10)" in error["message"]
+
+
+def test_planning_a_sam3_run_needs_no_torch():
+    """The orchestrator names a sam3 run's prefix where torch cannot be imported, and it is the same prefix."""
+    from sam3d_pipeline import pipeline
+    from sam3d_pipeline.settings import Settings
+
+    photo = object_photo(seed=4)[0]
+    data = encode(photo)
+    options = pipeline.RunOptions(prompt="mug", segmenter="sam3", reconstructor="lite",
+                                  points=[{"x": 5, "y": 6, "label": 0}])
+    with_torch = pipeline.plan("s3://b/mug.png", pipeline.content_id(data), options, "s3://b/out",
+                               Settings(sam3_random_init=True, gpu_stages="inline")).prefix
+    script = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import flows.image_to_3d\n"
+        "from sam3d_pipeline import pipeline\n"
+        "from sam3d_pipeline.settings import Settings\n"
+        "try:\n    import torch\nexcept ImportError:\n    pass\nelse:\n    raise SystemExit('torch imported')\n"
+        "data = sys.stdin.buffer.read()\n"
+        "options = pipeline.RunOptions(prompt='mug', segmenter='sam3', reconstructor='lite',\n"
+        "                              points=[{'x': 5, 'y': 6, 'label': 0}])\n"
+        "plan = pipeline.plan('s3://b/mug.png', pipeline.content_id(data), options, 's3://b/out',\n"
+        "                     Settings(sam3_random_init=True, gpu_stages='workers'))\n"
+        "assert 'torch' not in sys.modules or sys.modules['torch'] is None\n"
+        "print(plan.prefix)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], input=data, capture_output=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert done.stdout.decode().strip().splitlines()[-1] == with_torch
+
+
+# -- real worker sessions ---------------------------------------------------------------------------------------
+class WorkerSession:
+    """``sam3d-pipeline gpu-worker`` in its own process against the session's Prefect test server."""
+
+    def __init__(self, tmp_path: Path, idle_s: float = 120, env: dict[str, str] | None = None) -> None:
+        from prefect.settings import get_current_settings
+
+        settings = get_current_settings()
+        self.log_path = tmp_path / f"gpu-worker-{uuid.uuid4().hex[:6]}.log"
+        self.env = os.environ | {
+            "PREFECT_API_URL": settings.api.url,
+            "PREFECT_LOCAL_STORAGE_PATH": str(settings.results.local_storage_path),
+            "PREFECT_LOGGING_LEVEL": "INFO",
+            "SAM3D_GPU_LEASE_S": os.environ.get("SAM3D_GPU_LEASE_S", "30"),
+            "PYTHONPATH": os.pathsep.join([str(DOUBLE_DIR), str(ROOT)]),
+            "SAM3D_SAM3D_CONFIG_PATH": str(_double_config(tmp_path / "ckpt")),
+        } | (env or {})
+        self.env.pop("CONDA_PREFIX", None)
+        self.idle_s = idle_s
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> WorkerSession:
+        self.log = self.log_path.open("wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "sam3d_pipeline.cli", "gpu-worker", "--idle-s",
+                                      str(self.idle_s)], cwd=ROOT, env=self.env, stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while "waiting for gpu-stage tasks" not in self.text():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"GPU worker did not start:\n{self.text()[-3000:]}")
+            time.sleep(0.2)
+        return self
+
+    def text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    @property
+    def session(self) -> str:
+        for line in self.text().splitlines():
+            if "GPU worker session " in line and "serving until idle" in line:
+                return line.split("GPU worker session ", 1)[1].split(":", 1)[0]
+        raise AssertionError(f"no session line in:\n{self.text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+
+
+def _double_config(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("a.ckpt", "b.ckpt"):
+        (folder / name).write_bytes(b"w")
+    (folder / "pipeline.yaml").write_text(json.dumps({"ss_generator_ckpt_path": "a.ckpt",
+                                                      "slat_generator_ckpt_path": "b.ckpt"}))
+    return folder / "pipeline.yaml"
+
+
+@pytest.fixture
+def workers_mode(prefect_server, monkeypatch):
+    monkeypatch.setenv("SAM3D_GPU_STAGES", "workers")
+    monkeypatch.setenv("SAM3D_GPU_POLL_S", "0.5")
+    monkeypatch.setenv("SAM3D_GPU_STAGE_RETRY_DELAY_S", "0.2")
+    monkeypatch.setenv("SAM3D_GPU_STAGE_TIMEOUT_S", "300")
+
+
+def _photo(tmp_path: Path, name: str, seed: int, size: tuple[int, int] = (160, 120)) -> Path:
+    rgb, _ = object_photo(*size, seed=seed)
+    path = tmp_path / name
+    path.write_bytes(encode(rgb))
+    return path
+
+
+@pytest.mark.slow
+def test_image_to_3d_on_a_warm_worker_loads_each_model_once(workers_mode, tmp_path):
+    from flows.image_to_3d import image_to_3d
+
+    worker = WorkerSession(tmp_path, idle_s=8).start()
+    try:
+        results = []
+        for i in range(2):
+            state = image_to_3d(image=str(_photo(tmp_path, f"cup{i}.png", seed=10 + i)), prompt="cup",
+                                output_root=str(tmp_path / "out"), segmenter="lite", reconstructor="lite",
+                                return_state=True)
+            assert state.is_completed(), state.message
+            results.append(state.result())
+        assert worker.proc.wait(timeout=90) == 0  # idle after the two photos: the session ends by itself
+    finally:
+        worker.stop()
+    for result in results:
+        assert result["status"] == "completed"
+        assert {s["worker"] for s in result["stages"].values()} == {worker.session}
+        assert all(s["queue_wait_s"] >= 0 and s["run_s"] > 0 for s in result["stages"].values())
+        on_disk = json.loads((Path(result["output_prefix"]) / "result.json").read_text())
+        assert on_disk["stages"] == result["stages"]
+    second = results[1]["stages"]
+    assert second["segment"]["model_load_s"] == 0.0 and second["reconstruct"]["model_load_s"] == 0.0
+    assert not backends._CACHE, "a model was built in the flow's process"
+    assert "'tasks': 4, 'failed': 0, 'model_loads': {'segment': 1, 'reconstruct': 1}" in worker.text()
+
+
+@pytest.mark.slow
+def test_catalog_sends_every_gpu_batch_to_the_workers(workers_mode, tmp_path):
+    from flows.catalog_batch import catalog_batch
+
+    (tmp_path / "photos").mkdir()
+    for i in range(3):
+        _photo(tmp_path / "photos", f"item{i}.png", seed=20 + i)
+    worker = WorkerSession(tmp_path).start()
+    try:
+        summary = catalog_batch(source=str(tmp_path / "photos"), output_root=str(tmp_path / "out"),
+                                default_prompt="item", batch_size=2, segmenter="lite", reconstructor="lite")
+    finally:
+        worker.stop()
+    assert summary["counts"]["completed"] == 3, summary["summary"]
+    for item in summary["items"]:
+        result = json.loads((Path(item["output_prefix"]) / "result.json").read_text())
+        assert {s["worker"] for s in result["stages"].values()} == {worker.session}
+    assert not backends._CACHE, "a model was built in the flow's process"
+    assert worker.text().count("Task run 'gpu-stage") and worker.text().count("done (segment") == 2  # 2 batches
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_reconstruction_loses_nothing(workers_mode, tmp_path, monkeypatch):
+    """SIGKILL during the reconstruct task: the lease goes stale, the task run is marked Crashed, the batch is
+    submitted again and a new session completes the photo, exactly once."""
+    from prefect.client.orchestration import get_client
+
+    from flows.image_to_3d import image_to_3d
+    from sam3d_pipeline.gpu_workers import lease_key
+    from sam3d_pipeline.storage import open_storage
+
+    monkeypatch.setenv("SAM3D_GPU_LEASE_S", "3")
+    photo = _photo(tmp_path, "big.png", seed=31, size=(1400, 1000))  # a slow enough reconstruction to kill
+    out = tmp_path / "out"
+    first = WorkerSession(tmp_path, env={"SAM3D_LITE_MESH_RESOLUTION": "400"}).start()
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.update(state=image_to_3d(
+        image=str(photo), prompt="thing", output_root=str(out), segmenter="lite", reconstructor="lite",
+        return_state=True)))
+    thread.start()
+    try:
+        deadline = time.monotonic() + 180
+        lease = None
+        while lease is None:
+            for path in (out / lease_key("x")).parent.glob("*.json") if (out / "_workers").exists() else []:
+                found = Lease.model_validate_json(path.read_text())
+                if found.work.startswith("reconstruct"):
+                    lease = found
+            assert time.monotonic() < deadline, first.text()[-3000:]
+            time.sleep(0.05)
+        os.killpg(first.proc.pid, signal.SIGKILL)
+        first.proc.wait()
+        second = WorkerSession(tmp_path, env={"SAM3D_LITE_MESH_RESOLUTION": "400"}).start()
+        thread.join(timeout=300)
+    finally:
+        thread.join(timeout=1)
+        first.stop()
+    second.stop()
+    state = outcome["state"]
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result["stages"]["reconstruct"]["worker"] == second.session
+    attempts = result["mesh"]["gpu_attempts"]
+    assert [a["kind"] for a in attempts] == ["crashed", "ok"], attempts
+    assert "stopped renewing its lease" in attempts[0]["message"]
+    with get_client(sync_client=True) as client:
+        assert client.read_task_run(lease.task_run_id).state.is_crashed()
+    results = list(out.rglob("result.json"))
+    assert len(results) == 1 and json.loads(results[0].read_text())["status"] == "completed"
+    assert not open_storage(str(out)).exists(lease_key(lease.task_run_id))
+
+
+@pytest.mark.slow
+def test_an_idle_worker_exits_by_itself(prefect_server, tmp_path):
+    from prefect.client.orchestration import get_client
+
+    worker = WorkerSession(tmp_path, idle_s=2).start()
+    try:
+        assert worker.proc.wait(timeout=60) == 0, worker.text()[-2000:]
+    finally:
+        worker.stop()
+    assert "idle for 2 s, exiting" in worker.text()
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(uuid.UUID(worker.session)).state.is_completed()
+
+
+@pytest.mark.slow
+def test_out_of_memory_on_a_worker_is_retried_with_the_low_memory_settings(workers_mode, tmp_path):
+    """SAM 3D Objects (the documented-interface double) on a "24 GB card": every network resident runs out of
+    memory; the batch is submitted again with the low-memory settings and completes."""
+    from flows.image_to_3d import image_to_3d
+
+    worker = WorkerSession(tmp_path, env={"SAM3D_DOUBLE_GPU_MODULES_MAX": "4"}).start()
+    try:
+        state = image_to_3d(image=str(_photo(tmp_path, "mug.png", seed=5)), prompt="mug",
+                            output_root=str(tmp_path / "out"), segmenter="lite", reconstructor="sam3d",
+                            return_state=True)
+    finally:
+        worker.stop()
+    assert state.is_completed(), state.message
+    result = state.result()
+    prefix = Path(result["output_prefix"])
+    assert {p.name for p in prefix.iterdir()} == {"mask.png", "overlay.png", "object.glb", "object.ply",
+                                                  "preview.png", "result.json", "stages"}
+    assert (prefix / "object.ply").read_bytes() == (prefix / "stages/reconstruct/object.ply").read_bytes()
+    assert result["reconstructor"]["name"] == "sam3d" and result["pose"]["rotation"] == [1.0, 0.0, 0.0, 0.0]
+    assert "GPU workers" in result["reconstructor"]["chosen_because"]
+    attempts = result["mesh"]["gpu_attempts"]
+    assert [(a["kind"], a["low_memory"]) for a in attempts] == [("oom", False), ("ok", True)]
+    assert "CUDA out of memory" in attempts[0]["message"]
