@@ -1,8 +1,10 @@
 """Why a GPU stage run ended badly, and whether trying again can help.
 
-A GPU stage runs as its own flow run on the ECS GPU pool. Its final state's message (written by Prefect's
-ECS worker from the ECS task's ``stoppedReason`` / container exit, or by the flow from its exception) is
-classified here, without Prefect, so the rule is testable and shared by every caller.
+A GPU stage runs as a background task on a GPU worker session (a flow run on the ECS GPU pool). What ended it
+badly is classified here, without Prefect, so the rule is testable and shared by every caller: the task run's
+final state and message (the stage's own exception), or, when the worker was lost mid-task, its session's
+final state and message (written by Prefect's ECS worker from the ECS task's ``stoppedReason`` / container
+exit) or a stale lease.
 
 Classes:
 - ``no_capacity``: ECS could not place the task (``RESOURCE:GPU``, ``RESOURCE:MEMORY``, no container

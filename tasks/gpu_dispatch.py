@@ -69,13 +69,10 @@ def segment(image: LoadedImage, options: pipeline.RunOptions, run_plan: pipeline
     job = SegmentJob(image=run_plan.input_uri, prefix=run_plan.prefix, review_assets=review_assets,
                      params=SegmentParams(prompt=options.prompt, boxes=options.boxes, points=options.points),
                      score_threshold=settings.score_threshold)
-    result, attempts = run_on_workers(GpuBatch(output_root=output_root, segmenter=run_plan.segmenter.name,
-                                               segment=[job]), settings)
-    done = result["segment"][0]
-    if "error" in done:
-        raise error_from_record(done["error"])
+    timing, attempts = _one_job(GpuBatch(output_root=output_root, segmenter=run_plan.segmenter.name,
+                                         segment=[job]), "segment", settings)
     seg = gpu_stages.load_segmentation(output_root, run_plan.prefix, settings)
-    seg.stage = result["timing"]["segment"]
+    seg.stage = timing
     seg.messages.extend(f"gpu-stage {a.line()}" for a in attempts if len(attempts) > 1)
     return seg
 
@@ -92,16 +89,22 @@ def reconstruct(image: LoadedImage, seg: Segmentation, selected: int, options: p
                                                     content_type="image/png")
     job = ReconstructJobParam(image=run_plan.input_uri, mask=keys.reconstruct_input_mask,
                               output=keys.reconstruct_dir, seed=options.seed)
-    result, attempts = run_on_workers(GpuBatch(output_root=output_root, reconstructor=run_plan.reconstructor.name,
-                                               reconstruct=[job]), settings)
-    done = result["reconstruct"][0]
-    if "error" in done:
-        raise error_from_record(done["error"])
+    timing, attempts = _one_job(GpuBatch(output_root=output_root, reconstructor=run_plan.reconstructor.name,
+                                         reconstruct=[job]), "reconstruct", settings)
     recon = gpu_stages.load_reconstruction(output_root, job.output, settings)
-    recon.stage = result["timing"]["reconstruct"]
+    recon.stage = timing
     recon.stats["gpu_attempts"] = [a.as_dict() for a in attempts]
     seg.messages.extend(f"gpu-stage {a.line()}" for a in attempts if len(attempts) > 1)
     return recon
+
+
+def _one_job(batch: GpuBatch, stage: str, settings: Settings) -> tuple[dict[str, Any], list[StageAttempt]]:
+    """Run a one-job batch on the workers; its stage's timing and the attempts, or the job's own error raised."""
+    result, attempts = run_on_workers(batch, settings)
+    done = result[stage][0]
+    if "error" in done:
+        raise error_from_record(done["error"])
+    return result["timing"][stage], attempts
 
 
 def catalog_batch(works: list[catalog.ItemWork], batch_index: int, output_root: str,

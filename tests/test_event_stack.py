@@ -121,7 +121,7 @@ def stack(tmp_path_factory):
     assert started.returncode == 0, started.stdout + started.stderr
     assert "Prefect UI:" in started.stdout
     recorded = read_stack(state_dir)["processes"]
-    assert set(recorded) == {"moto", "prefect-server", "worker", "events-bridge", "review-server"}
+    assert set(recorded) == {"moto", "prefect-server", "worker", "gpu-worker", "events-bridge", "review-server"}
     holder = Stack(state_dir)
     try:
         yield holder
@@ -133,7 +133,7 @@ def stack(tmp_path_factory):
         stopped = subprocess.run([*CLI, "down", "--state-dir", str(state_dir)], env=env, capture_output=True,
                                  text=True, timeout=120)
         assert stopped.returncode == 0, stopped.stderr
-        for name in ("moto", "prefect-server", "worker", "review-server"):
+        for name in ("moto", "prefect-server", "worker", "gpu-worker", "review-server"):
             assert f"stopped {name} (pid {recorded[name]['pid']})" in stopped.stdout
         assert not any(_alive(entry) for entry in recorded.values())
         assert not (state_dir / "stack.json").exists()
@@ -188,6 +188,47 @@ def test_uploads_start_one_completed_run_each(stack):
         assert {"mask.png", "overlay.png", "object.glb", "preview.png", "result.json"} <= names
     # The runs wrote PNGs under the output root; the bucket-wide notification sent them to the bridge too.
     stack.wait_log(f"under the pipeline's own prefix s3://{stack.bucket}/{stack.env['SAM3D_OUTPUT_PREFIX']}")
+
+
+def test_a_burst_of_uploads_shares_the_warm_gpu_worker(stack):
+    """8 uploads at once: 8 completed results, exactly once each, every model stage on the stack's GPU worker
+    sessions, and each (session, stage) loads its model for one photo at most."""
+    from collections import Counter
+
+    assert stack.env["SAM3D_GPU_STAGES"] == "workers"
+    tag = uuid.uuid4().hex[:6]
+    images = [stack.put(f"burst-{tag}/photo {i}.png", seed=200 + i, prompt="thing") for i in range(8)]
+    finished = stack.wait_finished(images, timeout_s=400)
+    loads: Counter = Counter()
+    prefixes = set()
+    for image, runs in finished.items():
+        assert len(runs) == 1 and runs[0]["state_type"] == "COMPLETED", (image, [r["state_type"] for r in runs])
+        prefix, result = stack.result(runs[0])
+        prefixes.add(prefix)
+        assert result["status"] == "completed" and set(result["stages"]) == {"segment", "reconstruct"}
+        for stage, info in result["stages"].items():
+            assert info["worker"] != "inline" and info["queue_wait_s"] >= 0
+            loads[(info["worker"], stage)] += info["model_load_s"] > 0
+    assert len(prefixes) == 8
+    assert loads and all(n <= 1 for n in loads.values()), loads
+
+
+def test_catalog_with_the_stack_env_runs_its_batches_on_the_gpu_workers(stack, tmp_path):
+    for i in range(3):
+        (tmp_path / f"item {i}.png").write_bytes(encode(object_photo(160, 120, seed=300 + i)[0]))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "PREFECT_", "SAM3D_"))} | stack.env
+    out = f"s3://{stack.bucket}/catalog-{uuid.uuid4().hex[:6]}"
+    done = subprocess.run([*CLI, "catalog", str(tmp_path), "--prompt", "item", "--out", out, "--batch-size", "2"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    bucket_prefix = out.split("/", 3)[3]
+    index = json.loads(stack.s3.get_object(Bucket=stack.bucket, Key=f"{bucket_prefix}/catalog.json")["Body"].read())
+    assert index["counts"]["completed"] == 3
+    for item in index["items"]:
+        key = f"{item['output_prefix'].split('/', 3)[3]}/result.json"
+        result = json.loads(stack.s3.get_object(Bucket=stack.bucket, Key=key)["Body"].read())
+        assert {info["worker"] for info in result["stages"].values()} - {"inline"}, result["stages"]
+        assert "inline" not in {info["worker"] for info in result["stages"].values()}
 
 
 def test_redelivery_and_reupload_of_same_bytes_start_one_run(stack):

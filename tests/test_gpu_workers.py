@@ -24,10 +24,10 @@ from sam3d_pipeline.gpu_workers import IdleClock, Lease, SessionLedger, lease_ve
 from sam3d_pipeline.keys import RunKeys
 from sam3d_pipeline.masks import iou
 
+from .doubles import DOUBLE_DIR, double_config
 from .photos import encode, object_photo
 
 ROOT = Path(__file__).resolve().parents[1]
-DOUBLE_DIR = Path(__file__).parent / "sam3d_double"
 
 
 # -- the decisions, without Prefect ----------------------------------------------------------------------------
@@ -151,7 +151,7 @@ class WorkerSession:
             "PREFECT_LOGGING_LEVEL": "INFO",
             "SAM3D_GPU_LEASE_S": os.environ.get("SAM3D_GPU_LEASE_S", "30"),
             "PYTHONPATH": os.pathsep.join([str(DOUBLE_DIR), str(ROOT)]),
-            "SAM3D_SAM3D_CONFIG_PATH": str(_double_config(tmp_path / "ckpt")),
+            "SAM3D_SAM3D_CONFIG_PATH": str(double_config(tmp_path / "ckpt")),
         } | (env or {})
         self.env.pop("CONDA_PREFIX", None)
         self.idle_s = idle_s
@@ -188,15 +188,6 @@ class WorkerSession:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.log.close()
-
-
-def _double_config(folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in ("a.ckpt", "b.ckpt"):
-        (folder / name).write_bytes(b"w")
-    (folder / "pipeline.yaml").write_text(json.dumps({"ss_generator_ckpt_path": "a.ckpt",
-                                                      "slat_generator_ckpt_path": "b.ckpt"}))
-    return folder / "pipeline.yaml"
 
 
 @pytest.fixture
@@ -352,3 +343,30 @@ def test_out_of_memory_on_a_worker_is_retried_with_the_low_memory_settings(worke
     attempts = result["mesh"]["gpu_attempts"]
     assert [(a["kind"], a["low_memory"]) for a in attempts] == [("oom", False), ("ok", True)]
     assert "CUDA out of memory" in attempts[0]["message"]
+
+
+@pytest.mark.slow
+def test_sam3_stays_loaded_on_the_worker_between_photos(workers_mode, tmp_path, monkeypatch):
+    """The real SAM 3 (random weights, on this CPU) on one worker session: the first photo pays the model
+    load, the second finds it in memory."""
+    pytest.importorskip("sam3")
+    from flows.image_to_3d import image_to_3d
+
+    monkeypatch.setenv("SAM3D_SAM3_RANDOM_INIT", "true")
+    worker = WorkerSession(tmp_path, env={"SAM3D_SAM3_RANDOM_INIT": "true"}).start()
+    try:
+        stages = []
+        for i in range(2):
+            state = image_to_3d(image=str(_photo(tmp_path, f"shoe{i}.png", seed=40 + i)), prompt="shoe",
+                                output_root=str(tmp_path / "out"), segmenter="sam3", reconstructor="lite",
+                                return_state=True)
+            assert state.is_completed(), state.message
+            result = state.result()
+            assert result["segmenter"]["name"] == "sam3" and result["segmenter"]["weights"] == "random-init"
+            stages.append(result["stages"]["segment"])
+    finally:
+        worker.stop()
+    assert stages[0]["worker"] == stages[1]["worker"] == worker.session
+    assert stages[0]["model_load_s"] > 1.0  # building SAM 3 takes seconds
+    assert stages[1]["model_load_s"] == 0.0
+    assert not backends._CACHE  # the flow's process built no model

@@ -228,15 +228,16 @@ def test_pose_to_json_from_arrays_and_errors():
         adapter.pose_to_json([1, 0, 0, 0], [1, 2, 3], [np.nan, 1, 1])
 
 
-def test_deployment_mode_resolves_gpu_backends_without_their_packages(monkeypatch):
-    settings = _settings(gpu_stages="deployment")
+def test_workers_mode_resolves_gpu_backends_without_their_packages(monkeypatch):
+    settings = _settings(gpu_stages="workers")
     resolved = backends.resolve("reconstructor", "auto", settings)
-    assert resolved.name == "sam3d" and "GPU pool" in resolved.reason
+    assert resolved.name == "sam3d" and "GPU workers" in resolved.reason
+    assert backends.describe("reconstructor", "sam3d", settings).name == "sam3d"  # no build, no torch
     assert backends.get_reconstructor("sam3d", settings).info().name == "sam3d"  # cheap: no torch, no model
     assert backends.resolve("reconstructor", "lite", settings).name == "lite"
     from dataclasses import replace
 
-    missing = replace(backends.SEGMENTERS["lite"], target="sam3d_pipeline.backends.not_built:Nope")
+    missing = replace(backends.SEGMENTERS["lite"], target="sam3d_pipeline.backends.not_built:Nope", describe=None)
     monkeypatch.setitem(backends.SEGMENTERS, "sam3", missing)
     with pytest.raises(BackendUnavailableError, match="not part of this build"):
         backends.resolve("segmenter", "auto", settings)
@@ -253,7 +254,7 @@ def test_sam3d_settings_that_change_the_output_change_the_prefix(monkeypatch):
     options = pipeline.RunOptions(prompt="chair", segmenter="lite", reconstructor="sam3d")
 
     def prefix(**kw):
-        settings = _settings(gpu_stages="deployment", **kw)  # resolves sam3d without its packages
+        settings = _settings(gpu_stages="workers", **kw)  # resolves sam3d without its packages
         return pipeline.plan("photos/chair.jpg", "sha256:abc", options, "out", settings).prefix
 
     base = prefix()
