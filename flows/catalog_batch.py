@@ -16,18 +16,16 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from sam3d_pipeline.catalog import CatalogEntry, CatalogTally, ItemWork, crashed_entry, gpu_batches
+from sam3d_pipeline.catalog import CatalogTally, gpu_batches
 from sam3d_pipeline.settings import get_settings
 from sam3d_pipeline.storage import open_storage
-from tasks.bounded import bounded
 from tasks.catalog import (
     catalog_artifacts,
     catalog_progress,
     ensure_gpu_limit,
     load_catalog_source,
-    plan_catalog_item,
-    process_gpu_batch,
-    record_catalog_failure,
+    plan_catalog_items,
+    run_gpu_batches,
     write_catalog,
 )
 from tasks.retry import retry_options
@@ -86,34 +84,15 @@ def catalog_batch(
     progress = catalog_progress(tally)
 
     # Plan: prefixes from content ids only; finished items are skipped before any decode or model.
-    plan = plan_catalog_item.with_options(**io_retries)
     options = {"segmenter": segmenter, "reconstructor": reconstructor, "seed": seed}
-    pending: list[ItemWork] = []
-    for item, future in bounded(lambda it: plan.submit(it, it.options(**options), root, settings, force), items,
-                                concurrency):
-        if not future.state.is_completed():
-            tally.add(crashed_entry(item, future.state.message or "planning failed"))
-        elif isinstance(planned := future.result(), CatalogEntry):
-            tally.add(planned)
-        elif planned.error is not None:
-            tally.add(record_catalog_failure(planned, root, settings, run_id))
-        else:
-            pending.append(planned)
+    pending = plan_catalog_items(items, options, root, settings, force, concurrency, tally)
     progress()
     batches = gpu_batches(pending, batch_size)
     logger.info("%d item(s): %d to run in %d GPU batch(es) of up to %d; %d skipped; %d GPU slot(s) on %r", tally.total,
                 len(pending), len(batches), batch_size, tally.counts()["skipped"], limit, gpu_limit)
 
     # Run: `concurrency` batches at a time; a batch that crashes as a whole fails its items, not the run.
-    for (index, batch), future in bounded(
-            lambda ib: process_gpu_batch.submit(ib[1], ib[0], gpu_limit, root, settings, run_id),
-            list(enumerate(batches)), concurrency):
-        if future.state.is_completed():
-            tally.add(*future.result())
-        else:
-            logger.error("GPU batch %d failed as a whole: %s", index, future.state.message)
-            tally.add(*(crashed_entry(w.item, future.state.message or "batch failed", w) for w in batch))
-        progress()
+    run_gpu_batches(batches, gpu_limit, root, settings, concurrency, tally, progress)
 
     summary, index_doc = tally.summary(), tally.index()
     uris = write_catalog.with_options(**io_retries)(index_doc, root, settings)

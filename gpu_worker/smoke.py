@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from sam3d_pipeline import backends
-    from sam3d_pipeline import gpu_stages as stages
+    from sam3d_pipeline.glb import mesh_to_glb
     from sam3d_pipeline.images import load_image
     from sam3d_pipeline.masks import mask_to_png, select_instance
     from sam3d_pipeline.samples import sample_path
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     recon = stage("sam3d reconstruct", lambda: reconstructor.reconstruct(image.rgb, seg.instances[selected].mask))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "mask.png").write_bytes(mask_to_png(seg.instances[selected].mask))
-    (args.out / "object.glb").write_bytes(stages.mesh_to_glb(recon.mesh, recon.backend.key()))
+    (args.out / "object.glb").write_bytes(mesh_to_glb(recon.mesh, reconstructor=recon.backend.key()))
     if recon.splat_ply:
         (args.out / "object.ply").write_bytes(recon.splat_ply)
     print(f"mask {seg.instances[selected].area} px (score {seg.instances[selected].score:.2f}); mesh {recon.stats};"

@@ -19,7 +19,7 @@ from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectNotFound
 
 from sam3d_pipeline import catalog
-from sam3d_pipeline.catalog import CatalogEntry, CatalogItem, CatalogTally, ItemWork, ManifestRow
+from sam3d_pipeline.catalog import CatalogEntry, CatalogItem, CatalogTally, ItemWork, ManifestRow, crashed_entry
 from sam3d_pipeline.errors import PipelineError, is_transient
 from sam3d_pipeline.gallery import write_gallery
 from sam3d_pipeline.pipeline import RunOptions
@@ -27,6 +27,7 @@ from sam3d_pipeline.settings import Settings
 from sam3d_pipeline.storage import open_storage
 
 from . import gpu_dispatch
+from .bounded import bounded
 from .retry import retry_if_transient, retry_options
 
 
@@ -171,3 +172,36 @@ def catalog_progress(tally: CatalogTally) -> Callable[[], None]:
         update_progress_artifact(artifact_id, progress=tally.percent_done, description=tally.progress_line())
 
     return update
+
+
+def plan_catalog_items(items: list[CatalogItem], options: dict[str, Any], output_root: str, settings: Settings,
+                       force: bool, concurrency: int, tally: CatalogTally) -> list[ItemWork]:
+    """Plan every item, ``concurrency`` at a time; skipped and failed ones go to the tally. Returns the rest."""
+    plan = plan_catalog_item.with_options(**retry_options(settings))
+    pending: list[ItemWork] = []
+    for item, future in bounded(lambda it: plan.submit(it, it.options(**options), output_root, settings, force),
+                                items, concurrency):
+        if not future.state.is_completed():
+            tally.add(crashed_entry(item, future.state.message or "planning failed"))
+        elif isinstance(planned := future.result(), CatalogEntry):
+            tally.add(planned)
+        elif planned.error is not None:
+            tally.add(record_catalog_failure(planned, output_root, settings, tally.flow_run_id))
+        else:
+            pending.append(planned)
+    return pending
+
+
+def run_gpu_batches(batches: list[list[ItemWork]], gpu_limit: str, output_root: str, settings: Settings,
+                    concurrency: int, tally: CatalogTally, progress: Callable[[], None]) -> None:
+    """Process GPU batches, ``concurrency`` at a time; a batch that crashes as a whole fails its items only."""
+    logger = get_run_logger()
+    for (index, batch), future in bounded(
+            lambda ib: process_gpu_batch.submit(ib[1], ib[0], gpu_limit, output_root, settings, tally.flow_run_id),
+            list(enumerate(batches)), concurrency):
+        if future.state.is_completed():
+            tally.add(*future.result())
+        else:
+            logger.error("GPU batch %d failed as a whole: %s", index, future.state.message)
+            tally.add(*(crashed_entry(w.item, future.state.message or "batch failed", w) for w in batch))
+        progress()

@@ -181,7 +181,7 @@ def _wait(future: Any, run_id: str, storage: Storage, settings: Settings) -> tup
     last_scaled = float("-inf")
     with get_client(sync_client=True) as client:
         while True:
-            future.wait(timeout=settings.gpu_poll_s)
+            # The state can read as None for a moment (the server records task run states from events).
             state = client.read_task_run(run_id).state
             if state is not None and state.is_final():
                 if state.is_completed():
@@ -204,6 +204,10 @@ def _wait(future: Any, run_id: str, storage: Storage, settings: Settings) -> tup
                 message = f"no result within SAM3D_GPU_STAGE_TIMEOUT_S={settings.gpu_stage_timeout_s:g}"
                 client.set_task_run_state(run_id, Crashed(message=message), force=True)
                 return "timeout", message
+            try:
+                future.wait(timeout=settings.gpu_poll_s)  # returns at once when the run ends (an event)
+            except RuntimeError:  # its state is not recorded yet
+                time.sleep(settings.gpu_poll_s)
 
 
 def read_lease(storage: Storage, task_run_id: str) -> Lease | None:

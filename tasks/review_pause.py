@@ -102,7 +102,7 @@ def round_request(options: pipeline.RunOptions) -> dict[str, Any]:
 def segment_or_reuse(image: LoadedImage, options: pipeline.RunOptions, run_plan: pipeline.RunPlan,
                      settings: Settings, storage: Storage, round_number: int) -> Segmentation:
     """Segment, unless this round's segmentation was persisted before a suspension (the run re-executes)."""
-    info = backends.get_segmenter(run_plan.segmenter.name, settings).info()
+    info = backends.describe("segmenter", run_plan.segmenter.name, settings)  # no model in this process
     reused = load_round(storage, run_plan.prefix, round_number, round_request(options), info,
                         (image.width, image.height))
     if reused is not None:

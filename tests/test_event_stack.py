@@ -176,7 +176,7 @@ def test_uploads_start_one_completed_run_each(stack):
         key, expected_prompt = images[image]
         assert len(runs) == 1, f"{key}: {len(runs)} runs"
         (run,) = runs
-        assert run["state_type"] == "COMPLETED", run["state_name"]
+        assert run["state_type"] == "COMPLETED", (run["state_name"], (run.get("state") or {}).get("message"))
         assert run["parameters"]["prompt"] == expected_prompt
         prefix, result = stack.result(run)
         assert prefix.startswith(f"{stack.env['SAM3D_OUTPUT_PREFIX']}{image_stem(key)}-")
@@ -202,7 +202,8 @@ def test_a_burst_of_uploads_shares_the_warm_gpu_worker(stack):
     loads: Counter = Counter()
     prefixes = set()
     for image, runs in finished.items():
-        assert len(runs) == 1 and runs[0]["state_type"] == "COMPLETED", (image, [r["state_type"] for r in runs])
+        assert len(runs) == 1 and runs[0]["state_type"] == "COMPLETED", (
+            image, [(r["state_type"], (r.get("state") or {}).get("message")) for r in runs])
         prefix, result = stack.result(runs[0])
         prefixes.add(prefix)
         assert result["status"] == "completed" and set(result["stages"]) == {"segment", "reconstruct"}

@@ -13,9 +13,9 @@ import trimesh
 import yaml
 
 from sam3d_pipeline import backends
-from sam3d_pipeline import gpu_stages as stages
 from sam3d_pipeline.backends import sam3d_reconstructor as adapter
 from sam3d_pipeline.errors import BackendUnavailableError, InputError
+from sam3d_pipeline.glb import glb_to_mesh, mesh_to_glb
 from sam3d_pipeline.settings import Settings
 
 from .photos import object_photo
@@ -181,9 +181,9 @@ def test_trimesh_mesh_to_glb_keeps_geometry_and_vertex_colours():
     mesh = trimesh.creation.box(extents=(1.0, 2.0, 0.5))
     colours = np.tile([200, 30, 10, 255], (len(mesh.vertices), 1)).astype(np.uint8)
     mesh.visual.vertex_colors = colours
-    glb = stages.mesh_to_glb(adapter.mesh_from_output(mesh), "sam3d@x")
+    glb = mesh_to_glb(adapter.mesh_from_output(mesh), reconstructor="sam3d@x")
     assert glb[:4] == b"glTF"
-    back = stages.glb_to_mesh(glb)
+    back = glb_to_mesh(glb)
     assert isinstance(back, trimesh.Trimesh)
     assert np.allclose(sorted(back.extents), sorted(mesh.extents))
     assert np.array_equal(np.asarray(back.visual.vertex_colors)[:, :3], colours[: len(back.vertices), :3])
