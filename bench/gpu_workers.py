@@ -93,7 +93,7 @@ def residency_phase(photos: int, tmp: Path) -> dict:
             if len(rows) != photos:
                 raise RuntimeError(f"{mode}: {done.stdout[-2000:]}\n{done.stderr[-4000:]}")
             times[mode] = [r["s"] for r in rows]
-            loads[mode] = {stage: sum(1 for r in rows if r["stages"][stage]["model_load_s"] > 0)
+            loads[mode] = {stage: sum(1 for r in rows if r["stages"].get(stage, {}).get("model_load_s", 0) > 0)
                            for stage in ("segment", "reconstruct")}
             for i, r in enumerate(rows):
                 seg = r["stages"]["segment"]

@@ -133,7 +133,11 @@ class Settings(BaseSettings):
         description="A running GPU task refreshes its lease every third of this; a lease older than this means its "
         "worker is gone and the work is submitted again (seconds).",
     )
-    gpu_poll_s: float = Field(0.25, gt=0, le=10, description="How often a flow checks a GPU task it waits on (s).")
+    gpu_poll_s: float = Field(
+        2.0, gt=0, le=30,
+        description="How often a flow checks the state and lease of a GPU task it waits on; it wakes at once when "
+        "the task ends (seconds).",
+    )
     gpu_stage_attempts: int = Field(
         3, ge=1, le=10, description="Attempts per GPU task when its worker is lost (spot, OOM, killed)."
     )

@@ -31,9 +31,9 @@ from prefect.client.schemas.filters import (
     TaskRunFilterStateType,
 )
 from prefect.client.schemas.objects import StateType
-from prefect.client.schemas.sorting import FlowRunSort
-from prefect.exceptions import ObjectNotFound
-from prefect.states import Crashed
+from prefect.exceptions import MissingContextError, ObjectNotFound
+from prefect.logging import get_logger
+from prefect.states import Cancelled, Crashed
 
 from sam3d_pipeline import catalog, gpu_stages, pipeline
 from sam3d_pipeline.errors import InputNotFoundError, error_from_record
@@ -231,12 +231,13 @@ def _session_ended(client: SyncPrefectClient, session: str) -> tuple[bool, str]:
 _NO_DEPLOYMENT_LOGGED: set[str] = set()
 
 
-def ensure_sessions(client: SyncPrefectClient, settings: Settings) -> int:
+def ensure_sessions(client: SyncPrefectClient, settings: Settings, queued: int | None = None) -> int:
     """Start GPU worker sessions (runs of ``SAM3D_GPU_WORKER_DEPLOYMENT``) while queued work needs them.
 
     Two flows that start sessions at the same moment may both start one: each then keeps its new session only
     while it is within ``SAM3D_GPU_MAX_WORKERS`` by creation time, and deletes it otherwise (not yet started).
-    Returns how many sessions this call kept.
+    ``queued`` is the number of GPU tasks waiting (default: counted from the API). Returns how many sessions
+    this call kept.
     """
     name = settings.gpu_worker_deployment
     try:
@@ -244,35 +245,46 @@ def ensure_sessions(client: SyncPrefectClient, settings: Settings) -> int:
     except ObjectNotFound:
         if name not in _NO_DEPLOYMENT_LOGGED:
             _NO_DEPLOYMENT_LOGGED.add(name)
-            get_run_logger().warning("no %r deployment: GPU work waits for a worker started by hand "
+            _logger().warning("no %r deployment: GPU work waits for a worker started by hand "
                                      "(sam3d-pipeline gpu-worker)", name)
         return 0
-    queued = client.read_task_runs(task_run_filter=TaskRunFilter(
-        name=TaskRunFilterName(like_="gpu-stage"),
-        state=TaskRunFilterState(type=TaskRunFilterStateType(any_=[StateType.SCHEDULED]))),
-        limit=settings.gpu_max_workers)
+    if queued is None:
+        queued = len(client.read_task_runs(task_run_filter=TaskRunFilter(
+            name=TaskRunFilterName(like_="gpu-stage"),
+            state=TaskRunFilterState(type=TaskRunFilterStateType(any_=[StateType.SCHEDULED]))),
+            limit=settings.gpu_max_workers))
     active = _active_sessions(client, deployment.id)
-    wanted = sessions_to_start(queued=len(queued), active=len(active), max_workers=settings.gpu_max_workers)
+    wanted = sessions_to_start(queued=queued, active=len(active), max_workers=settings.gpu_max_workers)
     kept = 0
     for _ in range(wanted):
         run = client.create_flow_run_from_deployment(deployment.id, tags=["sam3d-gpu-session"])
         order = [r.id for r in _active_sessions(client, deployment.id)]
         if run.id in order and order.index(run.id) >= settings.gpu_max_workers:
-            client.delete_flow_run(run.id)
+            client.set_flow_run_state(run.id, Cancelled(message="surplus GPU worker session: another flow started "
+                                                        "one at the same moment"), force=True)
             break
         kept += 1
     if kept:
-        get_run_logger().info("started %d GPU worker session(s) (%d queued task(s), %d session(s) active)", kept,
-                              len(queued), len(active))
+        _logger().info("started %d GPU worker session(s) (%d queued task(s), %d session(s) active)", kept,
+                              queued, len(active))
     return kept
 
 
+def _logger() -> Any:
+    try:
+        return get_run_logger()
+    except MissingContextError:  # called outside a flow or task run
+        return get_logger("sam3d.gpu_dispatch")
+
+
 def _active_sessions(client: SyncPrefectClient, deployment_id: Any) -> Sequence[Any]:
-    return client.read_flow_runs(
+    """Sessions starting or running, in the order the server created them (every caller sees the same first N;
+    a client-side timestamp such as the expected start time would not give that order)."""
+    runs = client.read_flow_runs(
         deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
         flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=ACTIVE_SESSION_STATES))),
-        sort=FlowRunSort.EXPECTED_START_TIME_ASC,  # creation order: every caller sees the same first N
     )
+    return sorted(runs, key=lambda r: (r.created, str(r.id)))
 
 
 def _record(attempts: list[StageAttempt]) -> None:

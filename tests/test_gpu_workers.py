@@ -370,3 +370,37 @@ def test_sam3_stays_loaded_on_the_worker_between_photos(workers_mode, tmp_path, 
     assert stages[0]["model_load_s"] > 1.0  # building SAM 3 takes seconds
     assert stages[1]["model_load_s"] == 0.0
     assert not backends._CACHE  # the flow's process built no model
+
+
+@pytest.mark.slow
+def test_flows_starting_sessions_at_once_stay_within_the_maximum(prefect_server, monkeypatch):
+    """Four flows that see queued work at the same moment start at most SAM3D_GPU_MAX_WORKERS sessions."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelled
+
+    from flows.gpu_worker import gpu_worker
+    from sam3d_pipeline.settings import get_settings
+    from tasks import gpu_dispatch
+
+    name = f"race-{uuid.uuid4().hex[:8]}"
+    gpu_worker.to_deployment(name=name).apply()  # no worker polls it: its sessions stay scheduled
+    monkeypatch.setenv("SAM3D_GPU_WORKER_DEPLOYMENT", f"gpu-worker/{name}")
+    monkeypatch.setenv("SAM3D_GPU_MAX_WORKERS", "2")
+    settings = get_settings()
+    kept = []
+
+    def start() -> None:
+        with get_client(sync_client=True) as client:
+            kept.append(gpu_dispatch.ensure_sessions(client, settings, queued=5))
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(f"gpu-worker/{name}")
+        active = gpu_dispatch._active_sessions(client, deployment.id)
+        assert len(active) == 2 and sum(kept) == 2, (len(active), kept)
+        for run in active:
+            client.set_flow_run_state(run.id, Cancelled(), force=True)
