@@ -56,7 +56,7 @@ def residency_phase(photos: int, tmp: Path) -> dict:
     home = tmp / "prefect"
     env = os.environ | {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                         "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "SAM3D_SAM3_RANDOM_INIT": "true",
-                        "PREFECT_LOCAL_STORAGE_PATH": str(home / "storage"), "SAM3D_GPU_POLL_S": "0.5",
+                        "PREFECT_LOCAL_STORAGE_PATH": str(home / "storage"),
                         "PREFECT_LOGGING_LEVEL": "WARNING"}
     server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
                                str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
