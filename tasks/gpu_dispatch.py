@@ -162,7 +162,7 @@ def run_on_workers(batch: GpuBatch, settings: Settings, *,
             if n > 1:
                 _record(attempts)
             return result, attempts
-        if kind == "failed":  # the stage raised: its own error, permanent unless transient
+        if kind == "failed":  # the stage raised a permanent error: raise it as it is
             future.result(raise_on_failure=True)
         logger.warning("gpu-stage %s", attempt.line())
         if not should_retry(kind, n, settings.gpu_stage_attempts, low_memory):
@@ -186,8 +186,7 @@ def _wait(future: Any, run_id: str, storage: Storage, settings: Settings) -> tup
             if state is not None and state.is_final():
                 if state.is_completed():
                     return "ok", ""
-                kind = classify(state.type.value, state.message)
-                return ("failed" if kind in ("failed", "transient") else kind), state.message or ""
+                return classify(state.type.value, state.message), state.message or ""
             lease = read_lease(storage, run_id)
             ended, why = _session_ended(client, lease.session) if lease else (False, "")
             verdict = lease_verdict(lease, now=time.time(), lease_s=settings.gpu_lease_s, session_ended=ended)
