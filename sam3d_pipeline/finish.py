@@ -112,6 +112,8 @@ def build_result(record: RunRecord, status: str, error: BaseException | None = N
     messages = list(seg.messages) if seg else []
     if run_plan:
         messages[:0] = [run_plan.segmenter.reason, run_plan.reconstructor.reason]
+    if record.image is not None:
+        messages += record.image.notes
     messages += record.messages
     segmenter = dict(run_plan.segmenter_info) if run_plan else None
     if segmenter is not None and seg is not None:  # where it really ran (the plan may not know the device)

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from .errors import ImageTooLargeError, InvalidImageError
 
-# We enforce our own limit from the header; Pillow's global bomb check is disabled so that our
-# message (naming the input and the limit) is the one users see.
-Image.MAX_IMAGE_PIXELS = None
+# Pillow's own decompression-bomb guard (``Image.MAX_IMAGE_PIXELS``) stays on for every decode in the
+# process. ``load_image`` checks SAM3D_MAX_PIXELS from the header first, so for a photo over our limit
+# our message (naming the input and the setting) is the one people see.
+
+# EXIF orientations that rotate or flip (1 is "as stored"; anything else is not a valid tag value).
+_TRANSPOSING_ORIENTATIONS = frozenset(range(2, 9))
 
 
 @dataclass
@@ -29,6 +33,8 @@ class LoadedImage:
         original_mode: Pillow mode before normalisation (``P``, ``I;16``, ``CMYK``, ...).
         exif_transposed: True when an EXIF orientation tag rotated or flipped the pixels.
         alpha: ``(H, W)`` uint8 alpha channel when the file had one, else None.
+        notes: what intake did that a person should know (first frame of an animation used, an invalid
+            orientation tag ignored); they go into the result's ``messages``.
     """
 
     rgb: np.ndarray
@@ -38,6 +44,7 @@ class LoadedImage:
     original_mode: str
     exif_transposed: bool = False
     alpha: np.ndarray | None = None
+    notes: list[str] = field(default_factory=list)
 
     @property
     def height(self) -> int:
@@ -109,11 +116,15 @@ def load_image(data: bytes, *, source: str, max_pixels: int) -> LoadedImage:
     try:
         im = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
+        # Never quote the file's bytes: the input may be anything, and messages reach logs and reports.
         raise InvalidImageError(
-            f"{source}: not a recognised image ({len(data)} bytes; first bytes {data[:8]!r})"
+            f"{source}: not a recognised image format ({len(data):,} bytes; "
+            "this pipeline reads JPEG, PNG, WebP, TIFF, BMP and GIF)"
         ) from None
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(f"{source}: {_bomb_reason(exc, max_pixels)}; refused before decoding") from None
     except (OSError, ValueError, SyntaxError) as exc:
-        raise InvalidImageError(f"{source}: image header is truncated or corrupt: {exc}") from None
+        raise InvalidImageError(f"{source}: {_corrupt_reason(exc, 'image header')}") from None
     width, height = im.size
     if width <= 0 or height <= 0:
         raise InvalidImageError(f"{source}: image has no pixels ({width}x{height})")
@@ -124,14 +135,24 @@ def load_image(data: bytes, *, source: str, max_pixels: int) -> LoadedImage:
         )
     fmt = im.format or "unknown"
     original_mode = im.mode
+    notes = []
+    frames = int(getattr(im, "n_frames", 1) or 1)
+    if frames > 1:
+        kind = "animated" if getattr(im, "is_animated", False) and fmt in ("GIF", "PNG", "WEBP") else "multi-page"
+        notes.append(f"{source}: {kind} {fmt} with {frames} frames; the first frame was used")
+    orientation = _orientation(im)
+    if orientation is not None and orientation not in _TRANSPOSING_ORIENTATIONS and orientation != 1:
+        notes.append(f"{source}: EXIF orientation {orientation!r} is not a valid value (1-8); "
+                     "the pixels were used as stored")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             im.load()
             transposed = ImageOps.exif_transpose(im)
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(f"{source}: {_bomb_reason(exc, max_pixels)}") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise InvalidImageError(f"{source}: image data is truncated or corrupt: {exc}") from None
-    exif_transposed = transposed.size != im.size or _orientation(im) not in (None, 1)
+        raise InvalidImageError(f"{source}: {_corrupt_reason(exc, 'image data')}") from None
     rgb, alpha = _to_rgb(transposed)
     return LoadedImage(
         rgb=rgb,
@@ -139,9 +160,34 @@ def load_image(data: bytes, *, source: str, max_pixels: int) -> LoadedImage:
         sha256=hashlib.sha256(data).hexdigest(),
         format=fmt,
         original_mode=original_mode,
-        exif_transposed=exif_transposed,
+        exif_transposed=orientation in _TRANSPOSING_ORIENTATIONS,
         alpha=alpha,
+        notes=notes,
     )
+
+
+def _bomb_reason(exc: BaseException, max_pixels: int) -> str:
+    """Pillow refuses a header over twice its own guard before we can read the size; say it our way."""
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    size = f"{int(found.group(1)):,} pixels" if found else "the image's pixel count"
+    return f"{size} exceeds the limit of {max_pixels:,} (SAM3D_MAX_PIXELS) and the decoder's safety limit"
+
+
+def _corrupt_reason(exc: BaseException, part: str) -> str:
+    """What is actually wrong, in words: Pillow's messages name its internals and sometimes a stream object."""
+    text = str(exc)
+    if "MAX_TEXT" in text or "Decompressed data too large" in text:
+        return (f"a text metadata chunk decompresses to more than the decoder's limit of "
+                f"{PngImagePlugin.MAX_TEXT_CHUNK:,} bytes (a decompression bomb, or huge embedded text); "
+                "strip the file's metadata and upload it again")
+    if isinstance(exc, EOFError) or "truncated" in text.lower():
+        return f"{part} is truncated (the file ends early): {_plain(text)}"
+    return f"{part} is corrupt: {_plain(text)}"
+
+
+def _plain(text: str) -> str:
+    """Pillow's message without object reprs (``<_io.BytesIO object at 0x…>`` means nothing to a person)."""
+    return re.sub(r"<[\w.]+ object at 0x[0-9a-f]+>", "the file", text).strip() or "no detail from the decoder"
 
 
 def _orientation(im: Image.Image) -> int | None:

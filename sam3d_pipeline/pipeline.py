@@ -22,13 +22,13 @@ from .masks import select_instance
 from .report import RunResult
 from .settings import Settings, get_settings
 from .storage import open_storage, read_input
-from .types import Box, BoxParam, Point, Reconstruction, Segmentation, SegmentRequest
+from .types import PROMPT_MAX_CHARS, Box, BoxParam, Point, Reconstruction, Segmentation, SegmentRequest
 
 
 class RunOptions(BaseModel):
     """Per-run knobs (the ``image-to-3d`` flow's parameters, less the image and output root)."""
 
-    prompt: str = Field(min_length=1, max_length=500, description="What to segment, e.g. 'red chair'.")
+    prompt: str = Field(min_length=1, max_length=PROMPT_MAX_CHARS, description="What to segment, e.g. 'red chair'.")
     boxes: list[BoxParam] = Field(default_factory=list, description="Box prompts, xyxy in image pixels.")
     points: list[Point] = Field(default_factory=list, description="Click prompts in image pixels.")
     instance_index: int | None = Field(None, ge=0, description="Instance to reconstruct; default: highest score.")

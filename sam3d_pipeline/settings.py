@@ -109,6 +109,20 @@ class Settings(BaseSettings):
         description="Total botocore attempts per S3 call (standard mode, 1 = no retry) before our own retries.",
     )
     s3_timeout_s: float = Field(30.0, gt=0, description="S3 connect and read timeout (seconds).")
+    link_expires_s: int = Field(
+        3600, ge=60, le=7 * 24 * 3600,
+        description="Lifetime of the presigned S3 links put into artifacts and reports (seconds; S3 allows 7 days).",
+    )
+    stale_part_s: float = Field(
+        6 * 3600.0, gt=0,
+        description="A local '.part' file older than this is left from an interrupted write (no run takes so "
+        "long to write one file) and is removed by the next write into its folder (seconds).",
+    )
+    catalog_input_roots: str = Field(
+        "",
+        description="Folders a local catalog manifest may read photos from besides its own folder, separated by "
+        "os.pathsep (':' on Linux). Photos outside them, or symlinks leading outside them, are refused.",
+    )
     task_retries: int = Field(3, ge=0, le=20, description="Prefect retries for transient task failures.")
     task_retry_delay_s: float = Field(
         2.0, ge=0, description="Base of the exponential backoff between Prefect task retries (seconds)."

@@ -9,8 +9,12 @@ transient-or-not rule (``is_transient_aws_error``) serves every AWS call, S3 and
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import stat
 import tempfile
+import time
 from functools import lru_cache
 from pathlib import Path
 from typing import Protocol
@@ -24,6 +28,8 @@ from .errors import (
     TransientStorageError,
 )
 from .settings import Settings, get_settings
+
+log = logging.getLogger("sam3d_pipeline.storage")
 
 TRANSIENT_S3_CODES = {
     "InternalError",
@@ -93,12 +99,21 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
-class LocalStorage:
-    """Objects as files under a local directory."""
+PART_SUFFIX = ".part"
 
-    def __init__(self, root: str | os.PathLike[str]):
+
+class LocalStorage:
+    """Objects as files under a local directory.
+
+    A write goes to ``.<name>.<random>.part`` in the target's folder, then replaces the target. A write that
+    was killed leaves its ``.part`` behind; the next write into that folder removes the ones older than
+    ``stale_part_s`` (no live write is that old).
+    """
+
+    def __init__(self, root: str | os.PathLike[str], stale_part_s: float | None = None):
         self.path = Path(root).expanduser().resolve()
         self.root = str(self.path)
+        self.stale_part_s = stale_part_s if stale_part_s is not None else get_settings().stale_part_s
 
     def _file(self, key: str) -> Path:
         target = (self.path / key).resolve()
@@ -126,7 +141,8 @@ class LocalStorage:
         encoding are S3 metadata; a local file is the stored bytes as they are."""
         target = self._file(key)
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+        remove_stale_parts(target.parent, self.stale_part_s)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=PART_SUFFIX, dir=target.parent)
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
@@ -150,6 +166,28 @@ class LocalStorage:
         self._file(key).unlink(missing_ok=True)
 
 
+def remove_stale_parts(folder: Path, older_than_s: float) -> list[Path]:
+    """Remove the ``.*.part`` files in ``folder`` last modified more than ``older_than_s`` ago; return them."""
+    removed = []
+    cutoff = time.time() - older_than_s
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not (entry.name.startswith(".") and entry.name.endswith(PART_SUFFIX)):
+            continue
+        try:
+            if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except OSError:  # another writer's cleanup got there first, or it is not ours to remove
+            continue
+    if removed:
+        log.info("removed %d stale partial write(s) in %s", len(removed), folder)
+    return removed
+
+
 @lru_cache(maxsize=8)
 def _s3_client(endpoint_url: str | None, max_attempts: int, timeout_s: float):
     import boto3
@@ -159,6 +197,7 @@ def _s3_client(endpoint_url: str | None, max_attempts: int, timeout_s: float):
         retries={"total_max_attempts": max_attempts, "mode": "standard"},
         connect_timeout=timeout_s,
         read_timeout=timeout_s,
+        signature_version="s3v4",  # presigned links: SigV4 works in every region and carries its own lifetime
     )
     return boto3.client("s3", endpoint_url=endpoint_url, config=config)
 
@@ -235,6 +274,7 @@ class S3Storage:
         self.prefix = self.prefix.strip("/")
         self.root = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
         self.client = s3_client(settings)
+        self.link_expires_s = (settings or get_settings()).link_expires_s
 
     def _key(self, key: str) -> str:
         return _join(self.prefix, key)
@@ -268,11 +308,13 @@ class S3Storage:
             raise classify_s3_error(exc, self.uri(key)) from exc
         return self.uri(key)
 
-    def link(self, key: str, expires_s: int = 7 * 24 * 3600) -> str:
-        """A presigned HTTPS URL (at most 7 days) a person can open without AWS credentials."""
+    def link(self, key: str, expires_s: int | None = None) -> str:
+        """A presigned HTTPS URL a person can open without AWS credentials, valid ``expires_s`` seconds
+        (default ``SAM3D_LINK_EXPIRES_S``)."""
         try:
             return self.client.generate_presigned_url(
-                "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=expires_s
+                "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)},
+                ExpiresIn=expires_s or self.link_expires_s,
             )
         except _botocore_errors() as exc:
             raise classify_s3_error(exc, self.uri(key)) from exc
@@ -322,6 +364,21 @@ def list_uris(uri: str, settings: Settings | None = None) -> list[str]:
     return uris
 
 
+def local_path_error(uri: str, exc: OSError) -> PipelineError:
+    """What is wrong with a local path, in words (a symlink loop is not "no such file")."""
+    reasons = {
+        errno.ENOENT: (InputNotFoundError, "no such file"),
+        errno.ELOOP: (InputError, "symbolic link loop (a link that points back to itself)"),
+        errno.ENOTDIR: (InputNotFoundError, "a part of the path is a file, not a folder"),
+        errno.EACCES: (StorageAccessError, "permission denied"),
+        errno.EPERM: (StorageAccessError, "permission denied"),
+        errno.ENAMETOOLONG: (InputError, "path is too long"),
+        errno.EISDIR: (InputError, "is a directory, not a file"),
+    }
+    cls, reason = reasons.get(exc.errno, (InputError, exc.strerror or type(exc).__name__))
+    return cls(f"{uri}: {reason}")
+
+
 def read_input(uri: str, settings: Settings | None = None) -> bytes:
     """Read an input file (local path or ``s3://bucket/key``), refusing files over ``max_input_bytes``.
 
@@ -340,11 +397,16 @@ def read_input(uri: str, settings: Settings | None = None) -> bytes:
             raise ImageTooLargeError(f"{uri}: {size:,} bytes exceeds SAM3D_MAX_INPUT_BYTES={s.max_input_bytes:,}")
         return store.read_bytes(key)
     path = Path(uri).expanduser()
-    if not path.exists():
-        raise InputNotFoundError(f"{uri}: no such file")
-    if not path.is_file():
+    try:
+        info = path.stat()
+    except OSError as exc:
+        raise local_path_error(uri, exc) from None
+    if not stat.S_ISREG(info.st_mode):
         raise InputError(f"{uri}: not a regular file")
-    size = path.stat().st_size
+    size = info.st_size
     if size > s.max_input_bytes:
         raise ImageTooLargeError(f"{uri}: {size:,} bytes exceeds SAM3D_MAX_INPUT_BYTES={s.max_input_bytes:,}")
-    return LocalStorage(path.parent).read_bytes(path.name)
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise local_path_error(uri, exc) from None

@@ -45,6 +45,14 @@ class BackendInfo:
         }
 
 
+# Coordinates arrive from people and programs (CLI, manifests, the UI form, the review API): NaN and
+# ±Infinity are refused where they enter, so no result ever stores an infinite box as ``null``.
+Coordinate = Annotated[float, Field(allow_inf_nan=False)]
+
+# The longest text prompt any entry point accepts (flow parameter, CLI, manifest row).
+PROMPT_MAX_CHARS = 500
+
+
 @pydantic_dataclass(frozen=True)
 class Point:
     """A click in image pixels; ``label`` 1 = on the object, 0 = background.
@@ -53,8 +61,8 @@ class Point:
     Build it positionally (``Point(10, 20, 0)``) or from ``{"x": .., "y": .., "label": ..}``.
     """
 
-    x: float
-    y: float
+    x: Coordinate
+    y: Coordinate
     label: Literal[0, 1] = 1
 
     def as_dict(self) -> dict[str, Any]:
@@ -62,7 +70,7 @@ class Point:
 
 
 # A box prompt as parameters carry it: xyxy in image pixels.
-BoxParam = tuple[float, float, float, float]
+BoxParam = tuple[Coordinate, Coordinate, Coordinate, Coordinate]
 
 
 def bounded_point_model(width: int, height: int) -> type[BaseModel]:

@@ -38,6 +38,8 @@ def load_catalog_source(source: str, default_prompt: str | None, output_root: st
     logger = get_run_logger()
     bad = [r for r in rows if r.item is None]
     logger.info("%s: %d row(s), %d unusable", source, len(rows), len(bad))
+    for warning in getattr(rows, "warnings", []):
+        logger.warning(warning)
     for row in bad:
         logger.warning("skipping unusable row: %s", row.error)
     return rows
@@ -96,7 +98,9 @@ def run_gpu_batch(works: list[ItemWork], batch_index: int, gpu_limit: str, outpu
     acquisition once per batch, not once per stage.
     """
     logger = get_run_logger()
-    ready = [w for w in works if w.error is None and w.image is not None]
+    if done := catalog.recheck_finished(works, open_storage(output_root, settings)):
+        logger.info("GPU batch %d: %d item(s) finished by another run meanwhile; skipped", batch_index, done)
+    ready = [w for w in works if w.error is None and w.image is not None and w.finished is None]
     if not ready:
         logger.info("GPU batch %d: nothing to segment", batch_index)
         return works
@@ -189,6 +193,8 @@ def plan_catalog_items(items: list[CatalogItem], options: dict[str, Any], output
             tally.add(record_catalog_failure(planned, output_root, settings, tally.flow_run_id))
         else:
             pending.append(planned)
+    pending, copies = catalog.split_duplicates(pending)
+    tally.add(*copies)
     return pending
 
 

@@ -53,7 +53,9 @@ def test_jsonl_manifest_and_whole_file_errors():
     assert "line 3: not valid JSON" in rows[1].error
     assert "expected a JSON object, got list" in rows[2].error
     assert "'prompt' is empty and no default prompt" in rows[3].error
-    assert "unknown field(s) colour" in rows[4].error
+    assert rows[4].item.image == "z.png" and rows[4].error is None  # an unknown key is ignored ...
+    assert rows.warnings == ["m.jsonl: ignored unknown column(s) colour (the pipeline reads image, prompt, box, "
+                             "points, review, id)"]  # ... with one warning for the whole manifest
     with pytest.raises(InputError, match="needs a header row with an 'image' column"):
         catalog.parse_manifest("photo,prompt\na.png,cup\n", fmt="csv", source="m.csv")
     with pytest.raises(InputError, match="no data rows"):
@@ -130,7 +132,7 @@ def test_tally_collects_entries_progress_crashes_and_the_outcome(tmp_path):
     done = catalog.CatalogEntry(id="a", line=2, image=a.image, prompt="cup", status="completed",
                                 result_status="completed")
     tally.add(crashed, done)
-    assert tally.percent_done == 100.0 and tally.counts() == {"completed": 1, "skipped": 0, "no_object": 0, "failed": 2}
+    assert tally.percent_done == 100.0 and tally.counts() == {"completed": 1, "skipped": 0, "no_object": 0, "failed": 2, "duplicate": 0}
 
     summary, index = tally.summary(), tally.index()
     assert summary.startswith("catalog: 3 item(s): 1 completed, 0 skipped, 0 no_object, 2 failed (")
@@ -226,5 +228,5 @@ def test_gallery_page_escapes_and_links():
     assert "<script>x</script>" not in page.replace('<script type="application/json"', "")
     assert "y.png: &lt;/script&gt; not an image" in page
     assert page.count('data-open="') == 1
-    assert index["counts"] == {"completed": 1, "skipped": 0, "no_object": 0, "failed": 1}
+    assert index["counts"] == {"completed": 1, "skipped": 0, "no_object": 0, "failed": 1, "duplicate": 0}
     assert "not installed" in render_gallery_html(index, viewer_available=False)

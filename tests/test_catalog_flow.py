@@ -125,7 +125,7 @@ def test_every_good_item_completes_exactly_once(first_run):
     outcome = state.result()
     items = {it["id"]: it for it in outcome["items"]}
     assert len(items) == 30
-    assert outcome["counts"] == {"completed": GOOD, "skipped": 0, "no_object": 2, "failed": 6}
+    assert outcome["counts"] == {"completed": GOOD, "skipped": 0, "no_object": 2, "failed": 6, "duplicate": 0}
     assert not outcome["all_succeeded"]
     run_id = str(state.state_details.flow_run_id)
     good = [items[f"good{i:02d}"] for i in range(GOOD)]
@@ -184,7 +184,7 @@ def test_rerun_does_no_model_work(first_run, monkeypatch):
     assert state.is_completed(), state.message
     outcome = state.result()
     assert spy.calls == {"segment": 0, "reconstruct": 0}
-    assert outcome["counts"] == {"completed": 0, "skipped": GOOD + 2, "no_object": 0, "failed": 6}
+    assert outcome["counts"] == {"completed": 0, "skipped": GOOD + 2, "no_object": 0, "failed": 6, "duplicate": 0}
     items = {it["id"]: it for it in outcome["items"]}
     assert {items[k]["result_status"] for k in NO_OBJECT_IDS} == {"no_object"}
     assert {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/object.glb")} == before

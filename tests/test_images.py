@@ -131,7 +131,7 @@ def _png_header_only(width: int, height: int) -> bytes:
 def test_decompression_bomb_is_refused_before_decoding_quickly():
     bomb = _png_header_only(100_000, 100_000)
     start = time.perf_counter()
-    with pytest.raises(ImageTooLargeError, match=r"100000x100000 .* exceeds the limit"):
+    with pytest.raises(ImageTooLargeError, match=r"10,000,000,000 pixels exceeds the limit"):
         _load(bomb)
     assert time.perf_counter() - start < 1.0  # the header alone decides; pixels are never decoded
 

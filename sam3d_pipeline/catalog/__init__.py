@@ -17,8 +17,10 @@ from .index import (
     build_index,
     count_statuses,
     crashed_entry,
+    duplicate_entry,
     failed_entry,
     failure_rows,
+    split_repeated_rows,
     summary_line,
     write_index,
 )
@@ -33,9 +35,11 @@ from .items import (
     gpu_batch_request,
     gpu_batches,
     plan_item,
+    recheck_finished,
     reconstruct_batch,
     run_record,
     segment_batch,
+    split_duplicates,
 )
 from .listing import IMAGE_SUFFIXES, list_images, listing_id
 from .manifest import MANIFEST_SUFFIXES, CatalogItem, ManifestRow, load_source, manifest_format, parse_manifest
@@ -60,6 +64,7 @@ __all__ = [
     "count_statuses",
     "crashed_entry",
     "decode_item",
+    "duplicate_entry",
     "entry_from_result",
     "fail_item",
     "failed_entry",
@@ -73,9 +78,12 @@ __all__ = [
     "manifest_format",
     "parse_manifest",
     "plan_item",
+    "recheck_finished",
     "reconstruct_batch",
     "run_catalog_plain",
     "segment_batch",
+    "split_duplicates",
+    "split_repeated_rows",
     "summary_line",
     "write_index",
 ]

@@ -7,6 +7,8 @@ Item outcomes (``CatalogEntry.status``):
 - ``no_object``: the segmenter found nothing to reconstruct (published, with the overlay).
 - ``failed``: a reason is recorded (and a ``failed`` ``result.json`` where the prefix is known); the next
   run retries it.
+- ``duplicate``: the row maps to the same output prefix as an earlier row (the same photo and options), named
+  by ``duplicate_of``; only that row does the work, and this one reports its outcome (``result_status``).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ if TYPE_CHECKING:
     from .items import ItemWork
 
 FINISHED_STATUSES = ("completed", "no_object")
-EntryStatus = Literal["completed", "skipped", "no_object", "failed"]
+EntryStatus = Literal["completed", "skipped", "no_object", "failed", "duplicate"]
+STATUSES: tuple[str, ...] = ("completed", "skipped", "no_object", "failed", "duplicate")
 
 
 class CatalogEntry(BaseModel):
@@ -52,29 +55,57 @@ class CatalogEntry(BaseModel):
     reconstructor: str | None = None
     gpu_batch: int | None = Field(None, description="index of the reconstruction batch the item ran in")
     review_requested: bool = False
+    duplicate_of: str | None = Field(None, description="for a duplicate: the id of the row that does the work")
     error: dict[str, str] | None = None
 
     @property
     def has_asset(self) -> bool:
-        return self.status == "completed" or (self.status == "skipped" and self.result_status == "completed")
+        return self.status == "completed" or (self.status in ("skipped", "duplicate")
+                                              and self.result_status == "completed")
 
     @property
     def no_object(self) -> bool:
-        return self.status == "no_object" or (self.status == "skipped" and self.result_status == "no_object")
+        return self.status == "no_object" or (self.status in ("skipped", "duplicate")
+                                              and self.result_status == "no_object")
 
 
 def count_statuses(entries: Iterable[CatalogEntry]) -> dict[str, int]:
-    """``{"completed": n, "skipped": n, "no_object": n, "failed": n}`` (every key present)."""
+    """``{"completed": n, "skipped": n, "no_object": n, "failed": n, "duplicate": n}`` (every key present)."""
     counts = Counter(e.status for e in entries)
-    return {k: counts.get(k, 0) for k in ("completed", "skipped", "no_object", "failed")}
+    return {k: counts.get(k, 0) for k in STATUSES}
 
 
 def summary_line(entries: Sequence[CatalogEntry], wall_s: float | None = None) -> str:
-    """One line for the terminal, e.g. ``catalog: 30 item(s): 25 completed, 0 skipped, 2 no_object, 3 failed``."""
+    """One line for the terminal, e.g. ``catalog: 30 item(s): 25 completed, 0 skipped, 2 no_object, 3 failed``
+    (``, 4 duplicate`` appended when rows repeated others)."""
     c = count_statuses(entries)
     line = (f"catalog: {len(entries)} item(s): {c['completed']} completed, {c['skipped']} skipped, "
             f"{c['no_object']} no_object, {c['failed']} failed")
+    line += f", {c['duplicate']} duplicate" if c["duplicate"] else ""
     return line + (f" ({wall_s:.1f} s)" if wall_s is not None else "")
+
+
+def duplicate_entry(item: CatalogItem, of: str, prefix: str = "", output_prefix: str = "") -> CatalogEntry:
+    """The entry of a row that repeats the row ``of`` (same output prefix): reported, never run."""
+    return CatalogEntry(id=item.id, line=item.line, image=item.image, prompt=item.prompt, status="duplicate",
+                        duplicate_of=of, prefix=prefix, output_prefix=output_prefix, review_requested=item.review)
+
+
+def resolve_duplicates(entries: Sequence[CatalogEntry]) -> None:
+    """Give each ``duplicate`` entry its primary's outcome: ``result_status`` (``completed`` when the primary has
+    an asset, ``no_object``, else ``failed``), prefix and files. Entries whose primary has no entry yet stay as
+    they are (``result_status`` None)."""
+    by_id = {e.id: e for e in entries if e.status != "duplicate"}
+    for entry in entries:
+        primary = by_id.get(entry.duplicate_of or "") if entry.status == "duplicate" else None
+        if primary is None:
+            continue
+        entry.result_status = ("completed" if primary.has_asset else "no_object" if primary.no_object
+                               else primary.result_status or "failed")
+        entry.prefix, entry.output_prefix = primary.prefix, primary.output_prefix
+        entry.files, entry.score, entry.scores = list(primary.files), primary.score, list(primary.scores)
+        entry.instances, entry.segmenter, entry.reconstructor = (primary.instances, primary.segmenter,
+                                                                 primary.reconstructor)
 
 
 def all_succeeded(entries: Iterable[CatalogEntry]) -> bool:
@@ -83,10 +114,14 @@ def all_succeeded(entries: Iterable[CatalogEntry]) -> bool:
 
 
 def build_index(entries: Sequence[CatalogEntry], *, source: str, output_root: str,
-                flow_run_id: str | None = None, started_at: str | None = None) -> dict[str, Any]:
-    """The ``catalog.json`` document: ``{"items": [...], "counts": {...}, ...}``, items in manifest order."""
+                flow_run_id: str | None = None, started_at: str | None = None,
+                warnings: Sequence[str] = ()) -> dict[str, Any]:
+    """The ``catalog.json`` document: ``{"items": [...], "counts": {...}, "warnings": [...], ...}``, items in
+    manifest order, duplicates resolved to their primary's outcome."""
     ordered = sorted(entries, key=lambda e: (e.line, e.id))
+    resolve_duplicates(ordered)
     return {
+        "warnings": list(warnings),
         "items": [e.model_dump(mode="json") for e in ordered],
         "counts": count_statuses(ordered),
         "source": source,
@@ -138,6 +173,24 @@ def crashed_entry(item: CatalogItem, reason: str, work: ItemWork | None = None) 
     return entry
 
 
+def split_repeated_rows(items: Sequence[CatalogItem]) -> tuple[list[CatalogItem], list[CatalogEntry]]:
+    """Rows naming the same image with the same prompts run once: ``(first of each, duplicate entries)``.
+
+    Found before any file is read; rows that reach the same prefix by other paths (a copy of the same photo)
+    are found after planning (``items.split_duplicates``).
+    """
+    first: dict[str, CatalogItem] = {}
+    unique, repeats = [], []
+    for item in items:
+        key = item.model_dump_json(include={"image", "prompt", "box", "points"})
+        if key in first:
+            repeats.append(duplicate_entry(item, first[key].id))
+        else:
+            first[key] = item
+            unique.append(item)
+    return unique, repeats
+
+
 @dataclass
 class CatalogTally:
     """The entries of one catalog run as they arrive: progress, the summary line, ``catalog.json`` and the outcome.
@@ -148,6 +201,7 @@ class CatalogTally:
         flow_run_id: recorded in ``catalog.json``; None outside a flow run.
         total: rows of the source, set by ``begin``.
         entries: one per item finished so far (any status), in arrival order.
+        warnings: about the source as a whole (ignored columns), from ``begin``.
         started_at: UTC start time, ISO 8601 to the second.
     """
 
@@ -156,14 +210,19 @@ class CatalogTally:
     flow_run_id: str | None = None
     total: int = 0
     entries: list[CatalogEntry] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     started_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     _started: float = field(default_factory=time.perf_counter, init=False, repr=False)
 
     def begin(self, rows: Sequence[ManifestRow]) -> list[CatalogItem]:
-        """Count ``rows`` as the run's items; each unusable row is entered as failed now. Returns the usable items."""
+        """Count ``rows`` as the run's items; each unusable row is entered as failed now, and each row that
+        repeats an earlier one (same image and prompts) as its duplicate. Returns the items to plan."""
         self.total = len(rows)
+        self.warnings = list(getattr(rows, "warnings", []))
         self.add(*(failed_entry(row, row.error or "unusable row") for row in rows if row.item is None))
-        return [row.item for row in rows if row.item is not None]
+        unique, repeats = split_repeated_rows([row.item for row in rows if row.item is not None])
+        self.add(*repeats)
+        return unique
 
     def add(self, *entries: CatalogEntry) -> None:
         self.entries.extend(entries)
@@ -187,7 +246,7 @@ class CatalogTally:
     def index(self) -> dict[str, Any]:
         """The ``catalog.json`` document of the entries so far (``build_index``)."""
         return build_index(self.entries, source=self.source, output_root=self.output_root,
-                           flow_run_id=self.flow_run_id, started_at=self.started_at)
+                           flow_run_id=self.flow_run_id, started_at=self.started_at, warnings=self.warnings)
 
     def outcome(self, index: dict[str, Any], uris: dict[str, str], summary: str) -> dict[str, Any]:
         """What a catalog run returns.

@@ -22,7 +22,7 @@ from ..report import RunResult
 from ..settings import Settings, get_settings
 from ..storage import Storage
 from ..types import Reconstruction, Segmentation
-from .index import FINISHED_STATUSES, CatalogEntry, EntryStatus
+from .index import FINISHED_STATUSES, CatalogEntry, EntryStatus, duplicate_entry
 from .manifest import CatalogItem
 
 
@@ -41,6 +41,7 @@ class ItemWork:
     gpu_batch: int | None = None
     timings: dict[str, float] = field(default_factory=dict)
     error: BaseException | None = None
+    finished: CatalogEntry | None = None  # another run finished it while this one waited: report, do not run
 
 
 def finished_result(storage: Storage, prefix: str) -> RunResult | None:
@@ -76,12 +77,46 @@ def plan_item(item: CatalogItem, options: RunOptions, storage: Storage, settings
     return work
 
 
+def split_duplicates(works: Sequence[ItemWork]) -> tuple[list[ItemWork], list[CatalogEntry]]:
+    """Planned items that share an output prefix (the same photo bytes and options) run once.
+
+    Returns:
+        ``(the first item of each prefix, a duplicate entry for each other one)``, in input order.
+    """
+    first: dict[str, ItemWork] = {}
+    unique, repeats = [], []
+    for work in works:
+        prefix = work.run_plan.prefix if work.run_plan is not None else None
+        if prefix is not None and prefix in first:
+            primary = first[prefix]
+            repeats.append(duplicate_entry(work.item, primary.item.id, prefix=prefix,
+                                           output_prefix=f"{work.run_plan.output_root.rstrip('/')}/{prefix}"))
+            continue
+        if prefix is not None:
+            first[prefix] = work
+        unique.append(work)
+    return unique, repeats
+
+
+def recheck_finished(works: Sequence[ItemWork], storage: Storage) -> int:
+    """Just before a batch takes a GPU slot: mark items another run has finished since planning (``finished``),
+    so they are reported as skipped and not run again. Returns how many were marked."""
+    marked = 0
+    for work in works:
+        if work.error is not None or work.run_plan is None or work.finished is not None:
+            continue
+        if (done := finished_result(storage, work.run_plan.prefix)) is not None:
+            work.finished = entry_from_result(work.item, done, status="skipped", prefix=work.run_plan.prefix)
+            marked += 1
+    return marked
+
+
 def decode_item(work: ItemWork, settings: Settings | None = None) -> ItemWork:
     """Re-read and decode the photo (bytes are not held between planning and its batch).
 
     A photo whose content changed since planning fails with a clear reason (its prefix would differ).
     """
-    if work.error is not None or work.run_plan is None:
+    if work.error is not None or work.run_plan is None or work.finished is not None:
         return work
     s = settings or get_settings()
     t = time.perf_counter()
@@ -104,7 +139,7 @@ def segment_batch(works: Sequence[ItemWork], settings: Settings | None = None) -
     """
     s = settings or get_settings()
     for work in works:
-        if work.error is not None or work.image is None:
+        if work.error is not None or work.image is None or work.finished is not None:
             continue
         t = time.perf_counter()
         try:
@@ -149,6 +184,8 @@ def finish_item(work: ItemWork, storage: Storage, settings: Settings | None = No
     A failure with a known prefix is written as a ``failed`` ``result.json`` there (so the next run retries
     it); without a prefix (the input could not be read) it is reported in the catalog only.
     """
+    if work.finished is not None:
+        return work.finished
     if work.error is None and work.seg is not None:
         try:
             result = finish.finish_run(storage, run_record(work, flow_run_id), settings)
@@ -180,7 +217,7 @@ def gpu_batch_request(works: Sequence[ItemWork], output_root: str, settings: Set
     """
     jobs, segmenter, reconstructor = [], None, None
     for work in works:
-        if work.error is not None or work.image is None:
+        if work.error is not None or work.image is None or work.finished is not None:
             continue
         try:
             pipeline.segment_request(work.options, work.image.width, work.image.height)

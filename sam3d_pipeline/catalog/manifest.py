@@ -8,6 +8,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
@@ -19,7 +22,7 @@ from ..keys import image_stem
 from ..pipeline import RunOptions
 from ..settings import Settings, get_settings
 from ..storage import is_s3_uri, read_input
-from ..types import Point
+from ..types import PROMPT_MAX_CHARS, BoxParam, Point
 from .listing import IMAGE_SUFFIXES, list_images, listing_id
 
 MANIFEST_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
@@ -40,8 +43,8 @@ class CatalogItem(BaseModel):
 
     id: str = Field(min_length=1, max_length=200)
     image: str = Field(min_length=1)
-    prompt: str = Field(min_length=1, max_length=500)
-    box: tuple[float, float, float, float] | None = None
+    prompt: str = Field(min_length=1, max_length=PROMPT_MAX_CHARS)
+    box: BoxParam | None = None
     points: list[Point] = Field(default_factory=list)
     review: bool = False
     line: int = 0
@@ -75,6 +78,17 @@ class ManifestRow:
     error: str | None = None
     raw_id: str = ""
     raw_image: str = ""
+
+
+FIELDS = ("image", "prompt", "box", "points", "review", "id")
+
+
+class ManifestRows(list[ManifestRow]):
+    """A source's rows, in order, plus ``warnings`` about the source as a whole (e.g. ignored columns)."""
+
+    def __init__(self, rows: Sequence[ManifestRow] = (), warnings: Sequence[str] = ()):
+        super().__init__(rows)
+        self.warnings = list(warnings)
 
 
 def _parse_box(value: Any) -> tuple[float, float, float, float] | None:
@@ -130,24 +144,55 @@ def _parse_bool(value: Any) -> bool:
     raise ValueError(f"review {value!r}: expected true/false")
 
 
-def _resolve_image(image: str, base: str) -> str:
+def allowed_roots(base: str, settings: Settings) -> list[Path]:
+    """The folders a local manifest (or folder listing) at ``base`` may read photos from, symlinks resolved."""
+    extra = [r for r in settings.catalog_input_roots.split(os.pathsep) if r.strip()]
+    return [Path(r).expanduser().resolve() for r in [base, *extra]]
+
+
+def _resolve_image(image: str, base: str, roots: Sequence[Path] = ()) -> str:
+    """Where a row's ``image`` is, confined to what the manifest may read.
+
+    An ``s3://`` URI is used as written. Next to an S3 manifest a relative key joins the manifest's prefix
+    (no ``..``), and a local path is refused: an S3 manifest never reads the worker's disk. Next to a local
+    manifest a path resolves against its folder and, symlinks followed, must stay under ``roots``.
+
+    Raises:
+        ValueError: the path escapes (the row fails with that reason; the file is never opened).
+    """
     image = image.strip()
     if not image or is_s3_uri(image) or not base:
         return image
     if is_s3_uri(base):
-        return image if image.startswith("/") else f"{base.rstrip('/')}/{image}"
+        key = PurePosixPath(image)
+        if key.is_absolute() or image.startswith("~") or re.match(r"^[A-Za-z]:[\\/]", image):
+            raise ValueError(f"image {image!r}: a manifest on S3 names s3:// URIs or keys relative to its "
+                             "prefix, never a local path")
+        if ".." in key.parts:
+            raise ValueError(f"image {image!r}: '..' is not allowed in a key relative to the manifest")
+        return f"{base.rstrip('/')}/{key}"
     path = Path(image).expanduser()
-    return str(path if path.is_absolute() else Path(base) / path)
+    path = path if path.is_absolute() else Path(base) / path
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError):  # RuntimeError: Python 3.11's report of a symlink loop
+        raise ValueError(f"image {image!r}: symbolic link loop") from None
+    if not any(resolved == root or root in resolved.parents for root in roots):
+        lexical = Path(os.path.normpath(path))
+        how = ("is a symbolic link leading outside" if any(lexical == r or r in lexical.parents for r in roots)
+               else "is outside")
+        raise ValueError(f"image {image!r} {how} the manifest's folder {roots[0]}; a local manifest reads photos "
+                         "only there (or under SAM3D_CATALOG_INPUT_ROOTS)")
+    return str(path)
 
 
-def _make_row(line: int, record: dict[str, Any], base: str, default_prompt: str | None) -> ManifestRow:
+def _make_row(line: int, record: dict[str, Any], base: str, default_prompt: str | None,
+              roots: Sequence[Path] = ()) -> ManifestRow:
     raw_image = str(record.get("image") or "").strip()
     raw_id = str(record.get("id") or "").strip()
     row = ManifestRow(line=line, raw_id=raw_id, raw_image=raw_image)
-    unknown = sorted(set(record) - {"image", "prompt", "box", "points", "review", "id"})
+    roots = list(roots) or ([Path(base).expanduser().resolve()] if base and not is_s3_uri(base) else [])
     try:
-        if unknown:
-            raise ValueError(f"unknown field(s) {', '.join(unknown)}")
         if not raw_image:
             raise ValueError("field 'image' is missing or empty")
         prompt = str(record.get("prompt") or "").strip() or (default_prompt or "")
@@ -155,7 +200,7 @@ def _make_row(line: int, record: dict[str, Any], base: str, default_prompt: str 
             raise ValueError("field 'prompt' is empty and no default prompt was given")
         row.item = CatalogItem(
             id=raw_id or image_stem(raw_image),
-            image=_resolve_image(raw_image, base),
+            image=_resolve_image(raw_image, base, roots),
             prompt=prompt,
             box=_parse_box(record.get("box")),
             points=_parse_points(record.get("points")),
@@ -170,7 +215,7 @@ def _make_row(line: int, record: dict[str, Any], base: str, default_prompt: str 
 
 
 def parse_manifest(text: str, *, fmt: Literal["csv", "jsonl"], source: str, base: str = "",
-                   default_prompt: str | None = None) -> list[ManifestRow]:
+                   default_prompt: str | None = None, roots: Sequence[Path] = ()) -> ManifestRows:
     """Parse a manifest into rows; a bad row becomes a row with an ``error``, never an exception.
 
     Args:
@@ -180,14 +225,18 @@ def parse_manifest(text: str, *, fmt: Literal["csv", "jsonl"], source: str, base
         base: folder (local or ``s3://``) that relative image paths resolve against.
         default_prompt: the prompt for rows whose ``prompt`` is empty.
 
+        roots: folders local images must stay under (symlinks followed); default: ``base`` alone.
+
     Returns:
-        One ``ManifestRow`` per data row, in file order; blank lines are ignored. Repeated ids get
-        ``-<line>`` appended when they were defaulted, and are an error when given explicitly.
+        ``ManifestRows``: one ``ManifestRow`` per data row, in file order; blank lines are ignored. Repeated ids
+        get ``-<line>`` appended when they were defaulted, and are an error when given explicitly. Columns or
+        keys the pipeline does not know are ignored, with one warning naming them.
 
     Raises:
         InputError: the manifest as a whole is unusable (no header, no ``image`` column, no rows).
     """
     rows: list[ManifestRow] = []
+    unknown: set[str] = set()
     if fmt == "csv":
         reader = csv.DictReader(io.StringIO(text.lstrip("\ufeff")))
         if not reader.fieldnames or "image" not in [f.strip() for f in reader.fieldnames]:
@@ -201,20 +250,25 @@ def parse_manifest(text: str, *, fmt: Literal["csv", "jsonl"], source: str, base
             clean = {k.strip(): v for k, v in record.items() if k is not None and v not in (None, "")}
             if not clean:
                 continue
-            rows.append(_make_row(line, clean, base, default_prompt))
+            rows.append(_make_row(line, _known(clean, unknown), base, default_prompt, roots))
     elif fmt == "jsonl":
-        for line, raw in enumerate(text.splitlines(), start=1):
+        # Lines end at "\n" only: str.splitlines() would also split at U+2028 and other separators that are
+        # valid inside a JSON string.
+        for line, raw in enumerate(text.split("\n"), start=1):
             if not raw.strip():
                 continue
             try:
-                record = json.loads(raw)
+                record = json.loads(raw, parse_constant=_no_constant)
             except json.JSONDecodeError as exc:
                 rows.append(ManifestRow(line=line, error=f"not valid JSON: {exc.msg} (column {exc.colno})"))
+                continue
+            except RecursionError:
+                rows.append(ManifestRow(line=line, error="not valid JSON: nested too deeply"))
                 continue
             if not isinstance(record, dict):
                 rows.append(ManifestRow(line=line, error=f"expected a JSON object, got {type(record).__name__}"))
                 continue
-            rows.append(_make_row(line, record, base, default_prompt))
+            rows.append(_make_row(line, _known(record, unknown), base, default_prompt, roots))
     else:
         raise InputError(f"{source}: unknown manifest format {fmt!r} (csv or jsonl)")
     if not rows:
@@ -223,7 +277,19 @@ def parse_manifest(text: str, *, fmt: Literal["csv", "jsonl"], source: str, base
     for row in rows:
         if row.error:
             row.error = f"{source} line {row.line}: {row.error}"
-    return rows
+    warnings = [f"{source}: ignored unknown column(s) {', '.join(sorted(unknown))} (the pipeline reads "
+                f"{', '.join(FIELDS)})"] if unknown else []
+    return ManifestRows(rows, warnings)
+
+
+def _no_constant(name: str) -> Any:
+    raise json.JSONDecodeError(f"{name} is not a JSON number", name, 0)
+
+
+def _known(record: dict[str, Any], unknown: set[str]) -> dict[str, Any]:
+    """The fields the pipeline reads; the names of the others are added to ``unknown``."""
+    unknown.update(str(k) for k in record if k not in FIELDS)
+    return {k: v for k, v in record.items() if k in FIELDS}
 
 
 def _dedupe_ids(rows: list[ManifestRow]) -> None:
@@ -274,16 +340,20 @@ def load_source(source: str, *, default_prompt: str | None = None, output_root: 
         except UnicodeDecodeError as exc:
             raise InputError(f"{source}: manifest is not UTF-8 text: {exc}") from None
         if is_s3_uri(source):
-            base = source.rsplit("/", 1)[0]
+            base, roots = source.rsplit("/", 1)[0], []
         else:
             base = str(Path(source).expanduser().resolve().parent)
-        return parse_manifest(text, fmt=fmt, source=source, base=base, default_prompt=default_prompt)  # type: ignore[arg-type]
+            roots = allowed_roots(base, s)
+        return parse_manifest(text, fmt=fmt, source=source, base=base, default_prompt=default_prompt,  # type: ignore[arg-type]
+                              roots=roots)
     if not default_prompt or not default_prompt.strip():
         raise InputError(f"{source}: listing a prefix or folder needs a default prompt (--prompt)")
     uris = list_images(source, output_root=output_root, settings=s)
     if not uris:
         raise InputError(f"{source}: no image files ({', '.join(IMAGE_SUFFIXES)}) found")
-    rows = [_make_row(i, {"image": uri, "prompt": default_prompt, "id": listing_id(uri, source)}, "", None)
+    base = "" if is_s3_uri(source) else str(Path(source).expanduser().resolve())
+    roots = allowed_roots(base, s) if base else []
+    rows = [_make_row(i, {"image": uri, "prompt": default_prompt, "id": listing_id(uri, source)}, base, None, roots)
             for i, uri in enumerate(uris, start=1)]
     _dedupe_ids(rows)
-    return rows
+    return ManifestRows(rows)

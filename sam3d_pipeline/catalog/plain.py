@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from ..settings import Settings, get_settings
 from ..storage import Storage
-from .index import CatalogEntry, failed_entry
+from .index import CatalogEntry, failed_entry, split_repeated_rows
 from .items import (
     ItemWork,
     decode_item,
@@ -14,8 +14,10 @@ from .items import (
     finish_item,
     gpu_batches,
     plan_item,
+    recheck_finished,
     reconstruct_batch,
     segment_batch,
+    split_duplicates,
 )
 from .manifest import ManifestRow
 
@@ -25,13 +27,12 @@ def run_catalog_plain(rows: Sequence[ManifestRow], storage: Storage, *, batch_si
                       settings: Settings | None = None, force: bool = False) -> list[CatalogEntry]:
     """Every stage of a catalog run in one thread, without Prefect. Returns entries in row order."""
     s = settings or get_settings()
-    entries: list[CatalogEntry] = []
+    entries: list[CatalogEntry] = [failed_entry(row, row.error or "unusable row") for row in rows if row.item is None]
     pending: list[ItemWork] = []
-    for row in rows:
-        if row.item is None:
-            entries.append(failed_entry(row, row.error or "unusable row"))
-            continue
-        planned = plan_item(row.item, row.item.options(segmenter=segmenter, reconstructor=reconstructor, seed=seed),
+    items, repeats = split_repeated_rows([row.item for row in rows if row.item is not None])
+    entries.extend(repeats)
+    for item in items:
+        planned = plan_item(item, item.options(segmenter=segmenter, reconstructor=reconstructor, seed=seed),
                             storage, s, force=force)
         if isinstance(planned, CatalogEntry):
             entries.append(planned)
@@ -39,7 +40,10 @@ def run_catalog_plain(rows: Sequence[ManifestRow], storage: Storage, *, batch_si
             entries.append(fail_item(planned, storage))
         else:
             pending.append(planned)
+    pending, copies = split_duplicates(pending)
+    entries.extend(copies)
     for index, batch in enumerate(gpu_batches(pending, batch_size)):
+        recheck_finished(batch, storage)
         for work in batch:
             decode_item(work, s)
         segment_batch(batch, s)

@@ -40,7 +40,7 @@ h1{font-size:1.3rem;margin:0 0 .3rem} .counts span{margin-right:1rem}
 .card img{width:100%;height:150px;object-fit:contain;background:#eee;border-radius:4px}
 .noimg{height:150px;display:flex;align-items:center;justify-content:center;background:#eee;color:#888}
 .status{font-weight:600;padding:0 .4rem;border-radius:4px}
-.completed{background:#d7f5dd}.skipped{background:#dde8f7}.no_object{background:#fbeec8}.failed{background:#f8d4d4}
+.completed{background:#d7f5dd}.skipped{background:#dde8f7}.no_object{background:#fbeec8}.failed{background:#f8d4d4}.duplicate{background:#eee}
 .error{color:#a00;word-break:break-word} button{margin-top:.4rem;cursor:pointer}
 dialog{width:min(90vw,800px);border:none;border-radius:8px;padding:.8rem}
 model-viewer{width:100%;height:60vh;background:#20232a}
@@ -80,7 +80,9 @@ def _card(item: dict[str, Any]) -> str:
     e = html.escape
     files = set(item.get("files") or [])
     prefix = item.get("prefix") or ""
-    shown = item["status"] if item["status"] != "skipped" else f"skipped ({item.get('result_status')})"
+    shown = {"skipped": f"skipped ({item.get('result_status')})",
+             "duplicate": f"duplicate of {item.get('duplicate_of')} ({item.get('result_status') or 'pending'})"}.get(
+        item["status"], item["status"])
     if prefix and "overlay.png" in files:
         picture = f'<img src="{e(prefix)}/overlay.png" alt="overlay for {e(item["id"])}" loading="lazy">'
     else:
@@ -122,6 +124,7 @@ def render_gallery_html(index: dict[str, Any], *, viewer_available: bool = True)
     notice = "" if viewer_available else (
         '<p class="error">3D viewer not installed (run <code>make install</code>, which installs '
         f"{VIEWER_PACKAGE} from npm); the GLB links still work.</p>")
+    notice += "".join(f'<p class="error">{html.escape(str(w))}</p>' for w in index.get("warnings", []))
     viewer_script = f'<script type="module" src="{VIEWER_FILE}"></script>' if viewer_available else ""
     cards = "\n".join(_card(item) for item in index.get("items", []))
     count_html = " ".join(f'<span>{html.escape(k)}: <b id="count-{html.escape(k)}">{v}</b></span>'
