@@ -1,14 +1,17 @@
 """The ``catalog-batch`` flow: a manifest or prefix of photos → 3D assets, idempotent and resumable.
 
-Stages: load the source → plan every item (read bytes, compute the prefix ``image-to-3d`` would use, skip
-items with a finished ``result.json``; no decoding, no model) → group the rest into GPU batches → per batch:
-decode, segment and reconstruct while holding one GPU slot (each model loaded once per process),
+Stages: load the source → plan the items in chunks (read bytes, compute the prefix ``image-to-3d`` would use,
+skip items with a finished ``result.json``; no decoding, no model) → group the rest into GPU batches → per
+batch: decode, segment and reconstruct while holding one GPU slot (each model loaded once per process),
 publish each item (``result.json`` last) → ``catalog.json`` and ``index.html`` at the output root.
 
-At most ``concurrency`` items are planned, and ``concurrency`` batches processed, at once; GPU stages also
-hold a slot of the Prefect global concurrency limit ``gpu_limit`` (created when missing, because Prefect
-skips a missing limit silently). A bad item never stops the batch: it is recorded with its reason and
-retried by the next run. A SIGKILL half-way loses only the items in flight; a re-run completes the rest.
+The flow's Prefect footprint grows per chunk and per batch, not per row: one task run plans ``chunk_size``
+items, one processes a GPU batch; outcomes are still per item in ``catalog.json`` and the artifacts. At most
+``concurrency`` chunks are planned, and ``concurrency`` batches processed, at once; GPU stages also hold a
+slot of the Prefect global concurrency limit ``gpu_limit`` (created when missing, because Prefect skips a
+missing limit silently). A bad item never stops the batch: it is recorded with its reason and retried by the
+next run. ``catalog.json`` is checkpointed as chunks and batches finish, so a SIGKILL half-way leaves an
+index of what is done and loses only the items in flight; a re-run skips the finished and completes the rest.
 """
 
 from typing import Any, Literal
@@ -21,7 +24,7 @@ from sam3d_pipeline.settings import get_settings
 from sam3d_pipeline.storage import open_storage
 from tasks.catalog import (
     catalog_artifacts,
-    catalog_progress,
+    catalog_checkpoint,
     ensure_gpu_limit,
     load_catalog_source,
     plan_catalog_items,
@@ -46,6 +49,7 @@ def catalog_batch(
     reconstructor: Literal["auto", "lite", "sam3d"] = "auto",
     seed: int = 0,
     force: bool = False,
+    chunk_size: int = 500,
 ) -> dict[str, Any]:
     """Turn every photo of a manifest or prefix into 3D assets; skip what is done; index and gallery at the end.
 
@@ -62,17 +66,19 @@ def catalog_batch(
         reconstructor: ``auto``, ``lite`` or ``sam3d``.
         seed: seed for stochastic reconstructors.
         force: recompute items even when a finished result exists.
+        chunk_size: items planned by one task run (>= 1).
 
     Returns:
         ``{"counts", "catalog", "gallery", "all_succeeded", "any_no_object", "summary", "items"}``; item statuses are
-        ``completed``, ``skipped``, ``no_object`` or ``failed``.
+        ``completed``, ``skipped``, ``no_object``, ``failed`` or ``duplicate``.
 
     Raises:
         InputError: the source itself is unusable (missing manifest, no header, nothing listed).
-        ValueError: ``concurrency`` or ``batch_size`` below 1.
+        ValueError: ``concurrency``, ``batch_size`` or ``chunk_size`` below 1.
     """
-    if concurrency < 1 or batch_size < 1:
-        raise ValueError(f"concurrency ({concurrency}) and batch_size ({batch_size}) must be >= 1")
+    if min(concurrency, batch_size, chunk_size) < 1:
+        raise ValueError(f"concurrency ({concurrency}), batch_size ({batch_size}) and chunk_size ({chunk_size}) "
+                         "must be >= 1")
     logger, settings = get_run_logger(), get_settings()
     root = open_storage(output_root or settings.output_root, settings).root
     run_id = str(flow_run.get_id()) if flow_run.get_id() else None
@@ -81,18 +87,17 @@ def catalog_batch(
     rows = load_catalog_source.with_options(**io_retries)(source, default_prompt, root, settings)
     limit = ensure_gpu_limit(gpu_limit, gpu_slots)
     items = tally.begin(rows)
-    progress = catalog_progress(tally)
+    checkpoint = catalog_checkpoint(tally, root, settings)
 
     # Plan: prefixes from content ids only; finished items are skipped before any decode or model.
     options = {"segmenter": segmenter, "reconstructor": reconstructor, "seed": seed}
-    pending = plan_catalog_items(items, options, root, settings, force, concurrency, tally)
-    progress()
+    pending = plan_catalog_items(items, options, root, settings, force, concurrency, chunk_size, tally, checkpoint)
     batches = gpu_batches(pending, batch_size)
     logger.info("%d item(s): %d to run in %d GPU batch(es) of up to %d; %d skipped; %d GPU slot(s) on %r", tally.total,
                 len(pending), len(batches), batch_size, tally.counts()["skipped"], limit, gpu_limit)
 
     # Run: `concurrency` batches at a time; a batch that crashes as a whole fails its items, not the run.
-    run_gpu_batches(batches, gpu_limit, root, settings, concurrency, tally, progress)
+    run_gpu_batches(batches, gpu_limit, root, settings, concurrency, tally, checkpoint)
 
     summary, index_doc = tally.summary(), tally.index()
     uris = write_catalog.with_options(**io_retries)(index_doc, root, settings)

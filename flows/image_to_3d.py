@@ -12,20 +12,23 @@ from typing import Any, Literal
 
 from prefect import flow
 
+from sam3d_pipeline import objects
 from sam3d_pipeline.errors import PipelineError
 from sam3d_pipeline.finish import RunRecord, existing_result, timed
 from sam3d_pipeline.masks import select_instance
-from sam3d_pipeline.pipeline import RunOptions
+from sam3d_pipeline.pipeline import RunOptions, try_other_views
 from sam3d_pipeline.review.machine import apply_review
 from sam3d_pipeline.review.policy import needs_review
 from sam3d_pipeline.settings import get_settings
 from sam3d_pipeline.storage import open_storage
 from sam3d_pipeline.types import BoxParam, Point
+from sam3d_pipeline.video import is_video_uri
 from tasks import gpu_dispatch
-from tasks.intake import decode_image, fetch_input, plan_run
+from tasks.intake import decode_image, decode_video, fetch_input, plan_run
 from tasks.publish import current_flow_run_id, finish_outputs, record_failure
 from tasks.retry import retry_options
 from tasks.review_pause import ReviewConfig, review_loop, segment_or_reuse
+from tasks.segment import track_in_process
 
 
 @flow(name="image-to-3d", log_prints=False, validate_parameters=True)
@@ -44,6 +47,10 @@ def image_to_3d(
     review_auto_approve_score: float = 0.8,
     review_timeout_s: float = 3600.0,
     review_on_timeout: Literal["fail", "approve_if_confident"] = "fail",
+    instances: Literal["best", "all"] | list[int] = "best",
+    profile: Literal["web", "ar", "raw"] = "web",
+    export: list[Literal["glb", "usdz", "obj", "ply"]] | None = None,
+    video_frames: int = 1,
 ) -> dict[str, Any]:
     """Segment the object named by ``prompt`` in ``image`` and reconstruct it in 3D.
 
@@ -63,6 +70,13 @@ def image_to_3d(
         review_auto_approve_score: score at or above which ``auto`` (and ``approve_if_confident``) approve.
         review_timeout_s: how long to wait for the reviewer (seconds).
         review_on_timeout: ``fail`` the run, or ``approve_if_confident`` (best score >= the threshold).
+        instances: objects to reconstruct: ``best`` (the selected instance), ``all``, or instance indices; each
+            gets ``objects/<index>/`` and ``scene.glb`` holds them all.
+        profile: ``web`` (simplified to ``SAM3D_EXPORT_MAX_TRIANGLES``, quantised GLB), ``ar`` (simplified,
+            plain GLB) or ``raw`` (the reconstructor's mesh as it came).
+        export: formats per object, default ``glb`` and ``usdz``; also ``obj`` (+ mtl, texture), ``ply`` (splat).
+        video_frames: when ``image`` is a video (MP4 / MOV / WebM, or a folder / prefix of frames): reconstruct
+            from the best tracked frame (1), or try the K best and keep the one the reconstructor scores highest.
 
     Returns:
         The ``result.json`` contents (status ``completed``, ``no_object`` or ``rejected``); a failure raises.
@@ -70,7 +84,8 @@ def image_to_3d(
     settings = get_settings()
     storage = open_storage(output_root or settings.output_root, settings)
     options = RunOptions(prompt=prompt, boxes=boxes or [], points=points or [], instance_index=instance_index,
-                         segmenter=segmenter, reconstructor=reconstructor, seed=seed)
+                         segmenter=segmenter, reconstructor=reconstructor, seed=seed, instances=instances,
+                         profile=profile, export=export or ["glb", "usdz"], video_frames=video_frames)
     record = RunRecord(input_uri=image, options=options, flow_run_id=current_flow_run_id())
     try:
         with timed(record, "intake"):
@@ -78,12 +93,17 @@ def image_to_3d(
             record.run_plan = plan_run(image, data, options, storage.root, settings, review)
             if not force and (done := existing_result(storage, record.run_plan.prefix)) is not None:
                 return done.model_dump(mode="json")
-            record.image = decode_image(data, image, settings)
+            clip = decode_video(data, image, settings) if is_video_uri(image) else None
+            if clip is None:
+                record.image = decode_image(data, image, settings)
         with timed(record, "segment"):
-            record.seg = (gpu_dispatch.segment(record.image, options, record.run_plan, settings, storage.root)
+            record.seg = (track_in_process(record, clip, settings) if clip is not None else
+                          gpu_dispatch.segment(record.image, options, record.run_plan, settings, storage.root)
                           if review == "none" else  # a resumed review re-executes the flow: reuse round 1
                           segment_or_reuse(record.image, options, record.run_plan, settings, storage, 1))
-            record.selected = select_instance(record.seg.instances, options.instance_index)
+            record.selected = objects.primary_of(
+                options.instances, select_instance(record.seg.instances, options.instance_index),
+                options.instance_index)
         wait, why = needs_review(review, record.seg.instances, review_auto_approve_score)
         record.review = {"mode": review, "reason": why}
         if wait:
@@ -94,8 +114,17 @@ def image_to_3d(
                     selected=record.selected, storage=storage, settings=settings, page_url=settings.review_page_url))
         if record.selected is not None and not record.rejected:
             with timed(record, "reconstruct"):
-                record.recon = gpu_dispatch.reconstruct(record.image, record.seg, record.selected, record.options,
-                                                        record.run_plan, settings, storage.root)
+                record.objects = objects.choose(record.seg.instances, record.options.instances, record.selected)
+                if len(record.objects) > 1:
+                    record.recons = gpu_dispatch.reconstruct_objects(record.image, record.seg, record.objects,
+                                                                     record.options, record.run_plan, settings,
+                                                                     storage.root)
+                    record.recon = record.recons[record.selected]
+                else:
+                    record.recon = gpu_dispatch.reconstruct(record.image, record.seg, record.selected,
+                                                            record.options, record.run_plan, settings, storage.root)
+                    try_other_views(record, lambda frame, seg: gpu_dispatch.reconstruct(
+                        frame, seg, 0, record.options, record.run_plan, settings, storage.root))
         return finish_outputs(storage.root, record, settings).model_dump(mode="json")
     except PipelineError as exc:
         record_failure(storage.root, record, exc, settings)

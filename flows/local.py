@@ -1,11 +1,28 @@
 """Prefect settings for flows run inside this process on Prefect's ephemeral API (`sam3d-pipeline run` and
-`catalog` without ``PREFECT_API_URL``, `make demo`)."""
+`catalog` without ``PREFECT_API_URL``, `make demo`), and what keeps such a run tidy: the console shows progress
+and one line per failure, and nothing the process starts outlives it.
 
+Prefect's temporary API server is a child process (``uvicorn``, ~290 MB). Prefect stops it at interpreter exit
+(``atexit``), which never runs when the process is killed (SIGKILL, SIGTERM's default action, an out-of-memory
+kill). :func:`guard_children` starts a small watcher process that records this process's descendants while it
+lives and ends them as soon as it is gone, however it died. Run as ``python -m flows.local --guard PID``; it
+imports nothing but the standard library.
+"""
+
+import logging
 import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
-from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+GUARD_POLL_S = 0.2  # how often the watcher looks at the process tree (and notices its parent is gone)
+GUARD_GRACE_S = 3.0  # SIGTERM first (the API server shuts down cleanly), SIGKILL whatever is left after this
+GUARD_SETTLE_S = 0.5  # after the parent is gone, keep looking this long for processes still starting
+GUARD_ENV = "SAM3D_CLI_GUARD"  # a random token every process started from here inherits in its environment
 
 
 def uses_ephemeral_api() -> bool:
@@ -24,6 +41,8 @@ def local_run_settings() -> Iterator[None]:
     thread sleeps in one-second steps and every flow run waits for it to stop. Deployed runs (on a worker, with
     a real server) keep Prefect's heartbeats.
     """
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         yield
 
@@ -33,12 +52,21 @@ class LocalApiDidNotStart(RuntimeError):
 
 
 @contextmanager
-def cli_run_settings() -> Iterator[None]:
-    """What `sam3d-pipeline run` and `catalog` run their flow in: :func:`local_run_settings` on the embedded
-    default, Prefect's own settings when a server is configured. A temporary API server that does not start
-    becomes :class:`LocalApiDidNotStart`, with what to change."""
+def cli_run_settings(debug: bool = False) -> Iterator[None]:
+    """What `sam3d-pipeline run` and `catalog` run their flow in.
+
+    - :func:`guard_children`: the temporary API server (and anything else started here) ends with this process.
+    - :func:`local_run_settings` on the embedded default, Prefect's own settings when a server is configured.
+    - Unless ``debug``: :class:`QuietFailures` on Prefect's console handler, so a failed run prints no
+      tracebacks (the caller prints the reason once); the Prefect API still stores every log, tracebacks
+      included.
+
+    A temporary API server that does not start becomes :class:`LocalApiDidNotStart`, with what to change.
+    """
+    guard_children()
+    quiet = nullcontext() if debug else quiet_console_failures()
     try:
-        with local_run_settings() if uses_ephemeral_api() else nullcontext():
+        with quiet, local_run_settings() if uses_ephemeral_api() else nullcontext():
             yield
     except RuntimeError as exc:
         if isinstance(exc, LocalApiDidNotStart) or "ephemeral Prefect API" not in str(exc):
@@ -46,3 +74,188 @@ def cli_run_settings() -> Iterator[None]:
         raise LocalApiDidNotStart(
             f"Prefect's local API server did not start ({exc}); set PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS "
             "higher, or PREFECT_API_URL to a running Prefect server") from exc
+
+
+# --- console: progress, not tracebacks ---------------------------------------------------------------------------
+
+_RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
+
+
+class QuietFailures(logging.Filter):
+    """Console filter for command-line runs: keeps the progress of flow and task runs, drops how they failed.
+
+    Dropped (from Prefect's flow-run and task-run loggers only): records at ERROR and above, records carrying a
+    traceback, and a flow run's final "Finished in state <not Completed>" line. Those all restate the failure
+    the command line reports itself, in one line. Other loggers are untouched: a problem outside the run still
+    shows. The filter sits on the console handler alone; the API handler still sends every record to Prefect.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(_RUN_LOGGERS):
+            return True
+        if record.levelno >= logging.ERROR or record.exc_info:
+            return False
+        if record.name.startswith("prefect.flow_runs"):
+            message = record.getMessage()
+            if message.startswith("Finished in state ") and not message.startswith("Finished in state Completed"):
+                return False
+        return True
+
+
+@contextmanager
+def quiet_console_failures() -> Iterator[None]:
+    """:class:`QuietFailures` on Prefect's console handlers for the duration of the block."""
+    import prefect  # noqa: F401 (configures Prefect's logging)
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    handlers = {h for name in ("", *_RUN_LOGGERS, "prefect") for h in logging.getLogger(name).handlers
+                if isinstance(h, PrefectConsoleHandler)}
+    quiet = QuietFailures()
+    for handler in handlers:
+        handler.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(quiet)
+
+
+# --- nothing outlives the command ---------------------------------------------------------------------------------
+
+_guard: subprocess.Popen | None = None
+
+
+def guard_children() -> subprocess.Popen:
+    """Start (once per process) the watcher that ends this process's descendants when this process is gone.
+
+    Why a watcher and not ``PR_SET_PDEATHSIG``: Prefect starts its API server itself, from whichever thread first
+    needs the API, and a parent-death signal fires when that *thread* ends, not the process; a process group
+    would take the server out of the terminal's foreground group (Ctrl-C) and killing ours could hit the shell's
+    job. The watcher is a separate, tiny process (standard library only, ~10 MB): it ignores SIGINT, SIGTERM
+    and SIGHUP and waits for its parent to change (this process died or exited). Which processes are ours:
+
+    - those carrying this process's random token in their environment (``GUARD_ENV``, set here before anything
+      starts; Prefect hands its server our whole environment). Read from ``/proc/<pid>/environ`` once the parent
+      is gone, so a server started a moment before a kill is found too, though it was never seen alive;
+    - every descendant seen while the parent lived (listed every ``GUARD_POLL_S``; pid + start time, so a reused
+      pid is never hit): that also covers systems without ``/proc``.
+
+    Those still alive get SIGTERM, then SIGKILL after ``GUARD_GRACE_S``; then the watcher exits. On a normal
+    exit Prefect has already stopped its server and the watcher finds nothing to do.
+    """
+    global _guard
+    if _guard is None or _guard.poll() is not None:
+        os.environ[GUARD_ENV] = f"{os.getpid()}-{secrets.token_hex(8)}"
+        _guard = subprocess.Popen(
+            [sys.executable, "-m", "flows.local", "--guard", str(os.getpid())],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
+        )
+    return _guard
+
+
+Identity = tuple[int, str]  # (pid, start time): a pid alone may be reused by an unrelated process
+
+
+def _proc_table() -> dict[int, tuple[int, str, bool]]:
+    """pid → (parent pid, start time, alive) for every process (Linux ``/proc``; elsewhere ``ps``)."""
+    table: dict[int, tuple[int, str, bool]] = {}
+    if os.path.isdir("/proc/self"):
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    stat = f.read().decode(errors="replace")
+            except OSError:  # ended while we looked
+                continue
+            fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)", which may contain spaces
+            table[int(entry)] = (int(fields[1]), fields[19], fields[0] not in ("Z", "X"))
+        return table
+    ps = subprocess.run(["ps", "-A", "-o", "pid=,ppid=,stat=,lstart="], capture_output=True, text=True,
+                        check=False)
+    for line in ps.stdout.splitlines():
+        parts = line.split(None, 3)
+        if len(parts) == 4 and parts[0].isdigit() and parts[1].isdigit():
+            table[int(parts[0])] = (int(parts[1]), parts[3].strip(), not parts[2].startswith("Z"))
+    return table
+
+
+def _descendants(root: int, table: dict[int, tuple[int, str, bool]]) -> set[Identity]:
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found: set[Identity] = set()
+    todo = list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        if table[pid][2]:
+            found.add((pid, table[pid][1]))
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def _alive(targets: set[Identity], table: dict[int, tuple[int, str, bool]] | None = None) -> set[Identity]:
+    table = _proc_table() if table is None else table
+    return {(pid, start) for pid, start in targets if pid in table and table[pid][1] == start and table[pid][2]}
+
+
+def _signal_all(targets: set[Identity], sig: int) -> None:
+    for pid, _ in targets:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _marked(token: str, table: dict[int, tuple[int, str, bool]]) -> set[Identity]:
+    """Live processes whose environment holds ``GUARD_ENV=token`` (Linux; elsewhere none)."""
+    needle = f"{GUARD_ENV}={token}".encode()
+    found: set[Identity] = set()
+    for pid, (_, start, alive) in table.items():
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+        except OSError:  # ended, not ours to read, or no /proc
+            continue
+        if alive and needle in environ:
+            found.add((pid, start))
+    return found
+
+
+def run_guard(parent: int, token: str | None = None, poll_s: float = GUARD_POLL_S,
+              grace_s: float = GUARD_GRACE_S) -> int:
+    """The watcher's loop (see :func:`guard_children`); returns how many processes it had to end."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)  # outlive the parent on purpose; exit right after it
+    me = os.getpid()
+    seen: set[Identity] = set()
+    while os.getppid() == parent:
+        seen |= {(pid, start) for pid, start in _descendants(parent, _proc_table()) if pid != me}
+        time.sleep(poll_s)
+    # Look again for a while: a process forked just before the parent died may exec (and show its token) later.
+    known: set[Identity] = set(seen)
+    signalled: dict[Identity, float] = {}  # → when it got SIGTERM
+    settle_until = time.monotonic() + GUARD_SETTLE_S
+    give_up = settle_until + grace_s + 5.0  # a process stuck in the kernel ignores even SIGKILL: do not wait forever
+    while True:
+        table = _proc_table()
+        if token:
+            known |= _marked(token, table)
+        for pid, _ in list(_alive(known, table)):  # started after the last look, by a process we know
+            known |= _descendants(pid, table)
+        now = time.monotonic()
+        alive = {identity for identity in _alive(known, table) if identity[0] != me}
+        fresh = alive - signalled.keys()
+        _signal_all(fresh, signal.SIGTERM)
+        signalled |= dict.fromkeys(fresh, now)
+        _signal_all({i for i in alive if now - signalled[i] > grace_s}, signal.SIGKILL)
+        if (not alive and now > settle_until) or now > give_up:
+            return len(signalled)
+        time.sleep(0.05)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--guard" and sys.argv[2].isdigit():
+        run_guard(int(sys.argv[2]), os.environ.get(GUARD_ENV))
+    else:
+        sys.exit("usage: python -m flows.local --guard PARENT_PID")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Annotated
 
@@ -12,6 +13,7 @@ EXIT_NO_OBJECT = 3
 
 
 def catalog(
+    ctx: typer.Context,
     source: Annotated[str, typer.Argument(help="Manifest (.csv/.jsonl), s3://bucket/prefix or folder.")],
     out: Annotated[str | None, typer.Option("--out", help="Output root: directory or s3://bucket/prefix.")] = None,
     prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Default prompt (rows without one, prefixes).")]
@@ -27,16 +29,24 @@ def catalog(
 ) -> None:
     """Turn a catalog of photos into 3D assets; skip finished items; write catalog.json and index.html.
 
-    Exit code 0 when every item has a 3D asset, 3 when none failed but some had no object, 1 otherwise.
+    Exit code 0 when every item has a 3D asset, 3 when none failed but some had no object, 1 otherwise; 2 for bad
+    usage (a missing source, ``--out`` a file, a blank or over-long prompt), before Prefect starts.
     """
-    from rich.console import Console
+    from .cli import check_output_root, debug_requested, report_failure, run_options, say, say_unexpected
 
-    console = Console(stderr=True)
+    debug = debug_requested(ctx)
     if segmenter not in ("auto", "lite", "sam3"):
         raise typer.BadParameter(f"{segmenter!r}: choose auto, lite or sam3", param_hint="--segmenter")
     if reconstructor not in ("auto", "lite", "sam3d"):
         raise typer.BadParameter(f"{reconstructor!r}: choose auto, lite or sam3d", param_hint="--reconstructor")
-    console.print(f"[bold]catalog-batch[/bold] {source} (starting Prefect…)", soft_wrap=True)
+    if not source.startswith("s3://") and not os.path.exists(source):
+        raise typer.BadParameter(f"{source}: no such manifest or folder", param_hint="SOURCE")
+    check_output_root(out)
+    # the options every item runs with, checked by the flows' own model (rows without a prompt need --prompt:
+    # the flow says so per row; a stand-in prompt here checks the rest)
+    run_options(prompt="item" if prompt is None else prompt, segmenter=segmenter, reconstructor=reconstructor,
+                seed=seed)
+    say("catalog-batch", f"{source} (starting Prefect…)", style="bold")
     from sam3d_pipeline.settings import local_prefect_defaults
 
     local_prefect_defaults()
@@ -45,18 +55,23 @@ def catalog(
     from flows.local import LocalApiDidNotStart, cli_run_settings
 
     try:
-        with cli_run_settings():
+        with cli_run_settings(debug=debug):
             state = catalog_batch(
                 source=source, output_root=out, default_prompt=prompt, concurrency=concurrency,
                 batch_size=batch_size, gpu_limit=gpu_limit, gpu_slots=gpu_slots, segmenter=segmenter,
                 reconstructor=reconstructor, seed=seed, force=force, return_state=True,
             )
     except LocalApiDidNotStart as exc:
-        console.print(f"[red]error:[/red] {source}: {exc}", soft_wrap=True)
+        say("error:", f"{source}: {exc}")
+        raise typer.Exit(EXIT_FAILED) from None
+    except Exception as exc:  # noqa: BLE001 (a bug or an unreachable Prefect API: one line unless --debug)
+        if debug:
+            raise
+        say_unexpected(source, exc)
         raise typer.Exit(EXIT_FAILED) from None
     wall = time.perf_counter() - started
     if not state.is_completed():
-        console.print(f"[red]failed:[/red] {state.message}", soft_wrap=True)
+        report_failure(state, source, debug)
         raise typer.Exit(EXIT_FAILED)
     outcome = state.result()
     for item in outcome["items"]:

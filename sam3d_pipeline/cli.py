@@ -2,22 +2,123 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
-from typing import Annotated
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Photos to 3D assets with SAM 3 and SAM 3D.")
+if TYPE_CHECKING:
+    from sam3d_pipeline.pipeline import RunOptions
+
+# Plain click output for usage errors and help: a message holding a long path prints whole, on one line (rich
+# panels crop it), and user text is never read as markup.
+app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode=None,
+                  help="Photos to 3D assets with SAM 3 and SAM 3D.")
+
 
 @app.callback()
-def _root() -> None:
+def _root(
+    ctx: typer.Context,
+    debug: Annotated[bool, typer.Option(
+        "--debug", help="Show full tracebacks and every Prefect console log line (also of failed runs).")] = False,
+) -> None:
     """sam3d-pipeline: photos to 3D assets (segment with SAM 3, reconstruct with SAM 3D Objects)."""
+    ctx.obj = {"debug": debug}
 
 
 EXIT_FAILED = 1
+EXIT_USAGE = 2
 EXIT_NO_OBJECT = 3
+
+
+def debug_requested(ctx: typer.Context) -> bool:
+    """Whether ``sam3d-pipeline --debug ...`` was given."""
+    return bool((ctx.find_root().obj or {}).get("debug"))
+
+
+def say(label: str, text: str, style: str = "red") -> None:
+    """One line on stderr: ``label`` styled, ``text`` printed as it is (paths, prompts and messages may hold
+    square brackets, which rich would otherwise read as markup)."""
+    from rich.console import Console
+    from rich.text import Text
+
+    Console(stderr=True, highlight=False).print(Text.assemble((label, style), " ", text), soft_wrap=True)
+
+
+def check_output_root(out: str | None, param_hint: str = "--out") -> None:
+    """Refuse a local ``--out`` that is a file or lies under one (it could never hold the outputs).
+
+    Raises:
+        typer.BadParameter: naming the path and the file in the way.
+    """
+    if out is None or out.startswith("s3://"):
+        return
+    path = Path(out).expanduser()
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                where = "is a file" if candidate == path else f"is under {candidate}, which is a file"
+                raise typer.BadParameter(f"{out}: {where}, not a directory", param_hint=param_hint)
+            return
+
+
+_OPTION_OF_FIELD = {"prompt": "--prompt", "boxes": "--box", "points": "--point", "instance_index": "--instance",
+                    "segmenter": "--segmenter", "reconstructor": "--reconstructor", "seed": "--seed",
+                    "instances": "--instances", "profile": "--profile", "export": "--export"}
+
+
+def run_options(**fields: Any) -> RunOptions:
+    """The run's options checked by the flows' own model (:class:`~sam3d_pipeline.pipeline.RunOptions`: prompt
+    length and blankness, finite coordinates, ...), before Prefect starts.
+
+    Raises:
+        typer.BadParameter: naming the option and what is wrong with it.
+    """
+    from pydantic import ValidationError
+
+    from sam3d_pipeline.pipeline import RunOptions
+
+    try:
+        return RunOptions(**fields)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = str(error["loc"][0]) if error["loc"] else ""
+        reason = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "string_too_long":
+            reason += f" (got {len(error['input'])})"
+        raise typer.BadParameter(reason, param_hint=_OPTION_OF_FIELD.get(field, field)) from None
+
+
+def say_unexpected(subject: str, exc: BaseException, debug: bool = False) -> None:
+    """One line for an error that is not one of the pipeline's (a bug, an unreachable Prefect API)."""
+    hint = "" if debug else "; `sam3d-pipeline --debug ...` shows the traceback"
+    say("error:", f"{subject}: unexpected {type(exc).__name__}: {exc}{hint}")
+
+
+def report_failure(state: Any, subject: str, debug: bool) -> None:
+    """Print why a flow run ended without a result, in one line naming ``subject`` (the input).
+
+    Errors of the pipeline's own classes (bad image, missing file, unusable backend, ...) print their message;
+    anything else is a bug and says how to see its traceback.
+    """
+    from sam3d_pipeline.errors import PipelineError
+
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception:  # noqa: BLE001 (a state without a readable result: report its message instead)
+        exc = None
+    if isinstance(exc, PipelineError):
+        message = str(exc)
+        named = subject in message or os.path.basename(subject.rstrip("/")) in message
+        say("error:", message if named else f"{subject}: {message}")
+    elif isinstance(exc, BaseException):
+        say_unexpected(subject, exc, debug)
+    else:
+        say("failed:", f"{subject}: {state.message}")
 
 
 def parse_box(text: str) -> tuple[float, float, float, float]:
@@ -29,6 +130,8 @@ def parse_box(text: str) -> tuple[float, float, float, float]:
         raise typer.BadParameter(f"box {text!r}: expected four numbers X0,Y0,X1,Y1") from None
     if len(values) != 4:
         raise typer.BadParameter(f"box {text!r}: expected four numbers X0,Y0,X1,Y1, got {len(values)}")
+    if not all(math.isfinite(v) for v in values):
+        raise typer.BadParameter(f"box {text!r}: coordinates must be finite numbers")
     if not (values[2] > values[0] and values[3] > values[1]):
         raise typer.BadParameter(f"box {text!r}: need X0 < X1 and Y0 < Y1")
     return values  # type: ignore[return-value]
@@ -43,6 +146,8 @@ def parse_point(text: str) -> dict:
         raise typer.BadParameter(f"point {text!r}: expected X,Y or X,Y,LABEL") from None
     if len(values) not in (2, 3):
         raise typer.BadParameter(f"point {text!r}: expected X,Y or X,Y,LABEL")
+    if not all(math.isfinite(v) for v in values):
+        raise typer.BadParameter(f"point {text!r}: coordinates must be finite numbers")
     label = int(values[2]) if len(values) == 3 else 1
     if label not in (0, 1) or (len(values) == 3 and values[2] not in (0.0, 1.0)):
         raise typer.BadParameter(f"point {text!r}: LABEL must be 1 (object) or 0 (background)")
@@ -51,7 +156,9 @@ def parse_point(text: str) -> dict:
 
 @app.command()
 def run(
-    image: Annotated[str, typer.Argument(help="Photo: local path or s3://bucket/key.")],
+    ctx: typer.Context,
+    image: Annotated[str, typer.Argument(
+        help="Photo or video (MP4/MOV/WebM, or a folder / s3://…/ prefix of frames): local path or s3:// URI.")],
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="What to segment, e.g. 'red chair'.")],
     out: Annotated[str | None, typer.Option("--out", help="Output root: directory or s3://bucket/prefix.")] = None,
     box: Annotated[list[str] | None, typer.Option("--box", help="Box prompt X0,Y0,X1,Y1 (pixels).")] = None,
@@ -63,22 +170,47 @@ def run(
     reconstructor: Annotated[str, typer.Option("--reconstructor", help="auto|lite|sam3d")] = "auto",
     seed: Annotated[int, typer.Option("--seed", min=0)] = 0,
     force: Annotated[bool, typer.Option("--force", help="Recompute even if a completed result exists.")] = False,
+    instances: Annotated[str, typer.Option(
+        "--instances", help="Objects to reconstruct: best, all, or instance indices like 0,2.")] = "best",
+    profile: Annotated[str, typer.Option("--profile", help="web|ar|raw (web: simplified, quantised GLB).")] = "web",
+    export: Annotated[str, typer.Option("--export", help="Formats per object: glb,usdz,obj,ply.")] = "glb,usdz",
+    video_frames: Annotated[int, typer.Option(
+        "--video-frames", min=1, max=8, help="Video: reconstruct from the best tracked frame (1) or the K best.")] = 1,
 ) -> None:
-    """Run image-to-3d on one photo (embedded default: in-process, Prefect's ephemeral API)."""
-    from rich.console import Console
+    """Run image-to-3d on one photo (embedded default: in-process, Prefect's ephemeral API).
 
-    console = Console(stderr=True)
+    Exit code 0 completed, 1 failed (one line naming the input and the reason), 2 bad usage (before Prefect
+    starts), 3 no object found.
+    """
+    debug = debug_requested(ctx)
     if segmenter not in ("auto", "lite", "sam3"):
         raise typer.BadParameter(f"{segmenter!r}: choose auto, lite or sam3", param_hint="--segmenter")
     if reconstructor not in ("auto", "lite", "sam3d"):
         raise typer.BadParameter(f"{reconstructor!r}: choose auto, lite or sam3d", param_hint="--reconstructor")
     boxes = [parse_box(b) for b in box or []]
     points = [parse_point(p) for p in point or []]
+    from sam3d_pipeline.errors import InputError
+    from sam3d_pipeline.objects import parse_formats, parse_instances
+
+    if profile not in ("web", "ar", "raw"):
+        raise typer.BadParameter(f"{profile!r}: choose web, ar or raw", param_hint="--profile")
+    try:
+        instances_spec = parse_instances(instances)
+    except InputError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--instances") from None
+    try:
+        formats = parse_formats(export)
+    except InputError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--export") from None
+    run_options(prompt=prompt, boxes=boxes, points=points, instance_index=instance, segmenter=segmenter,
+                reconstructor=reconstructor, seed=seed, instances=instances_spec, profile=profile, export=formats,
+                video_frames=video_frames)
+    check_output_root(out)
     if not image.startswith("s3://") and not os.path.exists(image):
-        console.print(f"[red]error:[/red] {image}: no such file", soft_wrap=True)
+        say("error:", f"{image}: no such file")
         raise typer.Exit(EXIT_FAILED)
 
-    console.print(f"[bold]image-to-3d[/bold] {image} prompt={prompt!r} (starting Prefect…)", soft_wrap=True)
+    say("image-to-3d", f"{image} prompt={prompt!r} (starting Prefect…)", style="bold")
     from sam3d_pipeline.settings import local_prefect_defaults
 
     local_prefect_defaults()
@@ -88,7 +220,7 @@ def run(
     from sam3d_pipeline.report import RunResult, summary_line
 
     try:
-        with cli_run_settings():
+        with cli_run_settings(debug=debug):
             state = image_to_3d(
                 image=image,
                 prompt=prompt,
@@ -100,18 +232,32 @@ def run(
                 reconstructor=reconstructor,
                 seed=seed,
                 force=force,
+                instances=instances_spec,
+                profile=profile,
+                export=formats,
+                video_frames=video_frames,
                 return_state=True,
             )
     except LocalApiDidNotStart as exc:
-        console.print(f"[red]error:[/red] {image}: {exc}", soft_wrap=True)
+        say("error:", f"{image}: {exc}")
+        raise typer.Exit(EXIT_FAILED) from None
+    except Exception as exc:  # noqa: BLE001 (a bug or an unreachable Prefect API: one line unless --debug)
+        if debug:
+            raise
+        say_unexpected(image, exc)
         raise typer.Exit(EXIT_FAILED) from None
     wall = time.perf_counter() - started
     if not state.is_completed():
-        console.print(f"[red]failed:[/red] {state.message}", soft_wrap=True)
+        report_failure(state, image, debug)
         raise typer.Exit(EXIT_FAILED)
     result = RunResult.model_validate(state.result())
     print(f"output: {result.output_prefix}")
     print(summary_line(result) + f" (wall {wall:.1f} s)")
+    for obj in result.objects:
+        exp = obj.get("export", {})
+        sizes = ", ".join(f"{name} {n / 1e6:.2f} MB" for name, n in exp.get("bytes", {}).items())
+        print(f"object {obj['index']}: {exp.get('triangles', 0):,} triangles ({exp.get('profile')}), {sizes}"
+              + ("" if exp.get("budget", {}).get("met", True) else " OVER BUDGET"))
     if result.status == "no_object":
         raise typer.Exit(EXIT_NO_OBJECT)
     if result.status != "completed":
@@ -127,12 +273,21 @@ def review_server(
     ] = None,
 ) -> None:
     """Serve the mask review page for paused image-to-3d runs (needs PREFECT_API_URL of a Prefect server)."""
+    from urllib.parse import quote
+
     import uvicorn
 
+    from sam3d_pipeline.review import prefect_api
     from sam3d_pipeline.review.server import create_app, new_token
 
+    try:  # without a reachable API the page could only say "no runs are waiting"
+        prefect_api.check_api()
+    except prefect_api.PrefectUnreachable as exc:
+        say("error:", f"review-server: {exc}")
+        raise typer.Exit(EXIT_USAGE) from None
     token = token or new_token()
-    print(f"review page: http://{host}:{port}/#token={token}", flush=True)
+    # The token goes in the URL fragment: browsers never send it, so it stays out of logs and history.
+    print(f"review page: http://{host}:{port}/#token={quote(token, safe='')}", flush=True)
     uvicorn.run(create_app(token), host=host, port=port, log_level="warning")
 
 

@@ -33,6 +33,18 @@ class ImageTooLargeError(InputError):
     code = "image_too_large"
 
 
+class InvalidVideoError(InputError):
+    """The file is a truncated, empty or audio-only video, or a folder without frames."""
+
+    code = "invalid_video"
+
+
+class VideoTooLargeError(InputError):
+    """The clip is longer than ``SAM3D_VIDEO_MAX_SECONDS`` or its frames exceed ``SAM3D_VIDEO_MAX_PIXELS``."""
+
+    code = "video_too_large"
+
+
 class InputNotFoundError(InputError):
     """The input object or file does not exist."""
 

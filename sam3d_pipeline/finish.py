@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import PipelineError, error_record
-from .glb import mesh_to_glb
 from .images import LoadedImage, encode_png
-from .keys import RunKeys, content_type
+from .keys import FRAME_FILE, SCENE_FILE, TRACK_FILE, RunKeys, content_type, object_file
 from .masks import mask_to_png, overlay
+from .objects import ObjectsExport, export_objects
 from .preview import render_preview
 from .report import RunResult
 from .settings import Settings, get_settings
@@ -25,6 +25,7 @@ from .types import Reconstruction, Segmentation
 
 if TYPE_CHECKING:  # pipeline.run_plain ends through this module
     from .pipeline import RunOptions, RunPlan
+    from .video.views import VideoRun
 
 
 @dataclass
@@ -37,7 +38,9 @@ class RunRecord:
         run_plan: backends and output prefix; None when the input could not even be read.
         image: the decoded photo, when it decoded.
         seg: the segmentation, when it ran; ``selected`` the instance reconstructed (None: nothing found).
-        recon: the reconstruction, when it ran.
+        recon: the reconstruction (of the selected instance), when it ran.
+        objects: every instance index that becomes an object (``instances``), the selected one first;
+            ``recons`` their reconstructions when there are several; ``exported`` their files and reports.
         review: the review record (``result.json``'s ``review``); None: not reviewed.
         rejected: a reviewer rejected the mask.
         timings: seconds per step; ``total`` is added when the run ends.
@@ -59,6 +62,16 @@ class RunRecord:
     flow_run_id: str | None = None
     messages: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
+    objects: list[int] = field(default_factory=list)
+    recons: dict[int, Reconstruction] = field(default_factory=dict)
+    exported: ObjectsExport | None = None
+    video: VideoRun | None = None  # the clip's track and chosen view, when the input is a video
+
+    def reconstructions(self) -> dict[int, Reconstruction]:
+        """Every reconstructed object by instance index (a one-object run: the selected instance)."""
+        if self.recons:
+            return self.recons
+        return {self.selected: self.recon} if self.recon is not None and self.selected is not None else {}
 
     @property
     def status(self) -> Literal["completed", "no_object", "rejected"]:
@@ -87,7 +100,8 @@ def backend_label(info: dict[str, Any]) -> str:
 
 
 def render_outputs(record: RunRecord, settings: Settings | None = None) -> dict[str, bytes]:
-    """Encode every output file except ``result.json``, in memory: overlay, mask, preview, GLB, splat."""
+    """Encode every output file except ``result.json``, in memory: overlay, mask, preview, every object's assets
+    (``objects/<i>/``), ``scene.glb``, the selected object's ``object.glb`` and splat at the root."""
     s = settings or get_settings()
     image, seg, run_plan, recon = record.image, record.seg, record.run_plan, record.recon
     mask = seg.instances[record.selected].mask if seg is not None and record.selected is not None else None
@@ -98,11 +112,19 @@ def render_outputs(record: RunRecord, settings: Settings | None = None) -> dict[
     if recon is not None:
         label = f"reconstructor: {backend_label(run_plan.reconstructor_info)}"
         files["preview.png"] = encode_png(render_preview(recon.mesh, size_px=s.preview_size_px, label=label))
-        files["object.glb"] = mesh_to_glb(
-            recon.mesh, segmenter=f"{run_plan.segmenter_info.get('name')}@{run_plan.segmenter_info.get('version')}",
-            reconstructor=recon.backend.key())
+        record.exported = export_objects(
+            seg.instances, record.reconstructions(), record.selected, (image.width, image.height),
+            profile=record.options.profile, formats=record.options.export, settings=s,
+            extras={"segmenter": f"{run_plan.segmenter_info.get('name')}@{run_plan.segmenter_info.get('version')}",
+                    "reconstructor": recon.backend.key()})
+        files.update(record.exported.files)  # objects/<i>/..., scene.glb and the selected object's object.glb
         if recon.splat_ply is not None:
             files["object.ply"] = recon.splat_ply
+    if record.video is not None:
+        from .video.outputs import frame_png, track_webp
+
+        files[FRAME_FILE] = frame_png(record.video)
+        files[TRACK_FILE] = track_webp(record.video)
     return files
 
 
@@ -132,6 +154,10 @@ def build_result(record: RunRecord, status: str, error: BaseException | None = N
         review=record.review or {"mode": "none"},
         mesh=recon.stats if recon else None,
         pose=recon.pose if recon else None,
+        objects=record.exported.objects if record.exported else [],
+        scene=record.exported.scene if record.exported else None,
+        export=record.exported.export if record.exported else record.options.export_options(),
+        video=record.video.section() if record.video is not None else None,
         stages=stages,
         timings_s={k: round(v, 3) for k, v in record.timings.items()},
         flow_run_id=record.flow_run_id,
@@ -153,7 +179,10 @@ def publish(storage: Storage, prefix: str, files: dict[str, bytes], result: RunR
     for name in sorted(files):
         outputs[name] = storage.write_bytes(keys.file(name), files[name], content_type=content_type(name))
     outputs["result.json"] = storage.uri(keys.result)
-    result = result.model_copy(update={"outputs": outputs})
+    objects = [obj | {"outputs": {name.rsplit("/", 1)[-1]: uri for name, uri in outputs.items()
+                                  if name.startswith(object_file(obj["index"], ""))}} for obj in result.objects]
+    scene = result.scene | {"outputs": {SCENE_FILE: outputs[SCENE_FILE]}} if SCENE_FILE in outputs else result.scene
+    result = result.model_copy(update={"outputs": outputs, "objects": objects, "scene": scene})
     storage.write_bytes(keys.result, result_json(result), content_type="application/json")
     return result
 

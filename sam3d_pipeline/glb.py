@@ -1,4 +1,5 @@
-"""Binary glTF (GLB) of a mesh, and back: the one place a ``trimesh.Trimesh`` becomes ``object.glb``."""
+"""Binary glTF (GLB) of a ``trimesh.Trimesh``, and back: how the reconstruct stage hands its mesh over
+(``stages/reconstruct/object.glb``). The published assets are written by ``sam3d_pipeline.export``."""
 
 from __future__ import annotations
 

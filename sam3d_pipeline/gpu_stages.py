@@ -27,14 +27,24 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from . import backends, clickdecoder
-from .errors import InputError, PipelineError, error_record
+from .errors import BackendUnavailableError, InputError, PipelineError, error_record
 from .glb import glb_to_mesh, mesh_to_glb
 from .images import LoadedImage, load_image
 from .keys import RunKeys, reconstruction_json
 from .masks import mask_from_png, mask_to_png, select_instance
 from .settings import Settings, get_settings
 from .storage import Storage, open_storage, read_input
-from .types import BackendInfo, Box, BoxParam, Instance, Point, Reconstruction, Segmentation, SegmentRequest
+from .types import (
+    BackendInfo,
+    Box,
+    BoxParam,
+    Instance,
+    Point,
+    Reconstruction,
+    Segmentation,
+    SegmentRequest,
+    Track,
+)
 
 
 class SegmentParams(BaseModel):
@@ -144,6 +154,26 @@ def segment_photo(image: LoadedImage, request: SegmentRequest, segmenter: str,
     t = time.perf_counter()
     seg = backends.get_segmenter(segmenter, settings).segment(image.rgb, request)
     return seg, {"model_load_s": load_s, "run_s": time.perf_counter() - t}
+
+
+def track_frames(frames: Sequence[Any], request: SegmentRequest, segmenter: str,
+                 settings: Settings) -> tuple[Track, dict[str, float]]:
+    """Follow the requested object through ``frames`` (each ``(H, W, 3)`` uint8) with the segmenter's tracker.
+
+    Returns the track and ``{"model_load_s", "run_s"}``.
+
+    Raises:
+        BackendUnavailableError: the segmenter cannot track.
+    """
+    tracker = backends.get_segmenter(segmenter, settings)  # a tracker has a model of its own (sam3: the video one)
+    if not hasattr(tracker, "track"):
+        raise BackendUnavailableError(f"segmenter {segmenter!r} cannot track objects through a video")
+    t = time.perf_counter()
+    loader = getattr(tracker, "load_tracker", None)
+    load_s = time.perf_counter() - t if callable(loader) and loader() else 0.0
+    t = time.perf_counter()
+    track = tracker.track(frames, request)
+    return track, {"model_load_s": load_s, "run_s": time.perf_counter() - t}
 
 
 def reconstruct_masks(jobs: Sequence[tuple[LoadedImage, Any, int, str]], reconstructor: str,

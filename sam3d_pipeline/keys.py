@@ -9,6 +9,8 @@ from pathlib import PurePosixPath
 from typing import Any
 
 OUTPUT_FILES = ("mask.png", "overlay.png", "object.glb", "object.ply", "preview.png", "result.json")
+# Written besides the photo outputs when the input is a video: the chosen frame, and the mask over the sampled frames.
+VIDEO_OUTPUT_FILES = ("frame.png", "track.webp")
 KEY_VERSION = 1
 _UNSAFE = re.compile(r"[^\w.-]+")  # keeps unicode letters and digits
 
@@ -56,11 +58,14 @@ def output_prefix_name(uri: str, **hash_inputs: Any) -> str:
 # Every storage key under a run's prefix (and the few at the output root), in one place.
 
 RESULT_FILE = "result.json"
+FRAME_FILE, TRACK_FILE = VIDEO_OUTPUT_FILES
 CATALOG_FILE = "catalog.json"
 GALLERY_FILE = "index.html"
 EMBEDDINGS_NAME = "embeddings.bin"
 DECODER_NAME = "click-decoder.onnx"
 REVIEW_DIR = "review"
+OBJECTS_DIR = "objects"
+SCENE_FILE = "scene.glb"
 SEGMENT_STAGE_DIR = "stages/segment"
 RECONSTRUCT_STAGE_DIR = "stages/reconstruct"
 DECODERS_DIR = "_decoders"
@@ -70,7 +75,11 @@ REVIEW_UPLOAD_PATTERN = r"^review/[A-Za-z0-9._-]{1,100}\.png$"
 CONTENT_TYPES = {
     ".png": "image/png",
     ".jpg": "image/jpeg",
+    ".webp": "image/webp",
     ".glb": "model/gltf-binary",
+    ".usdz": "model/vnd.usdz+zip",
+    ".obj": "model/obj",
+    ".mtl": "model/mtl",
     ".ply": "application/octet-stream",
     ".json": "application/json",
     ".bin": "application/octet-stream",
@@ -90,6 +99,9 @@ class RunKeys:
     Layout under ``<prefix>/``::
 
         result.json, mask.png, overlay.png, object.glb, object.ply, preview.png    published outputs
+        scene.glb                                                                   every object, placed
+        objects/<i>/{mask.png, object.glb, object.usdz, object.obj, object.mtl, texture.png, object.ply}
+                                                                                    one asset per object
         stages/segment/segmentation.json, stages/segment/mask-<i>.png               segment stage (GPU side)
         stages/reconstruct/{input-mask.png, object.glb, object.ply, reconstruction.json}  reconstruct stage
         review/image.jpg, review/overlay-r<n>.png, review/r<n>-<name>              review rounds
@@ -111,6 +123,17 @@ class RunKeys:
     @property
     def result(self) -> str:
         return self.file(RESULT_FILE)
+
+    # video input
+    @property
+    def frame(self) -> str:
+        """The frame of a video the object was reconstructed from (``frame.png``)."""
+        return self.file(FRAME_FILE)
+
+    @property
+    def track(self) -> str:
+        """The tracked mask over the video's sampled frames (``track.webp``, animated)."""
+        return self.file(TRACK_FILE)
 
     # segment stage
     @property
@@ -134,6 +157,13 @@ class RunKeys:
         """The mask sent to the GPU workers to reconstruct (the selected or the reviewer's edited one)."""
         return f"{self.reconstruct_dir}/input-mask.png"
 
+    def object_reconstruct_dir(self, index: int) -> str:
+        """Where the reconstruct stage writes instance ``index`` when a run reconstructs several objects."""
+        return f"{self.reconstruct_dir}/{OBJECTS_DIR}/{int(index)}"
+
+    def object_reconstruct_input_mask(self, index: int) -> str:
+        return f"{self.object_reconstruct_dir(index)}/input-mask.png"
+
     # review
     def review(self, name: str) -> str:
         return self.file(f"{REVIEW_DIR}/{name}")
@@ -156,6 +186,11 @@ class RunKeys:
     def review_upload_name(token: str) -> str:
         """Name (relative to the prefix) of a mask the review page uploads."""
         return f"{REVIEW_DIR}/final-{token}.png"
+
+
+def object_file(index: int, name: str) -> str:
+    """A published file of one object, relative to the run's prefix: ``objects/<index>/<name>``."""
+    return f"{OBJECTS_DIR}/{int(index)}/{name}"
 
 
 def reconstruction_json(output: str) -> str:

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, Field, field_validator
 
-from . import backends, finish, gpu_stages
-from .errors import InputError, PipelineError
+from . import backends, finish, gpu_stages, objects, video
+from .errors import BackendUnavailableError, InputError, PipelineError
 from .images import LoadedImage, load_image
 from .keys import output_prefix_name
 from .masks import select_instance
@@ -23,6 +24,7 @@ from .report import RunResult
 from .settings import Settings, get_settings
 from .storage import open_storage, read_input
 from .types import PROMPT_MAX_CHARS, Box, BoxParam, Point, Reconstruction, Segmentation, SegmentRequest
+from .video.views import VideoRun, best_views, score_views
 
 
 class RunOptions(BaseModel):
@@ -35,6 +37,35 @@ class RunOptions(BaseModel):
     segmenter: Literal["auto", "lite", "sam3"] = "auto"
     reconstructor: Literal["auto", "lite", "sam3d"] = "auto"
     seed: int = Field(0, ge=0, description="Seed for stochastic reconstructors.")
+    video_frames: int = Field(
+        1, ge=1, le=8, description="Video input: reconstruct from the best tracked frame (1), or from the K best and "
+        "keep the one the reconstructor scores highest (when it scores its output; else the best view).")
+    instances: Literal["best", "all"] | list[Annotated[int, Field(ge=0)]] = Field(
+        "best", description="Objects to reconstruct: best (the selected instance), all, or instance indices.")
+    profile: Literal["web", "ar", "raw"] = Field(
+        "web", description="web: simplified to the triangle budget, quantised GLB; ar: simplified, plain GLB; "
+        "raw: the reconstructor's mesh as it came.")
+    export: list[Literal["glb", "usdz", "obj", "ply"]] = Field(
+        default_factory=lambda: ["glb", "usdz"], min_length=1,
+        description="Formats of every object: glb, usdz (AR Quick Look), obj (+ mtl, texture), ply (the splat).")
+
+    @field_validator("instances")
+    @classmethod
+    def _instances(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("instances: give at least one index, or best / all")
+            return sorted(set(value))
+        return value
+
+    @field_validator("export")
+    @classmethod
+    def _formats(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(value))
+
+    def export_options(self) -> dict[str, Any]:
+        """What changes the exported files (part of the output prefix)."""
+        return {"instances": self.instances, "profile": self.profile, "export": sorted(self.export)}
 
     @field_validator("prompt")
     @classmethod
@@ -66,7 +97,10 @@ class RunPlan:
 
 
 def read_bytes(uri: str, settings: Settings | None = None) -> bytes:
-    """Step 1: the input's bytes (local path or s3:// URI)."""
+    """Step 1: the input's bytes (local path or s3:// URI); for a folder / prefix of video frames, the manifest
+    that names them (``video.read_frame_folder``)."""
+    if video.is_frame_folder(uri):
+        return video.read_frame_folder(uri, settings)
     return read_input(uri, settings)
 
 
@@ -97,8 +131,15 @@ def plan(input_uri: str, input_id: str, options: RunOptions, output_root: str,
         "min_instance_area_fraction": s.min_instance_area_fraction,
         "seed": options.seed,
     }
+    hash_options |= {"export": options.export_options() | {
+        "max_triangles": s.export_max_triangles, "max_bytes": s.export_max_bytes,
+        "texture_max_px": s.export_texture_max_px, "default_size_m": s.export_default_size_m}}
     if review_mode != "none":  # a reviewed result is a different result
         hash_options |= {"review": review_mode}
+    if video.is_video_uri(input_uri):  # what changes which frames are read and which one is reconstructed
+        hash_options |= {"video": {"frames": options.video_frames, "stride": s.video_stride,
+                                   "max_frames": s.video_max_frames, "max_seconds": s.video_max_seconds,
+                                   "folder_fps": s.video_folder_fps}}
     if rec.name == "lite":
         hash_options |= {"lite_mesh_resolution": s.lite_mesh_resolution, "lite_thickness": s.lite_thickness}
     if rec.name == "sam3d":  # what changes SAM 3D Objects' output (low-memory mode does not)
@@ -162,10 +203,83 @@ def reconstruct(image: LoadedImage, mask: np.ndarray, options: RunOptions, run_p
     return recon
 
 
+def reconstruct_objects(image: LoadedImage, seg: Segmentation, indices: list[int], options: RunOptions,
+                        run_plan: RunPlan, settings: Settings | None = None) -> dict[int, Reconstruction]:
+    """Step 6 for several objects of one photo: reconstructed together (one point map), in this process."""
+    s = settings or get_settings()
+    recons, timing = objects.reconstruct_together(image, {i: seg.instances[i].mask for i in indices}, options.seed,
+                                                  run_plan.input_uri, run_plan.reconstructor.name, s)
+    for recon in recons.values():
+        recon.stage = in_process_stage(timing) | {"objects": len(recons)}
+    return recons
+
+
 def in_process_stage(timing: dict[str, float]) -> dict[str, Any]:
     """The ``stages`` entry of a stage that ran in this process (no queue, no worker session)."""
     return {"worker": "inline", "model_load_s": round(timing["model_load_s"], 6), "queue_wait_s": 0.0,
             "run_s": round(timing["run_s"], 3)}
+
+
+def decode_video(data: bytes, uri: str, settings: Settings | None = None) -> video.LoadedVideo:
+    """Step 3 for a clip: decode, validate and sample its frames (``video.load_video``)."""
+    return video.load_video(data, source=uri, settings=settings or get_settings())
+
+
+def track_video(clip: video.LoadedVideo, options: RunOptions, run_plan: RunPlan,
+                settings: Settings | None = None) -> VideoRun:
+    """Step 4 for a clip: follow the object through the sampled frames, score every frame, choose the view(s).
+
+    Raises:
+        InputError: a box or click outside the first frame.
+        BackendUnavailableError: the model stages run on GPU workers (they take photos only), or the segmenter
+            cannot track.
+    """
+    s = settings or get_settings()
+    if s.gpu_stages != "inline":
+        raise BackendUnavailableError(
+            f"{clip.source}: video input runs its tracker in the flow's process; the GPU workers take photos only "
+            "(set SAM3D_GPU_STAGES=inline for videos)")
+    request = segment_request(options, clip.width, clip.height)
+    track, timing = gpu_stages.track_frames([f.rgb for f in clip.frames], request, run_plan.segmenter.name, s)
+    views = score_views(clip, track)
+    return VideoRun(clip, track, views, best_views(views, options.video_frames), stage=in_process_stage(timing))
+
+
+def start_from_video(record: finish.RunRecord, clip: video.LoadedVideo, settings: Settings | None = None) -> None:
+    """Track ``clip``; its chosen frame becomes the run's photo and the tracked mask there its segmentation (no
+    instance when the object was never found)."""
+    record.video = track_video(clip, record.options, record.run_plan, settings)
+    chosen = record.video.chosen
+    record.image = clip.frame_image(chosen.position if chosen else 0)
+    record.seg = record.video.view_segmentation()
+    if chosen is not None:
+        record.messages.append(f"video: reconstructed from frame {chosen.index} ({chosen.time_s:.2f} s), the best of "
+                               f"{record.video.track.tracked} tracked frames (view score {chosen.view_score:.3f})")
+
+
+def try_other_views(record: finish.RunRecord,
+                    reconstruct_view: Callable[[LoadedImage, Segmentation], Reconstruction]) -> None:
+    """``video_frames`` > 1: reconstruct the other candidate views too and keep the one the reconstructor scores
+    highest (``stats["score"]``). A reconstructor that does not score its output keeps the best view, untried."""
+    run = record.video
+    if run is None or len(run.candidates) < 2 or record.recon is None or run.chosen is None:
+        return
+    if not isinstance(record.recon.stats.get("score"), int | float):
+        record.messages.append(f"video: {len(run.candidates)} candidate views, but the reconstructor does not score "
+                               "its output: kept the best view without reconstructing the others")
+        return
+    best = (float(record.recon.stats["score"]), run.chosen, record.image, record.seg, record.recon)
+    run.candidate_scores[run.chosen.position] = best[0]
+    for view in run.candidates:
+        if view.position == run.chosen.position:
+            continue
+        image, seg = run.video.frame_image(view.position), run.view_segmentation(view)
+        recon = reconstruct_view(image, seg)
+        score = float(recon.stats.get("score", 0.0))
+        run.candidate_scores[view.position] = score
+        if score > best[0]:
+            best = (score, view, image, seg, recon)
+    _, run.chosen, record.image, record.seg, record.recon = best
 
 
 def run_plain(image_uri: str, options: RunOptions, output_root: str | None = None,
@@ -179,16 +293,32 @@ def run_plain(image_uri: str, options: RunOptions, output_root: str | None = Non
     record.run_plan = plan(image_uri, content_id(data), options, storage.root, s)
     if not force and (done := finish.existing_result(storage, record.run_plan.prefix)):
         return done
-    record.image = decode(data, image_uri, s)
-    record.timings["intake"] = time.perf_counter() - t
-    t = time.perf_counter()
-    record.seg = segment(record.image, options, record.run_plan, s)
-    record.selected = select_instance(record.seg.instances, options.instance_index)
+    if video.is_video_uri(image_uri):
+        clip = decode_video(data, image_uri, s)
+        record.timings["intake"] = time.perf_counter() - t
+        t = time.perf_counter()
+        start_from_video(record, clip, s)
+    else:
+        record.image = decode(data, image_uri, s)
+        record.timings["intake"] = time.perf_counter() - t
+        t = time.perf_counter()
+        record.seg = segment(record.image, options, record.run_plan, s)
+    record.selected = objects.primary_of(options.instances, select_instance(record.seg.instances,
+                                                                           options.instance_index),
+                                         options.instance_index)
+    record.objects = objects.choose(record.seg.instances, options.instances, record.selected)
     record.timings["segment"] = time.perf_counter() - t
-    if record.selected is not None:
+    if len(record.objects) > 1:
+        t = time.perf_counter()
+        record.recons = reconstruct_objects(record.image, record.seg, record.objects, options, record.run_plan, s)
+        record.recon = record.recons[record.selected]
+        record.timings["reconstruct"] = time.perf_counter() - t
+    elif record.selected is not None:
         t = time.perf_counter()
         record.recon = reconstruct(record.image, record.seg.instances[record.selected].mask, options,
                                    record.run_plan, s)
+        try_other_views(record, lambda image, seg: reconstruct(image, seg.instances[0].mask, options,
+                                                               record.run_plan, s))
         record.timings["reconstruct"] = time.perf_counter() - t
     return finish.finish_run(storage, record, s)
 

@@ -30,6 +30,22 @@ class RunResult(BaseModel):
     outputs: dict[str, str] = Field(default_factory=dict, description="file name → URI")
     mesh: dict[str, Any] | None = None
     pose: dict[str, Any] | None = None
+    objects: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="one per reconstructed object (instances: best / all / indices), the selected one first: index, "
+        "score, box, area, selected, outputs (file name → URI under objects/<index>/), pose, units (m), "
+        "scale_source (sam3d-pose | default), size_m, mesh (reconstructor's stats), export (profile, triangles_in, "
+        "triangles, bytes per file, budget met / reasons, usdz_check, export_s)",
+    )
+    scene: dict[str, Any] | None = Field(
+        None, description="scene.glb: layout (reconstructor-pose | image-positions), note, objects, positions_m, "
+        "triangles, bytes, outputs")
+    export: dict[str, Any] = Field(default_factory=dict, description="profile, formats, max_triangles, max_bytes")
+    video: dict[str, Any] | None = Field(
+        None, description="when the input is a video: format, codec, width, height, fps, duration_s, frames_read, "
+        "frames_sampled, stride, frames_tracked, found_at_index, tracker, chosen (index, time_s, view_score), "
+        "candidates and frames (per sampled frame: index, time_s, score, area, border, touches_border, sharpness, "
+        "view_score)")
     stages: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="per model stage (segment, reconstruct): worker (session id, or inline), model_load_s "

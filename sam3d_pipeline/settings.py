@@ -34,6 +34,20 @@ class Settings(BaseSettings):
         100 * 1024 * 1024, ge=1, description="Largest accepted input file in bytes, checked before download."
     )
 
+    # Video intake (MP4 / MOV / WebM files, or a folder / prefix of frames).
+    video_max_seconds: float = Field(
+        120.0, gt=0, le=3600, description="Longest accepted clip (seconds); checked from the header before decoding "
+        "when the container states its duration, else while decoding.")
+    video_max_frames: int = Field(
+        300, ge=1, le=5000, description="Most frames sampled from one clip: the stride grows until the sample fits, "
+        "so memory stays bounded (frames kept x width x height x 3 bytes).")
+    video_max_pixels: int = Field(
+        8_294_400, ge=1, description="Largest accepted frame (width x height; default 3840x2160), checked from the "
+        "header before decoding.")
+    video_stride: int = Field(1, ge=1, le=1000, description="Keep every n-th frame (at least; see video_max_frames).")
+    video_folder_fps: float = Field(
+        30.0, gt=0, le=1000, description="Frame rate assumed for a folder / prefix of frames (their times in reports).")
+
     # Backends.
     segmenter: SegmenterChoice = Field(
         "auto", description="What a run's segmenter 'auto' stands for: lite or sam3; auto picks the best usable "
@@ -56,6 +70,21 @@ class Settings(BaseSettings):
         0.5, gt=0.0, le=2.0, description="Lite reconstructor inflation: 1.0 turns a disc into a sphere."
     )
     preview_size_px: int = Field(512, ge=64, le=4096, description="Side of the rendered mesh preview (pixels).")
+
+    # Exported assets (profiles web / ar; raw keeps the reconstructor's mesh and only reports the budgets).
+    export_max_triangles: int = Field(
+        100_000, ge=100, le=10_000_000, description="Triangle budget of a web / ar asset (Amazon: 200k, AR Quick "
+        "Look: ~100k); a bigger mesh is simplified to it.")
+    export_max_bytes: int = Field(
+        5_000_000, ge=10_000, description="Byte budget of each exported file (Shopify typical ~4 MB, Google "
+        "Merchant <= 10-15 MB); a bigger file is simplified further, and one that still does not fit says so.")
+    export_texture_max_px: int = Field(
+        2048, ge=64, le=8192, description="Largest side of a baked texture (USDZ, OBJ); AR Quick Look: 2048.")
+    export_default_size_m: float = Field(
+        0.5, gt=0.0, le=100.0, description="Size given to the largest object of a photo when the reconstructor "
+        "knows no real-world scale (lite): its longest side in metres; the others keep their size relative to it.")
+    export_check_usdz: bool = Field(
+        True, description="Run USD's compliance checker in ARKit mode on every USDZ and record its verdict.")
 
     # Review.
     review_poll_interval_s: float = Field(

@@ -167,3 +167,29 @@ class Reconstruction:
     pose: dict[str, list[float]] | None = None
     stats: dict[str, Any] = field(default_factory=dict)
     stage: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Track:
+    """One object followed through a clip's sampled frames.
+
+    Attributes:
+        masks: one ``(H, W)`` bool mask per sampled frame, in frame order; all False where the object was not found.
+        scores: one confidence per frame in [0, 1] (0.0 where not found; see the backend for what it means).
+        backend: who tracked it.
+        used_text_prompt: False when the tracker cannot read text (lite).
+        found_at: position of the first frame where the object was found (None: never found).
+        messages: what the tracker did (re-acquisitions, frames lost, the prompt's fate).
+    """
+
+    masks: list[np.ndarray]
+    scores: list[float]
+    backend: BackendInfo
+    used_text_prompt: bool
+    found_at: int | None = None
+    messages: list[str] = field(default_factory=list)
+
+    @property
+    def tracked(self) -> int:
+        """How many frames hold the object."""
+        return sum(1 for mask in self.masks if mask.any())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -20,9 +21,8 @@ from prefect.exceptions import ObjectNotFound
 
 from sam3d_pipeline import catalog
 from sam3d_pipeline.catalog import CatalogEntry, CatalogItem, CatalogTally, ItemWork, ManifestRow, crashed_entry
-from sam3d_pipeline.errors import PipelineError, is_transient
+from sam3d_pipeline.errors import PipelineError
 from sam3d_pipeline.gallery import write_gallery
-from sam3d_pipeline.pipeline import RunOptions
 from sam3d_pipeline.settings import Settings
 from sam3d_pipeline.storage import open_storage
 
@@ -67,82 +67,51 @@ def ensure_gpu_limit(name: str, slots: int | None) -> int:
         return wanted
 
 
-@task(name="plan-item", cache_policy=NO_CACHE, retry_condition_fn=retry_if_transient)
-def plan_catalog_item(item: CatalogItem, options: RunOptions, output_root: str, settings: Settings,
-                      force: bool) -> ItemWork | CatalogEntry:
-    planned = catalog.plan_item(item, options, open_storage(output_root, settings), settings, force=force)
-    if isinstance(planned, ItemWork) and planned.error is not None and is_transient(planned.error):
-        raise planned.error
-    if isinstance(planned, CatalogEntry):
-        get_run_logger().info("%s: finished result at %s; skipped", item.id, planned.prefix)
+@task(name="plan-chunk", cache_policy=NO_CACHE, retry_condition_fn=retry_if_transient)
+def plan_catalog_chunk(items: list[CatalogItem], options: dict[str, Any], output_root: str, settings: Settings,
+                       force: bool, flow_run_id: str | None) -> catalog.ChunkPlan:
+    """Plan a chunk of items: skip the finished, record the unreadable, return the rest (one task run per chunk)."""
+    planned = catalog.plan_chunk(items, options, open_storage(output_root, settings), settings, force, flow_run_id)
+    logger = get_run_logger()
+    statuses = Counter(e.status for e in planned.entries)
+    logger.info("planned %d item(s) (lines %d-%d): %d to run, %s", len(items), items[0].line, items[-1].line,
+                len(planned.pending), ", ".join(f"{n} {k}" for k, n in sorted(statuses.items())) or "none finished")
+    for entry in planned.entries:
+        if entry.status == "failed":
+            logger.warning("%s (line %d) failed: %s", entry.id, entry.line, (entry.error or {}).get("message"))
     return planned
 
 
-@task(name="decode-item", cache_policy=NO_CACHE, retry_condition_fn=retry_if_transient)
-def decode_catalog_item(work: ItemWork, settings: Settings) -> ItemWork:
-    if work.error is not None and is_transient(work.error):
-        work.error = None  # a retry of this task after a transient read failure
-    work = catalog.decode_item(work, settings)
-    if work.error is not None and is_transient(work.error):
-        raise work.error
-    return work
-
-
-@task(name="gpu-batch", cache_policy=NO_CACHE)
-def run_gpu_batch(works: list[ItemWork], batch_index: int, gpu_limit: str, output_root: str,
-                  settings: Settings) -> list[ItemWork]:
-    """Segment, then reconstruct, a whole batch while holding one slot of the GPU limit.
-
-    Where the models run is ``gpu_dispatch``'s decision: in this process (each backend loaded once per
-    process), or on the warm GPU workers as one task. One slot for both stages also pays Prefect's slot
-    acquisition once per batch, not once per stage.
-    """
-    logger = get_run_logger()
-    if done := catalog.recheck_finished(works, open_storage(output_root, settings)):
-        logger.info("GPU batch %d: %d item(s) finished by another run meanwhile; skipped", batch_index, done)
-    ready = [w for w in works if w.error is None and w.image is not None and w.finished is None]
-    if not ready:
-        logger.info("GPU batch %d: nothing to segment", batch_index)
-        return works
-    waited = time.perf_counter()
-    with concurrency(gpu_limit, occupy=1, strict=True):
-        logger.info("GPU batch %d: holding one %r slot (waited %.2f s); segmenting %d item(s)", batch_index,
-                    gpu_limit, time.perf_counter() - waited, len(ready))
-        works = gpu_dispatch.catalog_batch(works, batch_index, output_root, settings)
-    return works
-
-
-@task(name="publish-item", cache_policy=NO_CACHE)
-def publish_catalog_item(work: ItemWork, output_root: str, settings: Settings, flow_run_id: str | None) -> CatalogEntry:
-    entry = catalog.finish_item(work, open_storage(output_root, settings), settings, flow_run_id)
-    logger = get_run_logger()
-    if entry.status == "failed":
-        logger.warning("%s failed: %s", entry.id, (entry.error or {}).get("message"))
-    else:
-        logger.info("%s: %s at %s", entry.id, entry.status, entry.output_prefix)
-    return entry
-
-
-@task(name="process-gpu-batch", cache_policy=NO_CACHE)
+@task(name="process-gpu-batch", cache_policy=NO_CACHE, retry_condition_fn=retry_if_transient)
 def process_gpu_batch(works: list[ItemWork], batch_index: int, gpu_limit: str, output_root: str,
                       settings: Settings, flow_run_id: str | None) -> list[CatalogEntry]:
-    """decode → segment and reconstruct (one GPU slot) → publish, for one group of items."""
-    io_retries = retry_options(settings)
-    decoded = []
-    for work in works:
-        try:
-            decoded.append(decode_catalog_item.with_options(**io_retries)(work, settings))
-        except PipelineError as exc:  # transient read failures that outlived their retries
-            work.error = exc
-            decoded.append(work)
-    reconstructed = run_gpu_batch(decoded, batch_index, gpu_limit, output_root, settings)
-    return [publish_catalog_item(work, output_root, settings, flow_run_id) for work in reconstructed]
+    """decode → segment and reconstruct (one GPU slot) → publish, for one group of items, in one task run.
 
-
-@task(name="record-failure", cache_policy=NO_CACHE)
-def record_catalog_failure(work: ItemWork, output_root: str, settings: Settings,
-                           flow_run_id: str | None) -> CatalogEntry:
-    return catalog.fail_item(work, open_storage(output_root, settings), flow_run_id)
+    Just before taking the GPU slot, items another run finished meanwhile are marked and reported as skipped.
+    Where the models run is ``gpu_dispatch``'s decision: in this process (each backend loaded once per
+    process), or on the warm GPU workers as one task. One slot for both stages also pays Prefect's slot
+    acquisition once per batch, not once per stage. A transient read failure raises before any GPU work,
+    so the retry repeats nothing.
+    """
+    logger = get_run_logger()
+    storage = open_storage(output_root, settings)
+    works = catalog.decode_batch(works, settings)
+    if done := catalog.recheck_finished(works, storage):
+        logger.info("GPU batch %d: %d item(s) finished by another run meanwhile; skipped", batch_index, done)
+    ready = [w for w in works if w.error is None and w.image is not None and w.finished is None]
+    if ready:
+        waited = time.perf_counter()
+        with concurrency(gpu_limit, occupy=1, strict=True):
+            logger.info("GPU batch %d: holding one %r slot (waited %.2f s); segmenting %d item(s)", batch_index,
+                        gpu_limit, time.perf_counter() - waited, len(ready))
+            works = gpu_dispatch.catalog_batch(works, batch_index, output_root, settings)
+    entries = [catalog.finish_item(work, storage, settings, flow_run_id) for work in works]
+    for entry in entries:
+        if entry.status == "failed":
+            logger.warning("%s failed: %s", entry.id, (entry.error or {}).get("message"))
+    logger.info("GPU batch %d: %s", batch_index, ", ".join(f"{n} {k}" for k, n in
+                                                          sorted(Counter(e.status for e in entries).items())))
+    return entries
 
 
 @task(name="write-catalog", cache_policy=NO_CACHE, retry_condition_fn=retry_if_transient)
@@ -167,47 +136,64 @@ def catalog_artifacts(entries: list[CatalogEntry], uris: dict[str, str], summary
     create_markdown_artifact(markdown="\n".join(lines), key="catalog-summary", description=summary)
 
 
-def catalog_progress(tally: CatalogTally) -> Callable[[], None]:
-    """Create the ``catalog-progress`` artifact at 0 %; the returned callable updates it from ``tally``."""
-    artifact_id = create_progress_artifact(progress=0.0, key="catalog-progress",
-                                           description=f"catalog-batch: 0 of {tally.total} item(s) done")
-
-    def update() -> None:
-        update_progress_artifact(artifact_id, progress=tally.percent_done, description=tally.progress_line())
-
-    return update
+def chunks(items: list[CatalogItem], size: int) -> list[list[CatalogItem]]:
+    """``items`` in consecutive chunks of at most ``size``."""
+    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 def plan_catalog_items(items: list[CatalogItem], options: dict[str, Any], output_root: str, settings: Settings,
-                       force: bool, concurrency: int, tally: CatalogTally) -> list[ItemWork]:
-    """Plan every item, ``concurrency`` at a time; skipped and failed ones go to the tally. Returns the rest."""
-    plan = plan_catalog_item.with_options(**retry_options(settings))
+                       force: bool, concurrency: int, chunk_size: int, tally: CatalogTally,
+                       checkpoint: Callable[[], None]) -> list[ItemWork]:
+    """Plan every item in chunks, ``concurrency`` chunks at a time; skipped and failed items go to the tally, and
+    rows repeating an earlier row's prefix are entered as its duplicates. Returns the items to run."""
+    plan = plan_catalog_chunk.with_options(**retry_options(settings))
     pending: list[ItemWork] = []
-    for item, future in bounded(lambda it: plan.submit(it, it.options(**options), output_root, settings, force),
-                                items, concurrency):
-        if not future.state.is_completed():
-            tally.add(crashed_entry(item, future.state.message or "planning failed"))
-        elif isinstance(planned := future.result(), CatalogEntry):
-            tally.add(planned)
-        elif planned.error is not None:
-            tally.add(record_catalog_failure(planned, output_root, settings, tally.flow_run_id))
+    for chunk, future in bounded(lambda c: plan.submit(c, options, output_root, settings, force, tally.flow_run_id),
+                                 chunks(items, chunk_size), concurrency):
+        if future.state.is_completed():
+            planned = future.result()
+            tally.add(*planned.entries)
+            pending.extend(planned.pending)
         else:
-            pending.append(planned)
+            tally.add(*(crashed_entry(item, future.state.message or "planning failed") for item in chunk))
+        checkpoint()
     pending, copies = catalog.split_duplicates(pending)
     tally.add(*copies)
     return pending
 
 
 def run_gpu_batches(batches: list[list[ItemWork]], gpu_limit: str, output_root: str, settings: Settings,
-                    concurrency: int, tally: CatalogTally, progress: Callable[[], None]) -> None:
+                    concurrency: int, tally: CatalogTally, checkpoint: Callable[[], None]) -> None:
     """Process GPU batches, ``concurrency`` at a time; a batch that crashes as a whole fails its items only."""
     logger = get_run_logger()
+    process = process_gpu_batch.with_options(**retry_options(settings))
     for (index, batch), future in bounded(
-            lambda ib: process_gpu_batch.submit(ib[1], ib[0], gpu_limit, output_root, settings, tally.flow_run_id),
+            lambda ib: process.submit(ib[1], ib[0], gpu_limit, output_root, settings, tally.flow_run_id),
             list(enumerate(batches)), concurrency):
         if future.state.is_completed():
             tally.add(*future.result())
         else:
             logger.error("GPU batch %d failed as a whole: %s", index, future.state.message)
             tally.add(*(crashed_entry(w.item, future.state.message or "batch failed", w) for w in batch))
-        progress()
+        checkpoint()
+
+
+def catalog_checkpoint(tally: CatalogTally, output_root: str, settings: Settings) -> Callable[[], None]:
+    """Create the ``catalog-progress`` artifact at 0 %; the returned callable updates it from ``tally`` and, at most
+    every ``tally.checkpoint_every_s``, writes ``catalog.json`` and the gallery as they stand (``complete``
+    false), so a killed run leaves an index of what is done."""
+    artifact_id = create_progress_artifact(progress=0.0, key="catalog-progress",
+                                           description=f"catalog-batch: 0 of {tally.total} item(s) done")
+    storage = open_storage(output_root, settings)
+
+    def update() -> None:
+        update_progress_artifact(artifact_id, progress=tally.percent_done, description=tally.progress_line())
+        if tally.checkpoint_due():
+            try:
+                index = tally.index(complete=False)
+                write_gallery(storage, index)
+                catalog.write_index(storage, index)
+            except PipelineError as exc:  # a checkpoint is a convenience; the final write is retried as a task
+                get_run_logger().warning("could not write the catalog checkpoint: %s", exc)
+
+    return update

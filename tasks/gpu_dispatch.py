@@ -48,7 +48,7 @@ from sam3d_pipeline.storage import Storage, open_storage
 from sam3d_pipeline.types import Reconstruction, Segmentation
 
 from .embeddings import store_review_assets
-from .reconstruct import reconstruct_in_process
+from .reconstruct import reconstruct_in_process, reconstruct_objects_in_process
 from .segment import segment_in_process
 
 ACTIVE_SESSION_STATES = [StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING]
@@ -96,6 +96,36 @@ def reconstruct(image: LoadedImage, seg: Segmentation, selected: int, options: p
     recon.stats["gpu_attempts"] = [a.as_dict() for a in attempts]
     seg.messages.extend(f"gpu-stage {a.line()}" for a in attempts if len(attempts) > 1)
     return recon
+
+
+def reconstruct_objects(image: LoadedImage, seg: Segmentation, indices: list[int], options: pipeline.RunOptions,
+                        run_plan: pipeline.RunPlan, settings: Settings,
+                        output_root: str) -> dict[int, Reconstruction]:
+    """Reconstruct several instances of one photo together (one task, one point map), where
+    ``SAM3D_GPU_STAGES`` says the reconstructor runs."""
+    if settings.gpu_stages == "inline":
+        return reconstruct_objects_in_process(image, seg, indices, options, run_plan, settings)
+    keys = RunKeys(run_plan.prefix)
+    storage = open_storage(output_root, settings)
+    jobs = []
+    for i in indices:
+        storage.write_bytes(keys.object_reconstruct_input_mask(i), mask_to_png(seg.instances[i].mask),
+                            content_type="image/png")
+        jobs.append(ReconstructJobParam(image=run_plan.input_uri, mask=keys.object_reconstruct_input_mask(i),
+                                        output=keys.object_reconstruct_dir(i), seed=options.seed,
+                                        photo_id=run_plan.input_uri))
+    result, attempts = run_on_workers(GpuBatch(output_root=output_root, reconstructor=run_plan.reconstructor.name,
+                                               reconstruct=jobs), settings)
+    recons = {}
+    for i, job, done in zip(indices, jobs, result["reconstruct"], strict=True):
+        if "error" in done:
+            raise error_from_record(done["error"])
+        recon = gpu_stages.load_reconstruction(output_root, job.output, settings)
+        recon.stage = result["timing"]["reconstruct"] | {"objects": len(jobs)}
+        recon.stats["gpu_attempts"] = [a.as_dict() for a in attempts]
+        recons[i] = recon
+    seg.messages.extend(f"gpu-stage {a.line()}" for a in attempts if len(attempts) > 1)
+    return recons
 
 
 def _one_job(batch: GpuBatch, stage: str, settings: Settings) -> tuple[dict[str, Any], list[StageAttempt]]:

@@ -1,4 +1,5 @@
-"""Intake tasks: fetch the input's bytes (retried when transient) and decode/validate them (never retried)."""
+"""Intake tasks: fetch the input's bytes (retried when transient) and decode/validate them (never retried): a photo,
+or a video's bounded sample of frames."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from prefect.cache_policies import NO_CACHE
 from sam3d_pipeline import pipeline
 from sam3d_pipeline.images import LoadedImage
 from sam3d_pipeline.settings import Settings
+from sam3d_pipeline.video import LoadedVideo
 
 from .retry import retry_if_transient
 
@@ -27,6 +29,14 @@ def decode_image(data: bytes, uri: str, settings: Settings) -> LoadedImage:
         ", EXIF orientation applied" if image.exif_transposed else "",
     )
     return image
+
+
+@task(name="decode-video", cache_policy=NO_CACHE)
+def decode_video(data: bytes, uri: str, settings: Settings) -> LoadedVideo:
+    clip = pipeline.decode_video(data, uri, settings)
+    for note in clip.notes:
+        get_run_logger().info(note)
+    return clip
 
 
 def plan_run(uri: str, data: bytes, options: pipeline.RunOptions, output_root: str, settings: Settings,

@@ -6,9 +6,11 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from sam3d_pipeline import pipeline
+from sam3d_pipeline.finish import RunRecord
 from sam3d_pipeline.images import LoadedImage
 from sam3d_pipeline.settings import Settings
 from sam3d_pipeline.types import Segmentation
+from sam3d_pipeline.video import LoadedVideo
 
 
 @task(name="segment", cache_policy=NO_CACHE)
@@ -26,3 +28,21 @@ def segment_in_process(
     logger.info("found %d instance(s): %s", len(seg.instances),
                 ", ".join(f"#{i} score {inst.score:.2f}" for i, inst in enumerate(seg.instances)) or "none")
     return seg
+
+
+@task(name="track-video", cache_policy=NO_CACHE)
+def track_in_process(record: RunRecord, clip: LoadedVideo, settings: Settings) -> Segmentation:
+    """Track the object through the clip; the chosen frame becomes ``record.image``, its mask ``record.seg``."""
+    logger = get_run_logger()
+    info = record.run_plan.segmenter_info
+    logger.info("tracker %s %s on %s through %d sampled frame(s)", info["name"], info["version"], info["device"],
+                len(clip.frames))
+    pipeline.start_from_video(record, clip, settings)
+    run = record.video
+    for message in run.track.messages:
+        logger.info(message)
+    chosen = run.chosen
+    logger.info("tracked in %d of %d frame(s); %s", run.track.tracked, len(clip.frames),
+                f"chose frame {chosen.index} ({chosen.time_s:.2f} s, view score {chosen.view_score:.3f})"
+                if chosen else "the object was never found")
+    return record.seg

@@ -52,3 +52,26 @@ def two_objects_photo(width: int = 320, height: int = 240) -> tuple[np.ndarray, 
     out[left] = (205, 35, 40)
     out[right] = (40, 60, 210)
     return out, left, right
+
+
+def three_objects_photo(width: int = 360, height: int = 240) -> tuple[np.ndarray, list[np.ndarray],
+                                                                        list[tuple[int, int, int, int]]]:
+    """Three separate discs (red, green, blue from left to right, of different sizes) on a textured background.
+
+    Returns:
+        ``(rgb, masks, boxes)``: the photo, each disc's ground-truth mask and an xyxy box around it (pixels).
+    """
+    rng = np.random.default_rng(11)
+    yy, xx = np.mgrid[0:height, 0:width]
+    grain = 20 * np.sin(xx / 7.0 + 3 * np.sin(yy / 23.0)) + rng.normal(0, 6, (height, width))
+    out = np.clip(np.stack([120 + grain, 110 + grain, 95 + grain], axis=-1), 0, 255).astype(np.uint8)
+    masks, boxes = [], []
+    for (cx, cy, r), colour in zip(((0.18, 0.5, 0.12), (0.5, 0.45, 0.09), (0.8, 0.55, 0.07)),
+                                   ((205, 35, 40), (40, 170, 60), (40, 60, 210)), strict=True):
+        x, y, rad = cx * width, cy * height, r * width
+        mask = np.hypot(xx - x, yy - y) <= rad
+        out[mask] = colour
+        masks.append(mask)
+        pad = 6
+        boxes.append((int(x - rad - pad), int(y - rad - pad), int(x + rad + pad), int(y + rad + pad)))
+    return out, masks, boxes

@@ -55,7 +55,7 @@ def test_jsonl_manifest_and_whole_file_errors():
     assert "'prompt' is empty and no default prompt" in rows[3].error
     assert rows[4].item.image == "z.png" and rows[4].error is None  # an unknown key is ignored ...
     assert rows.warnings == ["m.jsonl: ignored unknown column(s) colour (the pipeline reads image, prompt, box, "
-                             "points, review, id)"]  # ... with one warning for the whole manifest
+                             "points, review, id, instances)"]  # ... with one warning for the whole manifest
     with pytest.raises(InputError, match="needs a header row with an 'image' column"):
         catalog.parse_manifest("photo,prompt\na.png,cup\n", fmt="csv", source="m.csv")
     with pytest.raises(InputError, match="no data rows"):
@@ -132,7 +132,8 @@ def test_tally_collects_entries_progress_crashes_and_the_outcome(tmp_path):
     done = catalog.CatalogEntry(id="a", line=2, image=a.image, prompt="cup", status="completed",
                                 result_status="completed")
     tally.add(crashed, done)
-    assert tally.percent_done == 100.0 and tally.counts() == {"completed": 1, "skipped": 0, "no_object": 0, "failed": 2, "duplicate": 0}
+    assert tally.percent_done == 100.0
+    assert tally.counts() == {"completed": 1, "skipped": 0, "no_object": 0, "failed": 2, "duplicate": 0}
 
     summary, index = tally.summary(), tally.index()
     assert summary.startswith("catalog: 3 item(s): 1 completed, 0 skipped, 0 no_object, 2 failed (")
@@ -192,7 +193,9 @@ def test_plain_loop_runs_once_skips_finished_and_retries_failed(tmp_path, spies)
     # A failure with a known prefix leaves a failed result.json there (retried next time).
     failed = json.loads((Path(by_id["broken"].output_prefix) / "result.json").read_text())
     assert failed["status"] == "failed" and failed["error"]["code"] == "invalid_image"
-    assert set(by_id["p0"].files) == {"mask.png", "overlay.png", "object.glb", "preview.png", "result.json"}
+    assert set(by_id["p0"].files) == {"mask.png", "overlay.png", "object.glb", "preview.png", "result.json",
+                                      "scene.glb", "objects/0/mask.png", "objects/0/object.glb",
+                                      "objects/0/object.usdz"}
 
     second = catalog.run_catalog_plain(rows, storage, batch_size=2, segmenter="lite", reconstructor="lite")
     statuses = {e.id: (e.status, e.result_status) for e in second}
@@ -230,3 +233,31 @@ def test_gallery_page_escapes_and_links():
     assert page.count('data-open="') == 1
     assert index["counts"] == {"completed": 1, "skipped": 0, "no_object": 0, "failed": 1, "duplicate": 0}
     assert "not installed" in render_gallery_html(index, viewer_available=False)
+
+
+def test_manifest_instances_field_reaches_the_run_options(tmp_path):
+    text = "image,prompt,instances\na.png,cups,all\nb.png,cups,0;2\nc.png,cups,\nd.png,cups,two\n"
+    a, b, c, d = catalog.parse_manifest(text, fmt="csv", source="m.csv", base=str(tmp_path))
+    assert a.item.options().instances == "all" and b.item.options().instances == [0, 2]
+    assert c.item.options().instances == "best"
+    assert d.item is None and "instances 'two'" in d.error
+    # Different instances, different outputs: the prefix differs.
+    from sam3d_pipeline.pipeline import plan
+
+    base = dict(input_uri="a.png", input_id="sha256:1", output_root=str(tmp_path))
+    assert plan(options=a.item.options(), **base).prefix != plan(options=c.item.options(), **base).prefix
+
+
+def test_gallery_offers_ar_and_every_objects_downloads():
+    files = ["object.glb", "overlay.png", "scene.glb", "objects/0/object.glb", "objects/0/object.usdz",
+             "objects/0/mask.png", "objects/2/object.glb", "objects/2/object.obj", "objects/2/object.mtl",
+             "objects/2/texture.png"]
+    index = catalog.build_index([catalog.CatalogEntry(
+        id="cups", line=2, image="x.png", prompt="cups", status="completed", result_status="completed",
+        prefix="p-1", files=files, score=0.9, instances=3)], source="m.csv", output_root="/out")
+    page = render_gallery_html(index)
+    assert '<model-viewer id="viewer"' in page and " ar ar-modes=" in page and 'slot="ar-button"' in page
+    assert "setAttribute('ios-src'" in page  # AR Quick Look gets the object's USDZ
+    for name in ("scene.glb", "objects/0/object.usdz", "objects/2/object.obj", "objects/2/texture.png"):
+        assert f'href="p-1/{name}" download' in page
+    assert 'href="p-1/objects/0/mask.png"' not in page

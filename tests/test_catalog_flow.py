@@ -237,7 +237,10 @@ def test_killed_half_way_then_rerun_completes_the_rest(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     survived = _completed(out)
     assert 4 <= len(survived) < good
-    assert not (out / "catalog.json").exists()
+    checkpoint = json.loads((out / "catalog.json").read_text())  # the kill leaves a readable index ...
+    assert checkpoint["complete"] is False and checkpoint["finished_at"] is None and checkpoint["total"] == good
+    done_then = {it["prefix"] for it in checkpoint["items"] if it["status"] == "completed"}
+    assert done_then <= set(survived)  # ... of work that really finished
 
     second = subprocess.run(_catalog_cmd(manifest, out, limit), cwd=REPO, env=_api_env(), capture_output=True,
                             text=True, timeout=300)
@@ -250,6 +253,7 @@ def test_killed_half_way_then_rerun_completes_the_rest(tmp_path):
     for prefix, result in survived.items():  # finished before the kill: kept, not redone
         assert finished[prefix]["flow_run_id"] == result["flow_run_id"]
     index = json.loads((out / "catalog.json").read_text())
+    assert index["complete"] is True and index["finished_at"]
     assert sorted(it["status"] for it in index["items"]) == sorted(
         ["completed"] * (good - len(survived)) + ["skipped"] * len(survived))
 

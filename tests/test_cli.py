@@ -47,6 +47,15 @@ def test_usage_errors_exit_2_without_starting_prefect(tmp_path):
     assert proc.returncode == 2 and "choose auto, lite or sam3" in proc.stderr
 
 
+def test_bad_export_options_exit_2_naming_the_option(tmp_path):
+    photo = tmp_path / "a.png"
+    photo.write_bytes(encode(object_photo()[0]))
+    for option, value in (("--instances", "first"), ("--profile", "print"), ("--export", "glb,fbx")):
+        proc = _cli("run", str(photo), "--prompt", "x", option, value, home=tmp_path)
+        assert proc.returncode == 2, (option, proc.stderr)
+        assert option in proc.stderr
+
+
 def test_missing_file_exits_1_naming_it(tmp_path):
     proc = _cli("run", str(tmp_path / "nope.jpg"), "--prompt", "x", home=tmp_path)
     assert proc.returncode == 1
@@ -60,10 +69,11 @@ def test_run_prints_the_prefix_and_summary(tmp_path):
     proc = _cli("run", str(photo), "--prompt", "red ellipse", "--out", str(tmp_path / "out"), home=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
-    assert lines[-2].startswith("output: ")
-    prefix = Path(lines[-2].removeprefix("output: "))
+    assert lines[-3].startswith("output: ")
+    prefix = Path(lines[-3].removeprefix("output: "))
     assert prefix.parent == (tmp_path / "out").resolve()
-    assert lines[-1].startswith("completed: 1 instance(s)") and "segmenter=lite reconstructor=lite" in lines[-1]
+    assert lines[-2].startswith("completed: 1 instance(s)") and "segmenter=lite reconstructor=lite" in lines[-2]
+    assert lines[-1].startswith("object 0: 100,000 triangles (web), object.glb ") and "object.usdz" in lines[-1]
     result = json.loads((prefix / "result.json").read_text())
     assert result["status"] == "completed" and (prefix / "object.glb").stat().st_size > 10_000
     assert "Finished in state Completed" in proc.stderr  # Prefect progress is shown

@@ -156,3 +156,79 @@ def test_prefect_event_shape():
         "sequencer": "0062", "source": "s3-notification", "prompt": "red chair", "aws_event_id": "REQ1",
     }
     assert Event.model_validate_json(json.dumps(event)) == typed  # survives the trip through JSON
+
+
+def record(**object_fields) -> dict:
+    return {"Records": [{"eventSource": "aws:s3", "eventName": "ObjectCreated:Put", "eventTime": "2026-11-25T08:00:00Z",
+                         "s3": {"bucket": {"name": "photos"}, "object": {"key": "a.jpg", **object_fields}}}]}
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (json.dumps(record(size=float("inf")), allow_nan=True), "non-finite number Infinity"),
+        (json.dumps(record(size=float("nan")), allow_nan=True), "non-finite number NaN"),
+        (json.dumps(record(size=0)).replace('"size": 0', '"size": 1e400'), "number '1e400' out of range"),
+        (json.dumps(record(size=10**30)), "integer with 31 digits"),
+        (json.dumps(record(size=2**63)), "Records[0].s3.object.size: Input should be less than or equal to"),
+        (json.dumps(record(size=-1)), "Records[0].s3.object.size: Input should be greater than or equal to 0"),
+        (json.dumps(record(size="12")), "Records[0].s3.object.size: Input should be a valid integer"),
+        (json.dumps(record(size=True)), "Records[0].s3.object.size: Input should be a valid integer"),
+        (json.dumps(record(size=1.0)), "Records[0].s3.object.size: Input should be a valid integer"),
+        (json.dumps(record(key=["a"])), "Records[0].s3.object.key: Input should be a valid string"),
+        (json.dumps(record(key="k" * 1025)), "decoded key is 1025 bytes"),
+        (json.dumps(record(key="100%.jpg")), "invalid percent-encoding"),
+        (json.dumps(record(key="%FF.jpg")), "not UTF-8"),
+        (json.dumps(record(key="\ud800.jpg")), "Records[0].s3.object.key"),
+        (json.dumps(record(eTag={"a": 1})), "Records[0].s3.object.eTag: Input should be a valid string"),
+        (json.dumps({"Records": [{"eventSource": "aws:s3", "eventName": 7}]}), "Records[0].eventName"),
+        ("[" * 100_000 + "]" * 100_000, "nested deeper than 32"),
+        ('{"a":' * 40_000 + "1" + "}" * 40_000, "nested deeper than 32"),
+        ('{"a": "' + "x" * 300_000 + '"}', "longer than 262144 bytes"),
+        (b"\xff\xfe{}", "not UTF-8"),
+        (json.dumps({**eventbridge("x"), "detail": "x"}), "detail: Input should be a valid dictionary"),
+        (json.dumps({k: v for k, v in eventbridge("x").items() if k != "detail"}), "missing detail"),
+        (json.dumps({**eventbridge("x"), "time": "yesterday"}), "time: Value error, not an ISO-8601 time"),
+        (json.dumps({"Type": "Notification", "Message": '{"Records": [{"a": NaN}]}'}),
+         "in the SNS Message: non-finite"),
+        (json.dumps({"Type": "Notification", "Message": 5}), "SNS envelope without a Message string"),
+    ],
+)
+def test_every_class_of_bad_value_is_malformed_with_a_short_reason(body, reason):
+    with pytest.raises(MalformedMessageError, match=re.escape(reason)) as caught:
+        parse_message(body)
+    assert len(str(caught.value)) <= 300
+
+
+def test_decoded_events_are_checked_too():
+    with pytest.raises(MalformedMessageError, match="size: Input should be a valid integer"):
+        parse_message(record(size=float("inf")))  # a Lambda event arrives as a dict
+    (obj,) = parse_message({**eventbridge("k.jpg"), "time": 1764057600})  # moto's EventBridge time: epoch seconds
+    assert obj.event_time.isoformat() == "2025-11-25T08:00:00+00:00"
+
+
+def test_sqs_messages_splits_a_lambda_batch_and_ignores_other_events():
+    from sam3d_pipeline.events.parse import SqsMessage, sqs_messages
+
+    batch = {"Records": [
+        {"messageId": "m1", "body": notification("a.jpg"), "eventSource": "aws:sqs",
+         "attributes": {"ApproximateReceiveCount": "3"}},
+        {"messageId": "m2", "body": "oops", "eventSource": "aws:sqs"},
+    ]}
+    assert sqs_messages(batch) == [SqsMessage("m1", notification("a.jpg"), "3"), SqsMessage("m2", "oops", "?")]
+    assert sqs_messages(json.loads(notification("a.jpg"))) is None
+    assert sqs_messages(eventbridge("a.jpg")) is None
+    with pytest.raises(MalformedMessageError, match=r"Records\[1\]\.messageId"):
+        sqs_messages({"Records": [batch["Records"][0], {"messageId": 5, "eventSource": "aws:sqs"}]})
+    with pytest.raises(MalformedMessageError, match=r"Records\[1\]\.eventSource"):
+        sqs_messages({"Records": [batch["Records"][0], json.loads(notification("a.jpg"))["Records"][0]]})
+
+
+@pytest.mark.parametrize("body", ['\\"' * 130_000, '"' + "\\" * 260_000, '"[' * 130_000, '"' * 260_000])
+def test_pathological_bodies_are_refused_in_linear_time(body):
+    import time
+
+    started = time.perf_counter()
+    with pytest.raises(MalformedMessageError, match=r"^(body is not JSON|JSON nested deeper)"):
+        parse_message(body)
+    assert time.perf_counter() - started < 1.0

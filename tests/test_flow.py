@@ -34,7 +34,8 @@ def test_completed_run_writes_every_output(tmp_path):
     assert prefix.parent == (tmp_path / "out").resolve()
     assert prefix.name.startswith("red-ellipse-")
     assert {p.name for p in prefix.iterdir()} == {"mask.png", "overlay.png", "object.glb", "preview.png",
-                                                  "result.json"}
+                                                  "result.json", "scene.glb", "objects"}
+    assert {p.name for p in (prefix / "objects" / "0").iterdir()} == {"mask.png", "object.glb", "object.usdz"}
     mask = np.asarray(Image.open(prefix / "mask.png")) > 127
     assert mask.shape == truth.shape
     assert iou(mask, truth) > 0.9
@@ -43,7 +44,15 @@ def test_completed_run_writes_every_output(tmp_path):
     assert on_disk["prompt"] == "red ellipse" and on_disk["prompt_used_by_segmenter"] is False
     assert on_disk["flow_run_id"] == str(state.state_details.flow_run_id)
     assert on_disk["mesh"]["watertight"] is True
-    assert set(on_disk["outputs"]) == {"mask.png", "overlay.png", "object.glb", "preview.png", "result.json"}
+    assert set(on_disk["outputs"]) == {"mask.png", "overlay.png", "object.glb", "preview.png", "result.json",
+                                       "scene.glb", "objects/0/mask.png", "objects/0/object.glb",
+                                       "objects/0/object.usdz"}
+    [obj] = on_disk["objects"]
+    assert obj["selected"] is True and obj["export"]["profile"] == "web" and obj["export"]["budget"]["met"]
+    assert obj["export"]["usdz_check"]["passed"] is True
+    assert obj["units"] == "m" and obj["scale_source"] == "default"
+    assert set(obj["outputs"]) == {"mask.png", "object.glb", "object.usdz"}
+    assert on_disk["export"]["profile"] == "web" and on_disk["export"]["formats"] == ["glb", "usdz"]
 
 
 def test_rerun_reuses_the_same_prefix(tmp_path):
@@ -116,7 +125,8 @@ def test_s3_input_and_output(s3):
     keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="outputs/")["Contents"]}
     stem = prefix.split("/", 3)[3]
     assert keys == {f"{stem}/{name}" for name in ("mask.png", "overlay.png", "object.glb", "preview.png",
-                                                   "result.json")}
+                                                   "result.json", "scene.glb", "objects/0/mask.png",
+                                                   "objects/0/object.glb", "objects/0/object.usdz")}
     stored = json.loads(client.get_object(Bucket=bucket, Key=f"{stem}/result.json")["Body"].read())
     assert stored["status"] == "completed" and stored["outputs"]["object.glb"] == f"{prefix}/object.glb"
 
@@ -171,7 +181,42 @@ def test_artifacts_and_a_valid_glb(tmp_path):
                           cwd=Path(__file__).resolve().parent.parent)
     report = json.loads(proc.stdout)
     assert proc.returncode == 0 and report["issues"]["numErrors"] == 0, report["issues"]
-    assert report["info"]["totalTriangleCount"] == result["mesh"]["faces"]
+    assert report["info"]["totalTriangleCount"] == result["objects"][0]["export"]["triangles"]
+
+
+def test_every_object_of_a_photo_and_the_scene(tmp_path):
+    from .photos import three_objects_photo
+
+    rgb, masks, boxes = three_objects_photo()
+    photo = tmp_path / "three.png"
+    photo.write_bytes(encode(rgb))
+    state = _run(image=str(photo), prompt="discs", output_root=str(tmp_path / "out"), boxes=[list(b) for b in boxes],
+                 instances="all", profile="ar", export=["glb", "obj"])
+    assert state.is_completed(), state.message
+    result = state.result()
+    prefix = Path(result["output_prefix"])
+    assert sorted(o["index"] for o in result["objects"]) == [0, 1, 2]
+    assert result["objects"][0]["index"] == result["selected"] and result["objects"][0]["selected"] is True
+    for obj in result["objects"]:
+        folder = prefix / "objects" / str(obj["index"])
+        assert {p.name for p in folder.iterdir()} == {"mask.png", "object.glb", "object.obj", "object.mtl",
+                                                      "texture.png"}
+        assert obj["export"]["profile"] == "ar" and obj["mesh"]["watertight"] is True
+        assert obj["export"]["bounds_m"][0][1] == 0.0  # rests on the floor
+    masks_back = [np.asarray(Image.open(prefix / "objects" / str(i) / "mask.png")) > 127 for i in range(3)]
+    assert sorted(max(iou(m, t) for m in masks_back) for t in masks)[0] > 0.8  # each disc is one object
+    from sam3d_pipeline.export import read_glb
+
+    _, meshes = read_glb((prefix / "scene.glb").read_bytes())
+    assert len(meshes) == 3 and result["scene"]["layout"] == "image-positions"
+    xs = sorted(m.vertices.mean(0)[0] for m in meshes)
+    assert xs[1] - xs[0] > 0.1 and xs[2] - xs[1] > 0.1
+    assert (prefix / "object.glb").read_bytes() == (prefix / "objects" / str(result["selected"]) /
+                                                    "object.glb").read_bytes()
+    # Other export options are other outputs: a different prefix, never a mix of files.
+    other = _run(image=str(photo), prompt="discs", output_root=str(tmp_path / "out"),
+                 boxes=[list(b) for b in boxes]).result()
+    assert other["output_prefix"] != result["output_prefix"] and len(other["objects"]) == 1
 
 
 def test_failed_run_has_a_markdown_artifact_with_the_reason(tmp_path):

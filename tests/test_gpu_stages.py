@@ -72,8 +72,6 @@ def test_inline_image_to_3d_with_sam3d_writes_glb_ply_and_pose(tmp_path, sam3d_d
     """The embedded default: stages in-process (pixels stay in memory), SAM 3D Objects' outputs published."""
     from dataclasses import replace
 
-    import trimesh
-
     from flows.image_to_3d import image_to_3d
     from sam3d_pipeline import backends
     from sam3d_pipeline.backends.sam3d_reconstructor import ply_header
@@ -90,13 +88,16 @@ def test_inline_image_to_3d_with_sam3d_writes_glb_ply_and_pose(tmp_path, sam3d_d
     result = state.result()
     prefix = Path(result["output_prefix"])
     assert {p.name for p in prefix.iterdir()} == {"mask.png", "overlay.png", "object.glb", "object.ply",
-                                                  "preview.png", "result.json"}
+                                                  "preview.png", "result.json", "scene.glb", "objects"}
     on_disk = json.loads((prefix / "result.json").read_text())
     assert on_disk["reconstructor"]["name"] == "sam3d" and on_disk["reconstructor"]["weights"] == "checkpoint"
     assert on_disk["pose"]["rotation"] == [1.0, 0.0, 0.0, 0.0] and len(on_disk["pose"]["translation"]) == 3
     assert on_disk["mesh"]["splat_points"] == ply_header((prefix / "object.ply").read_bytes())["vertex_count"]
-    mesh = trimesh.load(prefix / "object.glb", force="mesh")
-    assert len(mesh.faces) > 0 and mesh.visual.kind == "vertex"
+    from sam3d_pipeline.export import read_glb
+
+    gltf, [mesh] = read_glb((prefix / "object.glb").read_bytes())
+    assert len(mesh.faces) > 0 and "COLOR_0" in gltf["meshes"][0]["primitives"][0]["attributes"]
+    assert on_disk["objects"][0]["pose"] == on_disk["pose"] and on_disk["objects"][0]["scale_source"] == "sam3d-pose"
     assert sam3d_double.CALLS[-1]["seed"] == 3
 
 

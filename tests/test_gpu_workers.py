@@ -336,7 +336,7 @@ def test_out_of_memory_on_a_worker_is_retried_with_the_low_memory_settings(worke
     result = state.result()
     prefix = Path(result["output_prefix"])
     assert {p.name for p in prefix.iterdir()} == {"mask.png", "overlay.png", "object.glb", "object.ply",
-                                                  "preview.png", "result.json", "stages"}
+                                                  "preview.png", "result.json", "stages", "scene.glb", "objects"}
     assert (prefix / "object.ply").read_bytes() == (prefix / "stages/reconstruct/object.ply").read_bytes()
     assert result["reconstructor"]["name"] == "sam3d" and result["pose"]["rotation"] == [1.0, 0.0, 0.0, 0.0]
     assert "GPU workers" in result["reconstructor"]["chosen_because"]

@@ -204,7 +204,7 @@ def test_jsonl_lines_end_at_newline_only_and_csv_ignores_unknown_columns():
                                   source="m.csv")
     assert all(r.item is not None for r in rows)
     assert rows.warnings == ["m.csv: ignored unknown column(s) notes, sku (the pipeline reads image, prompt, box, "
-                             "points, review, id)"]
+                             "points, review, id, instances)"]
 
 
 @pytest.mark.parametrize("box", ["[1, 2, Infinity, 4]", "[NaN, 2, 3, 4]", '"1,2,inf,4"', "[1, 2, 1e400, 4]"])

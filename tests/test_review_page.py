@@ -31,6 +31,7 @@ def test_api_requires_the_token_and_validates_input(tmp_path, review_server):
     base = f"{review_server}/api/runs/{run.run_id}"
     assert requests.get(base, timeout=10).status_code == 401
     assert requests.get(base, headers={"Authorization": "Bearer wrong"}, timeout=10).status_code == 401
+    assert requests.get(base, params={"token": TOKEN}, timeout=10).status_code == 401  # never in a URL query
     auth = {"Authorization": f"Bearer {TOKEN}"}
     response = requests.get(base, headers=auth, timeout=10)
     assert response.status_code == 200, response.text
@@ -66,6 +67,8 @@ def test_click_refine_and_approve_in_chromium(tmp_path, review_server, browser):
     page = browser.new_page()
     errors = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
+    sent = []
+    page.on("request", lambda r: sent.append((r.url, r.headers.get("authorization"))))
     opened = time.perf_counter()
     page.goto(f"{review_server}/runs/{run.run_id}#token={TOKEN}")
     page.wait_for_selector("body[data-ready='1']", timeout=30_000)
@@ -89,6 +92,12 @@ def test_click_refine_and_approve_in_chromium(tmp_path, review_server, browser):
     assert result["review"]["edited_mask"].startswith("review/final-")
     assert (run.prefix / "object.glb").is_file()
     assert not errors, errors
+    # The token travels only in the Authorization header (photo and masks too: fetched, then object URLs).
+    assert not [url for url, _ in sent if TOKEN in url.split("#")[0] or "token=" in url.split("#")[0]], sent
+    api_calls = [(url, auth) for url, auth in sent if "/api/" in url]
+    assert {f"/api/runs/{run.run_id}", f"/api/runs/{run.run_id}/image", f"/api/runs/{run.run_id}/masks/0"} <= {
+        url.removeprefix(review_server) for url, _ in api_calls}
+    assert all(auth == f"Bearer {TOKEN}" for _, auth in api_calls), api_calls
     print(json.dumps({"first_mask_s": round(first_mask_s, 2),
                       "refine_ms": int(page.evaluate("document.body.dataset.lastRefineMs"))}))
 

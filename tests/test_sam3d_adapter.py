@@ -260,3 +260,32 @@ def test_sam3d_settings_that_change_the_output_change_the_prefix(monkeypatch):
     base = prefix()
     assert prefix(sam3d_ss_steps=12) != base and prefix(sam3d_decode_formats=("mesh",)) != base
     assert prefix(sam3d_low_memory=True) == base  # same result, only slower
+
+
+def test_three_objects_of_a_photo_keep_their_own_pose_into_the_scene(sam3d):
+    from sam3d_pipeline import export, objects
+    from sam3d_pipeline.types import Instance
+
+    from .photos import three_objects_photo
+
+    rgb, masks, boxes = three_objects_photo()
+    settings = _settings(export_check_usdz=False)
+    recons, _ = objects.reconstruct_together(type("Photo", (), {"rgb": rgb})(), dict(enumerate(masks)), 3,
+                                             "photo", "sam3d", settings)
+    assert sam3d.INSTANCES[-1]._pipeline.pointmap_computations == 1  # one point map for the photo's objects
+    assert [c["mask_area"] for c in sam3d.CALLS] == [int(m.sum()) for m in masks]
+    translations = [recons[i].pose["translation"] for i in range(3)]
+    assert len({tuple(t) for t in translations}) == 3  # each object's own pose, not the first one's
+    instances = [Instance(mask=m, box=tuple(map(float, b)), score=0.9) for m, b in zip(masks, boxes, strict=True)]
+    out = objects.export_objects(instances, recons, 0, (rgb.shape[1], rgb.shape[0]), profile="web",
+                                 formats=["glb", "ply"], settings=settings)
+    assert out.scene["layout"] == "reconstructor-pose"
+    assert [o["pose"] for o in out.objects] == [recons[i].pose for i in range(3)]
+    assert all(o["scale_source"] == "sam3d-pose" for o in out.objects)
+    assert {f"objects/{i}/object.ply" for i in range(3)} <= set(out.files)  # each object's splat
+    _, meshes = export.read_glb(out.files["scene.glb"])
+    centres = np.array([m.vertices.mean(0) for m in meshes])
+    # The double puts each object at its mask's image centre (camera x to the left): the scene keeps the photo's
+    # left-to-right order, with every object at a distinct place.
+    assert centres[0][0] < centres[1][0] < centres[2][0]
+    assert min(np.linalg.norm(centres[i] - centres[j]) for i in range(3) for j in range(i + 1, 3)) > 0.05

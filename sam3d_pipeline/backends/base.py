@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from ..types import BackendInfo, Reconstruction, Segmentation, SegmentRequest
+from ..types import BackendInfo, Reconstruction, Segmentation, SegmentRequest, Track
 
 
 @runtime_checkable
@@ -23,6 +24,18 @@ class Segmenter(Protocol):
 
         Returns:
             Instances best first; masks ``(H, W)`` bool at image size, boxes xyxy pixels clipped.
+        """
+        ...
+
+
+@runtime_checkable
+class VideoTracker(Protocol):
+    """Follows the requested object through a clip (segmenters that can track: ``lite``, ``sam3``)."""
+
+    def track(self, frames: Sequence[np.ndarray], request: SegmentRequest) -> Track:
+        """Track the object ``request`` names through ``frames`` (each ``(H, W, 3)`` uint8, one size).
+
+        Boxes and clicks are pixels of the first frame. Returns one mask ``(H, W)`` bool and one score per frame.
         """
         ...
 

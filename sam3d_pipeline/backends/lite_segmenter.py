@@ -7,21 +7,29 @@ from its surroundings. The text prompt is recorded in reports but does not influ
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import cv2
 import numpy as np
 from scipy import ndimage
 
 from ..masks import box_from_mask, clip_box
 from ..settings import Settings
-from ..types import BackendInfo, Box, Instance, Point, Segmentation, SegmentRequest
+from ..types import BackendInfo, Box, Instance, Point, Segmentation, SegmentRequest, Track
 
 VERSION = "grabcut-1"
 LIMITS = (
     "cannot read text prompts: the prompt is recorded but does not choose the object",
     "finds the most distinct foreground near the centre, inside a box, or around clicks",
     "scores are a colour/edge contrast heuristic in [0, 1], not calibrated probabilities",
+    "video: per-frame GrabCut seeded by the previous frame's mask, no motion model; a lost object is searched for "
+    "again by its last seen colours only (a similar-coloured thing elsewhere can be taken for it)",
 )
 GRABCUT_ITERATIONS = 5
+# Tracking: a frame's mask must keep at least this share of the previous frame's area, and at most this multiple,
+# to count as the same object (a sudden collapse or a spill into the background means the object was lost).
+TRACK_MIN_AREA_RATIO = 0.3
+TRACK_MAX_AREA_RATIO = 2.5
 
 
 
@@ -96,6 +104,86 @@ class LiteSegmenter:
         if not instances:
             messages.append("no region stands out from its surroundings")
         return Segmentation(instances, self.info(), used_text_prompt=False, messages=messages)
+
+    def track(self, frames: Sequence[np.ndarray], request: SegmentRequest) -> Track:
+        """Follow one object through ``frames`` (each ``(H, W, 3)`` uint8): GrabCut per frame, seeded by the
+        previous frame's mask.
+
+        The first frame (and every frame after the object is lost) is segmented as a photo: boxes and clicks on
+        the first frame, the centre prior later; its best instance starts (or restarts) the track.
+
+        Returns:
+            One mask (all False where not found) and one ``region_score`` per frame.
+        """
+        masks: list[np.ndarray] = []
+        scores: list[float] = []
+        messages = [f"lite tracker cannot read text; prompt {request.prompt!r} recorded, not used"]
+        previous: np.ndarray | None = None
+        looks: tuple[np.ndarray, np.ndarray, int] | None = None  # last seen colour (Lab mean, std) and area
+        found_at: int | None = None
+        for position, rgb in enumerate(frames):
+            mask, score = (self._follow(rgb, previous) if previous is not None else (None, 0.0))
+            if previous is not None and mask is None:
+                messages.append(f"lost the object at sampled frame {position}; searching again")
+            if mask is None and looks is not None:
+                candidate = _by_colour(rgb, *looks)
+                if candidate is not None:
+                    mask, score = self._follow(rgb, candidate)
+                    if mask is not None:
+                        messages.append(f"found the object again at sampled frame {position} by its colours")
+            if mask is None and found_at is None:
+                seg = self.segment(rgb, request if position == 0 else SegmentRequest(prompt=request.prompt))
+                if seg.instances:
+                    mask, score = seg.instances[0].mask, seg.instances[0].score
+            if mask is None:
+                mask, score = np.zeros(rgb.shape[:2], bool), 0.0
+            else:
+                found_at = position if found_at is None else found_at
+                if not _touches_border(mask):  # a part cut off by the frame's edge is no portrait of the object
+                    looks = _appearance(rgb, mask)
+            masks.append(mask)
+            scores.append(float(score))
+            previous = mask if mask.any() else None
+        if found_at is None:
+            messages.append("no region stands out in any sampled frame")
+        return Track(masks, scores, self.info(), used_text_prompt=False, found_at=found_at, messages=messages)
+
+    def _follow(self, rgb: np.ndarray, previous: np.ndarray) -> tuple[np.ndarray | None, float]:
+        """The object in ``rgb`` near its mask ``previous`` (``(H, W)`` bool), or ``(None, 0.0)`` when lost."""
+        height, width = rgb.shape[:2]
+        scale = min(1.0, self.settings.lite_work_size_px / max(height, width))
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        small = rgb if scale == 1.0 else cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+        prior = previous if scale == 1.0 else cv2.resize(previous.astype(np.uint8), size,
+                                                         interpolation=cv2.INTER_NEAREST) > 0
+        area = int(prior.sum())
+        if area < 4:
+            return None, 0.0
+        margin = max(3, round(np.sqrt(area) * 0.25))
+        near = cv2.dilate(prior.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE,
+                                                                            (2 * margin + 1, 2 * margin + 1))) > 0
+        far = cv2.dilate(near.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE,
+                                                                          (6 * margin + 1, 6 * margin + 1))) > 0
+        seed = np.full(prior.shape, cv2.GC_BGD, np.uint8)
+        seed[far] = cv2.GC_PR_BGD
+        seed[near] = cv2.GC_PR_FGD
+        bgr = np.ascontiguousarray(small[..., ::-1])
+        fg = self._grabcut(bgr, seed) & near
+        regions = self._components(fg, [])
+        if not regions:
+            return None, 0.0
+        region = max(regions, key=lambda r: int((r & prior).sum()))
+        if not (TRACK_MIN_AREA_RATIO * area <= region.sum() <= TRACK_MAX_AREA_RATIO * area):
+            return None, 0.0
+        lab = cv2.cvtColor(bgr, cv2.COLOR_BGR2LAB).astype(np.float32)
+        gray = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY).astype(np.float32)
+        gradient = np.hypot(cv2.Sobel(gray, cv2.CV_32F, 1, 0), cv2.Sobel(gray, cv2.CV_32F, 0, 1))
+        score = region_score(lab, gradient, region)
+        if score < self.settings.score_threshold:
+            return None, 0.0
+        full = region if scale == 1.0 else cv2.resize(region.astype(np.uint8) * 255, (width, height),
+                                                       interpolation=cv2.INTER_LINEAR) > 127
+        return (full, score) if full.any() else (None, 0.0)
 
     # Seeds -------------------------------------------------------------------------------------------
 
@@ -174,6 +262,28 @@ class LiteSegmenter:
             if hit:
                 return hit
         return regions
+
+
+def _touches_border(mask: np.ndarray) -> bool:
+    return bool(mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any())
+
+
+def _appearance(rgb: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """The object's colour in CIELAB (mean, standard deviation per channel) and its area in pixels."""
+    lab = cv2.cvtColor(np.ascontiguousarray(rgb[..., ::-1]), cv2.COLOR_BGR2LAB).astype(np.float32)[mask]
+    return lab.mean(0), lab.std(0) + 4.0, int(mask.sum())
+
+
+def _by_colour(rgb: np.ndarray, mean: np.ndarray, std: np.ndarray, area: int) -> np.ndarray | None:
+    """The largest region coloured like the lost object (within 2.5 standard deviations), when it is big enough
+    (a tenth of its last area) to seed the tracker again; None when nothing is."""
+    lab = cv2.cvtColor(np.ascontiguousarray(rgb[..., ::-1]), cv2.COLOR_BGR2LAB).astype(np.float32)
+    close = (np.abs(lab - mean) / std).max(axis=-1) < 2.5
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(close.astype(np.uint8), connectivity=8)
+    if count < 2:
+        return None
+    best = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    return labels == best if stats[best, cv2.CC_STAT_AREA] >= max(8, area // 10) else None
 
 
 def region_score(lab: np.ndarray, gradient: np.ndarray, region: np.ndarray) -> float:

@@ -114,6 +114,62 @@ def _no_pin_memory() -> str | None:
     return "Tensor.pin_memory (geometry_encoders.py:659, sam3_tracker_base.py:168) is a no-op without CUDA"
 
 
+def _tensor_cuda_is_identity() -> str | None:
+    """The video path moves tensors with ``Tensor.cuda()`` unconditionally: ``sam3/model/io_utils.py:66``, ``:107``
+    and ``:204`` (frames), ``sam3/model/sam3_tracker_base.py:657`` and ``:664`` (memory features),
+    ``sam3/model/sam3_tracking_predictor.py:303`` and ``:1026``. Without CUDA, ``Tensor.cuda`` returns the tensor
+    itself (process-wide, like ``pin_memory``; only ever applied on CUDA-less machines)."""
+    if cuda_ready():
+        return None
+    if getattr(torch.Tensor.cuda, "_sam3d_compat", False):
+        return "Tensor.cuda already patched"
+
+    def cuda(self, *_args, **_kwargs):
+        return self
+
+    cuda._sam3d_compat = True  # type: ignore[attr-defined]
+    torch.Tensor.cuda = cuda  # type: ignore[method-assign]
+    return "Tensor.cuda (io_utils.py:66, sam3_tracker_base.py:657, ...) is a no-op without CUDA"
+
+
+def _empty_batch_components() -> str | None:
+    """``sam3/perflib/connected_components.py:48`` (the CPU fallback) stacks an empty list when a frame has no new
+    detection (``fill_holes_in_mask_scores`` on zero masks); the GPU kernels return empty tensors. Without CUDA,
+    an empty batch returns empty labels and counts of the input's shape."""
+    if cuda_ready():
+        return None
+    from sam3.perflib import connected_components as cc
+
+    original = cc.connected_components_cpu
+    if getattr(original, "_sam3d_compat", False):
+        return "connected_components_cpu already patched"
+
+    def connected_components_cpu(input_tensor):
+        if input_tensor.shape[0] == 0:
+            empty = torch.zeros(input_tensor.shape, dtype=torch.int64, device=input_tensor.device)
+            return empty, empty.clone()
+        return original(input_tensor)
+
+    connected_components_cpu._sam3d_compat = True  # type: ignore[attr-defined]
+    cc.connected_components_cpu = connected_components_cpu
+    return "sam3/perflib/connected_components.py:48 (empty batch on the CPU) returns empty tensors"
+
+
+def apply_video() -> list[str]:
+    """What the video predictor needs beyond :func:`apply` on a machine without CUDA (idempotent).
+
+    Returns:
+        One line per workaround in effect (empty on a CUDA machine).
+    """
+    apply()
+    for fix in (_tensor_cuda_is_identity, _empty_batch_components):
+        line = fix()
+        if line and line not in _APPLIED:
+            _APPLIED.append(line)
+            log.info("sam3 compatibility: %s", line)
+    return list(_APPLIED)
+
+
 def apply() -> list[str]:
     """Apply every workaround this machine needs (idempotent).
 

@@ -179,6 +179,7 @@ class Sam3Segmenter:
     def __init__(self, settings: Settings):
         self.settings = settings
         self._loaded: LoadedModel | None = None
+        self._tracker = None  # the video predictor, built on the first track()
 
     # Model and image state ---------------------------------------------------------------------------
 
@@ -349,6 +350,22 @@ class Sam3Segmenter:
             "high_res_feats_0": feats[0].float().cpu().numpy(),
             "high_res_feats_1": feats[1].float().cpu().numpy(),
         }
+
+    def load_tracker(self) -> bool:
+        """Build SAM 3's video predictor now unless this process has it (``sam3_video``; the image model is not
+        needed to track). Returns True when this call built it."""
+        from .sam3_video import _PREDICTORS, Sam3VideoTracker
+
+        if self._tracker is None:
+            self._tracker = Sam3VideoTracker(self.settings)
+        before = len(_PREDICTORS)
+        _ = self._tracker.loaded
+        return len(_PREDICTORS) != before
+
+    def track(self, frames, request: SegmentRequest):
+        """Track ``request``'s object through ``frames`` with SAM 3's video predictor (see ``load_tracker``)."""
+        self.load_tracker()
+        return self._tracker.track(frames, request)
 
     def export_click_decoder(self, out_path: Path, quantized: bool = True) -> dict:
         """Export this model's click decoder for the review page, checked against torch before it is written to

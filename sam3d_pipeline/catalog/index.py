@@ -115,12 +115,19 @@ def all_succeeded(entries: Iterable[CatalogEntry]) -> bool:
 
 def build_index(entries: Sequence[CatalogEntry], *, source: str, output_root: str,
                 flow_run_id: str | None = None, started_at: str | None = None,
-                warnings: Sequence[str] = ()) -> dict[str, Any]:
+                warnings: Sequence[str] = (), total: int | None = None, complete: bool = True) -> dict[str, Any]:
     """The ``catalog.json`` document: ``{"items": [...], "counts": {...}, "warnings": [...], ...}``, items in
-    manifest order, duplicates resolved to their primary's outcome."""
+    manifest order, duplicates resolved to their primary's outcome.
+
+    ``complete`` False marks a checkpoint written while the run goes on (``finished_at`` null, ``total`` the
+    rows of the source): a run killed after it leaves an index of what was done; the next run skips those
+    items by their results and completes the rest.
+    """
     ordered = sorted(entries, key=lambda e: (e.line, e.id))
     resolve_duplicates(ordered)
     return {
+        "complete": complete,
+        "total": len(ordered) if total is None else total,
         "warnings": list(warnings),
         "items": [e.model_dump(mode="json") for e in ordered],
         "counts": count_statuses(ordered),
@@ -128,7 +135,7 @@ def build_index(entries: Sequence[CatalogEntry], *, source: str, output_root: st
         "output_root": output_root,
         "flow_run_id": flow_run_id,
         "started_at": started_at,
-        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds") if complete else None,
         "catalog_version": 1,
     }
 
@@ -202,6 +209,7 @@ class CatalogTally:
         total: rows of the source, set by ``begin``.
         entries: one per item finished so far (any status), in arrival order.
         warnings: about the source as a whole (ignored columns), from ``begin``.
+        checkpoint_every_s: least time between two checkpoints of ``catalog.json`` (``checkpoint_due``).
         started_at: UTC start time, ISO 8601 to the second.
     """
 
@@ -211,8 +219,10 @@ class CatalogTally:
     total: int = 0
     entries: list[CatalogEntry] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    checkpoint_every_s: float = 10.0
     started_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     _started: float = field(default_factory=time.perf_counter, init=False, repr=False)
+    _checkpointed: float = field(default=0.0, init=False, repr=False)
 
     def begin(self, rows: Sequence[ManifestRow]) -> list[CatalogItem]:
         """Count ``rows`` as the run's items; each unusable row is entered as failed now, and each row that
@@ -243,10 +253,20 @@ class CatalogTally:
         """``summary_line`` of every entry, with the wall time since the tally started."""
         return summary_line(self.entries, time.perf_counter() - self._started)
 
-    def index(self) -> dict[str, Any]:
-        """The ``catalog.json`` document of the entries so far (``build_index``)."""
+    def index(self, complete: bool = True) -> dict[str, Any]:
+        """The ``catalog.json`` document of the entries so far (``build_index``); ``complete`` False for a
+        checkpoint."""
         return build_index(self.entries, source=self.source, output_root=self.output_root,
-                           flow_run_id=self.flow_run_id, started_at=self.started_at, warnings=self.warnings)
+                           flow_run_id=self.flow_run_id, started_at=self.started_at, warnings=self.warnings,
+                           total=self.total, complete=complete)
+
+    def checkpoint_due(self, now: float | None = None) -> bool:
+        """True (and the clock restarted) when ``checkpoint_every_s`` has passed since the last checkpoint."""
+        now = time.perf_counter() if now is None else now
+        if now - self._checkpointed < self.checkpoint_every_s:
+            return False
+        self._checkpointed = now
+        return True
 
     def outcome(self, index: dict[str, Any], uris: dict[str, str], summary: str) -> dict[str, Any]:
         """What a catalog run returns.

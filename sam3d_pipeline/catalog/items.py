@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import finish, gpu_stages, pipeline
-from ..errors import InputError, PipelineError, error_from_record
+from .. import finish, gpu_stages, objects, pipeline
+from ..errors import InputError, PipelineError, error_from_record, is_transient
 from ..gpu_stages import GpuBatch, SegmentJob, SegmentParams
 from ..images import LoadedImage
 from ..keys import RunKeys
@@ -38,6 +38,7 @@ class ItemWork:
     seg: Segmentation | None = None
     selected: int | None = None
     recon: Reconstruction | None = None
+    recons: dict[int, Reconstruction] = field(default_factory=dict)  # several objects (instances all / list)
     gpu_batch: int | None = None
     timings: dict[str, float] = field(default_factory=dict)
     error: BaseException | None = None
@@ -75,6 +76,58 @@ def plan_item(item: CatalogItem, options: RunOptions, storage: Storage, settings
     if not force and (done := finished_result(storage, work.run_plan.prefix)) is not None:
         return entry_from_result(item, done, status="skipped", prefix=work.run_plan.prefix)
     return work
+
+
+@dataclass
+class ChunkPlan:
+    """A chunk of items planned together: what still has to run, and the entries of the rest (skipped, failed)."""
+
+    pending: list[ItemWork] = field(default_factory=list)
+    entries: list[CatalogEntry] = field(default_factory=list)
+
+
+def plan_chunk(items: Sequence[CatalogItem], options: dict[str, Any], storage: Storage,
+               settings: Settings | None = None, force: bool = False,
+               flow_run_id: str | None = None) -> ChunkPlan:
+    """Plan a chunk of items (``plan_item`` each): one call, so a catalog's task count grows per chunk, not per row.
+
+    Items that cannot be read or planned are recorded as failed here (a ``failed`` ``result.json`` where the
+    prefix is known).
+
+    Raises:
+        TransientError: reading some item failed in a way worth retrying; re-planning the chunk is harmless
+            (planning only reads).
+    """
+    s = settings or get_settings()
+    out = ChunkPlan()
+    failed: list[ItemWork] = []
+    for item in items:
+        planned = plan_item(item, item.options(**options), storage, s, force=force)
+        if isinstance(planned, CatalogEntry):
+            out.entries.append(planned)
+        elif planned.error is not None:
+            if is_transient(planned.error):
+                raise planned.error
+            failed.append(planned)
+        else:
+            out.pending.append(planned)
+    out.entries.extend(fail_item(work, storage, flow_run_id) for work in failed)
+    return out
+
+
+def decode_batch(works: Sequence[ItemWork], settings: Settings | None = None) -> list[ItemWork]:
+    """Decode every item of a batch (``decode_item``), before any GPU work.
+
+    Raises:
+        TransientError: reading some item failed in a way worth retrying; nothing has been computed yet, so
+            the batch can simply run again.
+    """
+    for work in works:
+        decode_item(work, settings)
+        if work.error is not None and is_transient(work.error):
+            error, work.error = work.error, None
+            raise error
+    return list(works)
 
 
 def split_duplicates(works: Sequence[ItemWork]) -> tuple[list[ItemWork], list[CatalogEntry]]:
@@ -144,7 +197,8 @@ def segment_batch(works: Sequence[ItemWork], settings: Settings | None = None) -
         t = time.perf_counter()
         try:
             work.seg = pipeline.segment(work.image, work.options, work.run_plan, s)
-            work.selected = select_instance(work.seg.instances, work.options.instance_index)
+            work.selected = objects.primary_of(work.options.instances, select_instance(
+                work.seg.instances, work.options.instance_index), work.options.instance_index)
         except PipelineError as exc:
             work.error = exc
         work.timings["segment"] = time.perf_counter() - t
@@ -160,8 +214,14 @@ def reconstruct_batch(works: Sequence[ItemWork], batch_index: int, settings: Set
         t = time.perf_counter()
         work.gpu_batch = batch_index
         try:
-            mask = work.seg.instances[work.selected].mask
-            work.recon = pipeline.reconstruct(work.image, mask, work.options, work.run_plan, s)
+            indices = objects.choose(work.seg.instances, work.options.instances, work.selected)
+            if len(indices) > 1:
+                work.recons = pipeline.reconstruct_objects(work.image, work.seg, indices, work.options,
+                                                           work.run_plan, s)
+                work.recon = work.recons[work.selected]
+            else:
+                mask = work.seg.instances[work.selected].mask
+                work.recon = pipeline.reconstruct(work.image, mask, work.options, work.run_plan, s)
         except PipelineError as exc:
             work.error = exc
         work.timings["reconstruct"] = time.perf_counter() - t
@@ -172,7 +232,7 @@ def run_record(work: ItemWork, flow_run_id: str | None = None) -> finish.RunReco
     """The item as a run that ends through ``finish`` (its total is the sum of its steps: batches are shared)."""
     return finish.RunRecord(
         input_uri=work.item.image, options=work.options, run_plan=work.run_plan, image=work.image, seg=work.seg,
-        selected=work.selected, recon=work.recon, timings=work.timings, total_from_steps=True,
+        selected=work.selected, recon=work.recon, recons=work.recons, timings=work.timings, total_from_steps=True,
         flow_run_id=flow_run_id, messages=[f"catalog item {work.item.id!r} (line {work.item.line})"],
     )
 

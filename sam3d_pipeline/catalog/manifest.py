@@ -13,7 +13,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
@@ -38,6 +38,7 @@ class CatalogItem(BaseModel):
         box: optional box prompt, xyxy in image pixels.
         points: optional clicks in image pixels (label 1 = object, 0 = background).
         review: the row asks for a person to review the mask (recorded; batch runs do not pause).
+        instances: objects to reconstruct: ``best``, ``all`` or instance indices (CSV: ``0;2`` or ``0,2``).
         line: 1-based line of the manifest (data rows start at 2 in a CSV with its header).
     """
 
@@ -47,6 +48,7 @@ class CatalogItem(BaseModel):
     box: BoxParam | None = None
     points: list[Point] = Field(default_factory=list)
     review: bool = False
+    instances: Literal["best", "all"] | list[Annotated[int, Field(ge=0)]] = "best"
     line: int = 0
 
     @field_validator("prompt", "image", "id")
@@ -66,6 +68,7 @@ class CatalogItem(BaseModel):
             segmenter=segmenter,
             reconstructor=reconstructor,
             seed=seed,
+            instances=self.instances,
         )
 
 
@@ -80,7 +83,7 @@ class ManifestRow:
     raw_image: str = ""
 
 
-FIELDS = ("image", "prompt", "box", "points", "review", "id")
+FIELDS = ("image", "prompt", "box", "points", "review", "id", "instances")
 
 
 class ManifestRows(list[ManifestRow]):
@@ -106,6 +109,22 @@ def _parse_box(value: Any) -> tuple[float, float, float, float] | None:
     if len(numbers) != 4:
         raise ValueError(f"box {value!r}: expected four numbers x0,y0,x1,y1, got {len(numbers)}")
     return tuple(numbers)  # type: ignore[return-value]
+
+
+def _parse_instances(value: Any) -> Any:
+    """``best`` (empty), ``all``, ``0;2`` / ``0,2`` / ``[0, 2]`` → the ``instances`` option."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return "best"
+    if isinstance(value, list):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value]
+    from ..objects import parse_instances
+
+    try:
+        return parse_instances(str(value).replace(";", ","))
+    except InputError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _parse_points(value: Any) -> list[dict[str, Any]]:
@@ -205,6 +224,7 @@ def _make_row(line: int, record: dict[str, Any], base: str, default_prompt: str 
             box=_parse_box(record.get("box")),
             points=_parse_points(record.get("points")),
             review=_parse_bool(record.get("review")),
+            instances=_parse_instances(record.get("instances")),
             line=line,
         )
     except ValidationError as exc:

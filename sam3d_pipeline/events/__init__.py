@@ -5,9 +5,11 @@ from .parse import (
     EventFilter,
     MalformedMessageError,
     ObjectCreated,
+    SqsMessage,
     parse_message,
     prefect_event,
     resolve_prompt,
+    sqs_messages,
 )
 
 __all__ = [
@@ -15,7 +17,9 @@ __all__ = [
     "EventFilter",
     "MalformedMessageError",
     "ObjectCreated",
+    "SqsMessage",
     "parse_message",
     "prefect_event",
     "resolve_prompt",
+    "sqs_messages",
 ]

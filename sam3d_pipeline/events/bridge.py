@@ -4,8 +4,10 @@ For each SQS message: parse it, drop what the filter rejects, HEAD each object f
 metadata, skip uploads already handed to Prefect (marker objects keyed by the event id, which covers
 bucket, key, ETag and prompt), post the rest in one request, write their markers, and only then delete
 the message. Anything that fails leaves the message on the queue: transient failures (SQS, S3 or
-Prefect unreachable, 5xx, throttling) are retried after an exponential backoff; malformed messages are
-logged with the reason and left for the queue's redrive policy to move to a dead-letter queue.
+Prefect unreachable, 5xx, throttling) are retried after an exponential backoff; malformed messages
+(anything ``parse.parse_message`` refuses) are logged with the reason and left for the queue's redrive
+policy to move to a dead-letter queue, and so is a message whose handling raises anything unexpected
+(logged with its traceback). One message never stops the loop.
 
 Redelivery is harmless by construction: the event id is deterministic (``parse.event_id``), Prefect
 drops event ids it has seen recently, and the markers remember them for good.
@@ -246,16 +248,22 @@ class EventsBridge:
     def handle(self, message: dict[str, Any]) -> bool:
         """Process one SQS message; True when it was deleted (done), False when it stays on the queue.
 
+        A message that stays is received again after the queue's visibility timeout, until the redrive
+        policy moves it to the dead-letter queue. Malformed bodies (``parse_message``), refused events and
+        permanent S3 errors are logged and left; so is anything unexpected, logged with its traceback.
+
         Raises:
             TransientBridgeError: a retryable failure; the message stays and becomes visible again.
         """
+        from botocore.exceptions import BotoCoreError, ClientError
+
         self.stats.messages += 1
         message_id = message.get("MessageId", "?")
+        receives = (message.get("Attributes") or {}).get("ApproximateReceiveCount", "?")
         try:
-            records = parse_message(message.get("Body", ""))
+            records = parse_message(message.get("Body"))
         except MalformedMessageError as exc:
             self.stats.malformed += 1
-            receives = message.get("Attributes", {}).get("ApproximateReceiveCount", "?")
             log.error("malformed SQS message %s (receive #%s), left for the dead-letter queue: %s",
                       message_id, receives, exc)
             return False
@@ -268,12 +276,24 @@ class EventsBridge:
         except Exception as exc:  # noqa: BLE001 - classified right here
             if isinstance(exc, TransientBridgeError) or is_transient_aws_error(exc):
                 raise TransientBridgeError(f"message {message_id}: {exc}") from exc
-            # Permanent (access denied, bad marker root, ...): one message must not stop the bridge.
             self.stats.errors += 1
-            log.error("SQS message %s not delivered (%s: %s), left for the dead-letter queue",
+            if isinstance(exc, ClientError | BotoCoreError):  # access denied, bad marker root, ...
+                log.error("SQS message %s not delivered (%s: %s), left for the dead-letter queue",
+                          message_id, type(exc).__name__, exc)
+            else:
+                log.exception("SQS message %s (receive #%s) failed unexpectedly, left for the dead-letter queue",
+                              message_id, receives)
+            return False
+        try:
+            self.sqs.delete_message(QueueUrl=self.queue_url, ReceiptHandle=message["ReceiptHandle"])
+        except Exception as exc:  # noqa: BLE001 - classified right here
+            # The events are with Prefect: a redelivery posts the same event ids, which change nothing.
+            if is_transient_aws_error(exc):
+                raise TransientBridgeError(f"deleting message {message_id}: {exc}") from exc
+            self.stats.errors += 1
+            log.error("SQS message %s delivered but not deleted (%s: %s); it will be received again",
                       message_id, type(exc).__name__, exc)
             return False
-        self.sqs.delete_message(QueueUrl=self.queue_url, ReceiptHandle=message["ReceiptHandle"])
         self.stats.deleted += 1
         return True
 
@@ -303,6 +323,10 @@ class EventsBridge:
             except TransientBridgeError as exc:
                 self.stats.errors += 1
                 failure = failure or exc
+            except Exception:  # noqa: BLE001 - one message must never stop the bridge
+                self.stats.errors += 1
+                log.exception("SQS message %s could not be handled, left on the queue",
+                              message.get("MessageId", "?") if isinstance(message, dict) else "?")
         if failure is not None:
             raise failure
         return len(messages)

@@ -2,25 +2,39 @@
 
 Three shapes arrive here (all as the SQS message body, or as the event a Lambda receives):
 
-* S3 event notification sent to SQS (``{"Records": [{"eventSource": "aws:s3", ...}]}``), possibly wrapped
-  in an SNS envelope (``{"Type": "Notification", "Message": "<json>"}``);
-* an EventBridge event from S3 (``{"source": "aws.s3", "detail-type": "Object Created", "detail": {...}}``),
-  delivered to SQS by a rule, or handed to a Lambda function by a rule;
+* S3 event notification sent to SQS (``{"Records": [{"eventSource": "aws:s3", ...}]}``, documented in
+  https://docs.aws.amazon.com/AmazonS3/latest/userguide/notification-content-structure.html), possibly
+  wrapped in an SNS envelope (``{"Type": "Notification", "Message": "<json>"}``);
+* an EventBridge event from S3 (``{"source": "aws.s3", "detail-type": "Object Created", "detail": {...}}``,
+  https://docs.aws.amazon.com/AmazonS3/latest/userguide/ev-events.html), delivered to SQS by a rule, or
+  handed to a Lambda function by a rule;
 * ``s3:TestEvent``, which S3 sends when a notification is configured: skipped.
 
+A Lambda function fed by an SQS queue receives a batch of such bodies (``sqs_messages`` splits it).
+
+Everything a message says is checked here, at the edge, and nowhere else: the JSON text is bounded in size
+and nesting depth and may not hold ``NaN``, ``Infinity`` or integers longer than ``MAX_INT_DIGITS``; every
+field the pipeline uses is validated with strict types (pydantic models below: a size is a non-negative
+integer below 2**63, never a bool, a float or a string; names and tags are bounded strings of valid UTF-8).
+Whatever fails becomes a ``MalformedMessageError`` with a short reason; nothing else escapes the parser.
+
 Keys are URL-encoded in both AWS shapes (``+`` for a space, ``%XX`` for the rest; moto also encodes ``/``):
-they are decoded once here with ``unquote_plus``. Nothing in this module talks to the network; Prefect is
-imported only when an event is built.
+they are decoded once here; a bare ``%``, an escape that is not UTF-8, or a key longer than S3's 1024 bytes
+is malformed. Nothing in this module talks to the network; Prefect is imported only when an event is built.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import unquote_plus
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 if TYPE_CHECKING:
     from prefect.events import Event
@@ -30,6 +44,16 @@ RESOURCE_PREFIX = "aws.s3.object."
 # Fixed namespace for event ids: uuid5(EVENT_NAMESPACE, identity) is the same on every machine and run.
 EVENT_NAMESPACE = uuid.UUID("6f3d1c52-8f0e-5b7a-9a53-3d5e2b8c4a10")
 PROMPT_METADATA_KEY = "prompt"
+
+# S3 notifications are at most 64 KB; an SNS envelope adds little. SQS's default message limit is 256 KiB.
+MAX_BODY_BYTES = 256 * 1024
+MAX_JSON_DEPTH = 32  # the AWS shapes nest about 6 deep; deeper is not an S3 event
+MAX_INT_DIGITS = 20  # 2**63 has 19 digits
+MAX_RECORDS = 100  # S3 puts one record in a notification
+MAX_KEY_BYTES = 1024  # S3's limit on a key, UTF-8 encoded
+MAX_SIZE_BYTES = 2**63 - 1
+MAX_TEXT_CHARS = 1024  # ETags, version ids, sequencers, request and event ids, times
+MAX_REASON_CHARS = 300
 
 
 class MalformedMessageError(ValueError):
@@ -95,128 +119,376 @@ class EventFilter:
         return None
 
 
-def _loads(body: str | bytes | dict[str, Any]) -> dict[str, Any]:
+# -- the JSON text ------------------------------------------------------------------------------------------
+_JSON_TOKEN = re.compile(r'["\\\[\]{}]')
+
+
+def _short(value: Any) -> str:
+    """A value for an error message: short strings and numbers as they are, anything else by its type."""
+    if value is None or isinstance(value, bool | int | float | str):
+        text = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else "a huge integer"
+        return text if len(text) <= 40 else text[:37] + "..."
+    return f"a {type(value).__name__}"
+
+
+def _check_depth(text: str) -> None:
+    """Refuse nesting deeper than ``MAX_JSON_DEPTH`` before the decoder recurses into it.
+
+    One pass over the quotes, backslashes and brackets (linear in the text, whatever it holds); brackets
+    inside strings do not count.
+    """
+    depth = 0
+    in_string = False
+    skip_to = 0  # the character after a backslash is escaped
+    for match in _JSON_TOKEN.finditer(text):
+        at = match.start()
+        if at < skip_to:
+            continue
+        token = match.group()
+        if in_string:
+            if token == "\\":
+                skip_to = at + 2
+            elif token == '"':
+                in_string = False
+        elif token == '"':
+            in_string = True
+        elif token in "[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                raise MalformedMessageError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+        elif token in "]}":
+            depth -= 1
+
+
+def _no_constant(name: str) -> Any:
+    raise MalformedMessageError(f"non-finite number {name} in JSON")
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise MalformedMessageError(f"integer with {len(text.lstrip('-'))} digits in JSON")
+    return int(text)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise MalformedMessageError(f"number {_short(text)} out of range")
+    return value
+
+
+def _loads(body: Any, what: str = "body") -> dict[str, Any]:
+    """The JSON object in ``body`` (text, UTF-8 bytes or an already-decoded dict), checked as described above."""
     if isinstance(body, dict):
         return body
+    if isinstance(body, bytes | bytearray):
+        try:
+            body = bytes(body).decode("utf-8")
+        except UnicodeDecodeError:
+            raise MalformedMessageError(f"{what} is not UTF-8") from None
+    if not isinstance(body, str):
+        raise MalformedMessageError(f"{what} is a {type(body).__name__}, not JSON text")
+    if len(body) > MAX_BODY_BYTES or len(body.encode("utf-8", "surrogatepass")) > MAX_BODY_BYTES:
+        raise MalformedMessageError(f"{what} longer than {MAX_BODY_BYTES} bytes")
+    _check_depth(body)
     try:
-        data = json.loads(body)
-    except (TypeError, ValueError) as exc:
-        raise MalformedMessageError(f"not JSON: {exc}") from None
+        data = json.loads(body, parse_constant=_no_constant, parse_int=_bounded_int, parse_float=_finite_float)
+    except MalformedMessageError:
+        raise
+    except (ValueError, RecursionError) as exc:
+        raise MalformedMessageError(f"{what} is not JSON: {str(exc)[:80]}") from None
     if not isinstance(data, dict):
         raise MalformedMessageError(f"expected a JSON object, got {type(data).__name__}")
     return data
 
 
-def _parse_time(text: Any) -> datetime | None:
-    if not isinstance(text, str) or not text:
-        return None
+# -- the fields ---------------------------------------------------------------------------------------------
+def _utf8(text: str) -> str:
     try:
-        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("not valid UTF-8 (lone surrogate)") from None
+    return text
 
 
-def _size(value: Any) -> int | None:
+_BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
+def _decode_key(encoded: str) -> str:
+    """``unquote_plus`` that refuses what S3 never sends: a bare ``%``, non-UTF-8 escapes, over-long keys."""
+    if _BAD_PERCENT.search(encoded):
+        raise ValueError("invalid percent-encoding (a '%' not followed by two hex digits)")
+    try:
+        key = unquote_plus(encoded, errors="strict")
+    except UnicodeDecodeError:
+        raise ValueError("percent-encoded bytes are not UTF-8") from None
+    size = len(_utf8(key).encode("utf-8"))
+    if size > MAX_KEY_BYTES:
+        raise ValueError(f"decoded key is {size} bytes, over S3's {MAX_KEY_BYTES}")
+    if not key:
+        raise ValueError("empty key")
+    return key
+
+
+def _timestamp(value: Any) -> datetime | None:
+    """An ISO-8601 time (AWS), or seconds since the epoch (moto's EventBridge events), as a UTC datetime."""
     if value is None:
         return None
     try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise MalformedMessageError(f"object size {value!r} is not an integer") from None
+        if isinstance(value, str) and len(value) <= 64:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).astimezone(UTC)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return datetime.fromtimestamp(value, UTC)
+    except (ValueError, OverflowError, OSError):
+        pass
+    raise ValueError("not an ISO-8601 time")
 
 
-def _require(mapping: Any, name: str, where: str) -> Any:
-    if not isinstance(mapping, dict) or name not in mapping:
-        raise MalformedMessageError(f"missing {where}.{name}")
-    return mapping[name]
+Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS), AfterValidator(_utf8)]
+BucketName = Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9._-]+$")]
+ObjectKey = Annotated[str, Field(min_length=1, max_length=3 * MAX_KEY_BYTES), AfterValidator(_decode_key)]
+Size = Annotated[int, Field(ge=0, le=MAX_SIZE_BYTES)]
+Timestamp = Annotated[Any, AfterValidator(_timestamp)]
 
 
-def _from_notification_record(record: dict[str, Any], index: int) -> ObjectCreated | None:
+class _Strict(BaseModel):
+    """No coercion (``"12"`` is not a size, ``true`` is not an integer); fields the pipeline ignores stay unread."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+
+class _Bucket(_Strict):
+    name: BucketName
+
+
+class _NotificationObject(_Strict):
+    key: ObjectKey
+    size: Size | None = None
+    eTag: Text | None = None
+    versionId: Text | None = None
+    sequencer: Text | None = None
+
+
+class _NotificationS3(_Strict):
+    bucket: _Bucket
+    object: _NotificationObject
+
+
+class _ResponseElements(_Strict):
+    request_id: Text | None = Field(None, alias="x-amz-request-id")
+
+
+class _RecordHead(_Strict):
+    eventSource: Literal["aws:s3"]
+    eventName: Text
+
+
+class _NotificationRecord(_RecordHead):
+    eventTime: Timestamp = None
+    responseElements: _ResponseElements | None = None
+    s3: _NotificationS3
+
+
+class _EventBridgeObject(_Strict):
+    key: ObjectKey
+    size: Size | None = None
+    etag: Text | None = None
+    version_id: Text | None = Field(None, alias="version-id")
+    sequencer: Text | None = None
+
+
+class _EventBridgeDetail(_Strict):
+    bucket: _Bucket
+    object: _EventBridgeObject
+
+
+class _EventBridgeHead(_Strict):
+    source: Literal["aws.s3"]
+    detail_type: Text = Field(alias="detail-type")
+
+
+class _EventBridgeEvent(_EventBridgeHead):
+    id: Text | None = None
+    time: Timestamp = None
+    detail: _EventBridgeDetail
+
+
+def _path(where: str, loc: tuple[int | str, ...]) -> str:
+    out = where
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "message"
+
+
+def _validate(model: type[_Strict], data: Any, where: str) -> Any:
+    """``model`` validated from ``data``; a failure names the first fields at fault, never their values."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors(include_url=False, include_input=False, include_context=False)[:3]:
+            path = _path(where, error["loc"])
+            problems.append(f"missing {path}" if error["type"] == "missing" else f"{path}: {error['msg']}")
+        more = exc.error_count() - len(problems)
+        reason = "; ".join(problems) + (f" (and {more} more)" if more > 0 else "")
+        raise MalformedMessageError(reason[:MAX_REASON_CHARS]) from None
+
+
+def _unquote_etag(etag: str | None) -> str:
+    return (etag or "").strip('"')
+
+
+def _from_notification_record(record: Any, index: int) -> ObjectCreated | None:
     where = f"Records[{index}]"
     if not isinstance(record, dict):
         raise MalformedMessageError(f"{where} is not an object")
     if record.get("eventSource") != "aws:s3":
-        raise MalformedMessageError(f"{where}.eventSource is {record.get('eventSource')!r}, not 'aws:s3'")
-    name = str(_require(record, "eventName", where))
-    if not name.startswith("ObjectCreated:"):
+        raise MalformedMessageError(f"{where}.eventSource is {_short(record.get('eventSource'))}, not 'aws:s3'")
+    head = _validate(_RecordHead, record, where)
+    if not head.eventName.startswith("ObjectCreated:"):
         return None
-    s3 = _require(record, "s3", where)
-    bucket = _require(_require(s3, "bucket", f"{where}.s3"), "name", f"{where}.s3.bucket")
-    obj = _require(s3, "object", f"{where}.s3")
-    key = _require(obj, "key", f"{where}.s3.object")
-    if not isinstance(bucket, str) or not bucket or not isinstance(key, str) or not key:
-        raise MalformedMessageError(f"{where}: empty bucket name or object key")
-    response = record.get("responseElements") or {}
+    parsed = _validate(_NotificationRecord, record, where)
+    obj = parsed.s3.object
+    response = parsed.responseElements
     return ObjectCreated(
-        bucket=bucket,
-        key=unquote_plus(key),
-        size=_size(obj.get("size")),
-        etag=str(obj.get("eTag") or "").strip('"'),
-        version_id=obj.get("versionId") or None,
-        sequencer=str(obj.get("sequencer") or ""),
+        bucket=parsed.s3.bucket.name,
+        key=obj.key,
+        size=obj.size,
+        etag=_unquote_etag(obj.eTag),
+        version_id=obj.versionId or None,
+        sequencer=obj.sequencer or "",
         source="s3-notification",
-        event_time=_parse_time(record.get("eventTime")),
-        aws_event_id=response.get("x-amz-request-id") if isinstance(response, dict) else None,
+        event_time=parsed.eventTime,
+        aws_event_id=response.request_id if response else None,
     )
 
 
 def _from_eventbridge(event: dict[str, Any]) -> list[ObjectCreated]:
-    if event.get("detail-type") != "Object Created":
+    head = _validate(_EventBridgeHead, event, "")
+    if head.detail_type != "Object Created":
         return []
-    detail = _require(event, "detail", "event")
-    bucket = _require(_require(detail, "bucket", "detail"), "name", "detail.bucket")
-    obj = _require(detail, "object", "detail")
-    key = _require(obj, "key", "detail.object")
-    if not isinstance(bucket, str) or not bucket or not isinstance(key, str) or not key:
-        raise MalformedMessageError("detail: empty bucket name or object key")
+    parsed = _validate(_EventBridgeEvent, event, "")
+    obj = parsed.detail.object
     return [
         ObjectCreated(
-            bucket=bucket,
-            key=unquote_plus(key),
-            size=_size(obj.get("size")),
-            etag=str(obj.get("etag") or "").strip('"'),
-            version_id=obj.get("version-id") or None,
-            sequencer=str(obj.get("sequencer") or ""),
+            bucket=parsed.detail.bucket.name,
+            key=obj.key,
+            size=obj.size,
+            etag=_unquote_etag(obj.etag),
+            version_id=obj.version_id or None,
+            sequencer=obj.sequencer or "",
             source="eventbridge",
-            event_time=_parse_time(event.get("time")),
-            aws_event_id=event.get("id"),
+            event_time=parsed.time,
+            aws_event_id=parsed.id,
         )
     ]
 
 
-def parse_message(body: str | bytes | dict[str, Any]) -> list[ObjectCreated]:
-    """Every object-created record in one SQS message body or Lambda event.
-
-    Args:
-        body: the SQS message body (JSON text) or an already-decoded event dict.
-
-    Returns:
-        The object-created records, keys decoded; ``[]`` for ``s3:TestEvent`` and for other S3 event
-        types (removals, restores), which are valid but start nothing.
-
-    Raises:
-        MalformedMessageError: the body is not JSON, or not one of the shapes above, or misses a field
-            a record needs (bucket name, object key); the message names the missing field.
-    """
+def _parse(body: Any) -> list[ObjectCreated]:
     data = _loads(body)
-    if data.get("Type") == "Notification" and isinstance(data.get("Message"), str):  # SNS envelope
-        data = _loads(data["Message"])
+    if data.get("Type") == "Notification":  # SNS envelope
+        message = data.get("Message")
+        if not isinstance(message, str):
+            raise MalformedMessageError("SNS envelope without a Message string")
+        try:
+            return _parse_event(_loads(message, "SNS Message"))
+        except MalformedMessageError as exc:
+            raise MalformedMessageError(f"in the SNS Message: {exc}"[:MAX_REASON_CHARS]) from None
+    return _parse_event(data)
+
+
+def _parse_event(data: dict[str, Any]) -> list[ObjectCreated]:
     if data.get("Event") == "s3:TestEvent":
         return []
     if "Records" in data:
         records = data["Records"]
         if not isinstance(records, list):
             raise MalformedMessageError("Records is not a list")
+        if len(records) > MAX_RECORDS:
+            raise MalformedMessageError(f"{len(records)} records, more than {MAX_RECORDS}")
         parsed = (_from_notification_record(r, i) for i, r in enumerate(records))
         return [r for r in parsed if r is not None]
-    if data.get("source") == "aws.s3" and "detail" in data:
+    if data.get("source") == "aws.s3":
         return _from_eventbridge(data)
     raise MalformedMessageError(
         "neither an S3 notification (Records), an EventBridge S3 event (source aws.s3) nor s3:TestEvent"
     )
 
 
+def parse_message(body: str | bytes | dict[str, Any]) -> list[ObjectCreated]:
+    """Every object-created record in one SQS message body or Lambda event.
+
+    Args:
+        body: the SQS message body (JSON text, or UTF-8 bytes) or an already-decoded event dict.
+
+    Returns:
+        The object-created records, keys decoded; ``[]`` for ``s3:TestEvent`` and for other S3 event
+        types (removals, restores), which are valid but start nothing.
+
+    Raises:
+        MalformedMessageError: for anything else, with a short reason naming the field at fault: not UTF-8,
+            not JSON, over ``MAX_BODY_BYTES`` or ``MAX_JSON_DEPTH``, non-finite or over-long numbers, not an
+            object, none of the shapes above, a missing field, a field of the wrong type or out of bounds,
+            a key that does not decode (see the module docstring). It is the only exception this raises.
+    """
+    try:
+        return _parse(body)
+    except MalformedMessageError:
+        raise
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:  # a check above that missed a case
+        raise MalformedMessageError(f"unreadable message ({type(exc).__name__}: {str(exc)[:80]})") from None
+
+
+@dataclass(frozen=True)
+class SqsMessage:
+    """One message of a Lambda SQS batch.
+
+    Attributes:
+        message_id: the SQS ``messageId``: what a partial batch response names to keep it on the queue.
+        body: the message body as SQS holds it (normally JSON text; ``parse_message`` judges it).
+        receive_count: ``attributes.ApproximateReceiveCount`` ("?" when absent).
+    """
+
+    message_id: str
+    body: Any
+    receive_count: str = "?"
+
+
+class _SqsRecord(_Strict):
+    eventSource: Literal["aws:sqs"]
+    messageId: Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS), AfterValidator(_utf8)]
+
+
+def sqs_messages(event: Any) -> list[SqsMessage] | None:
+    """The messages of a Lambda event from an SQS queue, or None when ``event`` is not one.
+
+    The shape (``{"Records": [{"messageId", "receiptHandle", "body", "attributes", "eventSource": "aws:sqs",
+    ...}]}``) is documented in https://docs.aws.amazon.com/lambda/latest/dg/with-sqs.html; Powertools for AWS
+    Lambda's parser models the case whose bodies are S3 notifications as ``S3SqsEventNotificationModel``.
+    The bodies are returned as they are, for ``parse_message`` to judge one by one.
+
+    Raises:
+        MalformedMessageError: the event is an SQS batch but a record has no usable ``messageId`` (so no
+            partial batch response can name it), or mixes in records from another source.
+    """
+    if not isinstance(event, dict):
+        return None
+    records = event.get("Records")
+    if not isinstance(records, list) or not any(
+        isinstance(r, dict) and r.get("eventSource") == "aws:sqs" for r in records
+    ):
+        return None
+    messages = []
+    for index, record in enumerate(records):
+        head = _validate(_SqsRecord, record, f"Records[{index}]")
+        attributes = record.get("attributes")
+        count = attributes.get("ApproximateReceiveCount") if isinstance(attributes, dict) else None
+        messages.append(SqsMessage(head.messageId, record.get("body"), count if isinstance(count, str) else "?"))
+    return messages
+
+
+# -- prompts and events -------------------------------------------------------------------------------------
 def resolve_prompt(metadata: dict[str, str] | None, key: str, prompt_by_prefix: dict[str, str]) -> str | None:
     """The prompt for an uploaded photo.
 

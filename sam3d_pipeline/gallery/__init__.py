@@ -1,9 +1,11 @@
 """The catalog's static gallery: ``index.html`` at the output root, one card per item.
 
-Each card shows the item's overlay and status; items with a mesh open their ``object.glb`` in Google's
-``<model-viewer>`` (installed from npm into ``sam3d_pipeline/gallery/node_modules`` by ``make install``
-and copied next to ``index.html``; nothing is loaded from a CDN). Browsers refuse ES modules and GLB fetches
-from ``file://`` pages, so open the gallery over HTTP, e.g. ``python -m http.server -d OUTPUT_ROOT``.
+Each card shows the item's overlay and status and links every asset (scene, each object's GLB / USDZ / OBJ);
+items with a mesh open their ``object.glb`` in Google's ``<model-viewer>`` with its AR button (WebXR, Android
+Scene Viewer, and iOS AR Quick Look through ``ios-src`` = the object's USDZ), installed from npm into
+``sam3d_pipeline/gallery/node_modules`` by ``make install`` and copied next to ``index.html`` (nothing is
+loaded from a CDN). Browsers refuse ES modules and GLB fetches from ``file://`` pages, so open the gallery
+over HTTP, e.g. ``python -m http.server -d OUTPUT_ROOT``.
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ window.sam3dGallery = {
       };
       viewer.addEventListener('load', done); viewer.addEventListener('error', done);
     });
+    const usdz = item.files.find((f) => f.startsWith('objects/') && f.endsWith('/object.usdz'));
+    if (usdz) viewer.setAttribute('ios-src', `${item.prefix}/${usdz}`); else viewer.removeAttribute('ios-src');
     viewer.src = `${item.prefix}/object.glb`;
     if (!dialog.open) dialog.showModal();
     return loaded;
@@ -74,6 +78,25 @@ document.querySelectorAll('button[data-open]').forEach((b) => b.addEventListener
 }));
 document.getElementById('viewer-close').addEventListener('click', () => dialog.close());
 """
+
+
+DOWNLOAD_LABELS = {"object.glb": "GLB", "object.usdz": "USDZ", "object.obj": "OBJ", "object.mtl": "MTL",
+                   "texture.png": "texture", "object.ply": "splat"}
+
+
+def _downloads(files: set[str]) -> list[tuple[str, str]]:
+    """``(label, file)`` download links: the scene, then each object's assets (``objects/<i>/...``)."""
+    out = [("scene GLB", "scene.glb")] if "scene.glb" in files else []
+    by_object: dict[int, list[str]] = {}
+    for name in files:
+        parts = name.split("/")
+        if len(parts) == 3 and parts[0] == "objects" and parts[1].isdigit() and parts[2] in DOWNLOAD_LABELS:
+            by_object.setdefault(int(parts[1]), []).append(parts[2])
+    order = list(DOWNLOAD_LABELS)
+    for index in sorted(by_object):
+        out += [(f"#{index} {DOWNLOAD_LABELS[n]}", f"objects/{index}/{n}")
+                for n in sorted(by_object[index], key=order.index)]
+    return out
 
 
 def _card(item: dict[str, Any]) -> str:
@@ -102,8 +125,12 @@ def _card(item: dict[str, Any]) -> str:
         err = item["error"]
         lines.append(f'<div class="error">{e(err.get("code", ""))}: {e(err.get("message", ""))}</div>')
     if "object.glb" in files:
-        lines.append(f'<button type="button" data-open="{e(item["id"])}">View 3D</button> '
+        lines.append(f'<button type="button" data-open="{e(item["id"])}">View 3D / AR</button> '
                      f'<a href="{e(prefix)}/object.glb" download>GLB</a>')
+    downloads = _downloads(files)
+    if downloads:
+        links = " ".join(f'<a href="{e(prefix)}/{e(name)}" download>{e(label)}</a>' for label, name in downloads)
+        lines.append(f'<div class="downloads">{links}</div>')
     lines.append("</div>")
     return "\n".join(lines)
 
@@ -144,7 +171,8 @@ finished {html.escape(str(index.get('finished_at')))}</div>
 </div>
 <dialog id="viewer-dialog"><div id="viewer-title"></div>
 <model-viewer id="viewer" camera-controls auto-rotate shadow-intensity="0.6" exposure="1.0"
-  alt="reconstructed object"></model-viewer>
+  ar ar-modes="webxr scene-viewer quick-look" ar-placement="floor" alt="reconstructed object">
+  <button slot="ar-button" id="ar-button">View in your space (AR)</button></model-viewer>
 <button type="button" id="viewer-close">Close</button></dialog>
 <script type="application/json" id="catalog-data">{data}</script>
 <script>{_SCRIPT}</script>

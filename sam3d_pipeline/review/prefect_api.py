@@ -1,20 +1,125 @@
-"""Every Prefect API call the review server makes, in one place."""
+"""Every Prefect API call the review server makes, in one place.
+
+The review server only ever talks to a configured Prefect server (``PREFECT_API_URL``): with none set,
+Prefect's client would quietly start a temporary server of its own, with no runs in it, so every call here
+refuses instead. A call that cannot reach the API raises :class:`PrefectUnreachable` (the server answers 503).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 from uuid import UUID
 
 from .policy import CONTEXT_KEY, ReviewContext
+
+HEALTH_TIMEOUT_S = 5.0
+# Statuses a proxy or load balancer in front of Prefect answers when the API behind it is gone.
+_GONE_STATUSES = frozenset({502, 503, 504})
 
 
 class RunNotReviewable(LookupError):
     """The flow run does not exist or is not waiting for a review."""
 
 
-def list_paused_runs(limit: int = 100) -> list[dict[str, Any]]:
-    """Paused ``image-to-3d`` runs, newest first."""
+class PrefectUnreachable(Exception):
+    """``PREFECT_API_URL`` is not set, or the Prefect API there does not answer.
+
+    Attributes:
+        url: the API URL (None when not set).
+        reason: what went wrong, in words.
+    """
+
+    def __init__(self, url: str | None, reason: str) -> None:
+        self.url = url
+        self.reason = reason
+        if url is None:
+            super().__init__(f"PREFECT_API_URL is not set: {reason}")
+        else:
+            super().__init__(f"Prefect API at {url} is not reachable: {reason}")
+
+
+def api_url() -> str | None:
+    """The Prefect API URL in effect (environment, profile or temporary settings), or None."""
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value() or None
+
+
+def _required_url() -> str:
+    url = api_url()
+    if url is None:
+        raise PrefectUnreachable(None, "the review server needs the API of a Prefect server "
+                                       "(e.g. PREFECT_API_URL=http://127.0.0.1:4200/api)")
+    return url
+
+
+def _reason(exc: BaseException) -> str:
+    import httpx
+
+    if isinstance(exc, httpx.HTTPStatusError):  # the client's own message spans lines and links to MDN
+        response = exc.response
+        return f"{response.request.method} {response.request.url.path} answered {response.status_code} " \
+               f"{response.reason_phrase}".rstrip()
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+@contextmanager
+def _reachable(url: str) -> Iterator[None]:
+    """Turn a transport failure (refused, reset, timed out) or a gateway status into ``PrefectUnreachable``."""
+    import httpx
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    try:
+        yield
+    except httpx.TransportError as exc:
+        raise PrefectUnreachable(url, _reason(exc)) from exc
+    except PrefectHTTPStatusError as exc:
+        if exc.response.status_code in _GONE_STATUSES:
+            raise PrefectUnreachable(url, _reason(exc)) from exc
+        raise
+
+
+@contextmanager
+def _client() -> Iterator[Any]:
+    """A sync Prefect client for the configured API (never an ephemeral one)."""
     from prefect.client.orchestration import get_client
+
+    url = _required_url()
+    with _reachable(url), get_client(sync_client=True) as client:
+        yield client
+
+
+def check_api(timeout_s: float = HEALTH_TIMEOUT_S) -> str:
+    """Ask the configured Prefect API's health endpoint once (no retries).
+
+    Returns:
+        The API URL.
+
+    Raises:
+        PrefectUnreachable: ``PREFECT_API_URL`` is not set, or the API did not answer in time or said it is
+            not healthy.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+
+    url = _required_url()
+    with temporary_settings({PREFECT_CLIENT_MAX_RETRIES: 0}), \
+            get_client(sync_client=True, httpx_settings={"timeout": timeout_s}) as client:
+        error = client.api_healthcheck()
+    if error is not None:
+        raise PrefectUnreachable(url, _reason(error))
+    return url
+
+
+def list_paused_runs(limit: int = 100) -> list[dict[str, Any]]:
+    """Paused ``image-to-3d`` runs, newest first.
+
+    Raises:
+        PrefectUnreachable: the API is not set or does not answer.
+    """
     from prefect.client.schemas.filters import (
         FlowFilter,
         FlowFilterName,
@@ -25,7 +130,7 @@ def list_paused_runs(limit: int = 100) -> list[dict[str, Any]]:
     from prefect.client.schemas.objects import StateType
     from prefect.client.schemas.sorting import FlowRunSort
 
-    with get_client(sync_client=True) as client:
+    with _client() as client:
         runs = client.read_flow_runs(
             flow_filter=FlowFilter(name=FlowFilterName(any_=["image-to-3d"])),
             flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))),
@@ -50,11 +155,11 @@ def review_context(run_id: UUID) -> ReviewContext:
 
     Raises:
         RunNotReviewable: unknown run, not paused, or not paused for a review.
+        PrefectUnreachable: the API is not set or does not answer.
     """
-    from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
-    with get_client(sync_client=True) as client:
+    with _client() as client:
         try:
             run = client.read_flow_run(run_id)
         except ObjectNotFound:
@@ -78,10 +183,17 @@ def resume(run_id: UUID, answer: dict[str, Any]) -> None:
 
     Raises:
         ValueError: the Prefect server refused the answer (it validates against the round's schema).
+        RunNotReviewable: the run is no longer paused (answered elsewhere, or timed out).
+        PrefectUnreachable: the API is not set or does not answer.
     """
+    from prefect.exceptions import FlowPauseTimeout, NotPausedError
     from prefect.flow_runs import resume_flow_run
 
+    url = _required_url()
     try:
-        resume_flow_run(run_id, run_input=answer)
-    except RuntimeError as exc:
+        with _reachable(url):
+            resume_flow_run(run_id, run_input=answer)
+    except (NotPausedError, FlowPauseTimeout):
+        raise RunNotReviewable(f"flow run {run_id} is no longer waiting for review") from None
+    except RuntimeError as exc:  # the server's reason for refusing the answer
         raise ValueError(str(exc)) from None

@@ -1,7 +1,9 @@
 """The review web page: list paused runs, show the photo and candidate masks, refine, approve or reject.
 
 Routes are in this file; every Prefect API call is in ``prefect_api``. The page is static (``static/``),
-needs no build step, and talks to the JSON API below with a bearer token.
+needs no build step, and talks to the JSON API below with a bearer token, which it reads from the URL
+fragment (``/#token=...``: never sent to a server, never in access logs). A token in the query string is
+refused. When the Prefect API cannot be reached, API routes answer 503 with the reason.
 """
 
 from __future__ import annotations
@@ -15,14 +17,14 @@ from typing import Annotated
 from uuid import UUID
 
 import numpy as np
-from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from .. import backends
 from ..embeddings import GZIP_MAGIC
-from ..errors import InputError, InputNotFoundError, PipelineError
+from ..errors import ImageTooLargeError, InputError, InputNotFoundError, PipelineError
 from ..images import load_image
 from ..keys import RunKeys
 from ..masks import mask_from_png, mask_to_png
@@ -38,6 +40,8 @@ ORT_DIST = Path(__file__).parent / "web" / "node_modules" / "onnxruntime-web" / 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 PRESIGNED_TTL_S = 300
+QUERY_TOKEN_REFUSED = ("a review token in the URL query is refused (query strings end up in logs and browser "
+                       "history): send it as 'Authorization: Bearer <token>', or open the page as /#token=<token>")
 REFINE_WORK_SIZE_PX = 360
 
 
@@ -64,12 +68,20 @@ class RepromptIn(BaseModel):
 
 
 def create_app(token: str, settings: Settings | None = None) -> FastAPI:
-    """The review app. Every ``/api`` route needs ``Authorization: Bearer <token>``."""
+    """The review app. Every ``/api`` route needs ``Authorization: Bearer <token>`` (the scheme in any case);
+    any request with a ``token`` query parameter is answered 401, whatever its value."""
     s = settings or get_settings()
     app = FastAPI(title="sam3d-pipeline review", docs_url=None, redoc_url=None)
 
+    @app.exception_handler(prefect_api.PrefectUnreachable)
+    async def prefect_unreachable(request: Request, exc: prefect_api.PrefectUnreachable) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "10"})
+
     @app.middleware("http")
     async def limit_and_isolate(request: Request, call_next):
+        if "token" in request.query_params:
+            return JSONResponse({"detail": QUERY_TOKEN_REFUSED}, status_code=401,
+                                headers={"WWW-Authenticate": 'Bearer realm="sam3d-review"'})
         length = request.headers.get("content-length")
         if length is None and request.method in BODY_METHODS:  # a chunked body would bypass the size limit
             return JSONResponse({"detail": "send a Content-Length header with the request body"}, status_code=411)
@@ -87,11 +99,13 @@ def create_app(token: str, settings: Settings | None = None) -> FastAPI:
             response.headers["Cache-Control"] = "public, max-age=604800"
         return response
 
-    def authorised(authorization: Annotated[str | None, Header()] = None,
-                   token_q: Annotated[str | None, Query(alias="token")] = None) -> None:
-        given = (authorization or "").removeprefix("Bearer ").strip() or (token_q or "")
-        if not given or not hmac.compare_digest(given.encode(), token.encode()):
-            raise HTTPException(status_code=401, detail="missing or wrong review token")
+    def authorised(authorization: Annotated[str | None, Header()] = None) -> None:
+        scheme, _, given = (authorization or "").strip().partition(" ")
+        given = given.strip()
+        if (scheme.lower() != "bearer" or not given
+                or not hmac.compare_digest(given.encode(), token.encode())):
+            raise HTTPException(status_code=401, detail="missing or wrong review token (send 'Authorization: "
+                                "Bearer <token>')", headers={"WWW-Authenticate": 'Bearer realm="sam3d-review"'})
 
     auth = [Depends(authorised)]
 
@@ -122,6 +136,8 @@ def create_app(token: str, settings: Settings | None = None) -> FastAPI:
             prefect_api.resume(run_id, answer)
         except ValueError as exc:
             raise HTTPException(status_code=422, detail=str(exc)) from None
+        except prefect_api.RunNotReviewable as exc:
+            raise HTTPException(status_code=409, detail=str(exc)) from None
         return {"resumed": True, "answer": answer}
 
     @app.get("/", include_in_schema=False)
@@ -221,7 +237,7 @@ def create_app(token: str, settings: Settings | None = None) -> FastAPI:
         if body.instance_index is not None and body.instance_index < len(ctx.instances) and not boxes:
             prior = mask_from_png(
                 storage_for(ctx).read_bytes(run_keys.review_round(ctx.round, f"mask-{body.instance_index}.png")),
-                size=(ctx.width, ctx.height),
+                size=(ctx.width, ctx.height), max_pixels=s.max_pixels,
             )
         request = SegmentRequest(prompt=ctx.prompt, boxes=boxes, prior_mask=prior,
                                  points=tuple(body.points))
@@ -245,9 +261,13 @@ def create_app(token: str, settings: Settings | None = None) -> FastAPI:
         if body.instance_index is not None:
             answer["instance_index"] = body.instance_index
         if body.mask_png_base64:
+            # The size is read from the PNG header and checked before anything is decompressed.
             try:
                 png = base64.b64decode(body.mask_png_base64, validate=True)
-                mask = mask_from_png(png, size=(ctx.width, ctx.height), source="uploaded mask")
+                mask = mask_from_png(png, size=(ctx.width, ctx.height), source="uploaded mask",
+                                     max_pixels=s.max_pixels)
+            except ImageTooLargeError as exc:
+                raise HTTPException(status_code=413, detail=str(exc)) from None
             except (ValueError, InputError) as exc:
                 raise HTTPException(status_code=422, detail=str(exc)) from None
             key = RunKeys.review_upload_name(uuid.uuid4().hex[:12])

@@ -170,7 +170,7 @@ class Pipeline:
             outputs["gaussian"] = [gs]
         return {
             "rotation": np.array([[2.0, 0.0, 0.0, 0.0]]),  # unnormalised on purpose: the adapter normalises
-            "translation": np.array([[cx, cy, 1.0]]),
+            "translation": np.array([[-cx, -cy, 1.0]]),  # PyTorch3D camera frame: +X left, +Y up, +Z forward
             "scale": np.array([[sx, sx, sx]]),
             **outputs,
         }

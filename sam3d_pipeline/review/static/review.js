@@ -6,6 +6,9 @@ const state = { token: null, run: null, photo: null, mask: null, points: [], box
 window.reviewClicks = [];
 window.reviewState = state;
 
+// The token comes in the URL fragment (/#token=...), which browsers never send to a server; it is kept in this
+// tab's session storage, taken out of the address bar, and sent only as "Authorization: Bearer" (files too:
+// fetched with the header and shown from object URLs, never with the token in a URL).
 function readToken() {
   const fromHash = new URLSearchParams(location.hash.slice(1)).get("token");
   if (fromHash) {
@@ -31,14 +34,20 @@ async function api(path, options = {}) {
 
 function status(text) { $("status").textContent = text; }
 
+// Errors that leave nothing else on screen (the run list, or a run, could not load): shown above everything.
+function showError(text) {
+  $("error").textContent = text;
+  $("error").hidden = false;
+}
+
 function showLogin() {
   $("login").hidden = false; $("list").hidden = true; $("review").hidden = true;
 }
 
+// An image from fetched bytes, through an object URL (the photo's lives as long as the page).
 async function loadImage(blob) {
-  const url = URL.createObjectURL(blob);
   const img = new Image();
-  img.src = url;
+  img.src = URL.createObjectURL(blob);
   await img.decode();
   return img;
 }
@@ -49,6 +58,7 @@ async function maskFromPng(blob, width, height) {
   const canvas = new OffscreenCanvas(width, height);
   const ctx = canvas.getContext("2d");
   ctx.drawImage(img, 0, 0);
+  URL.revokeObjectURL(img.src);
   const data = ctx.getImageData(0, 0, width, height).data;
   const mask = new Uint8Array(width * height);
   for (let i = 0; i < mask.length; i++) mask[i] = data[i * 4] > 127 ? 1 : 0;
@@ -310,6 +320,7 @@ async function main() {
     if (match) await openRun(match[1]); else await listRuns();
   } catch (err) {
     status(err.message);
+    showError(err.message);
   }
 }
 
