@@ -81,7 +81,8 @@ def catalog(
     print(f"gallery: {outcome['gallery']}")
     c = outcome["counts"]
     print(f"catalog: {len(outcome['items'])} item(s): {c['completed']} completed, {c['skipped']} skipped, "
-          f"{c['no_object']} no_object, {c['failed']} failed (wall {wall:.1f} s)")
+          f"{c['no_object']} no_object, {c['failed']} failed"
+          + (f", {c['duplicate']} duplicate" if c.get("duplicate") else "") + f" (wall {wall:.1f} s)")
     if outcome["counts"]["failed"]:
         raise typer.Exit(EXIT_FAILED)
     if not outcome["all_succeeded"]:

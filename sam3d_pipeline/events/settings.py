@@ -8,7 +8,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from ..storage import is_s3_uri, split_s3_uri
 from .parse import EventFilter
 
-DEFAULT_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+DEFAULT_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".mp4", ".mov", ".m4v", ".webm")
 
 
 class EventSettings(BaseSettings):
