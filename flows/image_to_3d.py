@@ -16,9 +16,7 @@ from sam3d_pipeline import objects
 from sam3d_pipeline.errors import PipelineError
 from sam3d_pipeline.finish import RunRecord, existing_result, timed
 from sam3d_pipeline.masks import select_instance
-from sam3d_pipeline.pipeline import RunOptions, try_other_views
-from sam3d_pipeline.review.machine import apply_review
-from sam3d_pipeline.review.policy import needs_review
+from sam3d_pipeline.pipeline import RunOptions
 from sam3d_pipeline.settings import get_settings
 from sam3d_pipeline.storage import open_storage
 from sam3d_pipeline.types import BoxParam, Point
@@ -27,7 +25,7 @@ from tasks import gpu_dispatch
 from tasks.intake import decode_image, decode_video, fetch_input, plan_run
 from tasks.publish import current_flow_run_id, finish_outputs, record_failure
 from tasks.retry import retry_options
-from tasks.review_pause import ReviewConfig, review_loop, segment_or_reuse
+from tasks.review_pause import review_run, segment_or_reuse
 from tasks.segment import track_in_process
 
 
@@ -104,27 +102,10 @@ def image_to_3d(
             record.selected = objects.primary_of(
                 options.instances, select_instance(record.seg.instances, options.instance_index),
                 options.instance_index)
-        wait, why = needs_review(review, record.seg.instances, review_auto_approve_score)
-        record.review = {"mode": review, "reason": why}
-        if wait:
-            with timed(record, "review_wait"):
-                apply_review(record, review_loop(
-                    config=ReviewConfig(review, why, review_auto_approve_score, review_timeout_s, review_on_timeout),
-                    image=record.image, options=options, run_plan=record.run_plan, seg=record.seg,
-                    selected=record.selected, storage=storage, settings=settings, page_url=settings.review_page_url))
+        review_run(record, review, review_auto_approve_score, review_timeout_s, review_on_timeout, storage, settings)
         if record.selected is not None and not record.rejected:
             with timed(record, "reconstruct"):
-                record.objects = objects.choose(record.seg.instances, record.options.instances, record.selected)
-                if len(record.objects) > 1:
-                    record.recons = gpu_dispatch.reconstruct_objects(record.image, record.seg, record.objects,
-                                                                     record.options, record.run_plan, settings,
-                                                                     storage.root)
-                    record.recon = record.recons[record.selected]
-                else:
-                    record.recon = gpu_dispatch.reconstruct(record.image, record.seg, record.selected,
-                                                            record.options, record.run_plan, settings, storage.root)
-                    try_other_views(record, lambda frame, seg: gpu_dispatch.reconstruct(
-                        frame, seg, 0, record.options, record.run_plan, settings, storage.root))
+                gpu_dispatch.reconstruct_run(record, settings, storage.root)
         return finish_outputs(storage.root, record, settings).model_dump(mode="json")
     except PipelineError as exc:
         record_failure(storage.root, record, exc, settings)

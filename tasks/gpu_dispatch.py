@@ -35,8 +35,9 @@ from prefect.exceptions import MissingContextError, ObjectNotFound
 from prefect.logging import get_logger
 from prefect.states import Cancelled, Crashed
 
-from sam3d_pipeline import catalog, gpu_stages, pipeline
+from sam3d_pipeline import catalog, gpu_stages, objects, pipeline
 from sam3d_pipeline.errors import InputNotFoundError, error_from_record
+from sam3d_pipeline.finish import RunRecord
 from sam3d_pipeline.gpu_failures import GpuStageError, StageAttempt, backoff_s, classify, next_low_memory, should_retry
 from sam3d_pipeline.gpu_stages import GpuBatch, ReconstructJobParam, SegmentJob, SegmentParams
 from sam3d_pipeline.gpu_workers import Lease, lease_key, lease_verdict, sessions_to_start
@@ -75,6 +76,21 @@ def segment(image: LoadedImage, options: pipeline.RunOptions, run_plan: pipeline
     seg.stage = timing
     seg.messages.extend(f"gpu-stage {a.line()}" for a in attempts if len(attempts) > 1)
     return seg
+
+
+def reconstruct_run(record: RunRecord, settings: Settings, output_root: str) -> None:
+    """Reconstruct a run's chosen objects onto ``record``: several together (one point map per photo), or the one
+    selected; for a video, the reconstructor may also try the other best views (``pipeline.try_other_views``)."""
+    record.objects = objects.choose(record.seg.instances, record.options.instances, record.selected)
+    if len(record.objects) > 1:
+        record.recons = reconstruct_objects(record.image, record.seg, record.objects, record.options,
+                                            record.run_plan, settings, output_root)
+        record.recon = record.recons[record.selected]
+        return
+    record.recon = reconstruct(record.image, record.seg, record.selected, record.options, record.run_plan,
+                               settings, output_root)
+    pipeline.try_other_views(record, lambda frame, seg: reconstruct(
+        frame, seg, 0, record.options, record.run_plan, settings, output_root))
 
 
 def reconstruct(image: LoadedImage, seg: Segmentation, selected: int, options: pipeline.RunOptions,

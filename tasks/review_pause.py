@@ -36,9 +36,10 @@ from sam3d_pipeline.review.machine import (
     ReviewMachine,
     ReviewOutcome,
     Step,
+    apply_review,
 )
 from sam3d_pipeline.review.persist import load_round, save_round
-from sam3d_pipeline.review.policy import CONTEXT_KEY, ReviewContext, review_markdown
+from sam3d_pipeline.review.policy import CONTEXT_KEY, ReviewContext, needs_review, review_markdown
 from sam3d_pipeline.settings import Settings
 from sam3d_pipeline.storage import Storage
 from sam3d_pipeline.types import Point, Segmentation, bounded_point_model
@@ -219,6 +220,21 @@ class _ReviewRun:
         except InputError as exc:
             return self.machine.mask_refused(exc)
         return self.machine.mask_read(mask)
+
+
+def review_run(record: finish.RunRecord, mode: str, auto_approve_score: float, timeout_s: float, on_timeout: str,
+               storage: Storage, settings: Settings) -> None:
+    """Decide whether a person reviews this run's mask (``needs_review``) and, when so, wait for the answer and
+    apply it to ``record`` (approved, refined, re-segmented or rejected)."""
+    wait, why = needs_review(mode, record.seg.instances, auto_approve_score)
+    record.review = {"mode": mode, "reason": why}
+    if not wait:
+        return
+    with finish.timed(record, "review_wait"):
+        apply_review(record, review_loop(
+            config=ReviewConfig(mode, why, auto_approve_score, timeout_s, on_timeout), image=record.image,
+            options=record.options, run_plan=record.run_plan, seg=record.seg, selected=record.selected,
+            storage=storage, settings=settings, page_url=settings.review_page_url))
 
 
 def review_loop(
