@@ -9,7 +9,7 @@ GALLERY := sam3d_pipeline/gallery
 GALLERY_STAMP := $(GALLERY)/node_modules/.installed
 SAM3_STAMP := $(VENV)/.installed-sam3
 
-.PHONY: demo test lint install bench bench-catalog clean gallery-assets review-assets chromium
+.PHONY: demo test lint install bench bench-catalog clean gallery-assets review-assets chromium postgres
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -56,10 +56,16 @@ chromium:
 		echo "installing Debian's chromium for the browser tests"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 
+# `up --db postgres` and its tests run Prefect on Debian's PostgreSQL server binaries (initdb, postgres).
+postgres:
+	@command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+		echo "installing Debian's postgresql for the local stack's --db postgres"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null; }
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-test: $(STAMP) $(SAM3_STAMP) $(GLTF_VALIDATOR) $(GALLERY_STAMP) $(REVIEW_WEB_STAMP) chromium
+test: $(STAMP) $(SAM3_STAMP) $(GLTF_VALIDATOR) $(GALLERY_STAMP) $(REVIEW_WEB_STAMP) chromium postgres
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 

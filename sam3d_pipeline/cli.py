@@ -264,6 +264,45 @@ def run(
         raise typer.Exit(EXIT_FAILED)
 
 
+def serve_web(command: str, host: str, port: int, token: str | None) -> None:
+    """Serve the web server (studio, job API, review page) until interrupted; ``command`` names it in errors."""
+    from urllib.parse import quote
+
+    import uvicorn
+
+    from sam3d_pipeline.review import prefect_api
+    from sam3d_pipeline.settings import get_settings
+    from sam3d_pipeline.web.app import create_app
+    from sam3d_pipeline.web.auth import new_token
+
+    try:  # without a reachable API there are no jobs to show and none can start
+        prefect_api.check_api()
+    except prefect_api.PrefectUnreachable as exc:
+        say("error:", f"{command}: {exc}")
+        raise typer.Exit(EXIT_USAGE) from None
+    settings = get_settings()
+    tokens = list(dict.fromkeys(t for t in (token, settings.api_token, os.environ.get("SAM3D_REVIEW_TOKEN")) if t))
+    tokens = tokens or [new_token()]
+    # The token goes in the URL fragment: browsers never send it, so it stays out of logs and history.
+    base, shown = f"http://{host}:{port}", quote(tokens[0], safe="")
+    print(f"studio:      {base}/#token={shown}", flush=True)
+    print(f"review page: {base}/review#token={shown}", flush=True)
+    print(f"job API:     {base}/v1/jobs (docs: {base}/docs)", flush=True)
+    uvicorn.run(create_app(tokens, settings), host=host, port=port, log_level="warning")
+
+
+@app.command("web")
+def web(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8765,
+    token: Annotated[
+        str | None, typer.Option(envvar="SAM3D_API_TOKEN", help="Access token (default: a new random one).")
+    ] = None,
+) -> None:
+    """Serve the studio, the job API (/v1/jobs, webhooks) and the review page (needs PREFECT_API_URL)."""
+    serve_web("web", host, port, token)
+
+
 @app.command("review-server")
 def review_server(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
@@ -272,23 +311,8 @@ def review_server(
         str | None, typer.Option(envvar="SAM3D_REVIEW_TOKEN", help="Access token (default: a new random one).")
     ] = None,
 ) -> None:
-    """Serve the mask review page for paused image-to-3d runs (needs PREFECT_API_URL of a Prefect server)."""
-    from urllib.parse import quote
-
-    import uvicorn
-
-    from sam3d_pipeline.review import prefect_api
-    from sam3d_pipeline.review.server import create_app, new_token
-
-    try:  # without a reachable API the page could only say "no runs are waiting"
-        prefect_api.check_api()
-    except prefect_api.PrefectUnreachable as exc:
-        say("error:", f"review-server: {exc}")
-        raise typer.Exit(EXIT_USAGE) from None
-    token = token or new_token()
-    # The token goes in the URL fragment: browsers never send it, so it stays out of logs and history.
-    print(f"review page: http://{host}:{port}/#token={quote(token, safe='')}", flush=True)
-    uvicorn.run(create_app(token), host=host, port=port, log_level="warning")
+    """The web server under its former name (the review page is at /review; see `web`)."""
+    serve_web("review-server", host, port, token)
 
 
 @app.command("gpu-worker")
@@ -302,11 +326,12 @@ def gpu_worker(
     print(f"GPU worker session: {session(idle_s=idle_s)}", flush=True)
 
 
-from sam3d_pipeline.stack_cli import down, events_bridge, up  # noqa: E402
+from sam3d_pipeline.stack_cli import down, events_bridge, restart, up  # noqa: E402
 
 app.command("events-bridge")(events_bridge)
 app.command("up")(up)
 app.command("down")(down)
+app.command("restart")(restart)
 
 from .catalog_cli import catalog as _catalog  # noqa: E402
 

@@ -13,7 +13,10 @@ heartbeat refreshed every ``lease_s / 3``). The submitter reads it while it wait
   deterministic and ``*.json`` is written last, so a late duplicate changes nothing.
 
 Sessions scale with the queue: a submitter starts one when work is queued and fewer sessions exist than the
-queue needs, up to ``SAM3D_GPU_MAX_WORKERS``; an idle session exits after ``SAM3D_GPU_IDLE_S``.
+queue needs, up to ``SAM3D_GPU_MAX_WORKERS``; an idle session exits after ``SAM3D_GPU_IDLE_S``. A session keeps
+a heartbeat of its own at the output root while it serves (``session_heartbeat_key``): a killed session leaves its
+flow run Running forever, and one whose heartbeat went stale (``session_lost``) no longer counts as a session,
+so a new one is started for the queue.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from .keys import WORKERS_DIR
+from .keys import WORKERS_DIR, worker_key
 
 LeaseVerdict = Literal["queued", "running", "lost"]
 
@@ -63,6 +66,20 @@ def lease_verdict(lease: Lease | None, *, now: float, lease_s: float, session_en
     if session_ended or now - lease.heartbeat_at > lease_s:
         return "lost"
     return "running"
+
+
+def session_heartbeat_key(session: str) -> str:
+    """Where a worker session's own heartbeat (a ``Lease`` with no task) lives, relative to the output root."""
+    return worker_key(session, "heartbeat.json")
+
+
+def session_lost(heartbeat: Lease | None, *, now: float, lease_s: float) -> bool:
+    """Whether a session whose flow run says Running is gone: its heartbeat is older than ``lease_s``.
+
+    A session with no heartbeat where the submitter looks (a session started by hand, or one whose output root
+    differs) is never judged lost: only a heartbeat that stopped proves it.
+    """
+    return heartbeat is not None and now - heartbeat.heartbeat_at > lease_s
 
 
 def sessions_to_start(*, queued: int, active: int, max_workers: int) -> int:

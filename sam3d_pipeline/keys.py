@@ -70,6 +70,7 @@ SEGMENT_STAGE_DIR = "stages/segment"
 RECONSTRUCT_STAGE_DIR = "stages/reconstruct"
 DECODERS_DIR = "_decoders"
 WORKERS_DIR = "_workers"
+UPLOADS_DIR = "_uploads"
 # Masks the review page uploads, relative to the run's prefix (the pause form validates this pattern).
 REVIEW_UPLOAD_PATTERN = r"^review/[A-Za-z0-9._-]{1,100}\.png$"
 CONTENT_TYPES = {
@@ -205,6 +206,18 @@ def decoder_key(segmenter_version: str, weights: str = "uint8") -> str:
         raise ValueError(f"decoder weights {weights!r}: choose uint8 or float32")
     name = DECODER_NAME if weights == "uint8" else DECODER_NAME.replace(".onnx", f"-{weights}.onnx")
     return f"{DECODERS_DIR}/{safe}/{name}"
+
+
+def upload_key(sha256_hex: str, filename: str, extension: str) -> str:
+    """Where the job API keeps an uploaded photo, relative to the output root: ``_uploads/<sha256>/<stem><ext>``.
+
+    Content-addressed, so a re-sent upload lands on the same key; under the output root, which no S3 trigger acts
+    on, so an upload starts exactly the one run the job API creates. The stem keeps the file's name in the run's
+    output prefix.
+    """
+    if not re.fullmatch(r"[0-9a-f]{64}", sha256_hex):
+        raise ValueError(f"not a sha256 hex digest: {sha256_hex!r}")
+    return f"{UPLOADS_DIR}/{sha256_hex}/{image_stem(filename)}{extension}"
 
 
 def worker_key(session_id: str, name: str) -> str:

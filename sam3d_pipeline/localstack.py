@@ -4,14 +4,16 @@
 
 1. a moto server (S3 + SQS) with the bucket, a queue (and its dead-letter queue) and the bucket
    notification ``s3:ObjectCreated:*`` under the upload prefix → that queue;
-2. a Prefect server on SQLite (database under ``<state dir>/prefect/``);
+2. a Prefect server on SQLite (database under ``<state dir>/prefect/``), or with ``--db postgres`` on its own
+   PostgreSQL server (cluster under ``<state dir>/postgres/``, ``stack_db``), as Prefect recommends for production;
 3. the ``sam3d-cpu`` process work pool, the deployments of ``prefect.yaml`` (with their event trigger),
    and a worker polling every ``--worker-poll-s`` seconds (Prefect's default is 10 s);
 4. the GPU stand-in: the ``sam3d-gpu`` pool (a process pool here, ECS on g5 in the cloud), the ``gpu-worker``
    deployment, its worker, and one warm GPU worker session; the stack runs with ``SAM3D_GPU_STAGES=workers``,
    so uploads, ``run``/``catalog`` with the stack's env and the review page all share the warm models, and
    more sessions start (up to ``--gpu-workers``) when work queues up;
-5. the events bridge (SQS → Prefect events) and the review server.
+5. the events bridge (SQS → Prefect events) and the web server (studio, job API with webhooks, review page;
+   recorded as ``review-server``), its token and webhook secret made up here.
 
 It waits until each answers, prints the URLs, and writes them to ``<state dir>/local-stack.env`` for
 ``set -a; . .sam3d/local-stack.env``. The PIDs go to ``<state dir>/stack.json``; ``down`` stops exactly
@@ -41,7 +43,7 @@ ENV_FILE = "local-stack.env"
 POOL_NAME = "sam3d-cpu"
 GPU_POOL_NAME = "sam3d-gpu"
 GPU_WORKER_DEPLOYMENT = "gpu-worker/gpu-worker"
-STOP_ORDER = ("events-bridge", "review-server", "gpu-worker", "worker", "prefect-server", "moto")
+STOP_ORDER = ("events-bridge", "review-server", "gpu-worker", "worker", "prefect-server", "postgres", "moto")
 LOCAL_CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
@@ -67,6 +69,10 @@ class StackConfig:
         worker_poll_s: the workers' work-pool poll interval (seconds).
         gpu_workers: most GPU worker sessions at once (``SAM3D_GPU_MAX_WORKERS``); one starts with the stack.
         visibility_timeout_s: SQS visibility timeout: how soon an unfinished message is redelivered.
+        cpu_runs: most flow runs the CPU worker runs at once (each is a process): a burst of uploads waits as
+            Scheduled runs instead of starting a process per upload at once.
+        db: the Prefect server's database: ``sqlite`` (a file, the default) or ``postgres`` (``stack_db``).
+        postgres_port: PostgreSQL's loopback port with ``db="postgres"``; 0 picks a free one.
         timeout_s: how long to wait for each part to answer.
     """
 
@@ -77,10 +83,13 @@ class StackConfig:
     output_prefix: str = "outputs/"
     prefect_port: int = 4200
     moto_port: int = 5055
-    review_port: int = 8765
+    review_port: int = 8765  # the web server's (studio, job API, review page)
     worker_poll_s: float = 0.5
     gpu_workers: int = 1
     visibility_timeout_s: int = 10
+    cpu_runs: int = field(default_factory=lambda: max(2, 2 * (os.cpu_count() or 1)))
+    db: str = "sqlite"
+    postgres_port: int = 0
     timeout_s: float = 180.0
     extra_env: dict[str, str] = field(default_factory=dict)
 
@@ -182,7 +191,10 @@ class LocalStack:
         with open(log, "ab") as out:
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd,
                                     start_new_session=True)
-        self.processes[name] = {"pid": proc.pid, "start_time": _start_time(proc.pid), "log": str(log)}
+        # argv, cwd and the stack's own variables let ``stack_restart`` start the same process again.
+        own_env = {k: v for k, v in env.items() if k.startswith(("PREFECT_", "AWS_")) or os.environ.get(k) != v}
+        self.processes[name] = {"pid": proc.pid, "start_time": _start_time(proc.pid), "log": str(log),
+                                "argv": argv, "cwd": str(cwd) if cwd else None, "env": own_env}
         self._save()
         return proc
 
@@ -192,6 +204,8 @@ class LocalStack:
         current.update(extra)
         current["processes"] = self.processes
         tmp = self.state_dir / (STACK_FILE + ".tmp")
+        tmp.unlink(missing_ok=True)
+        tmp.touch(mode=0o600)  # it holds the review token and the database password
         tmp.write_text(json.dumps(current, indent=2))
         tmp.replace(self.state_dir / STACK_FILE)
 
@@ -244,12 +258,15 @@ class LocalStack:
         _wait("moto server", lambda: _http_ok(f"{moto_url}/moto-api/"), cfg.timeout_s, self.logs / "moto.log", proc)
         queue_url = self._wire_bucket(moto_url)
 
-        # 2. Prefect server (SQLite under the state dir).
+        # 2. Prefect server (SQLite under the state dir, or its own PostgreSQL server).
         prefect_home = self.state_dir / "prefect"
         prefect_home.mkdir(parents=True, exist_ok=True)
+        database_url = f"sqlite+aiosqlite:///{prefect_home / 'prefect.db'}"
+        if cfg.db == "postgres":
+            database_url = self._start_postgres(env)
         server_env = env | {
             "PREFECT_HOME": str(prefect_home),
-            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{prefect_home / 'prefect.db'}",
+            "PREFECT_API_DATABASE_CONNECTION_URL": database_url,
             "PREFECT_LOGGING_LEVEL": "WARNING",
         }
         proc = self._spawn("prefect-server", [python, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
@@ -257,12 +274,14 @@ class LocalStack:
         _wait("Prefect server", lambda: _http_ok(f"{api_url}/health"), cfg.timeout_s,
               self.logs / "prefect-server.log", proc)
 
-        # 3. Work pool, deployments, worker (paused runs link to the review server started below).
-        review_port = _free_port(cfg.review_port)
-        review_url = f"http://127.0.0.1:{review_port}"
-        review_token = secrets.token_urlsafe(24)
+        # 3. Work pool, deployments, worker (paused runs link to the review page of the web server started below).
+        web_port = _free_port(cfg.review_port)
+        web_url = f"http://127.0.0.1:{web_port}"
+        api_token = secrets.token_urlsafe(24)
+        webhook_secret = secrets.token_urlsafe(32)
         stack_env = env | {
-            "SAM3D_REVIEW_PAGE_URL": review_url,
+            "SAM3D_REVIEW_PAGE_URL": web_url,
+            "SAM3D_WEB_URL": web_url,
             "PREFECT_HOME": str(prefect_home),
             "PREFECT_API_URL": api_url,
             "AWS_ENDPOINT_URL": moto_url,
@@ -283,8 +302,10 @@ class LocalStack:
                                             "--type", "process", "--overwrite"], stack_env)
             self._run(f"prefect deploy {deployment}", [python, "-m", "prefect", "--no-prompt", "deploy", "--name",
                                                        deployment], stack_env, cwd=cfg.project_dir)
+            limit = ["--limit", str(cfg.cpu_runs)] if pool == POOL_NAME else []  # a burst waits as Scheduled runs
             proc = self._spawn(name, [python, "-m", "prefect", "worker", "start", "--pool", pool, "--type",
-                                      "process", "--name", f"sam3d-local-{name}"], worker_env, cwd=cfg.project_dir)
+                                      "process", "--name", f"sam3d-local-{name}", *limit], worker_env,
+                               cwd=cfg.project_dir)
             _wait(name, lambda pool=pool: self._worker_online(api_url, pool), cfg.timeout_s,
                   self.logs / f"{name}.log", proc)
         # One warm session from the start; the flows start more (up to --gpu-workers) when work queues up.
@@ -298,10 +319,11 @@ class LocalStack:
         _wait("events bridge", lambda: bridge_log.exists() and "events bridge:" in bridge_log.read_text(),
               cfg.timeout_s, bridge_log, proc)
 
-        # 5. The review server (paused runs, token-protected).
-        proc = self._spawn("review-server", [python, "-m", "sam3d_pipeline.cli", "review-server", "--port",
-                                             str(review_port)], stack_env | {"SAM3D_REVIEW_TOKEN": review_token})
-        _wait("review server", lambda: _http_ok(f"{review_url}/"), cfg.timeout_s,
+        # 5. The web server: studio, job API (webhooks signed with the secret), review page; one token for all.
+        self._allow_page_origin(moto_url, web_url)
+        proc = self._spawn("review-server", [python, "-m", "sam3d_pipeline.cli", "web", "--port", str(web_port)],
+                           stack_env | {"SAM3D_API_TOKEN": api_token, "SAM3D_WEBHOOK_SECRET": webhook_secret})
+        _wait("web server", lambda: _http_ok(f"{web_url}/openapi.json"), cfg.timeout_s,
               self.logs / "review-server.log", proc)
 
         exported = {
@@ -315,8 +337,11 @@ class LocalStack:
             "SAM3D_OUTPUT_ROOT": output_root,
             "SAM3D_QUEUE_URL": queue_url,
             "SAM3D_EVENT_MARKER_ROOT": marker_root,
-            "SAM3D_REVIEW_PAGE_URL": review_url,
-            "SAM3D_REVIEW_TOKEN": review_token,
+            "SAM3D_WEB_URL": web_url,
+            "SAM3D_API_TOKEN": api_token,
+            "SAM3D_WEBHOOK_SECRET": webhook_secret,
+            "SAM3D_REVIEW_PAGE_URL": web_url,
+            "SAM3D_REVIEW_TOKEN": api_token,
             **{k: stack_env[k] for k in GPU_ENV_KEYS},
         }
         env_file = self.state_dir / ENV_FILE
@@ -326,6 +351,19 @@ class LocalStack:
         )
         self._save(env=exported, env_file=str(env_file))
         return exported
+
+    def _start_postgres(self, env: dict[str, str]) -> str:
+        """Start the stack's PostgreSQL (``stack_db``) and return Prefect's connection URL for it."""
+        from .stack_db import LocalPostgres, PostgresError
+
+        postgres = LocalPostgres(self.state_dir / "postgres", _free_port(self.config.postgres_port))
+        try:
+            proc = self._spawn("postgres", postgres.prepare(self.config.timeout_s), env)
+            postgres.wait_ready(self.config.timeout_s, self.logs / "postgres.log", proc)
+        except PostgresError as exc:
+            raise StackError(str(exc)) from None
+        self._save(db="postgres")
+        return postgres.url
 
     def _wire_bucket(self, moto_url: str) -> str:
         import boto3
@@ -359,6 +397,16 @@ class LocalStack:
             },
         )
         return queue_url
+
+    def _allow_page_origin(self, moto_url: str, origin: str) -> None:
+        """Let the web server's pages fetch presigned outputs from the bucket (CORS for ``origin``)."""
+        import boto3
+
+        s3 = boto3.client("s3", endpoint_url=moto_url, region_name=LOCAL_CREDENTIALS["AWS_DEFAULT_REGION"],
+                          aws_access_key_id="testing", aws_secret_access_key="testing")
+        s3.put_bucket_cors(Bucket=self.config.bucket, CORSConfiguration={"CORSRules": [{
+            "AllowedOrigins": [origin], "AllowedMethods": ["GET", "HEAD"], "AllowedHeaders": ["*"],
+            "ExposeHeaders": ["Content-Length", "Content-Type", "ETag"], "MaxAgeSeconds": 3600}]})
 
     @staticmethod
     def _worker_online(api_url: str, pool: str = POOL_NAME) -> bool:

@@ -105,6 +105,28 @@ class Settings(BaseSettings):
         None, description="Base URL of the review server, linked from paused runs (e.g. http://127.0.0.1:8765)."
     )
 
+    # Web server (``sam3d-pipeline web``): studio, job API (/v1/jobs) and review page.
+    web_url: str | None = Field(
+        None, description="Base URL of the web server as clients reach it (e.g. http://127.0.0.1:8765): the links "
+        "in job JSON and webhooks start with it (else, in answers, with the request's own base URL).")
+    api_token: str | None = Field(
+        None, description="Bearer token of the job API, the studio and the review page; the review page's "
+        "SAM3D_REVIEW_TOKEN is accepted too. Without either, the server makes one up and prints it.")
+    api_input_roots: str = Field(
+        "", description="Local folders a JSON job submission may name its image in, separated by os.pathsep; "
+        "empty: only uploads and s3:// URIs.")
+    webhook_secret: str | None = Field(
+        None, description="Key of the webhooks' HMAC-SHA256 signatures; jobs asking for a webhook are refused "
+        "without it.")
+    webhook_max_attempts: int = Field(8, ge=1, le=50, description="Most delivery attempts of one webhook.")
+    webhook_backoff_s: float = Field(
+        1.0, ge=0, le=3600, description="Wait before the second delivery attempt; it doubles with each further "
+        "attempt (seconds).")
+    webhook_backoff_max_s: float = Field(600.0, ge=0, le=86400, description="Longest wait between attempts (s).")
+    webhook_timeout_s: float = Field(10.0, gt=0, le=120, description="A receiver slower than this failed (s).")
+    webhook_poll_s: float = Field(
+        2.0, gt=0, le=60, description="How often the web server looks for jobs that ended and webhooks due (s).")
+
     # SAM 3 (the ``sam3`` segmenter).
     sam3_checkpoint: str | None = Field(
         None,

@@ -49,10 +49,14 @@ def up(
     moto_port: Annotated[int, typer.Option("--moto-port", help="0 picks a free port.")] = 5055,
     worker_poll_s: Annotated[float, typer.Option("--worker-poll-s", min=0.1, help="Work pool poll interval.")] = 0.5,
     gpu_workers: Annotated[int, typer.Option("--gpu-workers", min=1, help="Most GPU worker sessions at once.")] = 1,
+    db: Annotated[str, typer.Option("--db", help="Prefect's database: sqlite (a file) or postgres (its own "
+                                    "PostgreSQL server under the state dir).")] = "sqlite",
 ) -> None:
-    """Start the local stack in the background: moto S3+SQS, Prefect server, worker, events bridge."""
+    """Start the local stack in the background: moto S3+SQS, Prefect server, workers, events bridge, web server."""
     from sam3d_pipeline.localstack import LocalStack, StackConfig, StackError, default_project_dir, running
 
+    if db not in ("sqlite", "postgres"):
+        raise typer.BadParameter(f"{db!r}: choose sqlite or postgres", param_hint="--db")
     existing = running(state_dir)
     if existing:
         print(f"already running (state in {state_dir.resolve()}); nothing started. `sam3d-pipeline down` stops it.")
@@ -61,7 +65,7 @@ def up(
         return
     config = StackConfig(state_dir=state_dir, project_dir=default_project_dir(), bucket=bucket,
                          upload_prefix=upload_prefix, output_prefix=output_prefix, prefect_port=prefect_port,
-                         moto_port=moto_port, worker_poll_s=worker_poll_s, gpu_workers=gpu_workers)
+                         moto_port=moto_port, worker_poll_s=worker_poll_s, gpu_workers=gpu_workers, db=db)
     print("starting moto, Prefect server, workers, a GPU worker session and the events bridge…", file=sys.stderr)
     try:
         env = LocalStack(config).up()
@@ -69,11 +73,13 @@ def up(
         print(f"error: {exc}", file=sys.stderr)
         raise typer.Exit(1) from None
     print(f"Prefect UI:      {env['PREFECT_UI_URL']}")
-    print(f"Prefect API:     {env['PREFECT_API_URL']}")
+    print(f"Prefect API:     {env['PREFECT_API_URL']} ({'PostgreSQL' if db == 'postgres' else 'SQLite'})")
     print(f"S3 + SQS (moto): {env['AWS_ENDPOINT_URL']}")
     print(f"upload to:       s3://{env['SAM3D_BUCKET']}/{env['SAM3D_UPLOAD_PREFIX']}")
     print(f"outputs under:   {env['SAM3D_OUTPUT_ROOT']}/")
-    print(f"review page:     {env['SAM3D_REVIEW_PAGE_URL']}/#token={env['SAM3D_REVIEW_TOKEN']}")
+    print(f"studio:          {env['SAM3D_WEB_URL']}/#token={env['SAM3D_API_TOKEN']}")
+    print(f"job API:         {env['SAM3D_WEB_URL']}/v1/jobs (Bearer $SAM3D_API_TOKEN; docs at /docs)")
+    print(f"review page:     {env['SAM3D_REVIEW_PAGE_URL']}/review#token={env['SAM3D_REVIEW_TOKEN']}")
     print(f"environment:     set -a; . {(state_dir / 'local-stack.env').resolve()}")
 
 
@@ -85,3 +91,20 @@ def down(state_dir: StateDir = Path(".sam3d")) -> None:
         print(f"nothing to stop: no stack recorded in {state_dir.resolve()}")
         return
     LocalStack(StackConfig(state_dir=state_dir, project_dir=default_project_dir())).down()
+
+
+def restart(
+    name: Annotated[str, typer.Argument(help="The part: prefect-server, postgres, worker, gpu-worker, events-bridge, "
+                                        "review-server or moto (as named in stack.json).")],
+    state_dir: StateDir = Path(".sam3d"),
+) -> None:
+    """Start one part of the running stack again (after a crash or a kill): same command, ports and state."""
+    from sam3d_pipeline.localstack import StackError
+    from sam3d_pipeline.stack_restart import restart as restart_part
+
+    try:
+        pid = restart_part(state_dir, name)
+    except StackError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise typer.Exit(1) from None
+    print(f"restarted {name} (pid {pid})")

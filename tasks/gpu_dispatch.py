@@ -40,7 +40,14 @@ from sam3d_pipeline.errors import InputNotFoundError, error_from_record
 from sam3d_pipeline.finish import RunRecord
 from sam3d_pipeline.gpu_failures import GpuStageError, StageAttempt, backoff_s, classify, next_low_memory, should_retry
 from sam3d_pipeline.gpu_stages import GpuBatch, ReconstructJobParam, SegmentJob, SegmentParams
-from sam3d_pipeline.gpu_workers import Lease, lease_key, lease_verdict, sessions_to_start
+from sam3d_pipeline.gpu_workers import (
+    Lease,
+    lease_key,
+    lease_verdict,
+    session_heartbeat_key,
+    session_lost,
+    sessions_to_start,
+)
 from sam3d_pipeline.images import LoadedImage
 from sam3d_pipeline.keys import RunKeys
 from sam3d_pipeline.masks import mask_to_png
@@ -194,10 +201,18 @@ def run_on_workers(batch: GpuBatch, settings: Settings, *,
     low_memory = bool(batch.low_memory)
     for n in range(1, settings.gpu_stage_attempts + 1):
         this = batch.model_copy(update={"low_memory": True}) if low_memory else batch
-        submitted = time.time()
-        future = gpu_stage.delay(this, uuid.uuid4().hex)
-        run_id = str(future.task_run_id)
-        kind, message = _wait(future, run_id, storage, settings)
+        while True:
+            submitted, submission = time.time(), uuid.uuid4().hex
+            future = gpu_stage.delay(this, submission)
+            run_id = str(future.task_run_id)
+            kind, message = _wait(future, run_id, storage, settings)
+            # A flow run re-executed after a suspension (a long review) counts its task calls from 0 again, and
+            # Prefect answers a repeated call with that call's earlier run: another batch's finished run. Submit
+            # again (each call gets the next key) until the run is this submission's (a worker that does not
+            # echo the submission is taken at its word).
+            if kind != "ok" or future.result().get("submission", submission) == submission:
+                break
+            logger.info("gpu-stage: task run %s answered an earlier submission; submitting again", run_id)
         attempt = StageAttempt(attempt=n, flow_run_id=run_id, state="COMPLETED" if kind == "ok" else "CRASHED",
                                kind=kind, message=message[:500], low_memory=low_memory)
         attempts.append(attempt)
@@ -298,12 +313,12 @@ def ensure_sessions(client: SyncPrefectClient, settings: Settings, queued: int |
             name=TaskRunFilterName(like_="gpu-stage"),
             state=TaskRunFilterState(type=TaskRunFilterStateType(any_=[StateType.SCHEDULED]))),
             limit=settings.gpu_max_workers))
-    active = _active_sessions(client, deployment.id)
+    active = _active_sessions(client, deployment.id, settings)
     wanted = sessions_to_start(queued=queued, active=len(active), max_workers=settings.gpu_max_workers)
     kept = 0
     for _ in range(wanted):
         run = client.create_flow_run_from_deployment(deployment.id, tags=["sam3d-gpu-session"])
-        order = [r.id for r in _active_sessions(client, deployment.id)]
+        order = [r.id for r in _active_sessions(client, deployment.id, settings)]
         if run.id in order and order.index(run.id) >= settings.gpu_max_workers:
             client.set_flow_run_state(run.id, Cancelled(message="surplus GPU worker session: another flow started "
                                                         "one at the same moment"), force=True)
@@ -322,14 +337,39 @@ def _logger() -> Any:
         return get_logger("sam3d.gpu_dispatch")
 
 
-def _active_sessions(client: SyncPrefectClient, deployment_id: Any) -> Sequence[Any]:
+def _active_sessions(client: SyncPrefectClient, deployment_id: Any, settings: Settings | None = None) -> Sequence[Any]:
     """Sessions starting or running, in the order the server created them (every caller sees the same first N;
-    a client-side timestamp such as the expected start time would not give that order)."""
+    a client-side timestamp such as the expected start time would not give that order).
+
+    With ``settings``, a Running session whose heartbeat went stale (killed: its flow run would say Running
+    forever) is marked Crashed and left out, so it no longer holds a place within ``SAM3D_GPU_MAX_WORKERS``.
+    """
     runs = client.read_flow_runs(
         deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
         flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=ACTIVE_SESSION_STATES))),
     )
+    if settings is not None:
+        runs = [r for r in runs if not _lost_session(client, r, settings)]
     return sorted(runs, key=lambda r: (r.created, str(r.id)))
+
+
+def _lost_session(client: SyncPrefectClient, run: Any, settings: Settings) -> bool:
+    """True (and the run marked Crashed) when a Running session's heartbeat is older than ``SAM3D_GPU_LEASE_S``."""
+    if run.state is None or run.state.type != StateType.RUNNING:
+        return False
+    storage = open_storage(settings.output_root, settings)
+    try:
+        beat = Lease.model_validate_json(storage.read_bytes(session_heartbeat_key(str(run.id))))
+    except (InputNotFoundError, ValueError):
+        return False
+    if not session_lost(beat, now=time.time(), lease_s=settings.gpu_lease_s):
+        return False
+    age = time.time() - beat.heartbeat_at
+    client.set_flow_run_state(run.id, Crashed(message=f"GPU worker session lost: no heartbeat for {age:.0f} s "
+                                              f"(> SAM3D_GPU_LEASE_S={settings.gpu_lease_s:g})"), force=True)
+    storage.delete(session_heartbeat_key(str(run.id)))
+    _logger().warning("GPU worker session %s lost (no heartbeat for %.0f s): marked Crashed", run.id, age)
+    return True
 
 
 def _record(attempts: list[StageAttempt]) -> None:

@@ -29,7 +29,7 @@ from prefect.settings import get_current_settings
 from prefect.task_worker import TaskWorker
 
 from sam3d_pipeline.gpu_stages import GpuBatch, run_gpu_batch
-from sam3d_pipeline.gpu_workers import IdleClock, Lease, SessionLedger, lease_key
+from sam3d_pipeline.gpu_workers import IdleClock, Lease, SessionLedger, lease_key, session_heartbeat_key
 from sam3d_pipeline.settings import get_settings
 from sam3d_pipeline.storage import Storage, open_storage
 
@@ -38,12 +38,14 @@ _SESSION: dict[str, Any] = {"id": "", "ledger": None}
 
 
 @contextmanager
-def held_lease(storage: Storage, task_run_id: str, session: str, lease_s: float, work: str = "") -> Iterator[Lease]:
-    """Write the task's lease and refresh its heartbeat every ``lease_s / 3`` until the block ends."""
+def held_lease(storage: Storage, task_run_id: str, session: str, lease_s: float, work: str = "",
+               key: str | None = None) -> Iterator[Lease]:
+    """Write the task's lease (at ``key``, default ``lease_key(task_run_id)``) and refresh its heartbeat every
+    ``lease_s / 3`` until the block ends."""
     now = time.time()
     lease = Lease(task_run_id=task_run_id, session=session, work=work, host=socket.gethostname(), pid=os.getpid(),
                   started_at=now, heartbeat_at=now)
-    key = lease_key(task_run_id)
+    key = key or lease_key(task_run_id)
     storage.write_bytes(key, lease.model_dump_json().encode(), content_type="application/json")
     stop = threading.Event()
 
@@ -97,7 +99,7 @@ def gpu_stage(batch: GpuBatch, submission: str) -> dict[str, Any]:
         timing |= {"worker": session, "started_at": started_at}
     logger.info("session %s: done (%s)", session, ", ".join(
         f"{stage}: load {t['model_load_s']:.2f} s, run {t['run_s']:.2f} s" for stage, t in result["timing"].items()))
-    return result
+    return result | {"submission": submission}  # the submitter checks the run is its own
 
 
 def serve_gpu_tasks(session: str, idle_s: float, poll_s: float = 0.5) -> SessionLedger:
@@ -108,8 +110,11 @@ def serve_gpu_tasks(session: str, idle_s: float, poll_s: float = 0.5) -> Session
     """
     ledger = SessionLedger(session=session)
     _SESSION.update(id=session, ledger=ledger)
-    try:
-        asyncio.run(_serve(idle_s, poll_s))
+    settings = get_settings()
+    try:  # the session's own heartbeat: a submitter tells a killed session from a live one by it
+        with held_lease(open_storage(settings.output_root, settings), "", session, settings.gpu_lease_s, "session",
+                        key=session_heartbeat_key(session)):
+            asyncio.run(_serve(idle_s, poll_s))
     finally:
         _SESSION.update(id="", ledger=None)
     return ledger

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -26,10 +27,12 @@ os.environ.pop("AWS_PROFILE", None)
 os.environ.pop("AWS_ENDPOINT_URL", None)
 
 from sam3d_pipeline import backends  # noqa: E402
+from sam3d_pipeline.localstack import _alive, read_stack  # noqa: E402
 from sam3d_pipeline.settings import get_settings  # noqa: E402
 from sam3d_pipeline.storage import _s3_client  # noqa: E402
 
 from .servers import FaultyProxy, MotoServer, free_port, wait_for_port  # noqa: E402
+from .stack import CLI, STACK_MAX_INPUT_BYTES, Stack  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -113,3 +116,35 @@ def browser():
         )
         yield chromium
         chromium.close()
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory):
+    """One local stack (``sam3d-pipeline up``) for the session, stopped with ``down``, checked by PID."""
+    state_dir = tmp_path_factory.mktemp("stack")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "PREFECT_"))}
+    env["SAM3D_PROMPT_BY_PREFIX"] = json.dumps({"mugs/": "mug"})
+    env["SAM3D_MAX_INPUT_BYTES"] = str(STACK_MAX_INPUT_BYTES)
+    env["SAM3D_WEBHOOK_POLL_S"] = "0.5"
+    up = [*CLI, "up", "--state-dir", str(state_dir), "--prefect-port", "0", "--moto-port", "0", "--upload-prefix", ""]
+    started = subprocess.run(up, env=env, capture_output=True, text=True, timeout=300)
+    recorded = (read_stack(state_dir) or {}).get("processes", {})
+    holder = None
+    try:  # whatever fails below, `down` stops what `up` started
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert "Prefect UI:" in started.stdout
+        assert set(recorded) == {"moto", "prefect-server", "worker", "gpu-worker", "events-bridge", "review-server"}
+        holder = Stack(state_dir)
+        yield holder
+    finally:
+        for proc in holder.replacement_bridges if holder else []:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=30)
+        stopped = subprocess.run([*CLI, "down", "--state-dir", str(state_dir)], env=env, capture_output=True,
+                                 text=True, timeout=120)
+        assert stopped.returncode == 0, stopped.stderr
+        for name in ("moto", "prefect-server", "worker", "gpu-worker", "review-server"):
+            assert f"stopped {name} (pid {recorded[name]['pid']})" in stopped.stdout
+        assert not any(_alive(entry) for entry in recorded.values())
+        assert not (state_dir / "stack.json").exists()

@@ -17,7 +17,11 @@ INFRA = ROOT / "deployments" / "infrastructure.yaml"
 UPLOADS = "arn:${AWS::Partition}:s3:::${BucketName}/${UploadPrefix}*"
 OUTPUTS = "arn:${AWS::Partition}:s3:::${BucketName}/${OutputPrefix}*"
 TASKS = "arn:${AWS::Partition}:s3:::${BucketName}/${TaskStoragePrefix}*"
+CATALOG = "arn:${AWS::Partition}:s3:::${BucketName}/${CatalogPrefix}*"
+MARKERS = "arn:${AWS::Partition}:s3:::${BucketName}/${EventMarkerPrefix}*"
+CHECKPOINTS = "arn:${AWS::Partition}:s3:::${CheckpointBucket}/${CheckpointPrefix}*"
 BUCKET = "arn:${AWS::Partition}:s3:::${BucketName}"
+CHECKPOINT_BUCKET = "arn:${AWS::Partition}:s3:::${CheckpointBucket}"
 READ = {"s3:GetObject", "s3:GetObjectVersion"}
 WRITE = {"s3:PutObject", "s3:DeleteObject"}
 GPU_TEMPLATE = ROOT / "deployments" / "ecs-gpu-job-template.json"
@@ -64,7 +68,14 @@ def _resource(value):
 
 
 def test_s3_access_is_limited_to_the_pipeline_prefixes(template):
-    s3_statements = 0
+    """Each S3 statement names one of the pipeline's prefixes with the actions that prefix allows; the task roles
+    that touch data share one policy; markers are the bridge's, checkpoints the GPU sessions'."""
+    allowed = {UPLOADS: READ, CATALOG: READ, OUTPUTS: READ | WRITE, TASKS: READ | WRITE,
+               MARKERS: {"s3:GetObject", "s3:PutObject"}, CHECKPOINTS: {"s3:GetObject"}}
+    listable = {BUCKET: {"${UploadPrefix}*", "${CatalogPrefix}*", "${OutputPrefix}*", "${TaskStoragePrefix}*",
+                         "${EventMarkerPrefix}*"},
+                CHECKPOINT_BUCKET: {"${CheckpointPrefix}*"}}
+    users: dict[str, set[str]] = {}
     for name, st in _statements(template):
         actions = set(_list(st["Action"]))
         assert not any(a in ("*", "s3:*") or a.endswith(":*") for a in actions), (name, actions)
@@ -72,31 +83,34 @@ def test_s3_access_is_limited_to_the_pipeline_prefixes(template):
         s3_actions = {a for a in actions if a.startswith("s3:")}
         if not s3_actions:
             continue
-        s3_statements += 1
         assert s3_actions == actions, f"{name}: S3 mixed with other services in one statement"
         resources = {_resource(r) for r in _list(st["Resource"])}
         if s3_actions == {"s3:ListBucket"}:
-            assert resources == {BUCKET}
-            prefixes = {_resource(p) for p in st["Condition"]["StringLike"]["s3:prefix"]}
-            assert prefixes == {"${UploadPrefix}*", "${OutputPrefix}*", "${TaskStoragePrefix}*"}
-        elif resources == {UPLOADS}:
-            assert s3_actions <= READ, f"{name}: uploads are read-only, got {s3_actions}"
-        elif resources in ({OUTPUTS}, {TASKS}):
-            assert s3_actions <= READ | WRITE
-        else:
-            pytest.fail(f"{name}: S3 access outside the pipeline prefixes: {resources}")
-    assert s3_statements == 4
-    # Both task roles that touch data use exactly that policy; the worker role has no S3 access at all.
+            [bucket] = resources
+            prefixes = {_resource(p) for p in _list(st["Condition"]["StringLike"]["s3:prefix"])}
+            assert prefixes <= listable[bucket], (name, prefixes)
+            continue
+        for resource in resources:
+            assert resource in allowed, f"{name}: S3 access outside the pipeline prefixes: {resource}"
+            assert s3_actions <= allowed[resource], f"{name}: {s3_actions} on {resource}"
+            users.setdefault(resource, set()).add(name)
+    assert users[MARKERS] == {"EventsBridgeDataPolicy"}
+    assert users[CHECKPOINTS] == {"GpuStageTaskRole"}
+    assert users[TASKS] == {"PipelineDataPolicy"}
+    assert users[OUTPUTS] == {"PipelineDataPolicy", "WebTaskRole"}
+    # Both task roles that run pipeline work use exactly that policy (the GPU one adds the checkpoints).
+    res = template["Resources"]
     for role in ("GpuStageTaskRole", "CpuFlowTaskRole"):
-        props = template["Resources"][role]["Properties"]
-        assert props["ManagedPolicyArns"] == [{"Ref": "PipelineDataPolicy"}] and "Policies" not in props
+        assert res[role]["Properties"]["ManagedPolicyArns"] == [{"Ref": "PipelineDataPolicy"}]
+    assert "Policies" not in res["CpuFlowTaskRole"]["Properties"]
     worker_actions = {a for n, st in _statements(template) if n == "WorkerTaskRole" for a in _list(st["Action"])}
     assert not any(a.startswith("s3:") for a in worker_actions)
     pass_role = [st for n, st in _statements(template) if "iam:PassRole" in _list(st["Action"])]
     assert all(r != "*" for st in pass_role for r in _list(st["Resource"]))
-    # The task storage prefix is none of the others (uploads there would start runs; outputs are never acted on).
+    # The prefixes are all different (uploads there would start runs; outputs and markers are never acted on).
     params = template["Parameters"]
-    assert len({params[p]["Default"] for p in ("UploadPrefix", "OutputPrefix", "TaskStoragePrefix")}) == 3
+    prefixes = ("UploadPrefix", "CatalogPrefix", "OutputPrefix", "TaskStoragePrefix", "EventMarkerPrefix")
+    assert len({params[p]["Default"] for p in prefixes}) == len(prefixes)
 
 
 def test_gpu_capacity_scales_to_zero_on_the_ecs_gpu_ami(template):
@@ -217,7 +231,7 @@ def test_cpu_pool_process_worker_is_an_always_on_service_with_the_flow_role(temp
     assert container["Image"] == {"Ref": "FlowImage"}
     assert container["LogConfiguration"]["Options"]["awslogs-group"] == {"Ref": "CpuFlowLogGroup"}
     assert [s["Name"] for s in container["Secrets"]] == ["PREFECT_API_KEY"]
-    env = {e["Name"]: e["Value"] for e in container["Environment"]}
+    env = {e["Name"]: e["Value"] for e in container["Environment"] if "Name" in e}  # (an Fn::If aside)
     assert env["SAM3D_GPU_STAGES"] == "workers"
     for setting in STORAGE_SETTINGS:
         assert env[setting] == {"Ref": "TaskStorageBlock"}

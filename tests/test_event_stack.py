@@ -1,10 +1,10 @@
 """End to end through the local stack: S3 PUT → notification → SQS → events bridge → Prefect event →
 deployment trigger → worker → image-to-3d (lite backends) → outputs under the expected prefix.
 
-The module starts one stack with ``sam3d-pipeline up`` (moto, Prefect server on SQLite, process worker,
-events bridge) in a temporary state dir and stops it with ``sam3d-pipeline down``, checking by PID that
-everything it started is gone. The notification covers the whole bucket (no upload prefix), so the
-pipeline's own outputs and markers reach the bridge too and must be ignored there.
+The tests share the session's stack (the ``stack`` fixture in ``conftest.py``): ``sam3d-pipeline up`` (moto,
+Prefect server on SQLite, process worker, events bridge, web server) in a temporary state dir, stopped with
+``sam3d-pipeline down``, which is checked by PID to leave nothing running. The notification covers the whole
+bucket (no upload prefix), so the pipeline's own outputs and markers reach the bridge too and must be ignored there.
 """
 
 from __future__ import annotations
@@ -22,122 +22,13 @@ from pathlib import Path
 import pytest
 
 from sam3d_pipeline.keys import image_stem
-from sam3d_pipeline.localstack import _alive, read_stack
+from sam3d_pipeline.localstack import read_stack
 
 from .photos import encode, object_photo
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "sam3d_pipeline.cli"]
-FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
-
-
-class Stack:
-    def __init__(self, state_dir: Path) -> None:
-        import boto3
-
-        self.state_dir = state_dir
-        self.env = {}
-        for line in (state_dir / "local-stack.env").read_text().splitlines():
-            if "=" in line and not line.startswith("#"):
-                name, value = line.split("=", 1)
-                self.env[name] = value.strip("'")
-        kwargs = {"endpoint_url": self.env["AWS_ENDPOINT_URL"], "region_name": "us-east-1",
-                  "aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
-        self.s3 = boto3.client("s3", **kwargs)
-        self.sqs = boto3.client("sqs", **kwargs)
-        self.bucket = self.env["SAM3D_BUCKET"]
-        self.api = self.env["PREFECT_API_URL"]
-        self.bridge_log = state_dir / "logs" / "events-bridge.log"
-        self.replacement_bridges: list[subprocess.Popen] = []
-
-    def put(self, key: str, seed: int, prompt: str | None = None) -> str:
-        rgb, _ = object_photo(160, 120, seed=seed)
-        metadata = {"prompt": prompt} if prompt else {}
-        self.s3.put_object(Bucket=self.bucket, Key=key, Body=encode(rgb), Metadata=metadata)
-        return f"s3://{self.bucket}/{key}"
-
-    def runs(self, image: str) -> list[dict]:
-        import urllib.request
-
-        body = json.dumps({"limit": 200, "sort": "EXPECTED_START_TIME_ASC"}).encode()
-        request = urllib.request.Request(f"{self.api}/flow_runs/filter", data=body,
-                                         headers={"Content-Type": "application/json"}, method="POST")
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return [r for r in json.loads(response.read()) if r["parameters"].get("image") == image]
-
-    def wait_finished(self, images: list[str], timeout_s: float = 240) -> dict[str, list[dict]]:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            found = {image: self.runs(image) for image in images}
-            if all(runs and all(r["state_type"] in FINAL for r in runs) for runs in found.values()):
-                return found
-            if time.monotonic() > deadline:
-                states = {i: [r["state_type"] for r in runs] for i, runs in found.items()}
-                pytest.fail(f"runs not finished after {timeout_s} s: {states}\n{self.log_tail()}")
-            time.sleep(0.5)
-
-    def wait_log(self, text: str, count: int = 1, timeout_s: float = 60) -> None:
-        deadline = time.monotonic() + timeout_s
-        while self.bridge_log.read_text().count(text) < count:
-            if time.monotonic() > deadline:
-                pytest.fail(f"bridge never logged {text!r} x{count}\n{self.log_tail()}")
-            time.sleep(0.2)
-
-    def log_tail(self) -> str:
-        return "\n".join(self.bridge_log.read_text().splitlines()[-20:])
-
-    def result(self, run: dict) -> tuple[str, dict]:
-        """(output prefix, result.json) of a completed run, found by its flow run id."""
-        listing = self.s3.list_objects_v2(Bucket=self.bucket, Prefix=self.env["SAM3D_OUTPUT_PREFIX"])
-        for item in listing.get("Contents", []):
-            if item["Key"].endswith("/result.json"):
-                result = json.loads(self.s3.get_object(Bucket=self.bucket, Key=item["Key"])["Body"].read())
-                if result.get("flow_run_id") == run["id"]:
-                    return item["Key"].rsplit("/", 1)[0] + "/", result
-        pytest.fail(f"no result.json for run {run['id']}")
-
-    def bridge_pid(self) -> int:
-        if self.replacement_bridges:
-            return self.replacement_bridges[-1].pid
-        return read_stack(self.state_dir)["processes"]["events-bridge"]["pid"]
-
-    def restart_bridge(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "PREFECT_"))} | self.env
-        env["SAM3D_BRIDGE_WAIT_S"] = "10"
-        with open(self.bridge_log, "ab") as log:
-            proc = subprocess.Popen([*CLI, "events-bridge", "--queue-url", self.env["SAM3D_QUEUE_URL"]], env=env,
-                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.replacement_bridges.append(proc)
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    state_dir = tmp_path_factory.mktemp("stack")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "PREFECT_"))}
-    env["SAM3D_PROMPT_BY_PREFIX"] = json.dumps({"mugs/": "mug"})
-    up = [*CLI, "up", "--state-dir", str(state_dir), "--prefect-port", "0", "--moto-port", "0", "--upload-prefix", ""]
-    started = subprocess.run(up, env=env, capture_output=True, text=True, timeout=300)
-    recorded = (read_stack(state_dir) or {}).get("processes", {})
-    holder = None
-    try:  # whatever fails below, `down` stops what `up` started
-        assert started.returncode == 0, started.stdout + started.stderr
-        assert "Prefect UI:" in started.stdout
-        assert set(recorded) == {"moto", "prefect-server", "worker", "gpu-worker", "events-bridge", "review-server"}
-        holder = Stack(state_dir)
-        yield holder
-    finally:
-        for proc in holder.replacement_bridges if holder else []:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=30)
-        stopped = subprocess.run([*CLI, "down", "--state-dir", str(state_dir)], env=env, capture_output=True,
-                                 text=True, timeout=120)
-        assert stopped.returncode == 0, stopped.stderr
-        for name in ("moto", "prefect-server", "worker", "gpu-worker", "review-server"):
-            assert f"stopped {name} (pid {recorded[name]['pid']})" in stopped.stdout
-        assert not any(_alive(entry) for entry in recorded.values())
-        assert not (state_dir / "stack.json").exists()
 
 
 def test_env_file_and_up_twice_starts_nothing(stack):

@@ -284,7 +284,7 @@ def test_prefect_going_away_answers_503_and_the_page_says_why(tmp_path, browser)
             assert response.json()["detail"].startswith(f"Prefect API at {api_url} is not reachable: ")
             assert response.headers["Retry-After"]
         page = browser.new_page()
-        page.goto(f"{base}/#token={TOKEN}")
+        page.goto(f"{base}/review#token={TOKEN}")
         page.wait_for_selector("#error:not([hidden])", timeout=30_000)
         assert f"Prefect API at {api_url} is not reachable" in page.inner_text("#error")
     finally:

@@ -108,7 +108,7 @@ def test_run_list_shows_upload_text_as_text(tmp_path, review_server, browser):
     run = PausedRun(tmp_path, object_photo()[0], prompt=prompt, review="required")
     run.wait_paused()
     page = browser.new_page()
-    page.goto(f"{review_server}/#token={TOKEN}")
+    page.goto(f"{review_server}/review#token={TOKEN}")
     link = page.locator(f"a[href='/runs/{run.run_id}']")
     link.wait_for(timeout=30_000)
     item = page.locator("#runs li", has=link)

@@ -12,10 +12,14 @@ Three triggers work, told apart by the event's shape:
 Package it with ``pip install --target build/ . && cp deployments/lambda/handler.py build/`` (the library
 brings the parser, the filter, the prompt lookup and the dedup markers shared with ``events-bridge``).
 
-Environment: ``PREFECT_API_URL`` (required), ``PREFECT_API_KEY`` (Prefect Cloud only), and the ``SAM3D_``
-settings of ``sam3d_pipeline.events.settings.EventSettings`` (``SAM3D_OUTPUT_ROOT``, ``SAM3D_UPLOAD_PREFIX``,
-``SAM3D_PROMPT_BY_PREFIX``, ``SAM3D_EVENT_MARKER_ROOT``). The role needs ``s3:GetObject`` on the uploads
-(HEAD reads the ``prompt`` metadata) and ``s3:GetObject``/``s3:PutObject`` on the marker root.
+Environment: ``PREFECT_API_URL`` (required); the Prefect API key, if the API needs one, as
+``PREFECT_API_KEY_SECRET_ARN`` (a Secrets Manager secret read once per cold start, so the key never sits in the
+function's configuration; needs ``secretsmanager:GetSecretValue`` on it) or as ``PREFECT_API_KEY``; and the
+``SAM3D_`` settings of ``sam3d_pipeline.events.settings.EventSettings`` (``SAM3D_OUTPUT_ROOT``,
+``SAM3D_UPLOAD_PREFIX``, ``SAM3D_PROMPT_BY_PREFIX``, ``SAM3D_EVENT_MARKER_ROOT``). The role needs ``s3:GetObject``
+on the uploads (HEAD reads the ``prompt`` metadata) and ``s3:GetObject``/``s3:PutObject`` on the marker root.
+``deployments/infrastructure.yaml`` (``EventsBridgeMode=lambda``) creates the function from the service image with
+exactly these permissions.
 
 Failures: for a direct invocation the handler raises, so Lambda's retry policy and on-failure destination
 (or DLQ) keep the event. For an SQS batch it answers a partial batch response naming the messages that
@@ -40,10 +44,20 @@ logging.getLogger().setLevel(logging.INFO)
 _publisher: UploadPublisher | None = None
 
 
+def prefect_api_key() -> str | None:
+    """The Prefect API key: the secret ``PREFECT_API_KEY_SECRET_ARN`` names, else ``PREFECT_API_KEY``, else None."""
+    secret_arn = os.environ.get("PREFECT_API_KEY_SECRET_ARN")
+    if not secret_arn:
+        return os.environ.get("PREFECT_API_KEY")
+    import boto3
+
+    return boto3.client("secretsmanager").get_secret_value(SecretId=secret_arn)["SecretString"].strip()
+
+
 def _get_publisher() -> UploadPublisher:
     global _publisher
-    if _publisher is None:  # one S3 client per warm container
-        _publisher = UploadPublisher(os.environ["PREFECT_API_URL"], api_key=os.environ.get("PREFECT_API_KEY"))
+    if _publisher is None:  # one S3 client and one secret read per warm container
+        _publisher = UploadPublisher(os.environ["PREFECT_API_URL"], api_key=prefect_api_key())
     return _publisher
 
 

@@ -10,7 +10,10 @@ policy to move to a dead-letter queue, and so is a message whose handling raises
 (logged with its traceback). One message never stops the loop.
 
 Redelivery is harmless by construction: the event id is deterministic (``parse.event_id``), Prefect
-drops event ids it has seen recently, and the markers remember them for good.
+drops event ids it has seen recently, and the markers remember them for good. Between polls, the run keeper
+(``keeper.py``, every ``SAM3D_BRIDGE_KEEP_S``) follows each accepted upload until it has one final run: it
+posts again an event a killed Prefect server lost, and schedules again a run that crashed with its worker or
+its server; after a restart the bridge picks up the uploads of the last hour from the markers.
 
 The events are typed ``prefect.events.Event`` objects, sent with one HTTP ``POST`` rather than through
 Prefect's websocket events client: the POST's 2xx answer is the API accepting them, which is what the
@@ -59,24 +62,39 @@ def post_events(api_url: str, events: list[Event], *, api_key: str | None = None
         TransientBridgeError: connection failure, timeout, 429 or 5xx.
         PermanentBridgeError: any other non-2xx answer (the body is quoted in the message).
     """
-    if not events:
-        return
+    if events:
+        prefect_request(api_url, "POST", "/events", [event.model_dump(mode="json") for event in events],
+                        api_key=api_key, timeout_s=timeout_s)
+
+
+def prefect_request(api_url: str, method: str, path: str, body: Any = None, *, api_key: str | None = None,
+                    timeout_s: float = 10.0) -> Any:
+    """One JSON request to a Prefect API (``<api_url><path>``); returns the decoded answer (None when empty).
+
+    Raises:
+        TransientBridgeError: connection failure, timeout, 429 or 5xx.
+        PermanentBridgeError: any other non-2xx answer (the body is quoted in the message).
+    """
     request = urllib.request.Request(
-        api_url.rstrip("/") + "/events",
-        data=json.dumps([event.model_dump(mode="json") for event in events]).encode(),
+        api_url.rstrip("/") + path,
+        data=None if body is None else json.dumps(body).encode(),
         headers={"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})},
-        method="POST",
+        method=method,
     )
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            response.read()
+            answer = response.read()
     except urllib.error.HTTPError as exc:
         detail = exc.read()[:300].decode(errors="replace")
         if exc.code == 429 or exc.code >= 500:
             raise TransientBridgeError(f"Prefect API {api_url} answered {exc.code}: {detail}") from None
-        raise PermanentBridgeError(f"Prefect API {api_url} refused the events ({exc.code}): {detail}") from None
+        raise PermanentBridgeError(f"Prefect API {api_url} refused {method} {path} ({exc.code}): {detail}") from None
     except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
         raise TransientBridgeError(f"Prefect API {api_url} unreachable: {exc}") from None
+    try:
+        return json.loads(answer) if answer.strip() else None
+    except ValueError:
+        raise TransientBridgeError(f"Prefect API {api_url}: {method} {path} answered no JSON") from None
 
 
 def _client_error_code(exc: BaseException) -> str:
@@ -243,6 +261,18 @@ class EventsBridge:
         self.publisher = UploadPublisher(api_url, self.settings, api_key=api_key, s3=s3)
         self.stats = self.publisher.stats
         self._backoff_s = 0.0
+        self.keeper = None
+        if self.settings.bridge_keep_s > 0:
+            from .keeper import RunKeeper
+
+            timeout_s = self.settings.bridge_http_timeout_s
+            self.keeper = RunKeeper(
+                lambda method, path, body: prefect_request(api_url, method, path, body, api_key=api_key,
+                                                           timeout_s=timeout_s),
+                lambda events: post_events(api_url, events, api_key=api_key, timeout_s=timeout_s),
+                deployment=self.settings.bridge_deployment, repost_after_s=self.settings.bridge_repost_after_s,
+                attempts=self.settings.bridge_run_attempts, window_s=self.settings.bridge_keep_window_s,
+                pending_timeout_s=self.settings.bridge_pending_timeout_s)
 
     # -- one message -------------------------------------------------------------------------------
     def handle(self, message: dict[str, Any]) -> bool:
@@ -268,7 +298,7 @@ class EventsBridge:
                       message_id, receives, exc)
             return False
         try:
-            self.publisher.publish(records)
+            posted = self.publisher.publish(records)
         except PermanentBridgeError as exc:
             self.stats.errors += 1
             log.error("SQS message %s not delivered, left for the dead-letter queue: %s", message_id, exc)
@@ -295,7 +325,37 @@ class EventsBridge:
                       message_id, type(exc).__name__, exc)
             return False
         self.stats.deleted += 1
+        if self.keeper is not None:
+            self.keeper.accept([event.model_dump(mode="json") for event in posted])
         return True
+
+    # -- the run keeper ----------------------------------------------------------------------------------
+    def _load_markers(self) -> None:
+        """Follow again the uploads of the last ``bridge_keep_window_s`` from their markers (after a restart)."""
+        root = self.settings.event_marker_root
+        if self.keeper is None or not root:
+            return
+        bucket, prefix = split_s3_uri(root)
+        try:
+            loaded = self.keeper.load_markers(self.publisher.s3, bucket, prefix.rstrip("/") + "/" if prefix else "")
+        except Exception as exc:  # noqa: BLE001 - the keeper is a safety net; the bridge runs without it
+            log.warning("run keeper: could not read the markers under %s (%s); following new uploads only", root, exc)
+            return
+        log.info("run keeper: following %d upload(s) accepted in the last %.0f s", loaded,
+                 self.settings.bridge_keep_window_s)
+
+    def keep(self) -> dict[str, int] | None:
+        """One sweep of the run keeper (``keeper.RunKeeper.sweep``); a failed sweep is logged and tried again later."""
+        if self.keeper is None:
+            return None
+        try:
+            did = self.keeper.sweep()
+        except (TransientBridgeError, PermanentBridgeError) as exc:
+            log.warning("run keeper: %s; trying again in %.0f s", exc, self.settings.bridge_keep_s)
+            return None
+        if did["reposted"] or did["rescheduled"] or did["gave_up"]:
+            log.info("run keeper: %s", ", ".join(f"{k}={v}" for k, v in did.items()))
+        return did
 
     # -- the loop ------------------------------------------------------------------------------------
     def poll_once(self) -> int:
@@ -343,6 +403,8 @@ class EventsBridge:
         """
         log.info("events bridge: %s → %s/events", self.queue_url, self.api_url.rstrip("/"))
         last_stats = time.monotonic()
+        self._load_markers()
+        last_keep = time.monotonic()
         try:
             while max_messages is None or self.stats.messages < max_messages:
                 try:
@@ -353,6 +415,9 @@ class EventsBridge:
                     pause = self._backoff_s * (0.5 + random.random() / 2)
                     log.warning("%s; retrying in %.1f s", exc, pause)
                     time.sleep(pause)
+                if self.keeper is not None and time.monotonic() - last_keep >= self.settings.bridge_keep_s:
+                    self.keep()
+                    last_keep = time.monotonic()
                 if time.monotonic() - last_stats >= stats_every_s:
                     log.info("stats: %s", self.stats.line())
                     last_stats = time.monotonic()

@@ -38,6 +38,28 @@ class EventSettings(BaseSettings):
         30.0, gt=0, description="Longest pause between attempts after SQS or Prefect errors (seconds)."
     )
     bridge_http_timeout_s: float = Field(10.0, gt=0, description="Timeout of each POST to the Prefect API (s).")
+    bridge_keep_s: float = Field(
+        15.0, ge=0, description="How often the run keeper checks that accepted uploads have one run, posting lost "
+        "events again and scheduling crashed runs again (seconds; 0 = off)."
+    )
+    bridge_repost_after_s: float = Field(
+        60.0, gt=0, description="An accepted upload with no flow run this long after its event was posted has its "
+        "event posted again (the same id: a server that still has the first copy drops it) (seconds)."
+    )
+    bridge_run_attempts: int = Field(
+        3, ge=1, le=10, description="Most runs of an upload's flow run: a run that crashed is scheduled again until "
+        "then (and a lost event posted again as often)."
+    )
+    bridge_pending_timeout_s: float = Field(
+        300.0, gt=0, description="A flow run Pending this long counts as lost (its worker died while starting it) "
+        "and is scheduled again (seconds)."
+    )
+    bridge_keep_window_s: float = Field(
+        3600.0, gt=0, description="How long the run keeper follows an accepted upload (seconds)."
+    )
+    bridge_deployment: str = Field(
+        "image-to-3d/image-to-3d", description="flow/deployment whose event trigger turns uploads into runs."
+    )
 
     def event_filter(self) -> EventFilter:
         """The filter these settings describe; the output root and the marker root are always ignored."""

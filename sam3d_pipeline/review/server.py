@@ -1,24 +1,22 @@
-"""The review web page: list paused runs, show the photo and candidate masks, refine, approve or reject.
+"""The review page's routes: list paused runs, show the photo and candidate masks, refine, approve or reject.
 
-Routes are in this file; every Prefect API call is in ``prefect_api``. The page is static (``static/``),
+They are part of the one web server (``sam3d_pipeline.web.app``: studio, job API, review page), which adds them
+with :func:`add_review_routes`. Every Prefect API call is in ``prefect_api``. The page is static (``static/``),
 needs no build step, and talks to the JSON API below with a bearer token, which it reads from the URL
-fragment (``/#token=...``: never sent to a server, never in access logs). A token in the query string is
+fragment (``/review#token=...``: never sent to a server, never in access logs). A token in the query string is
 refused. When the Prefect API cannot be reached, API routes answer 503 with the reason.
 """
 
 from __future__ import annotations
 
 import base64
-import hmac
-import secrets
 import uuid
 from pathlib import Path
-from typing import Annotated
 from uuid import UUID
 
 import numpy as np
-from fastapi import Depends, FastAPI, Header, HTTPException, Request
-from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from fastapi import FastAPI, HTTPException
+from fastapi.responses import FileResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
@@ -37,11 +35,8 @@ from .policy import ReviewContext
 STATIC = Path(__file__).parent / "static"
 # onnxruntime-web from npm (``make install`` runs ``npm ci`` in ``review/web``); served, never from a CDN.
 ORT_DIST = Path(__file__).parent / "web" / "node_modules" / "onnxruntime-web" / "dist"
-MAX_BODY_BYTES = 8 * 1024 * 1024
-BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+MAX_BODY_BYTES = 8 * 1024 * 1024  # a review call's body (an uploaded mask as base64)
 PRESIGNED_TTL_S = 300
-QUERY_TOKEN_REFUSED = ("a review token in the URL query is refused (query strings end up in logs and browser "
-                       "history): send it as 'Authorization: Bearer <token>', or open the page as /#token=<token>")
 REFINE_WORK_SIZE_PX = 360
 
 
@@ -68,46 +63,16 @@ class RepromptIn(BaseModel):
 
 
 def create_app(token: str, settings: Settings | None = None) -> FastAPI:
-    """The review app. Every ``/api`` route needs ``Authorization: Bearer <token>`` (the scheme in any case);
-    any request with a ``token`` query parameter is answered 401, whatever its value."""
+    """The web server (studio, job API, review page) with ``token`` as its one token and no webhook loop."""
+    from ..web.app import create_app as create_web_app
+
+    return create_web_app((token,), settings, deliver_webhooks=False)
+
+
+def add_review_routes(app: FastAPI, auth: list, settings: Settings | None = None) -> None:
+    """Add the review page (``/review``, ``/runs/{id}``), its API (``/api/runs/...``, each behind ``auth``) and
+    its static files (``/static/...``) to ``app``."""
     s = settings or get_settings()
-    app = FastAPI(title="sam3d-pipeline review", docs_url=None, redoc_url=None)
-
-    @app.exception_handler(prefect_api.PrefectUnreachable)
-    async def prefect_unreachable(request: Request, exc: prefect_api.PrefectUnreachable) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "10"})
-
-    @app.middleware("http")
-    async def limit_and_isolate(request: Request, call_next):
-        if "token" in request.query_params:
-            return JSONResponse({"detail": QUERY_TOKEN_REFUSED}, status_code=401,
-                                headers={"WWW-Authenticate": 'Bearer realm="sam3d-review"'})
-        length = request.headers.get("content-length")
-        if length is None and request.method in BODY_METHODS:  # a chunked body would bypass the size limit
-            return JSONResponse({"detail": "send a Content-Length header with the request body"}, status_code=411)
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            status = 413 if length.isdigit() else 400
-            return JSONResponse({"detail": f"request body over {MAX_BODY_BYTES} bytes" if status == 413
-                                 else "malformed Content-Length header"}, status_code=status)
-        response = await call_next(request)
-        # Cross-origin isolation lets the in-browser decoder use threads (SharedArrayBuffer).
-        response.headers["Cross-Origin-Opener-Policy"] = "same-origin"
-        response.headers["Cross-Origin-Embedder-Policy"] = "require-corp"
-        response.headers["Cross-Origin-Resource-Policy"] = "same-origin"
-        response.headers["X-Content-Type-Options"] = "nosniff"
-        if request.url.path.startswith("/static/ort/"):  # the decoder runtime: versioned by the npm lock file
-            response.headers["Cache-Control"] = "public, max-age=604800"
-        return response
-
-    def authorised(authorization: Annotated[str | None, Header()] = None) -> None:
-        scheme, _, given = (authorization or "").strip().partition(" ")
-        given = given.strip()
-        if (scheme.lower() != "bearer" or not given
-                or not hmac.compare_digest(given.encode(), token.encode())):
-            raise HTTPException(status_code=401, detail="missing or wrong review token (send 'Authorization: "
-                                "Bearer <token>')", headers={"WWW-Authenticate": 'Bearer realm="sam3d-review"'})
-
-    auth = [Depends(authorised)]
 
     def context(run_id: UUID) -> ReviewContext:
         try:
@@ -140,7 +105,7 @@ def create_app(token: str, settings: Settings | None = None) -> FastAPI:
             raise HTTPException(status_code=409, detail=str(exc)) from None
         return {"resumed": True, "answer": answer}
 
-    @app.get("/", include_in_schema=False)
+    @app.get("/review", include_in_schema=False)
     def index() -> FileResponse:
         return FileResponse(STATIC / "index.html")
 
@@ -295,8 +260,3 @@ def create_app(token: str, settings: Settings | None = None) -> FastAPI:
     if ORT_DIST.is_dir():
         app.mount("/static/ort", StaticFiles(directory=ORT_DIST), name="ort")
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    return app
-
-
-def new_token() -> str:
-    return secrets.token_urlsafe(24)

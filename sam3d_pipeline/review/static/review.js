@@ -324,4 +324,6 @@ async function main() {
   }
 }
 
-main();
+// The studio embeds the review section (marked data-embedded) and opens its job's run itself with these.
+export { fetchFile, openRun, state };
+if (!document.getElementById("review")?.dataset.embedded) main();

@@ -1,0 +1,122 @@
+"""Studio in headless Chromium on the local stack: submit → first candidate mask visible, confirm → GLB visible.
+
+Starts ``sam3d-pipeline up`` in a temporary folder (or uses a running stack with ``--env-file``) and opens the
+studio in Debian's Chromium, one tab for every round, as a person doing one job after another. Each round: choose
+a photo (a new one each round, so no finished result is reused), type a prompt, review ``required``, click Create;
+wait until the first candidate mask is painted; click once on the object (refined and shown); click Confirm; wait
+until ``<model-viewer>`` has loaded ``object.glb`` and painted a frame. Times come from the browser's clock.
+
+Figures (median of ``--rounds``, with min and max): ``submit_to_first_mask_s``, ``confirm_to_glb_s``, split into
+``confirm_to_final_status_s`` (the run resumes, reconstructs and publishes; the page sees it by polling) and
+``final_status_to_glb_s`` (the page fetches the GLB and model-viewer parses and renders it); ``click_refine_ms``.
+
+Usage: python bench/studio_latency.py [--rounds 5] [--env-file .sam3d/local-stack.env]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+CLI = [sys.executable, "-m", "sam3d_pipeline.cli"]
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+def read_env(path: Path) -> dict[str, str]:
+    env = {}
+    for line in path.read_text().splitlines():
+        if "=" in line and not line.startswith("#"):
+            name, value = line.split("=", 1)
+            env[name] = shlex.split(value)[0] if value else ""
+    return env
+
+
+def one_round(studio, seed: int, tag: str) -> dict[str, float]:
+    from tests.photos import encode, object_photo
+
+    rgb, truth = object_photo(320, 240, seed=seed)
+    studio.open()
+    studio.fill(encode(rgb), f"red ellipse {tag}-{seed}", "required", name=f"ellipse-{seed}.png")
+    studio.submit()
+    studio.wait_first_mask(timeout_s=300)
+    cy, cx = (float(v.mean()) for v in np.nonzero(truth))
+    click_ms = studio.click_image(cx, cy, 320)
+    studio.confirm(timeout_s=300)
+    final_ms = studio.page.evaluate("window.studio.marks['final-status']")
+    return {
+        "submit_to_first_mask_s": (studio.first_mask_ms - studio.submitted_ms) / 1000,
+        "confirm_to_glb_s": (studio.glb_ms - studio.confirmed_ms) / 1000,
+        "confirm_to_final_status_s": (final_ms - studio.confirmed_ms) / 1000,
+        "final_status_to_glb_s": (studio.glb_ms - final_ms) / 1000,
+        "click_refine_ms": click_ms,
+    }
+
+
+def measure(env: dict[str, str], rounds: int) -> dict:
+    from playwright.sync_api import sync_playwright
+
+    from tests.conftest import CHROMIUM
+    from tests.test_studio_browser import VIEWPORT, StudioPage
+
+    tag = uuid.uuid4().hex[:6]  # prompts unique to this run: a reused stack has no finished result for them
+    rows, errors = [], []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context(viewport=VIEWPORT)  # one profile: the viewer script stays cached
+            studio = StudioPage(context.new_page(), env["SAM3D_WEB_URL"], env["SAM3D_API_TOKEN"])
+            errors = studio.errors
+            for i in range(rounds):
+                rows.append(one_round(studio, seed=100 + i, tag=tag))
+                print(f"round {i + 1}: " + ", ".join(f"{k} {v:.2f}" for k, v in rows[-1].items()), flush=True)
+        finally:
+            browser.close()
+    if errors:
+        print("browser errors:", *errors, sep="\n  ")
+    figures: dict = {"rounds": rounds, "browser_errors": len(errors)}
+    print(f"\nstudio on the local stack, {rounds} rounds (lite backends, 320x240 PNG, review=required, one click):")
+    for name in rows[0]:
+        values = [r[name] for r in rows]
+        digits = 0 if name.endswith("_ms") else 2
+        figures[f"{name}_median"] = round(statistics.median(values), digits)
+        figures[f"{name}_min"] = round(min(values), digits)
+        figures[f"{name}_max"] = round(max(values), digits)
+        print(f"  {name:27s}: median {statistics.median(values):8.2f}, min {min(values):8.2f}, "
+              f"max {max(values):8.2f}")
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--env-file", type=Path, help="use a running stack (its local-stack.env)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="sam3d-bench-") as tmp:
+        stack_env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "PREFECT_"))}
+        if args.env_file is None:
+            subprocess.run([*CLI, "up", "--state-dir", tmp, "--prefect-port", "0", "--moto-port", "0"], check=True,
+                           env=stack_env)
+        env_file = args.env_file or Path(tmp) / "local-stack.env"
+        try:
+            figures = measure(read_env(env_file), args.rounds)
+        finally:
+            if args.env_file is None:
+                subprocess.run([*CLI, "down", "--state-dir", tmp], check=False, env=stack_env)
+        print("BENCH_JSON " + json.dumps({"studio_latency": figures}))
+
+
+if __name__ == "__main__":
+    main()

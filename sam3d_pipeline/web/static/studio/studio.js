@@ -1,0 +1,432 @@
+// The studio: submit a photo and a prompt as a job, follow it, review its mask, look at the 3D result.
+//
+// Every call goes to the job API (/v1/jobs) with the bearer token from the URL fragment (/#token=...), kept in
+// this tab's session storage and sent only as "Authorization: Bearer". A job waiting for review is reviewed
+// with the review page's own module (review.js: candidate masks, click refinement by the in-browser decoder or
+// the server fallback, confirm), which drives the #review section of this page. Each job has its own address
+// (/jobs/<id>); opening a job loads the page afresh, so each page reviews at most one round.
+import { fetchFile as fetchRunFile, openRun, state as review } from "/static/review.js";
+
+const $ = (id) => document.getElementById(id);
+// One server serves the studio, the job API and the review page with one token: one session key for both pages.
+const TOKEN_KEY = "sam3d-review-token";
+const VIEWER_JS = "/vendor/model-viewer/model-viewer.min.js";
+const FINAL = new Set(["completed", "no_object", "rejected", "failed", "cancelled"]);
+const JOB_PATH = /^\/jobs\/([0-9a-f-]{36})\/?$/;
+const STATUS_TEXT = {
+  queued: "Queued: waiting for a worker…",
+  running: "Running…",
+  awaiting_review: "Waiting for your review: check the mask, click to refine it, then Confirm.",
+  completed: "Completed.",
+  no_object: "Finished: nothing matching the prompt was found in the photo.",
+  rejected: "Finished: the mask was rejected at review, nothing was reconstructed.",
+  failed: "Failed.",
+  cancelled: "Cancelled.",
+};
+const HTTP_TEXT = { 400: "bad request", 401: "not authorised", 404: "not found", 409: "conflict",
+  411: "length required", 413: "too large", 422: "not accepted", 503: "service unavailable" };
+const POLL_FAST_MS = 400;
+const POLL_REVIEW_MS = 1500;
+const POLL_SLOW_MS = 2000;
+const SLOW_AFTER_MS = 120_000;
+
+// marks: name → epoch ms of the steps after a job ends (final status seen, GLB fetched, loaded, painted).
+const studio = { token: null, job: null, shown: new Set(), viewer: null, marks: {} };
+window.studio = studio;  // read by the tests and the benchmark
+const mark = (name) => { studio.marks[name] = Math.round(performance.timeOrigin + performance.now()); };
+
+class ApiError extends Error {
+  constructor(status, message) { super(message); this.status = status; }
+}
+
+function readToken() {
+  const fromHash = new URLSearchParams(location.hash.slice(1)).get("token");
+  if (fromHash) {
+    sessionStorage.setItem(TOKEN_KEY, fromHash);
+    history.replaceState(null, "", location.pathname);
+  }
+  return sessionStorage.getItem(TOKEN_KEY);
+}
+
+function askForToken() {
+  $("login").hidden = false;
+  $("token-input").focus();
+}
+
+// FastAPI's validation errors are a list of {loc, msg}: one readable clause each ("prompt: Field required").
+function readableDetail(detail) {
+  if (typeof detail === "string") return detail;
+  if (Array.isArray(detail)) {
+    return detail.map((d) => {
+      const where = (d.loc || []).filter((part) => part !== "body").join(".");
+      return where ? `${where}: ${d.msg}` : d.msg;
+    }).join("; ");
+  }
+  return JSON.stringify(detail);
+}
+
+async function api(path, options = {}) {
+  let response;
+  try {
+    response = await fetch(path, { ...options, headers: { Authorization: `Bearer ${studio.token}`, ...(options.headers || {}) } });
+  } catch (err) {
+    throw new ApiError(0, `the server did not answer (${err.message}); is \`sam3d-pipeline web\` running?`);
+  }
+  if (!response.ok) {
+    let detail = response.statusText;
+    try { detail = readableDetail((await response.json()).detail ?? detail); } catch (e) { /* not JSON */ }
+    if (response.status === 401) askForToken();
+    const what = HTTP_TEXT[response.status] || response.statusText;
+    throw new ApiError(response.status, `${response.status} ${what}: ${detail}`);
+  }
+  return response;
+}
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+// An output: a presigned S3 URL (fetched directly), or this server's route, absolute or not (with the token).
+function fetchFile(url) {
+  const parsed = new URL(url, location.href);
+  return fetchRunFile(parsed.origin === location.origin ? parsed.pathname + parsed.search : url);
+}
+
+function showText(id, text) {
+  $(id).textContent = text;
+  $(id).hidden = !text;
+}
+
+function term(list, name, value) {
+  const dt = document.createElement("dt");
+  dt.textContent = name;
+  const dd = document.createElement("dd");
+  if (value instanceof Node) dd.append(value); else dd.textContent = value;
+  list.append(dt, dd);
+}
+
+// -- the form -------------------------------------------------------------------------------------------------
+
+function choosePhoto(file) {
+  const preview = $("photo-preview");
+  if (preview.src) URL.revokeObjectURL(preview.src);
+  if (!file) { preview.hidden = true; $("drop-text").textContent = "Drop a photo here, or choose one"; return; }
+  preview.src = URL.createObjectURL(file);
+  preview.hidden = false;
+  $("drop-text").textContent = `${file.name} (${Math.ceil(file.size / 1024)} KiB): drop or choose another`;
+}
+
+function bindForm() {
+  const drop = $("drop");
+  const input = $("image");
+  input.addEventListener("change", () => choosePhoto(input.files[0]));
+  drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (e) => {
+    e.preventDefault();
+    drop.classList.remove("over");
+    if (!e.dataTransfer.files.length) return;
+    input.files = e.dataTransfer.files;
+    choosePhoto(input.files[0]);
+  });
+  $("job-form").addEventListener("submit", submit);
+}
+
+async function submit(event) {
+  event.preventDefault();
+  showText("form-error", "");
+  const file = $("image").files[0];
+  const prompt = $("job-prompt").value.trim();
+  if (!file) { showText("form-error", "Choose or drop a photo first."); return; }
+  if (!prompt) { showText("form-error", "Type what to reconstruct (the prompt)."); $("job-prompt").focus(); return; }
+  const body = new FormData();
+  body.append("image", file, file.name);
+  body.append("prompt", prompt);
+  body.append("review", $("review-mode").value);
+  const button = $("submit");
+  button.disabled = true;
+  button.textContent = "Uploading…";
+  try {
+    const job = await (await api("/v1/jobs", { method: "POST", body })).json();
+    location.assign(`/jobs/${encodeURIComponent(job.id)}`);
+  } catch (err) {
+    showText("form-error", `The job was not created: ${err.message}`);
+    button.disabled = false;
+    button.textContent = "Create 3D";
+  }
+}
+
+// -- one job --------------------------------------------------------------------------------------------------
+
+function renderJob(job) {
+  studio.job = job;
+  document.body.dataset.jobStatus = job.status;
+  $("job-status").textContent = STATUS_TEXT[job.status] || job.status;
+  $("job-status").className = `status-${job.status}`;
+  const details = $("job-details");
+  details.replaceChildren();
+  term(details, "prompt", job.prompt ?? "");
+  if (job.created_at) term(details, "submitted", new Date(job.created_at).toLocaleString());
+  if (job.updated_at) term(details, "updated", new Date(job.updated_at).toLocaleString());
+  if (job.output_prefix) term(details, "outputs under", job.output_prefix);
+  for (const [role, info] of Object.entries(job.backends || {})) {
+    const made = info.produced?.length ? `: made ${info.produced.join(", ")}` : "";
+    term(details, role, `${backendText(info)}${info.planned ? " (planned)" : ""}${made}`);
+  }
+  const error = job.error ? `${job.error.code ? `${job.error.code}: ` : ""}${job.error.message || ""}` : "";
+  showText("job-error", error);
+  showPreviews(job.outputs || {});
+}
+
+// The overlay and mask appear as soon as the job lists them (fetched with the token, shown from object URLs).
+async function showPreviews(outputs) {
+  for (const name of ["overlay.png", "mask.png", "preview.png"]) {
+    if (!outputs[name] || studio.shown.has(name)) continue;
+    studio.shown.add(name);
+    try {
+      const blob = await (await fetchFile(outputs[name])).blob();
+      const figure = document.createElement("figure");
+      const img = document.createElement("img");
+      img.src = URL.createObjectURL(blob);
+      img.alt = `${name} of this job`;
+      const caption = document.createElement("figcaption");
+      caption.textContent = name;
+      figure.append(img, caption);
+      $("previews").append(figure);
+    } catch (err) {
+      studio.shown.delete(name);  // try again at the next poll
+    }
+  }
+}
+
+// The review module needs the run's review context, saved a moment after the run pauses: until then, false.
+async function openReview(id) {
+  review.token = studio.token;
+  try {
+    await openRun(id);
+  } catch (err) {
+    $("status").textContent = `review not ready yet (${err.message}); retrying…`;
+    return false;
+  }
+  loadViewer();  // the first mask is on screen: fetch the 3D viewer while the person reviews
+  return true;
+}
+
+function leaveReview() {
+  $("review").hidden = true;
+}
+
+async function followJob(id) {
+  $("job").hidden = false;
+  $("job-title").textContent = `Job ${id}`;
+  document.title = `job ${id.slice(0, 8)} · sam3d-pipeline studio`;
+  const started = performance.now();
+  let reviewing = false;  // the review section shows this job's paused round
+  let resumedSeen = false;  // after a confirm, the run left the pause (a new pause is a new round)
+  for (;;) {
+    let job;
+    try {
+      job = await (await api(`/v1/jobs/${encodeURIComponent(id)}`)).json();
+    } catch (err) {
+      if ([401, 404, 422].includes(err.status)) { showText("job-error", err.message); return; }
+      $("job-status").textContent = `${err.message}; retrying…`;
+      await sleep(POLL_SLOW_MS);
+      continue;
+    }
+    if (job.status !== studio.job?.status && studio.job) listJobs(id);  // the list shows the new status too
+    renderJob(job);
+    if (job.status === "awaiting_review") {
+      if (resumedSeen) { location.reload(); return; }  // paused again (re-prompt): open the new round
+      if (!reviewing) reviewing = await openReview(id);
+    } else if (reviewing) {
+      resumedSeen = true;
+      leaveReview();
+    }
+    if (FINAL.has(job.status)) {
+      mark("final-status");
+      await showResult(job);
+      return;
+    }
+    if (job.status === "running") loadViewer();
+    const waitingForPerson = job.status === "awaiting_review" && reviewing && !document.body.dataset.resumed;
+    await sleep(waitingForPerson ? POLL_REVIEW_MS
+      : performance.now() - started > SLOW_AFTER_MS ? POLL_SLOW_MS : POLL_FAST_MS);
+  }
+}
+
+// -- the result -----------------------------------------------------------------------------------------------
+
+function loadViewer() {
+  studio.viewer ??= import(VIEWER_JS).then(() => customElements.whenDefined("model-viewer"));
+  return studio.viewer;
+}
+
+async function showGlb(url) {
+  const viewer = $("viewer");
+  const loaded = new Promise((resolve, reject) => {
+    viewer.addEventListener("load", resolve, { once: true });
+    viewer.addEventListener("error", (e) => reject(new Error(e.detail?.sourceError?.message || e.detail?.type || "model-viewer could not read object.glb")), { once: true });
+  });
+  const [blob] = await Promise.all([fetchFile(url).then((r) => r.blob()), loadViewer()]);
+  mark("glb-fetched");
+  viewer.src = URL.createObjectURL(blob);
+  await loaded;
+  mark("glb-loaded");
+  // rAF then a task: the frame with the model has been painted.
+  await new Promise((resolve) => requestAnimationFrame(() => setTimeout(resolve, 0)));
+  mark("glb-painted");
+  document.body.dataset.glbLoadedAt = studio.marks["glb-painted"];
+  document.body.dataset.glbLoaded = "1";
+}
+
+// Which part of the pipeline made each file: the segmenter the mask and overlay, the reconstructor (and the
+// exporter) the 3D files and the preview, the pipeline the report.
+function producer(name, result) {
+  if (name === "result.json") return "the run's report";
+  const backends = studio.job?.backends || {};
+  let role = Object.keys(backends).find((r) => backends[r].produced?.includes(name));
+  role ??= /^(mask|overlay|frame|track)\./.test(name.split("/").pop()) ? "segmenter" : "reconstructor";
+  const info = result?.[role] || backends[role];
+  return info?.name ? `made by the ${role} ${info.name}` : `made by the ${role}`;
+}
+
+function backendText(info) {
+  if (!info || typeof info !== "object") return String(info ?? "");
+  const parts = [info.name, info.version && `version ${info.version}`, info.device && `on ${info.device}`,
+    info.weights && info.weights !== "none" && `weights ${info.weights}`].filter(Boolean);
+  const text = parts.join(", ");
+  return info.chosen_because ? `${text} (${info.chosen_because})` : text;
+}
+
+function showDownloads(outputs, result) {
+  const list = $("downloads");
+  list.replaceChildren();
+  for (const [name, url] of Object.entries(outputs)) {
+    const li = document.createElement("li");
+    const link = document.createElement("a");
+    link.textContent = name;
+    link.download = name.split("/").pop();
+    if (new URL(url, location.href).origin === location.origin) {  // this server's route: needs the token
+      link.href = "#";
+      link.addEventListener("click", async (e) => {
+        e.preventDefault();
+        const blob = await (await fetchFile(url)).blob();
+        const save = document.createElement("a");
+        save.href = URL.createObjectURL(blob);
+        save.download = link.download;
+        save.click();
+        setTimeout(() => URL.revokeObjectURL(save.href), 10_000);
+      });
+    } else {
+      link.href = url;
+    }
+    li.append(link, ` · ${producer(name, result)}`);
+    list.append(li);
+  }
+}
+
+function showSummary(result) {
+  const summary = $("summary");
+  summary.replaceChildren();
+  if (!result) return;
+  term(summary, "status", result.status);
+  if (result.segmenter) {
+    let text = `${backendText(result.segmenter)}: made the mask and overlay`;
+    if (result.prompt_used_by_segmenter === false) text += `; it cannot read text, so the prompt “${result.prompt}” was recorded, not used`;
+    term(summary, "segmenter", text);
+  }
+  if (result.reconstructor) term(summary, "reconstructor", `${backendText(result.reconstructor)}: made the 3D mesh and preview`);
+  const instances = result.instances || [];
+  const chosen = instances.find((inst) => inst.index === result.selected) || instances[result.selected];
+  term(summary, "instances", `${instances.length} found` + (chosen
+    ? `; #${result.selected} reconstructed (score ${Number(chosen.score).toFixed(2)}, ${Number(chosen.area).toLocaleString()} px)` : ""));
+  if (result.mesh) term(summary, "mesh", `${Number(result.mesh.vertices || 0).toLocaleString()} vertices, ${Number(result.mesh.faces || 0).toLocaleString()} faces`);
+  if (result.review) {
+    const r = result.review;
+    term(summary, "review", [r.action || r.decision, r.edited_mask ? "mask refined by clicks" : null,
+      r.instance_index !== undefined && r.instance_index !== null ? `instance #${r.instance_index}` : null].filter(Boolean).join(", ") || "done");
+  }
+  const timings = Object.entries(result.timings_s || {});
+  if (timings.length) term(summary, "timings", timings.map(([k, v]) => `${k} ${Number(v).toFixed(1)} s`).join(", "));
+  for (const message of new Set(result.messages || [])) term(summary, "note", message);
+  if (result.error) term(summary, "error", `${result.error.code || ""} ${result.error.message || ""}`.trim());
+}
+
+async function readResult(job) {
+  if (job.result && typeof job.result === "object") return job.result;
+  const url = job.outputs?.["result.json"];
+  if (!url) return null;
+  try { return await (await fetchFile(url)).json(); } catch (err) { return null; }
+}
+
+async function showResult(job) {
+  const outputs = job.outputs || {};
+  const result = await readResult(job);
+  $("result").hidden = false;
+  showDownloads(outputs, result);
+  showSummary(result);
+  document.body.dataset.summary = result ? "1" : "0";
+  if (job.status === "completed" && outputs["object.glb"]) {
+    try {
+      await showGlb(outputs["object.glb"]);
+    } catch (err) {
+      showText("job-error", `The 3D viewer could not show object.glb: ${err.message}`);
+    }
+  } else {
+    $("viewer").hidden = true;
+  }
+}
+
+// -- recent jobs ----------------------------------------------------------------------------------------------
+
+async function listJobs(current) {
+  $("list").hidden = false;
+  let jobs;
+  try {
+    const data = await (await api("/v1/jobs?limit=10")).json();
+    jobs = Array.isArray(data) ? data : data.jobs || data.items || [];
+  } catch (err) {
+    showText("error", `Recent jobs could not be listed: ${err.message}`);
+    return;
+  }
+  const ul = $("jobs");
+  ul.replaceChildren();
+  if (!jobs.length) {
+    const li = document.createElement("li");
+    li.textContent = "No jobs yet.";
+    ul.append(li);
+  }
+  // Prompts come from people and uploads: text only, never markup.
+  for (const job of jobs) {
+    const li = document.createElement("li");
+    const link = document.createElement("a");
+    link.href = `/jobs/${encodeURIComponent(job.id)}`;
+    link.textContent = job.id.slice(0, 8);
+    if (job.id === current) link.setAttribute("aria-current", "page");
+    const when = job.created_at ? new Date(job.created_at).toLocaleString() : "";
+    const status = document.createElement("span");
+    status.className = `badge status-${job.status}`;
+    status.textContent = job.status;
+    li.append(link, " ", status, ` “${job.prompt ?? ""}” ${when}`);
+    ul.append(li);
+  }
+}
+
+async function main() {
+  studio.token = readToken();
+  $("token-save").addEventListener("click", () => {
+    sessionStorage.setItem(TOKEN_KEY, $("token-input").value.trim());
+    location.reload();
+  });
+  if (!studio.token) { askForToken(); return; }
+  const match = location.pathname.match(JOB_PATH);
+  if (match) {
+    listJobs(match[1]);
+    await followJob(match[1]);
+  } else {
+    $("new").hidden = false;
+    bindForm();
+    await listJobs(null);
+  }
+  document.body.dataset.studioReady = "1";
+}
+
+main().catch((err) => showText("error", err.message));
