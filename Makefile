@@ -9,7 +9,7 @@ GALLERY := sam3d_pipeline/gallery
 GALLERY_STAMP := $(GALLERY)/node_modules/.installed
 SAM3_STAMP := $(VENV)/.installed-sam3
 
-.PHONY: demo test lint install bench bench-catalog clean gallery-assets review-assets chromium postgres
+.PHONY: demo test lint install bench bench-catalog clean gallery-assets review-assets chromium postgres scan scan-tools
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -65,7 +65,24 @@ postgres:
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-test: $(STAMP) $(SAM3_STAMP) $(GLTF_VALIDATOR) $(GALLERY_STAMP) $(REVIEW_WEB_STAMP) chromium postgres
+# checkov (the templates' security scan) pins packages that clash with Prefect's: it lives in its own venv.
+SCAN_VENV := tools/scan-venv
+CHECKOV_STAMP := $(SCAN_VENV)/.installed-checkov-3.3.30
+$(CHECKOV_STAMP):
+	test -x $(SCAN_VENV)/bin/python || $(PYTHON) -m venv $(SCAN_VENV)
+	$(SCAN_VENV)/bin/pip install --quiet checkov==3.3.30
+	touch $(CHECKOV_STAMP)
+
+scan-tools: $(CHECKOV_STAMP)
+
+# The cloud templates and Dockerfiles: cfn-lint, checkov (no failed check; every skip says why), hadolint.
+scan: $(STAMP) $(CHECKOV_STAMP)
+	$(VENV)/bin/cfn-lint deployments/infrastructure.yaml deployments/artifacts.yaml
+	$(SCAN_VENV)/bin/checkov --quiet --compact --skip-download --framework cloudformation \
+		-f deployments/infrastructure.yaml -f deployments/artifacts.yaml
+	$(VENV)/bin/hadolint deployments/service.Dockerfile gpu_worker/Dockerfile
+
+test: $(STAMP) $(SAM3_STAMP) $(GLTF_VALIDATOR) $(GALLERY_STAMP) $(REVIEW_WEB_STAMP) chromium postgres $(CHECKOV_STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
@@ -76,4 +93,4 @@ bench-catalog: $(STAMP)
 	$(PY) bench/catalog_throughput.py
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache .ruff_cache $(GALLERY)/node_modules $(REVIEW_WEB)/node_modules
+	rm -rf $(VENV) outputs .pytest_cache .ruff_cache $(GALLERY)/node_modules $(REVIEW_WEB)/node_modules $(SCAN_VENV)

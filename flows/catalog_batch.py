@@ -6,7 +6,8 @@ batch: decode, segment and reconstruct while holding one GPU slot (each model lo
 publish each item (``result.json`` last) → ``catalog.json`` and ``index.html`` at the output root.
 
 The flow's Prefect footprint grows per chunk and per batch, not per row: one task run plans ``chunk_size``
-items, one processes a GPU batch; outcomes are still per item in ``catalog.json`` and the artifacts. At most
+items, one processes a GPU batch; outcomes are still per item in ``catalog.json`` and the artifacts. Lists of
+items and entries go to tasks ``quote``d, so Prefect does not walk every item of them for futures. At most
 ``concurrency`` chunks are planned, and ``concurrency`` batches processed, at once; GPU stages also hold a
 slot of the Prefect global concurrency limit ``gpu_limit`` (created when missing, because Prefect skips a
 missing limit silently). A bad item never stops the batch: it is recorded with its reason and retried by the
@@ -18,6 +19,7 @@ from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
+from prefect.utilities.annotations import quote
 
 from sam3d_pipeline.catalog import CatalogTally, gpu_batches
 from sam3d_pipeline.settings import get_settings
@@ -100,7 +102,7 @@ def catalog_batch(
     run_gpu_batches(batches, gpu_limit, root, settings, concurrency, tally, checkpoint)
 
     summary, index_doc = tally.summary(), tally.index()
-    uris = write_catalog.with_options(**io_retries)(index_doc, root, settings)
-    catalog_artifacts(tally.entries, uris, summary)
+    uris = write_catalog.with_options(**io_retries)(quote(index_doc), root, settings)
+    catalog_artifacts(quote(tally.entries), uris, summary)
     logger.info(summary)
     return tally.outcome(index_doc, uris, summary)

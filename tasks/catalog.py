@@ -18,6 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectNotFound
+from prefect.utilities.annotations import quote
 
 from sam3d_pipeline import catalog
 from sam3d_pipeline.catalog import CatalogEntry, CatalogItem, CatalogTally, ItemWork, ManifestRow, crashed_entry
@@ -148,7 +149,8 @@ def plan_catalog_items(items: list[CatalogItem], options: dict[str, Any], output
     rows repeating an earlier row's prefix are entered as its duplicates. Returns the items to run."""
     plan = plan_catalog_chunk.with_options(**retry_options(settings))
     pending: list[ItemWork] = []
-    for chunk, future in bounded(lambda c: plan.submit(c, options, output_root, settings, force, tally.flow_run_id),
+    for chunk, future in bounded(lambda c: plan.submit(quote(c), options, output_root, settings, force,
+                                                       tally.flow_run_id),
                                  chunks(items, chunk_size), concurrency):
         if future.state.is_completed():
             planned = future.result()
@@ -168,7 +170,7 @@ def run_gpu_batches(batches: list[list[ItemWork]], gpu_limit: str, output_root: 
     logger = get_run_logger()
     process = process_gpu_batch.with_options(**retry_options(settings))
     for (index, batch), future in bounded(
-            lambda ib: process.submit(ib[1], ib[0], gpu_limit, output_root, settings, tally.flow_run_id),
+            lambda ib: process.submit(quote(ib[1]), ib[0], gpu_limit, output_root, settings, tally.flow_run_id),
             list(enumerate(batches)), concurrency):
         if future.state.is_completed():
             tally.add(*future.result())

@@ -304,3 +304,84 @@ def test_gpu_worker_entrypoint_is_the_session_flow():
     assert "default" in idle_s and idle_s["default"] is None
     assert {"type": "number"} in idle_s["anyOf"] and {"type": "null"} in idle_s["anyOf"]
     assert Settings(gpu_stages="workers").gpu_stages == "workers"
+
+
+AWS_DEPLOYMENTS = ROOT / "deployments" / "prefect-aws.yaml"
+
+
+def _aws_config() -> dict:
+    return yaml.safe_load(AWS_DEPLOYMENTS.read_text())
+
+
+def test_aws_deployments_are_the_local_ones_on_the_built_images():
+    """deployments/prefect-aws.yaml repeats ../prefect.yaml's deployments (prefect.yaml stays free of build steps
+    for `sam3d-pipeline up`); only the GPU image, the catalog's example parameters and its schedule differ."""
+    local = _deployments()
+    aws = {d["name"]: d for d in _aws_config()["deployments"]}
+    assert set(aws) == set(local)
+    for name in local:
+        mine, theirs = dict(local[name]), dict(aws[name])
+        if name == "gpu-worker":
+            assert theirs["work_pool"]["job_variables"]["image"] == "{{ build-gpu-image.image }}"
+            for d in (mine, theirs):
+                d["work_pool"] = {**d["work_pool"], "job_variables": {
+                    k: v for k, v in d["work_pool"]["job_variables"].items() if k != "image"}}
+        if name == "catalog-batch":
+            assert [s["active"] for s in theirs["schedules"]] == [False]  # until a manifest exists
+            assert theirs["parameters"]["source"].startswith("s3://{{ $SAM3D_BUCKET }}/catalog/")
+            for d in (mine, theirs):
+                d["schedules"] = [{k: v for k, v in s.items() if k != "active"} for s in d["schedules"]]
+                d["parameters"] = {k: v for k, v in d["parameters"].items() if k not in ("source", "output_root")}
+        assert mine == theirs, name
+    # Nothing in the local file builds anything.
+    config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    assert not config.get("build") and not config.get("push")
+    assert not any(d.get("build") or d.get("push") for d in config["deployments"])
+
+
+def test_aws_deployments_build_and_push_both_images_the_prefect_way(template):
+    import inspect
+
+    from prefect.cli.deploy._models import PrefectYamlModel
+    from prefect_docker.deployments.steps import build_docker_image
+    from python_on_whales.components.buildx.cli_wrapper import BuildxCLI
+
+    config = _aws_config()
+    PrefectYamlModel.model_validate(config)  # what `prefect deploy` validates the file with
+    artifacts = (ROOT / "deployments" / "artifacts.yaml").read_text()
+    own = set(inspect.signature(build_docker_image).parameters) - {"build_kwargs"}
+    buildx = set(inspect.signature(BuildxCLI.build).parameters)
+    pin = next(r for r in _pyproject_extra("deploy") if r.startswith("prefect-docker=="))
+    builds = {}
+    for step in config["build"]:
+        [(fn, args)] = step.items()
+        assert fn == "prefect_docker.deployments.steps.build_docker_image" and args["requires"] == pin
+        assert (ROOT / args["dockerfile"]).is_file() and args["build_backend"] == "buildx"
+        # Arguments build_docker_image does not take go to python-on-whales' buildx build (platform is mapped).
+        extra = set(args) - own - {"id", "requires", "platform"}
+        assert extra <= buildx, extra - buildx
+        assert args["provenance"] is False  # a single manifest: Lambda refuses image indexes
+        builds[args["id"]] = args
+    assert {b["dockerfile"] for b in builds.values()} == {"deployments/service.Dockerfile", "gpu_worker/Dockerfile"}
+    for args in builds.values():  # the repositories of deployments/artifacts.yaml (ProjectName sam3d)
+        repository = args["image_name"].rsplit("/", 1)[1]
+        assert "${ProjectName}-" + repository.removeprefix("sam3d-") in artifacts
+    pushes = [args for step in config["push"] for fn, args in step.items()]
+    assert sorted(p["image_name"] for p in pushes) == sorted(f"{{{{ {i}.image_name }}}}" for i in builds)
+    assert all(p["tag"].endswith(".tag }}") for p in pushes)
+    # Both images hold the project where the pull step looks for it.
+    [pull] = config["pull"]
+    directory = pull["prefect.deployments.steps.set_working_directory"]["directory"]
+    for dockerfile in builds.values():
+        text = (ROOT / dockerfile["dockerfile"]).read_text()
+        assert f"WORKDIR {directory}\n" in text, dockerfile["dockerfile"]
+    gpu = builds["build-gpu-image"]
+    assert set(gpu["build_args"]) == {"CHECKPOINT_URI"} and gpu["secrets"] == [
+        "id=aws,src={{ $SAM3D_BUILD_AWS_CREDENTIALS }}"]
+    assert "id=aws,target=/root/.aws/credentials" in (ROOT / "gpu_worker" / "Dockerfile").read_text()
+
+
+def _pyproject_extra(name: str) -> list[str]:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"][name]
