@@ -23,6 +23,7 @@ BENCHES = [
     ("review page (float32 decoder)", ["bench/review_latency.py", "--clicks", "50", "--segmenter", "sam3",
                                        "--decoder-weights", "float32"]),
     ("review page (lite fallback)", ["bench/review_latency.py", "--clicks", "20", "--segmenter", "lite"]),
+    ("studio", ["bench/studio_latency.py", "--rounds", "5"]),
     ("catalog throughput", ["bench/catalog_throughput.py", "--items", "24", "--rounds", "2"]),
     ("event latency", ["bench/event_latency.py", "--uploads", "20", "--events", "1000"]),
     ("warm gpu workers", ["bench/gpu_workers.py", "--photos", "3", "--burst", "20", "--workers", "1", "2"]),

@@ -148,6 +148,9 @@ def slot_probe(rounds: int = 20) -> dict:
     with get_client(sync_client=True) as client:
         client.upsert_global_concurrency_limit_by_name(name, 1)
     waits: list[float] = []
+    retries = ClientRetries()
+    logging.getLogger("prefect.client").addHandler(retries)
+    logging.getLogger("prefect.client").setLevel(logging.DEBUG)
 
     def worker() -> None:
         for _ in range(rounds):
@@ -163,8 +166,10 @@ def slot_probe(rounds: int = 20) -> dict:
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - t
+    logging.getLogger("prefect.client").removeHandler(retries)
     held = 2 * rounds * 0.05
-    return {"acquisitions": len(waits), "wall_s": round(wall, 2), "held_s": round(held, 2),
+    return {"acquisitions": len(waits), "client_retries_by_status": retries.codes, "wall_s": round(wall, 2),
+            "held_s": round(held, 2),
             "overhead_per_acquisition_ms": round(1000 * (wall - held) / len(waits), 1),
             "wait_median_ms": round(1000 * statistics.median(waits), 1), "wait_p95_ms": round(1000 * pct(waits, 95), 1)}
 
@@ -193,14 +198,16 @@ def throughput_phase(items: int, batch_size: int, tmp: Path) -> dict:
     from flows.catalog_batch import catalog_batch
 
     retries = ClientRetries()
-    for name in ("prefect.client", "prefect.task_runs"):
+    for name, level in (("prefect.client", logging.DEBUG), ("prefect.task_runs", logging.INFO)):
         logging.getLogger(name).addHandler(retries)
-    logging.getLogger("prefect.client").setLevel(logging.DEBUG)
+        logging.getLogger(name).setLevel(level)
     t = time.perf_counter()
     state = catalog_batch(source=str(manifest), output_root=str(folder / "flow"), batch_size=batch_size,
                           segmenter="lite", reconstructor="lite", gpu_limit="bench-scale-gpu", gpu_slots=1,
                           return_state=True)
     flow_s = time.perf_counter() - t
+    for name in ("prefect.client", "prefect.task_runs"):
+        logging.getLogger(name).removeHandler(retries)
     outcome = state.result()
     assert outcome["counts"]["completed"] == items, outcome["summary"]
     workers = set()
@@ -364,7 +371,7 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=1_000, help="photos through the catalog (2); 0 skips it")
     parser.add_argument("--uploads", type=int, default=1_000, help="uploads per burst (3, 4); 0 skips them")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--phase", choices=["prepare-skip", "skip", "throughput"], help=argparse.SUPPRESS)
+    parser.add_argument("--phase", choices=["prepare-skip", "skip", "throughput", "probe"], help=argparse.SUPPRESS)
     parser.add_argument("--tmp", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.phase == "prepare-skip":
@@ -375,6 +382,11 @@ def main() -> None:
         return
     if args.phase == "skip":
         print("PHASE_JSON " + json.dumps(skip_phase(args.rows, args.tmp)))
+        return
+    if args.phase == "probe":
+        probe = slot_probe()
+        print(f"    slot probe: {probe}")
+        print("PHASE_JSON " + json.dumps(probe))
         return
     if args.phase == "throughput":
         print("PHASE_JSON " + json.dumps(throughput_phase(args.items, args.batch_size, args.tmp)))
@@ -404,6 +416,7 @@ def main() -> None:
             postgres_state = tmp_path / "stack-postgres"
             try:
                 up(postgres_state, "postgres")
+                figures["slot_probe_postgres"] = phase_in_child("probe", read_env(postgres_state / "local-stack.env"))
                 stack = StackBurst(postgres_state)
                 figures["burst_postgres"] = stack.burst(args.uploads, "postgres")
                 print(f"(3) {args.uploads} uploads, PostgreSQL: {figures['burst_postgres']}", flush=True)

@@ -191,8 +191,10 @@ class LocalStack:
         with open(log, "ab") as out:
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd,
                                     start_new_session=True)
-        # argv, cwd and the stack's own variables let ``stack_restart`` start the same process again.
-        own_env = {k: v for k, v in env.items() if k.startswith(("PREFECT_", "AWS_")) or os.environ.get(k) != v}
+        # argv, cwd and the stack's own variables (with the SAM3D_ settings it was started with) let
+        # ``stack_restart`` start the same process again.
+        own_env = {k: v for k, v in env.items()
+                   if k.startswith(("PREFECT_", "AWS_", "SAM3D_")) or os.environ.get(k) != v}
         self.processes[name] = {"pid": proc.pid, "start_time": _start_time(proc.pid), "log": str(log),
                                 "argv": argv, "cwd": str(cwd) if cwd else None, "env": own_env}
         self._save()

@@ -91,8 +91,10 @@ def process_gpu_batch(works: list[ItemWork], batch_index: int, gpu_limit: str, o
     Just before taking the GPU slot, items another run finished meanwhile are marked and reported as skipped.
     Where the models run is ``gpu_dispatch``'s decision: in this process (each backend loaded once per
     process), or on the warm GPU workers as one task. One slot for both stages also pays Prefect's slot
-    acquisition once per batch, not once per stage. A transient read failure raises before any GPU work,
-    so the retry repeats nothing.
+    acquisition once per batch, not once per stage. On the workers the batch takes no slot: the sessions
+    themselves bound GPU use (one task each, at most ``SAM3D_GPU_MAX_WORKERS``), and a slot held while the
+    task waits in their queue would only add slot traffic (on a SQLite server, 503 answers and 2 s retries).
+    A transient read failure raises before any GPU work, so the retry repeats nothing.
     """
     logger = get_run_logger()
     storage = open_storage(output_root, settings)
@@ -100,7 +102,9 @@ def process_gpu_batch(works: list[ItemWork], batch_index: int, gpu_limit: str, o
     if done := catalog.recheck_finished(works, storage):
         logger.info("GPU batch %d: %d item(s) finished by another run meanwhile; skipped", batch_index, done)
     ready = [w for w in works if w.error is None and w.image is not None and w.finished is None]
-    if ready:
+    if ready and settings.gpu_stages == "workers":
+        works = gpu_dispatch.catalog_batch(works, batch_index, output_root, settings)
+    elif ready:
         waited = time.perf_counter()
         with concurrency(gpu_limit, occupy=1, strict=True):
             logger.info("GPU batch %d: holding one %r slot (waited %.2f s); segmenting %d item(s)", batch_index,

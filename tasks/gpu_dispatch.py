@@ -239,7 +239,8 @@ def run_on_workers(batch: GpuBatch, settings: Settings, *,
 def _wait(future: Any, run_id: str, storage: Storage, settings: Settings) -> tuple[str, str]:
     """Wait for the task run to end, or its worker to be lost. Returns ``(kind, message)``."""
     deadline = time.monotonic() + settings.gpu_stage_timeout_s
-    last_scaled = float("-inf")
+    queued_until = time.monotonic() + settings.gpu_lease_s
+    last_scaled, undelivered = float("-inf"), 0
     with get_client(sync_client=True) as client:
         while True:
             # The state can read as None for a moment (the server records task run states from events).
@@ -260,6 +261,16 @@ def _wait(future: Any, run_id: str, storage: Storage, settings: Settings) -> tup
             if verdict == "queued" and time.monotonic() - last_scaled >= max(2.0, settings.gpu_poll_s):
                 ensure_sessions(client, settings)
                 last_scaled = time.monotonic()
+            # A session waiting for work takes a queued task within a second: one that stays free at two looks
+            # while this task sits Scheduled means the server no longer queues it (a restarted Prefect server
+            # forgets its in-memory task queue, the task run stays Scheduled for good).
+            waiting = (verdict == "queued" and state is not None and state.type == StateType.SCHEDULED
+                       and time.monotonic() > queued_until and _free_session_waiting(client))
+            undelivered = undelivered + 1 if waiting else 0
+            if undelivered >= 2:
+                message = "never delivered to the waiting GPU worker sessions (the Prefect server lost its queue)"
+                client.set_task_run_state(run_id, Crashed(message=message), force=True)
+                return "crashed", message
             if time.monotonic() > deadline:
                 message = f"no result within SAM3D_GPU_STAGE_TIMEOUT_S={settings.gpu_stage_timeout_s:g}"
                 client.set_task_run_state(run_id, Crashed(message=message), force=True)
@@ -268,6 +279,15 @@ def _wait(future: Any, run_id: str, storage: Storage, settings: Settings) -> tup
                 future.wait(timeout=settings.gpu_poll_s)  # returns at once when the run ends (an event)
             except RuntimeError:  # its state is not recorded yet
                 time.sleep(settings.gpu_poll_s)
+
+
+def _free_session_waiting(client: SyncPrefectClient) -> bool:
+    """Whether a GPU worker session is subscribed for ``gpu-stage`` tasks right now (it subscribes only when free)."""
+    from .gpu_tasks import gpu_stage
+
+    response = client.request("POST", "/task_workers/filter",
+                              json={"task_worker_filter": {"task_keys": [gpu_stage.task_key]}})
+    return response.status_code == 200 and bool(response.json())
 
 
 def read_lease(storage: Storage, task_run_id: str) -> Lease | None:

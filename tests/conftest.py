@@ -125,7 +125,6 @@ def stack(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "PREFECT_"))}
     env["SAM3D_PROMPT_BY_PREFIX"] = json.dumps({"mugs/": "mug"})
     env["SAM3D_MAX_INPUT_BYTES"] = str(STACK_MAX_INPUT_BYTES)
-    env["SAM3D_WEBHOOK_POLL_S"] = "0.5"
     up = [*CLI, "up", "--state-dir", str(state_dir), "--prefect-port", "0", "--moto-port", "0", "--upload-prefix", ""]
     started = subprocess.run(up, env=env, capture_output=True, text=True, timeout=300)
     recorded = (read_stack(state_dir) or {}).get("processes", {})

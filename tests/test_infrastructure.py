@@ -415,7 +415,7 @@ def _probes(stack: Deployed) -> list[tuple[str, str, dict]]:
                   "*"]
     resources += [stack.role(name)[1] for name, body in stack.template["Resources"].items()
                   if body["Type"] == "AWS::IAM::Role"]
-    resources += [f"arn:aws:logs:{REGION}:123456789012:log-group:{stack.physical[name]}:*"
+    resources += [f"arn:aws:logs:{REGION}:123456789012:log-group:{stack.physical[name]}:log-stream:x"
                   for name, body in stack.template["Resources"].items() if body["Type"] == "AWS::Logs::LogGroup"]
     probes = [(a, r, {}) for a in sorted(actions) for r in resources]
     for b, prefix in [(bucket, x) for x in prefixes] + [(ckpt, defaults["CheckpointPrefix"]), (ckpt, "")]:
@@ -443,7 +443,8 @@ def test_the_bridge_role_consumes_the_queue_and_writes_markers_and_nothing_else(
                  ("s3:ListBucket", f"arn:aws:s3:::{bucket}", "photos/x"),  # a missing key answers 404, not 403
                  ("s3:ListBucket", f"arn:aws:s3:::{bucket}", "event-markers/x")}
     if mode == "lambda":  # Lambda writes its own logs and reads the Prefect key itself
-        log_group = f"arn:aws:logs:{REGION}:123456789012:log-group:{stack.physical['EventsBridgeLogGroup']}:*"
+        group = stack.physical["EventsBridgeLogGroup"]
+        log_group = f"arn:aws:logs:{REGION}:123456789012:log-group:{group}:log-stream:x"
         expected |= {("logs:CreateLogStream", log_group, ""), ("logs:PutLogEvents", log_group, ""),
                      ("secretsmanager:GetSecretValue", stack.params["PrefectApiKeySecretArn"], "")}
     assert allowed == expected, {"missing": expected - allowed, "extra": allowed - expected}

@@ -96,7 +96,9 @@ class StudioPage:
         """Click Confirm and wait until ``<model-viewer>`` has loaded the job's object.glb."""
         self.confirmed_ms = self.page.evaluate("Date.now()")
         self.page.click("#approve")
-        self.page.wait_for_function("document.body.dataset.resumed === 'approve'", timeout=30_000)
+        self.page.wait_for_function("document.body.dataset.resumed === 'approve' || "
+                                    "/refused/.test(document.getElementById('status').textContent)", timeout=90_000)
+        assert self.page.get_attribute("body", "data-resumed") == "approve", self.page.inner_text("#status")
         self.page.wait_for_selector("body[data-glb-loaded='1'], #job-error:not([hidden])", timeout=timeout_s * 1000)
         assert self.page.get_attribute("body", "data-glb-loaded") == "1", self.page.inner_text("#job-error")
         self.glb_ms = float(self.page.get_attribute("body", "data-glb-loaded-at"))
@@ -126,10 +128,27 @@ def test_studio_upload_review_click_confirm_and_view_the_glb(stack, browser, tmp
     prompt = f"red ellipse {uuid.uuid4().hex[:6]}"  # a new output prefix: never a finished result to reuse
     studio = StudioPage(browser.new_page(viewport=VIEWPORT), stack.web, stack.token, shots)
     studio.open()
+    try:
+        the_whole_loop(stack, studio, rgb, truth, prompt)
+    except Exception:
+        studio.shot("failed-here")
+        raise
+    finally:
+        studio.close()
+
+
+def the_whole_loop(stack, studio: StudioPage, rgb: np.ndarray, truth: np.ndarray, prompt: str) -> None:
+    laps, last = {}, [time.perf_counter()]
+
+    def lap(name: str) -> None:  # seconds per step, printed at the end
+        laps[name] = round(time.perf_counter() - last[0], 1)
+        last[0] = time.perf_counter()
+
     assert studio.page.is_visible("#job-form")
     studio.fill(encode(rgb), prompt, "required", name="ellipse.png")
     assert studio.page.is_visible("#photo-preview")
     studio.shot("1-photo-and-prompt")
+    lap("fill")
 
     job_id = studio.submit()
     first_pixels = studio.wait_first_mask()
@@ -138,6 +157,7 @@ def test_studio_upload_review_click_confirm_and_view_the_glb(stack, browser, tmp
     assert studio.page.locator("#instances input[type=radio]").count() >= 1  # the candidate masks
     assert prompt in studio.page.inner_text("#meta")
     studio.shot("2-candidate-mask")
+    lap("submit_to_first_mask")
 
     cy, cx = (float(v.mean()) for v in np.nonzero(truth))
     click_ms = studio.click_image(cx, cy, 320)
@@ -147,11 +167,14 @@ def test_studio_upload_review_click_confirm_and_view_the_glb(stack, browser, tmp
     (point,) = studio.page.evaluate("window.reviewState.points")  # the click became one object point
     assert point["label"] == 1 and abs(point["x"] - cx) <= 2 and abs(point["y"] - cy) <= 2, point
     studio.shot("3-refined-by-a-click")
+    lap("click")
 
     studio.confirm()
     assert studio.page.evaluate("document.getElementById('viewer').loaded") is True
     assert studio.page.get_attribute("body", "data-job-status") == "completed"
+    lap("confirm_to_glb")
     studio.shot("4-glb-in-model-viewer")
+    lap("screenshot_of_the_viewer")
 
     final = job(stack, job_id)
     assert final["status"] == "completed", final
@@ -181,10 +204,11 @@ def test_studio_upload_review_click_confirm_and_view_the_glb(stack, browser, tmp
     calls = [(url, auth) for url, auth in studio.requests if url.startswith(stack.web) and ("/v1/" in url
                                                                                           or "/api/" in url)]
     assert calls and all(auth == f"Bearer {stack.token}" for _, auth in calls), calls
+    lap("checks")
     print(json.dumps({"submit_to_first_mask_s": round((studio.first_mask_ms - studio.submitted_ms) / 1000, 2),
                       "click_refine_ms": round(click_ms),
-                      "confirm_to_glb_s": round((studio.glb_ms - studio.confirmed_ms) / 1000, 2)}))
-    studio.close()
+                      "confirm_to_glb_s": round((studio.glb_ms - studio.confirmed_ms) / 1000, 2),
+                      "test_steps_s": laps}))
 
 
 def test_studio_shows_refusals_as_text_and_creates_no_job(stack, browser, tmp_path):

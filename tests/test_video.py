@@ -253,7 +253,7 @@ def test_flow_runs_a_video_end_to_end(tmp_path, clip):
 
 
 @pytest.mark.slow
-def test_sam3_random_init_tracks_a_five_frame_clip_through_the_video_predictor(tmp_path, clip):
+def test_sam3_random_init_tracks_a_two_frame_clip_through_the_video_predictor(tmp_path, clip):
     """The real predictor (random weights, CPU): start_session, add_prompt, propagate_in_video, close_session.
     Random weights find nothing real, so this checks the plumbing, the marking and that nothing is kept."""
     pytest.importorskip("sam3")
@@ -262,15 +262,15 @@ def test_sam3_random_init_tracks_a_five_frame_clip_through_the_video_predictor(t
     from sam3d_pipeline.backends import sam3_video
 
     settings = Settings(sam3_random_init=True)
-    path = tmp_path / "five.mp4"
-    path.write_bytes(encode(clip.frames[:50:10], "mp4"))
+    path = tmp_path / "two.mp4"  # two frames: one detected, one propagated to (each costs minutes on this CPU)
+    path.write_bytes(encode(clip.frames[:20:10], "mp4"))
     leftovers = set(Path(tempfile.gettempdir()).glob("sam3d-frames-*"))
     options = pipeline.RunOptions(prompt="red disc", segmenter="sam3", reconstructor="lite", export=["glb"])
     result = pipeline.run_plain(str(path), options, str(tmp_path / "out"), settings)
     assert result.status in ("completed", "no_object")
     assert result.segmenter["name"] == "sam3" and result.segmenter["weights"] == "random-init"
-    assert result.video["frames_sampled"] == 5 and result.video["tracker"].startswith("sam3@")
-    assert len(result.video["frames"]) == 5
+    assert result.video["frames_sampled"] == 2 and result.video["tracker"].startswith("sam3@")
+    assert len(result.video["frames"]) == 2
     assert all(0.0 <= f["score"] <= 1.0 for f in result.video["frames"])
     assert any("random weights" in m for m in result.messages)
     assert any(m.startswith("timings_s start_session=") for m in result.messages)

@@ -338,7 +338,9 @@ def test_one_app_serves_studio_review_docs_and_refuses_bad_submissions_before_pr
 
     from sam3d_pipeline.web.app import MODEL_VIEWER_DIST, STUDIO, create_app
 
+    # No API in effect, whatever the session's test server set in this process's settings.
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setattr("sam3d_pipeline.review.prefect_api.api_url", lambda: None)
     client = TestClient(create_app(["tok"], Settings(output_root=str(tmp_path), max_input_bytes=100_000),
                                    deliver_webhooks=False))
     studio = client.get("/")
@@ -468,14 +470,14 @@ def test_submit_poll_completed_signed_webhook_and_idempotent_replay(api):
                              webhook_url=receiver.url)
         assert changed.status_code == 409 and job["id"] in changed.json()["detail"]
         assert api.run_count() == runs
-        time.sleep(1.5)  # three passes of the webhook loop: a delivered webhook is not sent again
+        time.sleep(2.5)  # more than one pass of the webhook loop (SAM3D_WEBHOOK_POLL_S): nothing is sent again
         assert len(receiver.requests) == 1
 
 
 def start_web_server(stack, port: int) -> subprocess.Popen:
     """A second web server on the stack (as after a restart): same Prefect, storage, token and secret."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "PREFECT_", "SAM3D_"))} | stack.env
-    env |= {"SAM3D_WEB_URL": f"http://127.0.0.1:{port}", "SAM3D_WEBHOOK_POLL_S": "0.5"}
+    env["SAM3D_WEB_URL"] = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "sam3d_pipeline.cli", "web", "--port", str(port)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     wait_for_port(port, timeout_s=60, proc=proc)

@@ -6,10 +6,13 @@ loses an event it already answered 2xx to, and a flow run whose process dies wit
 server it talks to, ends Crashed and is never run again. The keeper closes both gaps from the bridge's own
 durable record, the event markers (``<marker root>/<event id>.json``, written once Prefect took the event):
 
-- **no run** for an accepted upload ``repost_after_s`` after it was posted: the event is posted again, with
-  the same id. While the server that took the first copy still runs, its triggers drop the repeated id; when
-  that server was restarted, the first copy is gone and this one starts the run. A run exists as soon as
-  its trigger fired, so a repost never follows a run that exists.
+- **no run** for an accepted upload ``repost_after_s`` after it was posted: the event is posted again. When
+  Prefect recorded that the trigger's action failed (``prefect.automation.action.failed`` naming the event:
+  e.g. a SQLite server answered its own run-deployment call 503), the copy gets a new id derived from the first
+  (``retry_event_id``), since the triggers drop an id they have seen. Otherwise it keeps the same id: while the
+  server that took the first copy still runs, its triggers drop the repeated id; when that server was
+  restarted, the first copy is gone and this one starts the run. A run exists as soon as its trigger's action
+  ran, so a repost never follows a run that exists.
 - **a Crashed run** (its process was lost), one that **Failed on a lost connection** (``LOST_CONNECTION``: the
   Prefect server it talks to went away for longer than the client's retries), or one left **Pending** for
   ``pending_timeout_s`` (a worker killed while it was starting the run's process leaves it so for good):
@@ -31,6 +34,7 @@ import json
 import logging
 import re
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -64,6 +68,7 @@ class Accepted:
         image: the run's ``image`` parameter, ``s3://bucket/key``.
         posted_at: when the event was posted (epoch seconds; a marker's last-modified time after a restart).
         event: the event as posted (JSON), posted again if it was lost.
+        posted_id: the id of the copy posted last (``event_id``, or a ``retry_event_id``).
         run_id: the flow run matched to it, once one exists.
         reposts: how often the event was posted again.
         reschedules: how often its run was scheduled again after a crash.
@@ -74,6 +79,7 @@ class Accepted:
     image: str
     posted_at: float
     event: dict[str, Any]
+    posted_id: str = ""
     run_id: str | None = None
     reposts: int = 0
     reschedules: int = 0
@@ -84,7 +90,13 @@ def accepted_from_event(event: dict[str, Any], posted_at: float) -> Accepted:
     """An ``Accepted`` from an event's JSON (``Event.model_dump(mode="json")`` or a marker's body)."""
     payload = event["payload"]
     return Accepted(event_id=str(event["id"]), image=f"s3://{payload['bucket']}/{payload['key']}",
-                    posted_at=posted_at, event=event)
+                    posted_at=posted_at, event=event, posted_id=str(event["id"]))
+
+
+def retry_event_id(event_id: str, attempt: int) -> str:
+    """The id of the ``attempt``-th copy of an event whose trigger action failed: new to Prefect's triggers, and the
+    same every time it is derived (a keeper that restarts posts the same copy, which the triggers then drop)."""
+    return str(uuid.uuid5(uuid.UUID(event_id), f"retry-{attempt}"))
 
 
 def _created(run: dict[str, Any]) -> float:
@@ -272,11 +284,31 @@ class RunKeeper:
         log.warning("%s: flow run %s lost (%s); scheduled again (run %d of %d)", accepted.image, run["id"],
                     run.get("state_type"), accepted.reschedules + 1, self.attempts)
 
+    def _failed_actions(self, lost: list[Accepted]) -> set[str]:
+        """The posted ids among ``lost`` whose trigger action Prefect recorded as failed."""
+        since = datetime.fromtimestamp(min(a.posted_at for a in lost) - MATCH_SKEW_S, UTC).isoformat()
+        body = {"filter": {"event": {"name": ["prefect.automation.action.failed"]},
+                           "related": {"id": [f"prefect.event.{a.posted_id}" for a in lost]},
+                           "occurred": {"since": since}}, "limit": PAGE}
+        failed = set()
+        for event in (self.request("POST", "/events/filter", body) or {}).get("events", []):
+            for related in event.get("related", []):
+                if related.get("prefect.resource.role") == "triggering-event":
+                    failed.add(related["prefect.resource.id"].removeprefix("prefect.event."))
+        return failed
+
     def _repost(self, lost: list[Accepted]) -> None:
         from prefect.events import Event
 
-        self.post([Event.model_validate(a.event) for a in lost])
+        failed = self._failed_actions(lost)
+        copies = []
+        for a in lost:
+            if a.posted_id in failed:  # the triggers saw that id: only a new one runs the action again
+                a.posted_id = retry_event_id(a.event_id, a.reposts + 1)
+            copies.append(Event.model_validate(a.event | {"id": a.posted_id}))
+        self.post(copies)
         for a in lost:
             a.reposts += 1
-            log.warning("%s: no flow run %.0f s after its event %s was posted; posted it again", a.image,
-                        self.clock() - a.posted_at, a.event_id)
+            how = "with the same id" if a.posted_id == a.event_id else f"as {a.posted_id} (its trigger's action failed)"
+            log.warning("%s: no flow run %.0f s after its event %s was posted; posted it again %s", a.image,
+                        self.clock() - a.posted_at, a.event_id, how)

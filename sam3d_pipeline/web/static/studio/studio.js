@@ -68,7 +68,8 @@ function readableDetail(detail) {
 async function api(path, options = {}) {
   let response;
   try {
-    response = await fetch(path, { ...options, headers: { Authorization: `Bearer ${studio.token}`, ...(options.headers || {}) } });
+    const headers = { Authorization: `Bearer ${studio.token}`, ...(options.headers || {}) };
+    response = await fetch(path, { ...options, headers });
   } catch (err) {
     throw new ApiError(0, `the server did not answer (${err.message}); is \`sam3d-pipeline web\` running?`);
   }
@@ -206,7 +207,6 @@ async function openReview(id) {
     $("status").textContent = `review not ready yet (${err.message}); retrying…`;
     return false;
   }
-  loadViewer();  // the first mask is on screen: fetch the 3D viewer while the person reviews
   return true;
 }
 
@@ -218,7 +218,7 @@ async function followJob(id) {
   $("job").hidden = false;
   $("job-title").textContent = `Job ${id}`;
   document.title = `job ${id.slice(0, 8)} · sam3d-pipeline studio`;
-  const started = performance.now();
+  let changedAt = performance.now();  // the last status change: polling slows down when nothing happens
   let reviewing = false;  // the review section shows this job's paused round
   let resumedSeen = false;  // after a confirm, the run left the pause (a new pause is a new round)
   for (;;) {
@@ -231,7 +231,10 @@ async function followJob(id) {
       await sleep(POLL_SLOW_MS);
       continue;
     }
-    if (job.status !== studio.job?.status && studio.job) listJobs(id);  // the list shows the new status too
+    if (job.status !== studio.job?.status) {
+      changedAt = performance.now();
+      if (studio.job) listJobs(id);  // the list shows the new status too
+    }
     renderJob(job);
     if (job.status === "awaiting_review") {
       if (resumedSeen) { location.reload(); return; }  // paused again (re-prompt): open the new round
@@ -245,17 +248,43 @@ async function followJob(id) {
       await showResult(job);
       return;
     }
-    if (job.status === "running") loadViewer();
-    const waitingForPerson = job.status === "awaiting_review" && reviewing && !document.body.dataset.resumed;
+    const answered = job.status === "awaiting_review" && !!document.body.dataset.resumed;  // the run resumes now
+    if (answered) changedAt = performance.now();
+    // The result is next: get the viewer ready while the run works. Not during a review: the viewer's set-up
+    // can hold this page's main thread for seconds (software WebGL), and the person is clicking then.
+    if (answered || resumedSeen || (job.status === "running" && job.review === "none")) loadViewer();
+    const waitingForPerson = job.status === "awaiting_review" && reviewing && !answered;
     await sleep(waitingForPerson ? POLL_REVIEW_MS
-      : performance.now() - started > SLOW_AFTER_MS ? POLL_SLOW_MS : POLL_FAST_MS);
+      : performance.now() - changedAt > SLOW_AFTER_MS ? POLL_SLOW_MS : POLL_FAST_MS);
   }
 }
 
 // -- the result -----------------------------------------------------------------------------------------------
 
+// A single triangle (glTF with its buffer inline) that the viewer renders once, unseen, before the result exists.
+const WARM_UP_GLTF = JSON.stringify({
+  asset: { version: "2.0" }, scene: 0, scenes: [{ nodes: [0] }], nodes: [{ mesh: 0 }],
+  meshes: [{ primitives: [{ attributes: { POSITION: 0 } }] }],
+  buffers: [{ byteLength: 36, uri: "data:application/octet-stream;base64,"
+    + "AAAAAAAAAAAAAAAAAACAPwAAAAAAAAAAAAAAAAAAgD8AAAAA" }],  // float32 (0,0,0) (1,0,0) (0,1,0)
+  bufferViews: [{ buffer: 0, byteLength: 36 }],
+  accessors: [{ bufferView: 0, componentType: 5126, count: 3, type: "VEC3", min: [0, 0, 0], max: [1, 1, 0] }],
+});
+
+// The 3D viewer's script, then one unseen render: its first model pays a one-off set-up (lighting environment,
+// shaders; seconds with a software renderer), so that is done while the run reconstructs.
 function loadViewer() {
-  studio.viewer ??= import(VIEWER_JS).then(() => customElements.whenDefined("model-viewer"));
+  studio.viewer ??= import(VIEWER_JS).then(() => customElements.whenDefined("model-viewer")).then(() => {
+    const warm = document.createElement("model-viewer");
+    warm.setAttribute("aria-hidden", "true");
+    warm.className = "warm-up";
+    const src = URL.createObjectURL(new Blob([WARM_UP_GLTF], { type: "model/gltf+json" }));
+    const done = () => { warm.remove(); URL.revokeObjectURL(src); mark("viewer-warm"); };
+    warm.addEventListener("load", done, { once: true });
+    warm.addEventListener("error", done, { once: true });
+    warm.src = src;
+    document.body.append(warm);
+  });
   return studio.viewer;
 }
 
@@ -263,7 +292,8 @@ async function showGlb(url) {
   const viewer = $("viewer");
   const loaded = new Promise((resolve, reject) => {
     viewer.addEventListener("load", resolve, { once: true });
-    viewer.addEventListener("error", (e) => reject(new Error(e.detail?.sourceError?.message || e.detail?.type || "model-viewer could not read object.glb")), { once: true });
+    viewer.addEventListener("error", (e) => reject(new Error(
+      e.detail?.sourceError?.message || e.detail?.type || "model-viewer could not read object.glb")), { once: true });
   });
   const [blob] = await Promise.all([fetchFile(url).then((r) => r.blob()), loadViewer()]);
   mark("glb-fetched");
@@ -327,22 +357,29 @@ function showSummary(result) {
   const summary = $("summary");
   summary.replaceChildren();
   if (!result) return;
+  const count = (n) => Number(n || 0).toLocaleString();
   term(summary, "status", result.status);
   if (result.segmenter) {
     let text = `${backendText(result.segmenter)}: made the mask and overlay`;
-    if (result.prompt_used_by_segmenter === false) text += `; it cannot read text, so the prompt “${result.prompt}” was recorded, not used`;
+    if (result.prompt_used_by_segmenter === false) {
+      text += `; it cannot read text, so the prompt “${result.prompt}” was recorded, not used`;
+    }
     term(summary, "segmenter", text);
   }
-  if (result.reconstructor) term(summary, "reconstructor", `${backendText(result.reconstructor)}: made the 3D mesh and preview`);
+  if (result.reconstructor) {
+    term(summary, "reconstructor", `${backendText(result.reconstructor)}: made the 3D mesh and preview`);
+  }
   const instances = result.instances || [];
   const chosen = instances.find((inst) => inst.index === result.selected) || instances[result.selected];
-  term(summary, "instances", `${instances.length} found` + (chosen
-    ? `; #${result.selected} reconstructed (score ${Number(chosen.score).toFixed(2)}, ${Number(chosen.area).toLocaleString()} px)` : ""));
-  if (result.mesh) term(summary, "mesh", `${Number(result.mesh.vertices || 0).toLocaleString()} vertices, ${Number(result.mesh.faces || 0).toLocaleString()} faces`);
-  if (result.review) {
+  const which = chosen ? `; #${result.selected} reconstructed (score ${Number(chosen.score).toFixed(2)}, `
+    + `${count(chosen.area)} px)` : "";
+  term(summary, "instances", `${instances.length} found${which}`);
+  if (result.mesh) term(summary, "mesh", `${count(result.mesh.vertices)} vertices, ${count(result.mesh.faces)} faces`);
+  if (result.review) {  // mode, outcome (approved, rejected, timeout-…), edited_mask, waited_s
     const r = result.review;
-    term(summary, "review", [r.action || r.decision, r.edited_mask ? "mask refined by clicks" : null,
-      r.instance_index !== undefined && r.instance_index !== null ? `instance #${r.instance_index}` : null].filter(Boolean).join(", ") || "done");
+    const parts = [r.mode && `mode ${r.mode}`, r.outcome, r.edited_mask && "mask refined by clicks",
+      r.waited_s !== undefined && `waited ${Number(r.waited_s).toFixed(0)} s`];
+    term(summary, "review", parts.filter(Boolean).join(", ") || r.reason || "");
   }
   const timings = Object.entries(result.timings_s || {});
   if (timings.length) term(summary, "timings", timings.map(([k, v]) => `${k} ${Number(v).toFixed(1)} s`).join(", "));
