@@ -485,6 +485,15 @@ def test_buckets_refuse_every_request_without_tls():
             assert not policy.denies(action, resource, **{"aws:SecureTransport": "true"}), (logical, action)
 
 
+def test_gpu_instances_keep_the_instance_role_from_their_containers():
+    """IMDSv2 only, one hop: the ECS agent on the host reaches the instance metadata, a container behind the
+    bridge network (one hop further) gets no instance-role credentials, only its task role's."""
+    options = _template(INFRA)["Resources"]["GpuLaunchTemplate"]["Properties"]["LaunchTemplateData"]["MetadataOptions"]
+    assert options["HttpTokens"] == "required"
+    assert options["HttpPutResponseHopLimit"] == 1
+    assert options.get("HttpEndpoint", "enabled") == "enabled"  # the ECS agent needs it
+
+
 def test_failed_uploads_land_in_an_alarmed_dead_letter_queue(stacks):
     stack = stacks["service"]
     attributes = stack.client("sqs").get_queue_attributes(QueueUrl=stack.outputs["UploadQueueUrl"],

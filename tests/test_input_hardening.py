@@ -236,6 +236,35 @@ def test_orientation_and_frames_are_reported_truthfully(tmp_path):
     assert any("animated GIF with 3 frames; the first frame was used" in m for m in result.messages)
 
 
+def test_a_multi_page_tiff_says_its_first_page_was_used(tmp_path):
+    pages = [Image.fromarray(np.full((30, 40, 3), 60 * i, np.uint8)) for i in range(4)]
+    tiff = io.BytesIO()
+    pages[0].save(tiff, format="TIFF", save_all=True, append_images=pages[1:])
+    loaded = load_image(tiff.getvalue(), source="scan.tiff", max_pixels=10**8)
+    assert loaded.rgb.shape == (30, 40, 3) and int(loaded.rgb.max()) == 0  # the first page's pixels
+    assert loaded.notes == ["scan.tiff: multi-page TIFF with 4 frames; the first frame was used"]
+    single = io.BytesIO()
+    pages[1].save(single, format="TIFF")
+    assert load_image(single.getvalue(), source="one.tiff", max_pixels=10**8).notes == []
+
+
+def test_decoder_messages_never_show_stream_objects():
+    """Pillow names the stream it read (``<_io.BytesIO object at 0x…>``) in some of its errors: a person reads
+    what is wrong with the file instead."""
+    from sam3d_pipeline.images import _corrupt_reason
+
+    reason = _corrupt_reason(OSError("cannot read from <_io.BytesIO object at 0x7f3a2c1d9e40>: bad tile"),
+                             "image data")
+    assert reason == "image data is corrupt: cannot read from the file: bad tile"
+    assert "0x" not in _corrupt_reason(SyntaxError("<PIL.PngImagePlugin.PngStream object at 0xdeadbeef>"),
+                                       "image header")
+    assert _corrupt_reason(OSError(""), "image header") == "image header is corrupt: no detail from the decoder"
+    truncated = b"\x89PNG\r\n\x1a\n" + encode(object_photo(64, 48)[0])[8:200]
+    with pytest.raises(InvalidImageError) as err:
+        load_image(truncated, source="cut.png", max_pixels=10**8)
+    assert "cut.png: image data is truncated" in str(err.value) and "object at 0x" not in str(err.value)
+
+
 def test_bomb_over_pillows_own_guard_says_our_limit():
     ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
     bomb = (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(b"\0" * 64))
