@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 import uuid
@@ -26,6 +25,7 @@ from sam3d_pipeline.events.keeper import Accepted, decide, match_runs
 from sam3d_pipeline.gpu_workers import Lease, session_lost
 from sam3d_pipeline.localstack import _alive, read_stack
 from sam3d_pipeline.stack_db import LocalPostgres, find_binary, server_account
+from sam3d_pipeline.stack_restart import _port_open
 
 from .photos import encode, object_photo
 from .servers import free_port
@@ -101,14 +101,6 @@ def test_a_session_is_lost_only_when_its_heartbeat_stopped():
 
 
 # -- the stack's PostgreSQL -------------------------------------------------------------------------------------
-
-def _port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
-
 
 @needs_postgres
 @pytest.mark.slow
