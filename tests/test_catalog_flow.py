@@ -192,6 +192,35 @@ def test_rerun_does_no_model_work(first_run, monkeypatch):
     assert folder.joinpath("out", "catalog.json").is_file()
 
 
+def test_a_gpu_batch_task_skips_an_item_finished_after_planning_before_any_model_work(tmp_path, monkeypatch):
+    """The batch task re-checks the output prefix before the GPU slot: a result another run published between
+    planning and the batch is reported as skipped, and neither a slot (no limit of that name exists) nor a model
+    is used for it."""
+    from prefect import flow
+
+    from sam3d_pipeline import catalog
+    from sam3d_pipeline.settings import Settings
+    from sam3d_pipeline.storage import LocalStorage
+    from tasks.catalog import process_gpu_batch
+
+    (tmp_path / "a.png").write_bytes(encode(object_photo(96, 72)[0]))
+    rows = catalog.parse_manifest("image,prompt,id\na.png,cup,a\n", fmt="csv", source="m.csv", base=str(tmp_path))
+    out, item = tmp_path / "out", rows[0].item
+    work = catalog.plan_item(item, item.options(segmenter="lite", reconstructor="lite"), LocalStorage(out))
+    assert isinstance(work, catalog.ItemWork)  # nothing finished at planning time
+    catalog.run_catalog_plain(rows, LocalStorage(out), batch_size=1, segmenter="lite", reconstructor="lite")
+    spy = BackendSpy(monkeypatch)
+
+    @flow
+    def one_batch() -> list:
+        return process_gpu_batch([work], 0, f"no-such-limit-{uuid.uuid4().hex[:8]}", str(out),
+                                 Settings(gpu_stages="inline"), None)
+
+    (entry,) = one_batch()
+    assert entry.status == "skipped" and entry.result_status == "completed"
+    assert spy.calls == {"segment": 0, "reconstruct": 0}
+
+
 def _api_env() -> dict[str, str]:
     from prefect.settings import PREFECT_API_URL
 
