@@ -55,20 +55,18 @@ def render_preview(mesh, *, size_px: int = 512, yaw_deg: float = -30.0, pitch_de
 
     ramp = np.linspace(0.0, 1.0, size_px, dtype=np.float32)[:, None, None]
     image = (BACKGROUND_TOP * (1 - ramp) + BACKGROUND_BOTTOM * ramp) * np.ones((1, size_px, 1), np.float32)
-    for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1)):
-        x, y = px + dx, py + dy
-        ok = (x >= 0) & (x < size_px) & (y >= 0) & (y < size_px)
-        idx = y[ok] * size_px + x[ok]
-        d = depth[ok]
-        order = np.lexsort((-d, idx))  # per pixel, nearest (largest z) first
-        first = np.unique(idx[order], return_index=True)[1]
-        chosen = order[first]
-        flat = image.reshape(-1, 3)
-        # Keep a pixel written by an earlier offset only if it is nearer.
-        if dx == 0 and dy == 0:
-            zbuf = np.full(size_px * size_px, -np.inf)
-        take = d[chosen] > zbuf[idx[chosen]]
-        flat[idx[chosen][take]] = shaded[ok][chosen][take]
-        zbuf[idx[chosen][take]] = d[chosen][take]
+    # Each sample covers a 2x2 block of pixels. Per pixel the nearest sample wins (a z-buffer of maxima); among
+    # equally near ones, the first in sample order (so for equal depth the earlier offset of the block).
+    offsets = ((0, 0), (1, 0), (0, 1), (1, 1))
+    x = np.concatenate([px + dx for dx, _ in offsets])
+    y = np.concatenate([py + dy for _, dy in offsets])
+    ok = np.flatnonzero((x >= 0) & (x < size_px) & (y >= 0) & (y < size_px))
+    idx = y[ok] * size_px + x[ok]
+    d = np.tile(depth, len(offsets))[ok]
+    zbuf = np.full(size_px * size_px, -np.inf)
+    np.maximum.at(zbuf, idx, d)
+    nearest = np.flatnonzero(d == zbuf[idx])
+    pixels, first = np.unique(idx[nearest], return_index=True)
+    image.reshape(-1, 3)[pixels] = shaded[ok[nearest[first]] % len(pts)]
     out = np.clip(image, 0, 255).astype(np.uint8)
     return draw_label(out, label) if label else out

@@ -102,5 +102,5 @@ def png_bytes(image: np.ndarray) -> bytes:
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG", optimize=True)
+    Image.fromarray(image).save(buf, format="PNG", compress_level=6)  # optimize=True: ~6x the time for ~4% smaller
     return buf.getvalue()
