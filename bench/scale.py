@@ -18,6 +18,7 @@ events bridge and the GPU worker each killed once. Four figures, one run:
 
     .venv/bin/python bench/scale.py                       # full sizes (1,000 uploads take long on 2 cores)
     .venv/bin/python bench/scale.py --rows 2000 --items 100 --uploads 50
+    .venv/bin/python bench/scale.py --rows 0 --items 0 --bursts killed --burst-deadline-s 5400   # (4) alone
 """
 
 from __future__ import annotations
@@ -300,10 +301,12 @@ class StackBurst:
 
         restart(self.state_dir, name)
 
-    def burst(self, uploads: int, tag: str, kills: bool = False, stall_s: float = 900) -> dict:
+    def burst(self, uploads: int, tag: str, kills: bool = False, stall_s: float = 900,
+              deadline_s: float | None = None) -> dict:
         """PUT ``uploads`` photos at once and wait until each has a completed run (or nothing moved for
-        ``stall_s``); ``kills`` SIGKILLs the bridge a third of the way through the PUTs and the GPU worker once a
-        tenth of the uploads completed, restarting each."""
+        ``stall_s``, or ``deadline_s`` passed: uploads whose runs have not ended are then counted as unfinished,
+        not as lost); ``kills`` SIGKILLs the bridge a third of the way through the PUTs and the GPU worker once a
+        tenth of the uploads completed, restarting each. Prints progress every minute."""
         put_at: dict[str, float] = {}
         killed: list[str] = []
         for i in range(uploads):
@@ -317,7 +320,8 @@ class StackBurst:
                 self.restart("events-bridge")
         first_put = min(put_at.values())
         gpu_killed = not kills
-        progress, moved_at = -1, time.monotonic()
+        progress, moved_at, printed, late = -1, time.monotonic(), time.monotonic(), False
+        look_s = max(2.0, uploads / 100)  # each look pages through every run: keep its load on the server small
         while True:
             found = self.runs(set(put_at))
             done = [runs for runs in found.values() if runs and all(r["state_type"] == "COMPLETED" for r in runs)]
@@ -329,13 +333,20 @@ class StackBurst:
                 gpu_killed = True
             if len(done) != progress:
                 progress, moved_at = len(done), time.monotonic()
-            if len(done) == uploads or time.monotonic() - moved_at > stall_s:
+            if time.monotonic() - printed >= 60:
+                print(f"    {tag}: {len(done)}/{uploads} completed after {time.time() - first_put:.0f} s", flush=True)
+                printed = time.monotonic()
+            late = deadline_s is not None and time.time() - first_put > deadline_s
+            if len(done) == uploads or time.monotonic() - moved_at > stall_s or late:
                 break
-            time.sleep(2)
+            time.sleep(look_s)
         wall = time.time() - first_put
         results = self.results()
-        completed, exactly_once, problems = [], 0, []
+        completed, exactly_once, problems, unfinished = [], 0, [], 0
         for image, runs in found.items():
+            if late and not (runs and all(r["state_type"] in FINAL for r in runs)):
+                unfinished += 1
+                continue
             docs = results.get(image, [])
             if (len(runs) == 1 and runs[0]["state_type"] == "COMPLETED" and len(docs) == 1
                     and docs[0]["flow_run_id"] == runs[0]["id"]):
@@ -348,6 +359,8 @@ class StackBurst:
                    "put_to_completed_median_s": round(statistics.median(completed), 1) if completed else None,
                    "put_to_completed_p95_s": round(pct(completed, 95), 1) if completed else None,
                    "total_s": round(wall, 1), "per_upload_s": round(wall / uploads, 2)}
+        if late:
+            figures["unfinished_at_deadline"] = unfinished
         if kills:
             figures["killed"] = killed
         if problems:
@@ -370,6 +383,10 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=10_000, help="rows of the finished catalog (1); 0 skips it")
     parser.add_argument("--items", type=int, default=1_000, help="photos through the catalog (2); 0 skips it")
     parser.add_argument("--uploads", type=int, default=1_000, help="uploads per burst (3, 4); 0 skips them")
+    parser.add_argument("--bursts", default="sqlite,postgres,killed",
+                        help="which bursts to run (comma-separated): sqlite, postgres (3), killed (4, on PostgreSQL)")
+    parser.add_argument("--burst-deadline-s", type=float, default=None,
+                        help="stop waiting for a burst after this long; runs not ended are reported as unfinished")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--phase", choices=["prepare-skip", "skip", "throughput", "probe"], help=argparse.SUPPRESS)
     parser.add_argument("--tmp", type=Path, help=argparse.SUPPRESS)
@@ -393,36 +410,44 @@ def main() -> None:
         return
 
     figures: dict = {"cpu_count": os.cpu_count()}
+    bursts = set(args.bursts.split(",")) if args.uploads else set()
+    if unknown := bursts - {"sqlite", "postgres", "killed"}:
+        parser.error(f"unknown burst(s): {', '.join(sorted(unknown))}")
+    deadline = args.burst_deadline_s
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="sam3d-bench-scale-") as tmp:
         tmp_path = Path(tmp)
         sqlite_state = tmp_path / "stack-sqlite"
         try:
-            up(sqlite_state, "sqlite")
-            env = read_env(sqlite_state / "local-stack.env")
+            if args.rows or args.items or "sqlite" in bursts:
+                up(sqlite_state, "sqlite")
+            env = read_env(sqlite_state / "local-stack.env") if args.rows or args.items else {}
             if args.rows:
                 phase_in_child("prepare-skip", env, "--rows", str(args.rows), "--tmp", tmp)
                 figures["skip"] = phase_in_child("skip", env, "--rows", str(args.rows), "--tmp", tmp)
             if args.items:
                 figures["throughput"] = phase_in_child("throughput", env, "--items", str(args.items),
                                                        "--batch-size", str(args.batch_size), "--tmp", tmp)
-            if args.uploads:
-                figures["burst_sqlite"] = StackBurst(sqlite_state).burst(args.uploads, "sqlite")
+            if "sqlite" in bursts:
+                figures["burst_sqlite"] = StackBurst(sqlite_state).burst(args.uploads, "sqlite", deadline_s=deadline)
                 print(f"(3) {args.uploads} uploads, SQLite: {figures['burst_sqlite']}", flush=True)
         finally:
             down(sqlite_state)
             shutil.rmtree(tmp_path / "skip", ignore_errors=True)
-        if args.uploads:
+        if bursts & {"postgres", "killed"}:
             postgres_state = tmp_path / "stack-postgres"
             try:
                 up(postgres_state, "postgres")
                 figures["slot_probe_postgres"] = phase_in_child("probe", read_env(postgres_state / "local-stack.env"))
                 stack = StackBurst(postgres_state)
-                figures["burst_postgres"] = stack.burst(args.uploads, "postgres")
-                print(f"(3) {args.uploads} uploads, PostgreSQL: {figures['burst_postgres']}", flush=True)
-                figures["burst_postgres_killed"] = stack.burst(args.uploads, "killed", kills=True)
-                print(f"(4) {args.uploads} uploads, PostgreSQL, bridge and GPU worker killed once: "
-                      f"{figures['burst_postgres_killed']}", flush=True)
+                if "postgres" in bursts:
+                    figures["burst_postgres"] = stack.burst(args.uploads, "postgres", deadline_s=deadline)
+                    print(f"(3) {args.uploads} uploads, PostgreSQL: {figures['burst_postgres']}", flush=True)
+                if "killed" in bursts:
+                    figures["burst_postgres_killed"] = stack.burst(args.uploads, "killed", kills=True,
+                                                                   deadline_s=deadline)
+                    print(f"(4) {args.uploads} uploads, PostgreSQL, bridge and GPU worker killed once: "
+                          f"{figures['burst_postgres_killed']}", flush=True)
             finally:
                 down(postgres_state)
     figures["bench_wall_s"] = round(time.perf_counter() - started, 1)
