@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .unresponsive import LOCAL_HEARTBEAT_S, heartbeat_env, unresponsive_runs_automation
+
 STACK_FILE = "stack.json"
 ENV_FILE = "local-stack.env"
 POOL_NAME = "sam3d-cpu"
@@ -299,6 +301,7 @@ class LocalStack:
             "PREFECT_WORKER_PREFETCH_SECONDS": "5",
             # A person waits at the page for a paused run to see the answer: look every second, not every 5 s.
             "SAM3D_REVIEW_POLL_INTERVAL_S": env.get("SAM3D_REVIEW_POLL_INTERVAL_S", "1"),
+            **heartbeat_env(self.heartbeat_s),
         }
         for pool, deployment, name in ((POOL_NAME, "image-to-3d", "worker"),
                                        (GPU_POOL_NAME, "gpu-worker", "gpu-worker")):
@@ -312,6 +315,8 @@ class LocalStack:
                                cwd=cfg.project_dir)
             _wait(name, lambda pool=pool: self._worker_online(api_url, pool), cfg.timeout_s,
                   self.logs / f"{name}.log", proc)
+        # A run whose process died with its worker is found by its missing heartbeats (then rescheduled).
+        self._replace_automation(api_url, unresponsive_runs_automation(self.heartbeat_s))
         # One warm session from the start; the flows start more (up to --gpu-workers) when work queues up.
         self._run("first GPU worker session", [python, "-m", "prefect", "deployment", "run", GPU_WORKER_DEPLOYMENT],
                   stack_env)
@@ -411,6 +416,29 @@ class LocalStack:
         s3.put_bucket_cors(Bucket=self.config.bucket, CORSConfiguration={"CORSRules": [{
             "AllowedOrigins": [origin], "AllowedMethods": ["GET", "HEAD"], "AllowedHeaders": ["*"],
             "ExposeHeaders": ["Content-Length", "Content-Type", "ETag"], "MaxAgeSeconds": 3600}]})
+
+    @property
+    def heartbeat_s(self) -> int:
+        return int(os.environ.get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", LOCAL_HEARTBEAT_S))
+
+    @staticmethod
+    def _replace_automation(api_url: str, automation: dict[str, Any]) -> None:
+        """Create ``automation``, replacing one of the same name (a state dir's server keeps its automations)."""
+        def call(method: str, path: str, body: Any = None) -> Any:
+            data = json.dumps(body).encode() if body is not None else None
+            request = urllib.request.Request(f"{api_url}{path}", data=data, method=method,
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=30) as response:
+                text = response.read()
+            return json.loads(text) if text else None
+
+        try:
+            for existing in call("POST", "/automations/filter", {}):
+                if existing.get("name") == automation["name"]:
+                    call("DELETE", f"/automations/{existing['id']}")
+            call("POST", "/automations/", automation)
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise StackError(f"could not create the automation {automation['name']!r}: {exc}") from exc
 
     @staticmethod
     def _worker_online(api_url: str, pool: str = POOL_NAME) -> bool:

@@ -385,3 +385,28 @@ def _pyproject_extra(name: str) -> list[str]:
     import tomllib
 
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"][name]
+
+
+def test_the_unresponsive_runs_automation_file_is_the_library_definition_and_prefect_accepts_it():
+    from prefect.events.schemas.automations import AutomationCore, Posture
+
+    from sam3d_pipeline.unresponsive import (
+        AUTOMATION_NAME,
+        LOCAL_HEARTBEAT_S,
+        PREFECT_DEFAULT_HEARTBEAT_S,
+        unresponsive_runs_automation,
+    )
+
+    shipped = yaml.safe_load((ROOT / "deployments" / "automations.yaml").read_text())["automations"]
+    assert shipped == [unresponsive_runs_automation(PREFECT_DEFAULT_HEARTBEAT_S)]  # regenerate it when this fails
+    for heartbeat_s in (LOCAL_HEARTBEAT_S, PREFECT_DEFAULT_HEARTBEAT_S):
+        automation = AutomationCore.model_validate(unresponsive_runs_automation(heartbeat_s))
+        trigger = automation.trigger
+        assert automation.name == AUTOMATION_NAME and trigger.posture == Posture.Proactive
+        assert trigger.within.total_seconds() >= 3 * heartbeat_s  # a late heartbeat is not a dead run
+        assert {"prefect.flow-run.Suspended", "prefect.flow-run.Completed"} <= trigger.expect
+        assert automation.actions[0].type == "change-flow-run-state" and automation.actions[0].state.value == "CRASHED"
+    with pytest.raises(ValueError, match="30 s"):
+        unresponsive_runs_automation(10)
+    readme = (ROOT / "deployments" / "README.md").read_text()
+    assert "prefect automation create --from-file deployments/automations.yaml" in readme

@@ -370,6 +370,55 @@ def test_gpu_worker_killed_mid_burst(pg_stack):
     _assert_exactly_once(pg_stack, images)
 
 
+def _run_states(stack: Stack, run_id: str) -> list[dict]:
+    import urllib.request
+
+    with urllib.request.urlopen(f"{stack.api}/flow_run_states/?flow_run_id={run_id}", timeout=10) as response:
+        return json.loads(response.read())
+
+
+def _processes_of_run(run_id: str) -> list[int]:
+    """The processes running flow run ``run_id`` (the worker starts each with ``PREFECT__FLOW_RUN_ID`` set)."""
+    marker = f"PREFECT__FLOW_RUN_ID={run_id}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and marker in (proc / "environ").read_bytes().split(b"\0"):
+                found.append(int(proc.name))
+        except OSError:  # gone meanwhile, or not ours
+            continue
+    return found
+
+
+@needs_postgres
+@pytest.mark.slow
+def test_a_run_whose_machine_died_is_crashed_by_its_missing_heartbeats_and_run_again(pg_stack):
+    """The worker and the run's own process SIGKILLed together, as when a machine or container is lost: nothing is
+    left to report the run's end, so it stays Running until its heartbeats are missed; the automation that `up`
+    created marks it Crashed, and the keeper schedules the same run again."""
+    from sam3d_pipeline.unresponsive import LOCAL_HEARTBEAT_S, MISSED_BEATS
+
+    images = _burst(pg_stack, "machine", count=1)
+    _wait_until(pg_stack, images, ("RUNNING",))
+    (run,) = _api_runs(pg_stack, images)[images[0]]
+    pids = _processes_of_run(run["id"])
+    assert pids, "no process runs the flow run"
+    _kill(pg_stack, "worker")
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:  # it was in the worker's process group
+            pass
+    lost_at = time.monotonic()
+    _restart(pg_stack, "worker")
+    assert [r["state_type"] for r in _api_runs(pg_stack, images)[images[0]]] == ["RUNNING"]  # nobody saw it die
+    _assert_exactly_once(pg_stack, images, timeout_s=MISSED_BEATS * LOCAL_HEARTBEAT_S + 180)
+    assert time.monotonic() - lost_at >= (MISSED_BEATS - 1) * LOCAL_HEARTBEAT_S  # not before its beats were missed
+    history = _run_states(pg_stack, run["id"])
+    assert any(s["type"] == "CRASHED" and "No heartbeat" in (s["message"] or "") for s in history), \
+        [(s["type"], s["message"]) for s in history]
+
+
 @needs_postgres
 @pytest.mark.slow
 def test_prefect_server_killed_mid_burst(pg_stack):
