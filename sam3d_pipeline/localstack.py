@@ -419,7 +419,13 @@ class LocalStack:
 
     @property
     def heartbeat_s(self) -> int:
-        return int(os.environ.get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", LOCAL_HEARTBEAT_S))
+        value = os.environ.get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(LOCAL_HEARTBEAT_S))
+        try:
+            heartbeat_env(int(value))
+        except ValueError:
+            raise StackError(f"PREFECT_FLOWS_HEARTBEAT_FREQUENCY={value!r}: a whole number of seconds, at least 30, "
+                             "is needed") from None
+        return int(value)
 
     @staticmethod
     def _replace_automation(api_url: str, automation: dict[str, Any]) -> None:

@@ -12,7 +12,9 @@ The automation below follows that page, with two changes:
 - it watches deployment runs only (``match_related`` on the deployment role): those are started by workers
   whose heartbeat interval this stack sets. A flow run in a user's own process may use another interval;
 - a ``Suspended`` or ``Paused`` state also answers the heartbeat: a review suspended for hours stops its process
-  on purpose and must not be crashed.
+  on purpose and must not be crashed;
+- the ``Running`` state event (recorded by the server itself) starts the wait as a heartbeat does: a process killed
+  in its first seconds, before its first heartbeat event left it, is found too.
 
 ``unresponsive_runs_automation`` is the one definition: ``up`` creates it for the local stack (30 s heartbeats), and
 ``deployments/automations.yaml`` is its output for Prefect's default interval
@@ -40,7 +42,7 @@ def heartbeat_env(heartbeat_s: int) -> dict[str, str]:
 
 def unresponsive_runs_automation(heartbeat_s: int) -> dict[str, Any]:
     """The automation (Prefect's ``AutomationCore`` as JSON) that crashes a deployment run ``MISSED_BEATS``
-    heartbeats after its last one, unless a state in ``ENDED`` came first."""
+    heartbeats after its last one (or after it started Running), unless a state in ``ENDED`` came first."""
     heartbeat_env(heartbeat_s)  # the same bound
     within = MISSED_BEATS * int(heartbeat_s)
     return {
@@ -53,7 +55,7 @@ def unresponsive_runs_automation(heartbeat_s: int) -> dict[str, Any]:
             "posture": "Proactive",
             "match": {"prefect.resource.id": "prefect.flow-run.*"},
             "match_related": {"prefect.resource.role": "deployment"},
-            "after": ["prefect.flow-run.heartbeat"],
+            "after": ["prefect.flow-run.heartbeat", "prefect.flow-run.Running"],
             "expect": ["prefect.flow-run.heartbeat", *(f"prefect.flow-run.{state}" for state in ENDED)],
             "for_each": ["prefect.resource.id"],
             "threshold": 1,
