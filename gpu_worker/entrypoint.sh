@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# GPU image entry point: make sure the checkpoints are present and intact, then run the given command. On the
-# sam3d-gpu pool the ECS worker passes `prefect flow-run execute`, which runs one gpu-worker session: it serves the
-# gpu-stage background task (segment, reconstruct) with the models kept loaded, and exits when idle.
+# GPU image entry point (both images: gpu_worker/sam3.Dockerfile, gpu_worker/sam3d.Dockerfile): make sure the
+# checkpoints this image reads are present and intact, then run the given command. On the sam3d-gpu pool the ECS
+# worker passes `prefect flow-run execute`, which runs one gpu-worker session: it serves the GPU stage task of its
+# image (SAM3D_GPU_WORKER_STAGES) with the model kept loaded, and exits when idle.
 # No model-hub downloads happen after this point.
 set -euo pipefail
 
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 CHECKPOINTS="${SAM3D_CHECKPOINT_DIR:-/opt/checkpoints}"
 if [[ -n "${SAM3D_CHECKPOINT_URI:-}" ]]; then
-  # Not baked into the image: fetch from S3 at start (skips files that already match).
-  python /opt/sam3d-pipeline/gpu_worker/fetch_checkpoints.py fetch "${SAM3D_CHECKPOINT_URI}" "${CHECKPOINTS}"
+  # Not baked into the image: fetch this image's parts from S3 at start (skips files that already match).
+  python "${HERE}/fetch_checkpoints.py" fetch "${SAM3D_CHECKPOINT_URI}" "${CHECKPOINTS}" \
+    --only "${SAM3D_CHECKPOINT_PARTS:-}"
 fi
 # Sizes only at start (hashing ~20 GB would add minutes); the build or the fetch above checked sha256.
-python /opt/sam3d-pipeline/gpu_worker/fetch_checkpoints.py verify --sizes-only "${CHECKPOINTS}" || {
+python "${HERE}/fetch_checkpoints.py" verify --sizes-only "${CHECKPOINTS}" || {
   echo "checkpoints under ${CHECKPOINTS} are missing or incomplete; set SAM3D_CHECKPOINT_URI or rebuild" >&2
   exit 78
 }

@@ -102,6 +102,86 @@ def parse_manifest(data: bytes, source: str) -> list[dict[str, Any]]:
     return manifest["files"]
 
 
+def select_parts(files: list[dict[str, Any]], parts: str | list[str] | tuple[str, ...] | None) -> list[dict[str, Any]]:
+    """The manifest entries under the top-level folders ``parts`` (``"sam3"``, ``"sam3,torch"`` or a list);
+    all of them when ``parts`` is empty. Each image fetches only what its models read (``SAM3D_CHECKPOINT_PARTS``).
+
+    Raises:
+        InputError: a named part has no file in the manifest (a typo would otherwise start an empty worker).
+    """
+    names = [p.strip().strip("/") for p in (parts.split(",") if isinstance(parts, str) else parts or []) if p.strip()]
+    if not names:
+        return list(files)
+    chosen = [e for e in files if PurePosixPath(e["path"]).parts[0] in names]
+    missing = sorted(set(names) - {PurePosixPath(e["path"]).parts[0] for e in chosen})
+    if missing:
+        raise InputError(f"the checkpoint manifest has no files under {', '.join(missing)}/ (asked for: "
+                         f"{', '.join(names)})")
+    return chosen
+
+
+def folder_digest(files: list[dict[str, Any]], subfolder: str) -> str:
+    """Identity of the weights under ``subfolder`` (``"sam-3d-objects"``): sha256 hex over the sorted
+    ``"<path> <sha256>\n"`` lines of its manifest entries. Same files, same digest; any changed byte, another one.
+
+    Raises:
+        InputError: the manifest has no file under ``subfolder``.
+    """
+    prefix = subfolder.strip("/") + "/"
+    lines = sorted(f"{e['path']} {e['sha256']}\n" for e in files if e["path"].startswith(prefix))
+    if not lines:
+        raise InputError(f"the checkpoint manifest has no files under {prefix}")
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def read_manifest(folder: str | os.PathLike[str]) -> list[dict[str, Any]] | None:
+    """The entries of ``<folder>/manifest.json``, or None when the folder has none (a checkpoint not laid out
+    by ``fetch``/``manifest``)."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return None
+    return parse_manifest(path.read_bytes(), str(path))
+
+
+def manifest_sha256(path: str | os.PathLike[str], folder: str | os.PathLike[str] | None) -> str | None:
+    """The sha256 the manifest of ``folder`` records for the file at ``path`` (checked when it was fetched), or
+    None when ``path`` is not under ``folder`` or not in its manifest. Saves hashing gigabytes at every start."""
+    if not folder:
+        return None
+    try:
+        rel = Path(path).resolve().relative_to(Path(folder).resolve()).as_posix()
+    except ValueError:
+        return None
+    files = read_manifest(folder) or []
+    size = Path(path).stat().st_size
+    return next((e["sha256"] for e in files if e["path"] == rel and e["size"] == size), None)
+
+
+# The weights each pool declares, so the orchestrator names output prefixes by what the workers will run
+# (``sam3_version.version``, ``sam3d_reconstructor.describe``): setting name -> how it is computed.
+SAM3_CHECKPOINT_FILE = "sam3/sam3.pt"
+SAM3D_FOLDER = "sam-3d-objects"
+
+
+def declared_identities(folder: str | os.PathLike[str]) -> list[str]:
+    """``SETTING=value`` lines for the checkpoint identities found in ``folder``'s manifest (what a deployment sets
+    on both pools: the GPU workers check the files they load against them).
+
+    Raises:
+        InputError: the folder has no manifest.
+    """
+    files = read_manifest(folder)
+    if files is None:
+        raise InputError(f"{folder}: no {MANIFEST} (write it with `fetch_checkpoints.py manifest`)")
+    lines = []
+    sam3 = next((e for e in files if e["path"] == SAM3_CHECKPOINT_FILE), None)
+    if sam3 is not None:
+        lines.append(f"SAM3D_SAM3_CHECKPOINT_SHA256={sam3['sha256']}")
+    if any(e["path"].startswith(SAM3D_FOLDER + "/") for e in files):
+        lines.append(f"SAM3D_SAM3D_CHECKPOINT_SHA256={folder_digest(files, SAM3D_FOLDER)}")
+    return lines
+
+
 def verify(folder: str | os.PathLike[str], files: list[dict[str, Any]], *, hashes: bool = True) -> list[str]:
     """Entries missing or different under ``folder`` (size always; sha256 when ``hashes``)."""
     root = Path(folder)
@@ -115,8 +195,10 @@ def verify(folder: str | os.PathLike[str], files: list[dict[str, Any]], *, hashe
     return bad
 
 
-def fetch(source: str, dest: str | os.PathLike[str], settings: Settings | None = None) -> FetchReport:
-    """Bring ``dest`` in line with the manifest at ``source`` (``s3://bucket/prefix``).
+def fetch(source: str, dest: str | os.PathLike[str], settings: Settings | None = None,
+          parts: str | list[str] | None = None) -> FetchReport:
+    """Bring ``dest`` in line with the manifest at ``source`` (``s3://bucket/prefix``); with ``parts``, only the
+    files under those top-level folders (``select_parts``). The manifest is written whole either way.
 
     Files already present with the right size and sha256 are kept. Each download is hashed as it streams to a
     temporary file beside its target and renamed into place only if it matches; ``manifest.json`` comes last.
@@ -137,7 +219,7 @@ def fetch(source: str, dest: str | os.PathLike[str], settings: Settings | None =
         data = client.get_object(Bucket=bucket, Key=manifest_key)["Body"].read()
     except (BotoCoreError, ClientError) as exc:
         raise classify_s3_error(exc, f"s3://{bucket}/{manifest_key}") from exc
-    files = parse_manifest(data, f"s3://{bucket}/{manifest_key}")
+    files = select_parts(parse_manifest(data, f"s3://{bucket}/{manifest_key}"), parts)
     root = Path(dest)
     root.mkdir(parents=True, exist_ok=True)
     (root / MANIFEST).unlink(missing_ok=True)  # until every file matches the new manifest
@@ -173,7 +255,10 @@ def fetch(source: str, dest: str | os.PathLike[str], settings: Settings | None =
             tmp.unlink(missing_ok=True)
         report.downloaded.append(entry["path"])
         report.bytes_downloaded += size
-    # The manifest goes in last: a folder with a manifest.json holds every file it lists.
+    # The manifest goes in last: a folder with a manifest.json holds every file it lists (with ``parts``, the
+    # manifest lists those parts only).
+    if parts:
+        data = json.dumps({"version": 1, "files": files}, indent=1).encode()
     tmp_manifest = root / f".{MANIFEST}.part"
     tmp_manifest.write_bytes(data)
     tmp_manifest.replace(root / MANIFEST)

@@ -76,13 +76,13 @@ def check_sam3() -> Check:
     return Check("sam3", OK, f"{getattr(sam3, '__version__', '?')} imports{extra}")
 
 
-def check_vocab() -> Check:
+def check_vocab(settings: Settings | None = None) -> Check:
     if importlib.util.find_spec("sam3") is None:
         return Check("vocab", WARN, "sam3 not installed, nothing to check", "pip install 'sam3d-pipeline[sam3]'")
     from .backends.sam3_assets import find_bpe_vocab
 
     try:
-        return Check("vocab", OK, str(find_bpe_vocab()))
+        return Check("vocab", OK, str(find_bpe_vocab(settings)))
     except PipelineError as exc:
         return Check("vocab", FAIL, str(exc), "pip install open_clip_torch")
 
@@ -236,7 +236,7 @@ def run_checks(settings: Settings, *, smoke_test: bool = False) -> list[Check]:
         except Exception as exc:  # noqa: BLE001 (classified)
             raise classify_s3_error(exc, f"s3://{bucket}") from exc
 
-    checks = [check_python(), check_torch(settings), check_sam3(), check_vocab(),
+    checks = [check_python(), check_torch(settings), check_sam3(), check_vocab(settings),
               check_checkpoint(settings, s3_head), check_s3(settings, s3_bucket)]
     checks += check_prefect(os.environ.get("PREFECT_API_URL"), expected_work_pools())
     if smoke_test:

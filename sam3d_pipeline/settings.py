@@ -133,7 +133,20 @@ class Settings(BaseSettings):
         description="SAM 3 checkpoint: a local file, s3://bucket/key, or 'hf://facebook/sam3' (needs sam3_allow_hub).",
     )
     sam3_checkpoint_sha256: str | None = Field(
-        None, description="Expected sha256 (hex) of the checkpoint; checked after an s3:// download when set."
+        None, pattern=r"^[0-9a-fA-F]{64}$",
+        description="The SAM 3 weights' sha256 (hex), as the deployment declares them: it names output prefixes "
+        "(sam3-0.1.4+<first 12>), so set it on the orchestrating pool too; where the model loads, the checkpoint "
+        "must match it (checked after an s3:// download, and against the checkpoint folder's manifest).",
+    )
+    sam3d_checkpoint_sha256: str | None = Field(
+        None, pattern=r"^[0-9a-fA-F]{64}$",
+        description="The SAM 3D Objects weights' identity as the deployment declares it (`fetch_checkpoints.py "
+        "identity`: the sha256 over the manifest entries under sam-3d-objects/); names output prefixes, and a GPU "
+        "worker whose weights differ refuses the stage.",
+    )
+    checkpoint_dir: str | None = Field(
+        None, description="The GPU image's checkpoint folder (/opt/checkpoints) with its manifest.json: the weights' "
+        "sha256 is read from it instead of hashing gigabytes at every start.",
     )
     sam3_allow_hub: bool = Field(
         False, description="Allow downloading the gated checkpoint from the Hugging Face hub (never implicit)."

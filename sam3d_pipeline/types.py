@@ -24,6 +24,8 @@ class BackendInfo:
         device: ``cpu``, ``cuda:0``, ...
         limits: plain-language limits printed in logs and reports.
         weights: ``checkpoint``, ``random-init`` or ``none`` (classical algorithm).
+        checkpoint_sha256: first 12 hex digits of the weights file's sha256, where a checkpoint was loaded.
+        dtype: the inference dtype, where the backend runs a network (``float32``, ``bfloat16``, ...).
     """
 
     name: str
@@ -31,6 +33,8 @@ class BackendInfo:
     device: str = "cpu"
     limits: tuple[str, ...] = ()
     weights: str = "none"
+    checkpoint_sha256: str | None = None
+    dtype: str | None = None
 
     def key(self) -> str:
         return f"{self.name}@{self.version}"
@@ -42,7 +46,7 @@ class BackendInfo:
             "device": self.device,
             "weights": self.weights,
             "limits": list(self.limits),
-        }
+        } | {k: v for k, v in (("checkpoint_sha256", self.checkpoint_sha256), ("dtype", self.dtype)) if v}
 
 
 # Coordinates arrive from people and programs (CLI, manifests, the UI form, the review API): NaN and

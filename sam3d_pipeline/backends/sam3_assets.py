@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..checkpoints import sha256_file
+from ..checkpoints import manifest_sha256, sha256_file
 from ..errors import BackendUnavailableError, InputError
 from ..settings import Settings
 from ..storage import classify_s3_error, is_s3_uri, s3_client, split_s3_uri
@@ -41,11 +41,12 @@ def file_md5(path: Path) -> str:
     return digest.hexdigest()
 
 
-def find_bpe_vocab() -> Path:
+def find_bpe_vocab(settings: Settings | None = None) -> Path:
     """The CLIP BPE vocabulary SAM 3's tokenizer reads.
 
     Looks in the sam3 package (``sam3/../assets``, where ``model_builder.build_sam3_image_model`` expects
-    it; the 0.1.4 wheel does not ship it), then in ``open_clip_torch`` (the identical file, md5-checked).
+    it; the 0.1.4 wheel does not ship it), then beside the checkpoint in the image's checkpoint folder
+    (``<SAM3D_CHECKPOINT_DIR>/sam3/``), then in ``open_clip_torch`` (the identical file); each md5-checked.
 
     Returns:
         Path of ``bpe_simple_vocab_16e6.txt.gz``.
@@ -57,6 +58,8 @@ def find_bpe_vocab() -> Path:
     sam3_dir = _package_dir("sam3")
     if sam3_dir is not None:
         candidates += [sam3_dir.parent / "assets" / VOCAB_NAME, sam3_dir / "assets" / VOCAB_NAME]
+    if settings is not None and settings.checkpoint_dir:
+        candidates.append(Path(settings.checkpoint_dir) / "sam3" / VOCAB_NAME)
     clip_dir = _package_dir("open_clip")
     if clip_dir is not None:
         candidates.append(clip_dir / VOCAB_NAME)
@@ -71,11 +74,12 @@ def find_bpe_vocab() -> Path:
 
 @dataclass(frozen=True)
 class CheckpointRef:
-    """Where a checkpoint came from and where it is on disk."""
+    """Where a checkpoint came from, where it is on disk, and its sha256 (hex)."""
 
     source: str  # what was configured
     path: Path
     size_bytes: int
+    sha256: str = ""
 
 
 def cache_dir(settings: Settings) -> Path:
@@ -168,4 +172,22 @@ def resolve_checkpoint(settings: Settings) -> CheckpointRef | None:
             )
         if not os.access(path, os.R_OK):
             raise InputError(f"checkpoint {source}: file is not readable")
-    return CheckpointRef(source=source, path=path, size_bytes=path.stat().st_size)
+    return CheckpointRef(source=source, path=path, size_bytes=path.stat().st_size,
+                         sha256=checkpoint_sha256(source, path, settings))
+
+
+def checkpoint_sha256(source: str, path: Path, settings: Settings) -> str:
+    """The loaded file's sha256: from the checkpoint folder's manifest when the file is listed there with its size
+    (checked when it was fetched), else hashed here (seconds per GB).
+
+    Raises:
+        BackendUnavailableError: it differs from the declared ``SAM3D_SAM3_CHECKPOINT_SHA256`` (both named).
+    """
+    actual = manifest_sha256(path, settings.checkpoint_dir) or sha256_file(path)
+    declared = (settings.sam3_checkpoint_sha256 or "").lower()
+    if declared and actual != declared:
+        raise BackendUnavailableError(
+            f"checkpoint {source}: this worker's SAM 3 weights have sha256 {actual[:12]}…, the pool declares "
+            f"{declared[:12]}… (SAM3D_SAM3_CHECKPOINT_SHA256); refusing to label one as the other"
+        )
+    return actual

@@ -85,6 +85,8 @@ class LoadedModel:
     checkpoint: str | None
     build_s: float
     compat: list[str] = field(default_factory=list)
+    sha256: str | None = None  # the checkpoint file's, when one was loaded
+    dtype: str = "float32"
     lock: threading.RLock = field(default_factory=threading.RLock)
     # The last image's encoder state, shared by every segmenter on this model (segment, click, embeddings
     # and flow tasks on one image pay for set_image once): (image_key, state).
@@ -136,7 +138,7 @@ def load_model(settings: Settings) -> LoadedModel:
         from sam3.model.sam3_image_processor import Sam3Processor
         from sam3.model_builder import build_sam3_image_model
 
-        vocab = find_bpe_vocab()
+        vocab = find_bpe_vocab(settings)
         ckpt = resolve_checkpoint(settings)
         started = time.perf_counter()
         # Random weights are seeded (without disturbing the caller's RNG) so smoke results are reproducible.
@@ -157,7 +159,9 @@ def load_model(settings: Settings) -> LoadedModel:
         model = model.to(device).eval()
         processor = Sam3Processor(model, device=device, confidence_threshold=settings.sam3_confidence_threshold)
         build_s = time.perf_counter() - started
-        loaded = LoadedModel(model, processor, device, weights, ckpt.source if ckpt else None, build_s, compat)
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        loaded = LoadedModel(model, processor, device, weights, ckpt.source if ckpt else None, build_s, compat,
+                             sha256=ckpt.sha256 if ckpt else None, dtype=dtype)
         _MODELS[key] = loaded
         log.info("SAM 3 built on %s in %.1f s (%s)", device, build_s, weights)
         return loaded
@@ -196,8 +200,12 @@ class Sam3Segmenter:
         return not was_loaded
 
     def info(self) -> BackendInfo:
-        device = self._loaded.device if self._loaded else None
-        if device is None and self.settings.sam3_device == "auto":
+        """What runs here: once the model is loaded, the device, dtype and checkpoint sha256 it really has."""
+        if self._loaded is not None:
+            return sam3_version.describe(self.settings, self._loaded.device, checkpoint_sha256=self._loaded.sha256,
+                                         dtype=self._loaded.dtype)
+        device = None
+        if self.settings.sam3_device == "auto":
             import torch
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -390,7 +398,7 @@ def usable(settings: Settings) -> str | None:
     if not settings.sam3_checkpoint and not settings.sam3_random_init:
         return "no checkpoint configured (SAM3D_SAM3_CHECKPOINT)"
     try:
-        find_bpe_vocab()
+        find_bpe_vocab(settings)
     except BackendUnavailableError as exc:
         return str(exc)
     try:

@@ -20,14 +20,15 @@ LIMITS_RANDOM = ("random weights: masks and scores are meaningless (tests and sm
 def version(settings: Settings) -> str:
     """``sam3-0.1.4+<weights>``: outputs from other weights get other output keys (never reused).
 
-    The weights part is ``random-init``, or the configured sha256's first 12 hex digits, or a hash of the
-    configured checkpoint location.
+    The weights part is the declared ``SAM3D_SAM3_CHECKPOINT_SHA256``'s first 12 hex digits (what a deployment
+    sets on every pool, so an orchestrator without the checkpoint names the prefix the workers will fill), or a
+    hash of the configured checkpoint location, or ``random-init``.
     """
-    if not settings.sam3_checkpoint:
-        return f"{VERSION}+random-init"
     if settings.sam3_checkpoint_sha256:
         return f"{VERSION}+{settings.sam3_checkpoint_sha256.lower()[:12]}"
-    return f"{VERSION}+src-{hashlib.sha256(settings.sam3_checkpoint.encode()).hexdigest()[:8]}"
+    if settings.sam3_checkpoint:
+        return f"{VERSION}+src-{hashlib.sha256(settings.sam3_checkpoint.encode()).hexdigest()[:8]}"
+    return f"{VERSION}+random-init"
 
 
 def planned_device(settings: Settings) -> str:
@@ -42,13 +43,17 @@ def planned_device(settings: Settings) -> str:
     return device
 
 
-def describe(settings: Settings, device: str | None = None) -> BackendInfo:
-    """The segmenter's ``BackendInfo``; ``device`` is the one in use once the model is loaded."""
-    weights = "checkpoint" if settings.sam3_checkpoint else "random-init"
+def describe(settings: Settings, device: str | None = None, *, checkpoint_sha256: str | None = None,
+             dtype: str | None = None) -> BackendInfo:
+    """The segmenter's ``BackendInfo``: as planned from the settings, or (with ``device``, ``checkpoint_sha256``
+    and ``dtype``) as the process that loaded the model reports it."""
+    declared = bool(settings.sam3_checkpoint or settings.sam3_checkpoint_sha256)
+    weights = "checkpoint" if declared or checkpoint_sha256 else "random-init"
     device = device or planned_device(settings)
     limits: tuple[str, ...] = ()
     if weights == "random-init":
         limits += LIMITS_RANDOM
     if device == "cpu":
         limits += LIMITS_CPU
-    return BackendInfo(name="sam3", version=version(settings), device=device, limits=limits, weights=weights)
+    return BackendInfo(name="sam3", version=version(settings), device=device, limits=limits, weights=weights,
+                       checkpoint_sha256=checkpoint_sha256[:12] if checkpoint_sha256 else None, dtype=dtype)

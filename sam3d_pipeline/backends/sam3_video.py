@@ -100,7 +100,7 @@ def load_predictor(settings: Settings) -> LoadedPredictor:
         compat = sam3_compat.apply_video()
         from sam3.model_builder import build_sam3_video_model, build_sam3_video_predictor
 
-        vocab = find_bpe_vocab()
+        vocab = find_bpe_vocab(settings)
         ckpt = resolve_checkpoint(settings)
         started = time.perf_counter()
         with torch.random.fork_rng(devices=[]):
