@@ -99,6 +99,11 @@ def backend_label(info: dict[str, Any]) -> str:
     return f"{info['name']} {info['version']}{weights}"
 
 
+def ran(planned: dict[str, Any], part: Any) -> dict[str, Any]:
+    """A backend as planned, overlaid with what the process that ran the stage reported (``part.backend``)."""
+    return dict(planned) | (part.backend.as_dict() if part is not None else {})
+
+
 def render_outputs(record: RunRecord, settings: Settings | None = None) -> dict[str, bytes]:
     """Encode every output file except ``result.json``, in memory: overlay, mask, preview, every object's assets
     (``objects/<i>/``), ``scene.glb``, the selected object's ``object.glb`` and splat at the root."""
@@ -106,11 +111,11 @@ def render_outputs(record: RunRecord, settings: Settings | None = None) -> dict[
     image, seg, run_plan, recon = record.image, record.seg, record.run_plan, record.recon
     mask = seg.instances[record.selected].mask if seg is not None and record.selected is not None else None
     files = {"overlay.png": encode_png(overlay(image.rgb, mask,
-                                                label=f"segmenter: {backend_label(run_plan.segmenter_info)}"))}
+                                                label=f"segmenter: {backend_label(ran(run_plan.segmenter_info, seg))}"))}
     if mask is not None:
         files["mask.png"] = mask_to_png(mask)
     if recon is not None:
-        label = f"reconstructor: {backend_label(run_plan.reconstructor_info)}"
+        label = f"reconstructor: {backend_label(ran(run_plan.reconstructor_info, recon))}"
         files["preview.png"] = encode_png(render_preview(recon.mesh, size_px=s.preview_size_px, label=label))
         record.exported = export_objects(
             seg.instances, record.reconstructions(), record.selected, (image.width, image.height),
@@ -137,9 +142,10 @@ def build_result(record: RunRecord, status: str, error: BaseException | None = N
     if record.image is not None:
         messages += record.image.notes
     messages += record.messages
-    segmenter = dict(run_plan.segmenter_info) if run_plan else None
-    if segmenter is not None and seg is not None:  # where it really ran (the plan may not know the device)
-        segmenter |= {"device": seg.backend.device, "limits": list(seg.backend.limits)}
+    # What really ran, as the process that ran each stage reported it (a GPU worker: its device, weights, checkpoint
+    # sha256 and dtype), over what the plan knew; the plan adds why the backend was chosen.
+    segmenter = ran(run_plan.segmenter_info, seg) if run_plan else None
+    reconstructor = ran(run_plan.reconstructor_info, recon) if run_plan else None
     stages = {name: part.stage for name, part in (("segment", seg), ("reconstruct", recon)) if part and part.stage}
     return RunResult(
         status=status,
@@ -147,7 +153,7 @@ def build_result(record: RunRecord, status: str, error: BaseException | None = N
         prompt=record.options.prompt,
         prompt_used_by_segmenter=bool(seg.used_text_prompt) if seg else False,
         segmenter=segmenter,
-        reconstructor=run_plan.reconstructor_info if run_plan else None,
+        reconstructor=reconstructor,
         instances=[inst.summary(i) for i, inst in enumerate(seg.instances)] if seg else [],
         selected=record.selected,
         selection=record.options.selection(),

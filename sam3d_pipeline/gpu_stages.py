@@ -108,6 +108,9 @@ class GpuBatch(BaseModel):
         reconstruct: masks to reconstruct.
         reconstruct_selected: after segmenting, also reconstruct each photo's selected instance.
         low_memory: override ``SAM3D_SAM3D_LOW_MEMORY`` (set after an out-of-memory crash).
+        segmenter_version, reconstructor_version: the backend identities the submitter named the output prefixes
+            by (``BackendInfo.version``, from the identity the pool declares); a worker whose loaded model is
+            another refuses the stage (``check_identity``). None: not checked.
     """
 
     output_root: str
@@ -117,6 +120,8 @@ class GpuBatch(BaseModel):
     reconstruct: list[ReconstructJobParam] = Field(default_factory=list)
     reconstruct_selected: bool = False
     low_memory: bool | None = None
+    segmenter_version: str | None = None
+    reconstructor_version: str | None = None
 
     def describe(self) -> str:
         parts = []
@@ -130,6 +135,30 @@ class GpuBatch(BaseModel):
 def read_photo(uri: str, settings: Settings) -> LoadedImage:
     """Read and decode the photo at ``uri`` (same checks as the pipeline's intake)."""
     return load_image(read_input(uri, settings), source=uri, max_pixels=settings.max_pixels)
+
+
+def declared_identity(batch: GpuBatch, settings: Settings) -> GpuBatch:
+    """``batch`` with the backend versions the submitter's settings declare (what its output prefixes were named
+    by), for the worker to check against what it loads."""
+    return batch.model_copy(update={
+        "segmenter_version": backends.describe("segmenter", batch.segmenter, settings).version,
+        "reconstructor_version": backends.describe("reconstructor", batch.reconstructor, settings).version,
+    })
+
+
+def check_identity(role: str, expected: str | None, actual: BackendInfo) -> None:
+    """Refuse to write a stage's output under a prefix named for another model.
+
+    Raises:
+        BackendUnavailableError: ``actual`` (what this worker loaded) is not the ``expected`` version (permanent:
+            a resubmission would meet the same worker image).
+    """
+    if expected is not None and actual.version != expected:
+        raise BackendUnavailableError(
+            f"{role} identity mismatch: this worker runs {actual.name} {actual.version} ({actual.weights} weights, "
+            f"sha256 {actual.checkpoint_sha256 or 'n/a'}, {actual.device}), the submitter declared {expected}: set "
+            f"the same SAM3D_*_CHECKPOINT_SHA256 on the orchestrating and the GPU pools"
+        )
 
 
 def stage_settings(settings: Settings, *, low_memory: bool | None = None,
@@ -148,11 +177,17 @@ def stage_settings(settings: Settings, *, low_memory: bool | None = None,
 
 
 def segment_photo(image: LoadedImage, request: SegmentRequest, segmenter: str,
-                  settings: Settings) -> tuple[Segmentation, dict[str, float]]:
-    """Run the segmenter on one decoded photo. Returns the segmentation and ``{"model_load_s", "run_s"}``."""
+                  settings: Settings, expected_version: str | None = None) -> tuple[Segmentation, dict[str, float]]:
+    """Run the segmenter on one decoded photo. Returns the segmentation and ``{"model_load_s", "run_s"}``.
+
+    Raises:
+        BackendUnavailableError: the loaded model is not ``expected_version`` (``check_identity``).
+    """
     load_s = backends.load("segmenter", segmenter, settings)
+    backend = backends.get_segmenter(segmenter, settings)
+    check_identity("segmenter", expected_version, backend.info())
     t = time.perf_counter()
-    seg = backends.get_segmenter(segmenter, settings).segment(image.rgb, request)
+    seg = backend.segment(image.rgb, request)
     return seg, {"model_load_s": load_s, "run_s": time.perf_counter() - t}
 
 
@@ -177,14 +212,19 @@ def track_frames(frames: Sequence[Any], request: SegmentRequest, segmenter: str,
 
 
 def reconstruct_masks(jobs: Sequence[tuple[LoadedImage, Any, int, str]], reconstructor: str,
-                      settings: Settings) -> tuple[list[Reconstruction], dict[str, float]]:
+                      settings: Settings, expected_version: str | None = None,
+                      ) -> tuple[list[Reconstruction], dict[str, float]]:
     """Reconstruct ``(photo, mask, seed, photo_id)`` jobs with one model; one point map per photo (sam3d).
 
     Returns:
         One ``Reconstruction`` per job, and ``{"model_load_s", "run_s"}`` for the whole call.
+
+    Raises:
+        BackendUnavailableError: the loaded model is not ``expected_version`` (``check_identity``).
     """
     load_s = backends.load("reconstructor", reconstructor, settings)
     backend = backends.get_reconstructor(reconstructor, settings)
+    check_identity("reconstructor", expected_version, backend.info())
     t = time.perf_counter()
     if hasattr(backend, "reconstruct_batch"):
         from .backends.sam3d_reconstructor import ReconstructJob
@@ -222,7 +262,8 @@ def run_gpu_batch(batch: GpuBatch, settings: Settings | None = None) -> dict[str
             photo = photos.get(job.image) or read_photo(job.image, s)
             photos[job.image] = photo
             seg_settings = stage_settings(s, score_threshold=job.score_threshold)
-            seg, timing = segment_photo(photo, job.params.request(), batch.segmenter, seg_settings)
+            seg, timing = segment_photo(photo, job.params.request(), batch.segmenter, seg_settings,
+                                        batch.segmenter_version)
             load_s, run_s = load_s + timing["model_load_s"], run_s + timing["run_s"]
             summary = write_segmentation(storage, job, photo, seg)
             if job.review_assets:
@@ -242,13 +283,14 @@ def run_gpu_batch(batch: GpuBatch, settings: Settings | None = None) -> dict[str
         out["timing"]["segment"] = {"model_load_s": load_s, "run_s": run_s}
     if recon_jobs:
         out["reconstruct"], out["timing"]["reconstruct"] = _reconstruct_jobs(recon_jobs, batch.reconstructor,
-                                                                             storage, photos, s)
+                                                                             storage, photos, s,
+                                                                             batch.reconstructor_version)
     return out
 
 
 def _reconstruct_jobs(jobs: Sequence[ReconstructJobParam], reconstructor: str, storage: Storage,
-                      photos: dict[str, LoadedImage], settings: Settings) -> tuple[list[dict[str, Any]],
-                                                                                   dict[str, float]]:
+                      photos: dict[str, LoadedImage], settings: Settings, expected_version: str | None = None,
+                      ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     results: list[dict[str, Any] | None] = [None] * len(jobs)
     ready = []
     for i, job in enumerate(jobs):
@@ -267,7 +309,7 @@ def _reconstruct_jobs(jobs: Sequence[ReconstructJobParam], reconstructor: str, s
     timing = {"model_load_s": 0.0, "run_s": 0.0}
     if ready:
         try:
-            recons, timing = reconstruct_masks([r for _, r in ready], reconstructor, settings)
+            recons, timing = reconstruct_masks([r for _, r in ready], reconstructor, settings, expected_version)
         except PipelineError as exc:  # the backend refused the batch as a whole (checked before model work)
             if exc.transient:
                 raise
@@ -299,8 +341,10 @@ def write_segmentation(storage: Storage, job: SegmentJob, photo: LoadedImage, se
 
 
 def backend_from_dict(info: dict[str, Any]) -> BackendInfo:
+    """A ``BackendInfo`` from its ``as_dict`` (what the worker that ran a stage reported)."""
     return BackendInfo(name=info["name"], version=info["version"], device=info.get("device", "cpu"),
-                       limits=tuple(info.get("limits", ())), weights=info.get("weights", "none"))
+                       limits=tuple(info.get("limits", ())), weights=info.get("weights", "none"),
+                       checkpoint_sha256=info.get("checkpoint_sha256"), dtype=info.get("dtype"))
 
 
 def load_segmentation(output_root: str, prefix: str, settings: Settings | None = None) -> Segmentation:

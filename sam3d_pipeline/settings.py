@@ -6,7 +6,7 @@ import os
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SegmenterChoice = Literal["auto", "lite", "sam3"]
@@ -232,16 +232,38 @@ class Settings(BaseSettings):
         description="SAM 3D Objects pipeline config (its checkpoints sit beside it).",
     )
     sam3d_low_memory: bool = Field(
-        False, description="Keep each model stage on the CPU until it runs, then free it (fits a 24 GB GPU)."
+        False,
+        description="Build the networks on the CPU and move each stage's networks to the GPU only while it runs "
+        "(lower peak GPU memory, slower; not yet measured on a 24 GB GPU).",
     )
-    sam3d_dtype: Literal["bfloat16", "float16", "float32"] = Field(
-        "bfloat16", description="Inference dtype of the SAM 3D Objects pipeline."
+    sam3d_dtype: Literal["bfloat16", "float16", "float32"] | None = Field(
+        None,
+        description="Inference dtype of the SAM 3D Objects pipeline; unset: the config's (float16 in the released "
+        "pipeline.yaml, whose generators are trained with use_fp16).",
     )
     sam3d_ss_steps: int = Field(25, ge=1, le=200, description="Sparse-structure (stage 1) sampling steps.")
     sam3d_slat_steps: int = Field(25, ge=1, le=200, description="Structured-latent (stage 2) sampling steps.")
     sam3d_decode_formats: tuple[Literal["gaussian", "mesh"], ...] = Field(
-        ("gaussian", "mesh"), min_length=1, description="What stage 2 decodes: gaussian (object.ply), mesh (GLB)."
+        ("gaussian", "mesh"),
+        min_length=1,
+        description="What stage 2 decodes: gaussian (object.ply) and mesh (GLB). Both are needed: the pipeline's "
+        "GLB is built from the splat's colours and the mesh (upstream reads the splat to make it).",
     )
+
+    @field_validator("sam3d_decode_formats")
+    @classmethod
+    def _sam3d_formats_make_a_glb(cls, formats: tuple[str, ...]) -> tuple[str, ...]:
+        # SAM 3D Objects @ cf06676, inference_pipeline.py postprocess_slat_output: `to_glb(outputs["gaussian"][0],
+        # outputs["mesh"][0], ...)` whenever "mesh" is decoded, so mesh without gaussian raises KeyError there; and
+        # gaussian without mesh leaves no GLB (glb = None), which object.glb needs.
+        missing = {"gaussian", "mesh"} - set(formats)
+        if missing == {"gaussian"}:
+            raise ValueError("decode formats ('mesh',) cannot work: SAM 3D Objects builds the GLB from the decoded "
+                             "Gaussian splat too (to_glb reads outputs['gaussian']); use gaussian,mesh")
+        if missing:
+            raise ValueError("decode formats without 'mesh' make no GLB, and every object needs object.glb; "
+                             "use gaussian,mesh")
+        return formats
 
 
 @lru_cache(maxsize=1)

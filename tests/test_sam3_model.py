@@ -186,6 +186,29 @@ def test_onnx_decoder_matches_torch(sam3, tmp_path):
     assert np.abs(iou[0, 1:].numpy() - ref_iou).max() < 1e-4
 
 
+def test_export_leaves_the_live_decoder_where_it_runs(sam3, tmp_path):
+    """On a GPU worker the live prompt encoder and mask decoder sit on CUDA in reduced precision; the export
+    feeds CPU float32 tensors. Here the live modules are put in bfloat16 (the nearest CPU stand-in for "not CPU
+    float32"): the export must work on its own float32 CPU copy, and leave the live modules as they were."""
+    tracker = sam3.model.inst_interactive_predictor.model
+    live = [tracker.sam_prompt_encoder, tracker.sam_mask_decoder]
+    saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in live]
+    for module in live:
+        module.to(torch.bfloat16)
+    try:
+        report = export(sam3.model, tmp_path / "decoder.onnx")
+        assert report["max_abs_diff"] < 1e-3
+        import onnx
+
+        graph = onnx.load(str(tmp_path / "decoder.onnx")).graph
+        assert {i.type.tensor_type.elem_type for i in graph.input} == {onnx.TensorProto.FLOAT}
+        assert all(p.dtype == torch.bfloat16 for m in live for p in m.parameters())  # untouched
+    finally:
+        for module, state in zip(live, saved, strict=True):
+            module.to(torch.float32)
+            module.load_state_dict(state)
+
+
 @pytest.mark.usefixtures("prefect_server")
 def test_flow_runs_end_to_end_with_sam3(sam3, tmp_path, monkeypatch):
     from flows.image_to_3d import image_to_3d

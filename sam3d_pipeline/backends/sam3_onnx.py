@@ -103,11 +103,23 @@ def sample_inputs(features: dict[str, np.ndarray] | None, height: int, width: in
     }
 
 
+def cpu_decoder(model) -> ClickDecoder:
+    """A float32 copy of the live model's click decoder on the CPU. The export and its check run on the copy: the
+    live prompt encoder and mask decoder stay where they are (on a GPU worker: CUDA, maybe half precision), and
+    the exported graph is float32 whatever the model runs in (the browser's onnxruntime-web decodes float32)."""
+    import copy
+
+    tracker = model.inst_interactive_predictor.model
+    live = ClickDecoder(tracker)
+    return copy.deepcopy(live).to(device="cpu", dtype=torch.float32).eval()
+
+
 def export(model, out_path: Path, *, quantize: bool = False, height: int = 400, width: int = 600) -> dict:
     """Export the click decoder of a built SAM 3 model and check it against torch on fresh random inputs.
 
     Args:
-        model: a ``Sam3Image`` built with ``enable_inst_interactivity=True``.
+        model: a ``Sam3Image`` built with ``enable_inst_interactivity=True``, on any device and dtype (the
+            export runs on a CPU float32 copy of its decoder, ``cpu_decoder``).
         out_path: where to write the ``.onnx`` file; ``quantize`` also writes ``<stem>.quant.onnx`` (uint8
             dynamic quantisation).
 
@@ -121,7 +133,7 @@ def export(model, out_path: Path, *, quantize: bool = False, height: int = 400, 
     """
     import onnxruntime as ort
 
-    decoder = ClickDecoder(model.inst_interactive_predictor.model).eval()
+    decoder = cpu_decoder(model)
     example = sample_inputs(None, height, width, seed=0)
     args = tuple(torch.from_numpy(example[n]) for n in INPUT_NAMES)
     out_path.parent.mkdir(parents=True, exist_ok=True)
