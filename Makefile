@@ -80,7 +80,7 @@ scan: $(STAMP) $(CHECKOV_STAMP)
 	$(VENV)/bin/cfn-lint deployments/infrastructure.yaml deployments/artifacts.yaml
 	$(SCAN_VENV)/bin/checkov --quiet --compact --skip-download --framework cloudformation \
 		-f deployments/infrastructure.yaml -f deployments/artifacts.yaml
-	$(VENV)/bin/hadolint deployments/service.Dockerfile gpu_worker/Dockerfile
+	$(VENV)/bin/hadolint deployments/service.Dockerfile gpu_worker/sam3.Dockerfile gpu_worker/sam3d.Dockerfile
 
 test: $(STAMP) $(SAM3_STAMP) $(GLTF_VALIDATOR) $(GALLERY_STAMP) $(REVIEW_WEB_STAMP) chromium postgres $(CHECKOV_STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,11 +1,16 @@
-"""GPU figures: SAM 3 per image and SAM 3D Objects per object on CUDA, with peak GPU memory.
+"""GPU figures: SAM 3 per image and SAM 3D Objects per object and per stage on CUDA, with peak GPU memory.
 
 Needs a CUDA device. Without one (or without torch) it prints one line saying so and exits 0, so
 `make bench` on a laptop still completes. SAM 3 uses ``SAM3D_SAM3_CHECKPOINT`` when set, else random weights
-(timings are the same; masks are meaningless). SAM 3D Objects runs only where its package and checkpoints are
-installed (the gpu_worker image); otherwise that part is skipped with the reason.
+(timings and memory are the same with the real architecture; masks are meaningless). SAM 3D Objects runs only
+where its package and checkpoints are installed (the gpu_worker image); otherwise that part is skipped with the
+reason. It runs twice, default placement then low-memory mode (``SAM3D_SAM3D_LOW_MEMORY``), each with its load
+time, per-object time, and per stage (point map, sparse structure, structured latent, decode, post-processing)
+seconds and peak GPU memory (``gpu_worker/smoke.py``'s ``profile_stages``); an out-of-memory mode is reported as
+such and the next one still runs. These are the figures that replace the estimates in ``bench/sam3d_memory.py``
+and gpu_worker/README.md. One command, about 5-8 minutes on an A10G (two loads of ~13 GB of checkpoints).
 
-Usage: python bench/gpu.py [--images 5]
+Usage: python bench/gpu.py [--images 5] [--objects 2] [--modes default,low-memory]
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "gpu_worker"))
 
 
 def skip(reason: str) -> None:
@@ -74,35 +80,84 @@ def bench_sam3(torch, images: list[np.ndarray]) -> dict:
             "images": len(images), "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
 
 
-def bench_sam3d(torch, images: list[np.ndarray]) -> dict:
-    from sam3d_pipeline.backends import RECONSTRUCTORS, get_reconstructor
+def bench_sam3d_mode(torch, images: list[np.ndarray], low_memory: bool, objects: int) -> dict:
+    """One SAM 3D Objects mode: load, then ``objects`` reconstructions, with per-stage figures; the model is
+    dropped and its memory freed before returning (also after an out-of-memory error)."""
+    import gc
+
+    from smoke import profile_stages
+
+    from sam3d_pipeline.backends import RECONSTRUCTORS
+    from sam3d_pipeline.backends.sam3d_reconstructor import Sam3dReconstructor
     from sam3d_pipeline.settings import get_settings
 
-    settings = get_settings()
+    settings = get_settings().model_copy(update={"sam3d_low_memory": low_memory})
     reason = RECONSTRUCTORS["sam3d"].unavailable_reason(settings)
     if reason:
         return {"skipped": reason}
-    recon = get_reconstructor("sam3d", settings)
+    gc.collect()
+    torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    per_object = []
-    for i, rgb in enumerate(images[:3]):
-        h, w = rgb.shape[:2]
-        mask = np.zeros((h, w), bool)
-        mask[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = True  # a box-shaped object; timing, not quality
-        torch.cuda.synchronize()
+    recon = Sam3dReconstructor(settings)
+    out: dict = {}
+    try:
         t = time.perf_counter()
-        recon.reconstruct(rgb, mask, seed=i)
+        try:
+            recon.load_model()
+        except torch.cuda.OutOfMemoryError as exc:
+            return {"load": f"out of memory: {str(exc).splitlines()[0][:120]}",
+                    "load_peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
         torch.cuda.synchronize()
-        per_object.append(time.perf_counter() - t)
-    warm = per_object[1:] or per_object
-    return {"low_memory": settings.sam3d_low_memory, "first_object_s": round(per_object[0], 1),
-            "per_object_median_s": round(statistics.median(warm), 1), "objects": len(per_object),
-            "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+        out |= {"load_s": round(time.perf_counter() - t, 1),
+                "load_peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                "resident_after_load_gib": round(torch.cuda.memory_allocated() / 2**30, 2),
+                "backend": recon.info().as_dict() | {"limits": None}}
+        per_object: list[float] = []
+        with profile_stages(recon._inference._pipeline, torch) as stages:
+            try:
+                for i, rgb in enumerate(images[:objects]):
+                    h, w = rgb.shape[:2]
+                    mask = np.zeros((h, w), bool)
+                    mask[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = True  # a box-shaped object: timing, not quality
+                    torch.cuda.synchronize()
+                    t = time.perf_counter()
+                    recon.reconstruct(rgb, mask, seed=i)
+                    torch.cuda.synchronize()
+                    per_object.append(time.perf_counter() - t)
+            except torch.cuda.OutOfMemoryError as exc:
+                out["reconstruct"] = f"out of memory: {str(exc).splitlines()[0][:120]}"
+        if per_object:
+            warm = per_object[1:] or per_object
+            out |= {"first_object_s": round(per_object[0], 1),
+                    "per_object_median_s": round(statistics.median(warm), 1), "objects": len(per_object)}
+        out["stages"] = {name: {"s_per_object": round(row["s"] / max(len(per_object), 1), 2),
+                                "calls": row["calls"], "peak_gib": round(row["peak_gib"], 2)}
+                         for name, row in stages.items()}
+        out["peak_gib"] = max([out["load_peak_gib"]] + [row["peak_gib"] for row in out["stages"].values()])
+        return out
+    finally:
+        recon.unload()
+        del recon
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def bench_sam3d(torch, images: list[np.ndarray], modes: list[str], objects: int) -> dict:
+    out = {}
+    for mode in modes:
+        result = bench_sam3d_mode(torch, images, mode == "low-memory", objects)
+        out[mode.replace("-", "_")] = result
+        print(f"sam3d {mode}: " + json.dumps(result), flush=True)
+        if "skipped" in result:
+            break
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=5)
+    parser.add_argument("--objects", type=int, default=2, help="SAM 3D Objects reconstructions per mode")
+    parser.add_argument("--modes", default="default,low-memory", help="SAM 3D Objects modes, in order")
     args = parser.parse_args()
     try:
         import torch
@@ -115,10 +170,15 @@ def main() -> None:
     images = photos(args.images)
     figures = {"device": torch.cuda.get_device_name(0),
                "gpu_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)}
-    for name, fn in (("sam3", bench_sam3), ("sam3d", bench_sam3d)):
-        result = fn(torch, images)
-        figures |= {f"{name}_{k}": v for k, v in result.items()}
-        print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in result.items()))
+    result = bench_sam3(torch, images)
+    figures |= {f"sam3_{k}": v for k, v in result.items()}
+    print("sam3: " + ", ".join(f"{k} {v}" for k, v in result.items()), flush=True)
+    from sam3d_pipeline.backends.sam3_segmenter import clear_models
+
+    clear_models()  # free SAM 3 before SAM 3D Objects loads, as a worker does between stages
+    torch.cuda.empty_cache()
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    figures |= {f"sam3d_{k}": v for k, v in bench_sam3d(torch, images, modes, args.objects).items()}
     print("BENCH_JSON " + json.dumps({"gpu": figures}))
 
 

@@ -19,9 +19,10 @@ from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
+from prefect.states import Failed
 from prefect.utilities.annotations import quote
 
-from sam3d_pipeline.catalog import CatalogTally, gpu_batches
+from sam3d_pipeline.catalog import CatalogTally, failure_message, gpu_batches
 from sam3d_pipeline.settings import get_settings
 from sam3d_pipeline.storage import open_storage
 from tasks.catalog import (
@@ -105,4 +106,6 @@ def catalog_batch(
     uris = write_catalog.with_options(**io_retries)(quote(index_doc), root, settings)
     catalog_artifacts(quote(tally.entries), uris, summary)
     logger.info(summary)
-    return tally.outcome(index_doc, uris, summary)
+    outcome = tally.outcome(index_doc, uris, summary)
+    failure = failure_message(outcome)  # failed items fail the run (its state is what schedules show)
+    return Failed(message=failure, data=outcome) if failure else outcome

@@ -57,7 +57,7 @@ RUN curl -LsSf "https://astral.sh/uv/${UV_VERSION}/install.sh" | env UV_INSTALL_
 # Every install below runs under these pins (uv reads UV_CONSTRAINT as `--constraint`; an ARG, so it is a build
 # setting only), with PyTorch's CUDA 12.1 index and NVIDIA's beside PyPI (upstream's PIP_EXTRA_INDEX_URL), so nothing
 # can pull another torch, timm, av or cv2.
-COPY gpu_worker/constraints-sam3d.txt /opt/constraints-sam3d.txt
+COPY gpu_worker/constraints-sam3d.txt gpu_worker/constraints-sam3d-overrides.txt /opt/
 ARG UV_CONSTRAINT=/opt/constraints-sam3d.txt
 
 # torch first, from the CUDA 12.1 index: the builds below compile against it.
@@ -70,7 +70,8 @@ RUN uv pip install --index-url "https://download.pytorch.org/whl/${TORCH_CUDA}" 
 # extra (kaolin, gsplat), as upstream's doc/setup.md orders them. pytorch3d's setup.py imports torch at the top,
 # gsplat's get_extensions() imports torch and flash_attn 2.8.3 is an sdist whose setup.py imports torch: built in an
 # isolated environment they fail with "No module named torch", so those three build without isolation, against the
-# torch installed above (and with FORCE_CUDA / TORCH_CUDA_ARCH_LIST=8.6, since no GPU is visible here).
+# torch installed above (and with FORCE_CUDA / TORCH_CUDA_ARCH_LIST=8.6, since no GPU is visible here). Upstream's
+# gradio pin cannot live beside prefect (starlette): gpu_worker/constraints-sam3d-overrides.txt replaces it.
 RUN git clone https://github.com/facebookresearch/sam-3d-objects.git /opt/sam-3d-objects \
  && git -C /opt/sam-3d-objects checkout --detach "${SAM3D_OBJECTS_COMMIT}" \
  && test "$(git -C /opt/sam-3d-objects rev-parse HEAD)" = "${SAM3D_OBJECTS_COMMIT}"
@@ -79,7 +80,8 @@ RUN export UV_EXTRA_INDEX_URL="https://download.pytorch.org/whl/${TORCH_CUDA} ht
            UV_INDEX_STRATEGY=unsafe-best-match \
  && uv pip install -e . \
  && uv pip install --no-build-isolation-package pytorch3d --no-build-isolation-package flash-attn -e ".[p3d]" \
- && uv pip install --find-links "${KAOLIN_FIND_LINKS}" --no-build-isolation-package gsplat -e ".[inference]" \
+ && uv pip install --find-links "${KAOLIN_FIND_LINKS}" --no-build-isolation-package gsplat \
+      --override /opt/constraints-sam3d-overrides.txt -e ".[inference]" \
  && python ./patching/hydra \
  && nm -D "$(python -c 'import torch, pytorch3d._C as c; print(c.__file__)')" | grep -q cudaLaunchKernel \
  && python -c "import torch; assert torch.__version__ == '${TORCH_VERSION}+${TORCH_CUDA}', torch.__version__"

@@ -2,20 +2,73 @@
 
     python gpu_worker/smoke.py [--prompt "coffee cup"] [--low-memory] [--out /tmp/smoke]
 
-Prints one line per stage (seconds, peak GPU memory in GiB) and writes the mask, GLB and PLY to ``--out``.
+Prints one line per stage (seconds, peak GPU memory in GiB), then SAM 3D Objects' own stages (point map, sparse
+structure, structured latent, decode, post-processing), and writes the mask, GLB and PLY to ``--out``.
 Exit code 0 only when both models ran on the GPU and produced a non-empty mask, mesh and splat.
+
+``profile_stages`` (also used by ``bench/gpu.py``) times each SAM 3D Objects stage and records its peak GPU memory.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+# SAM 3D Objects' stage methods on its pipeline (inference_pipeline_pointmap.py / inference_pipeline.py @ cf06676),
+# in the order run() calls them.
+SAM3D_STAGES = ("compute_pointmap", "sample_sparse_structure", "sample_slat", "decode_slat",
+                "postprocess_slat_output", "run_post_optimization")
 
 
 def _gib(n_bytes: int) -> float:
     return n_bytes / 2**30
+
+
+@contextlib.contextmanager
+def profile_stages(pipeline: Any, torch: Any) -> Iterator[dict[str, dict[str, float]]]:
+    """Time each SAM 3D Objects stage and record its peak GPU memory while the block runs.
+
+    Wraps the stage methods on the pipeline instance (over the low-memory offloader's wrappers, so moving a
+    stage's networks in and out counts towards that stage) and restores them on exit.
+
+    Yields:
+        ``{stage: {"s": seconds summed over calls, "peak_gib": max of torch.cuda.max_memory_allocated, "calls": n}}``
+        (filled as stages run).
+    """
+    figures: dict[str, dict[str, float]] = {}
+    originals = {name: pipeline.__dict__.get(name) for name in SAM3D_STAGES if hasattr(pipeline, name)}
+
+    def timed(name: str, fn: Any) -> Any:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                torch.cuda.synchronize()
+                row = figures.setdefault(name, {"s": 0.0, "peak_gib": 0.0, "calls": 0})
+                row["s"] += time.perf_counter() - start
+                row["peak_gib"] = max(row["peak_gib"], _gib(torch.cuda.max_memory_allocated()))
+                row["calls"] += 1
+
+        return run
+
+    for name in originals:
+        setattr(pipeline, name, timed(name, getattr(pipeline, name)))
+    try:
+        yield figures
+    finally:
+        for name, original in originals.items():
+            if original is None:
+                delattr(pipeline, name)  # the class's method again
+            else:
+                setattr(pipeline, name, original)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,7 +123,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.cuda.empty_cache()
     reconstructor = backends.get_reconstructor("sam3d", settings)
     stage("sam3d load", reconstructor._load)
-    recon = stage("sam3d reconstruct", lambda: reconstructor.reconstruct(image.rgb, seg.instances[selected].mask))
+    with profile_stages(reconstructor._inference._pipeline, torch) as stages:
+        recon = stage("sam3d reconstruct",
+                      lambda: reconstructor.reconstruct(image.rgb, seg.instances[selected].mask))
+    for name, row in stages.items():
+        print(f"  sam3d {name:<24} {row['s']:8.2f} s   peak {row['peak_gib']:6.2f} GiB", flush=True)
+    # The stages reset the peak counter as they start: the reconstruct row's peak is the largest of theirs.
+    rows[-1] = (rows[-1][0], rows[-1][1], max([rows[-1][2]] + [r["peak_gib"] for r in stages.values()]))
+    print(f"sam3d backend: {recon.backend.as_dict()}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "mask.png").write_bytes(mask_to_png(seg.instances[selected].mask))
     (args.out / "object.glb").write_bytes(mesh_to_glb(recon.mesh, reconstructor=recon.backend.key()))

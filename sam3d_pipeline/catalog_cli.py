@@ -70,10 +70,11 @@ def catalog(
         say_unexpected(source, exc)
         raise typer.Exit(EXIT_FAILED) from None
     wall = time.perf_counter() - started
-    if not state.is_completed():
-        report_failure(state, source, debug)
+    outcome = state.result(raise_on_failure=False) if state.is_failed() else None
+    if not state.is_completed() and not (isinstance(outcome, dict) and "counts" in outcome):
+        report_failure(state, source, debug)  # the run itself failed, before it could account for its items
         raise typer.Exit(EXIT_FAILED)
-    outcome = state.result()
+    outcome = outcome if isinstance(outcome, dict) else state.result()
     for item in outcome["items"]:
         if item["status"] == "failed":
             print(f"failed: {item['id']} (line {item['line']}): {(item.get('error') or {}).get('message')}")

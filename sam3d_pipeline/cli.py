@@ -318,12 +318,14 @@ def review_server(
 @app.command("gpu-worker")
 def gpu_worker(
     idle_s: Annotated[float | None, typer.Option(help="Exit after this long idle (default SAM3D_GPU_IDLE_S).")] = None,
+    stages: Annotated[str | None, typer.Option(
+        help="Stage tasks to serve: segment, reconstruct or all (default SAM3D_GPU_WORKER_STAGES).")] = None,
 ) -> None:
     """Run one warm GPU worker session here: serve the model stages of flows that use SAM3D_GPU_STAGES=workers
     (needs PREFECT_API_URL of a Prefect server) until idle, then exit."""
     from flows.gpu_worker import gpu_worker as session
 
-    print(f"GPU worker session: {session(idle_s=idle_s)}", flush=True)
+    print(f"GPU worker session: {session(idle_s=idle_s, stages=stages)}", flush=True)
 
 
 from sam3d_pipeline.stack_cli import down, events_bridge, restart, up  # noqa: E402

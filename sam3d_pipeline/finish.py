@@ -110,8 +110,8 @@ def render_outputs(record: RunRecord, settings: Settings | None = None) -> dict[
     s = settings or get_settings()
     image, seg, run_plan, recon = record.image, record.seg, record.run_plan, record.recon
     mask = seg.instances[record.selected].mask if seg is not None and record.selected is not None else None
-    files = {"overlay.png": encode_png(overlay(image.rgb, mask,
-                                                label=f"segmenter: {backend_label(ran(run_plan.segmenter_info, seg))}"))}
+    seg_label = f"segmenter: {backend_label(ran(run_plan.segmenter_info, seg))}"
+    files = {"overlay.png": encode_png(overlay(image.rgb, mask, label=seg_label))}
     if mask is not None:
         files["mask.png"] = mask_to_png(mask)
     if recon is not None:

@@ -37,9 +37,9 @@ from .storage import Storage, open_storage, read_input
 from .types import (
     BackendInfo,
     Box,
-    BoxParam,
+    BoxList,
     Instance,
-    Point,
+    PointList,
     Reconstruction,
     Segmentation,
     SegmentRequest,
@@ -51,8 +51,8 @@ class SegmentParams(BaseModel):
     """What to segment (already validated against the image by the caller)."""
 
     prompt: str = Field(min_length=1)
-    boxes: list[BoxParam] = Field(default_factory=list)
-    points: list[Point] = Field(default_factory=list)
+    boxes: BoxList = Field(default_factory=list)
+    points: PointList = Field(default_factory=list)
 
     def request(self) -> SegmentRequest:
         return SegmentRequest(prompt=self.prompt, boxes=tuple(Box(*b) for b in self.boxes), points=tuple(self.points))
@@ -386,3 +386,56 @@ def load_reconstruction(output_root: str, output: str, settings: Settings | None
     ply = storage.read_bytes(summary["outputs"]["object.ply"]) if "object.ply" in summary["outputs"] else None
     return Reconstruction(mesh=mesh, backend=backend_from_dict(summary["backend"]), splat_ply=ply,
                           pose=summary["pose"], stats=summary["stats"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stages of a batch, and a two-stage batch split for workers of two images (SAM 3 sessions, SAM 3D Objects sessions)
+
+GPU_STAGES = ("segment", "reconstruct")
+
+
+def batch_stages(batch: GpuBatch) -> tuple[str, ...]:
+    """The stages ``batch`` runs, in order: ``("segment",)``, ``("reconstruct",)`` or both (a catalog batch)."""
+    stages = []
+    if batch.segment:
+        stages.append("segment")
+    if batch.reconstruct or (batch.reconstruct_selected and batch.segment):
+        stages.append("reconstruct")
+    return tuple(stages)
+
+
+def segment_part(batch: GpuBatch) -> GpuBatch:
+    """The segment half of a two-stage batch: the same photos and selection, nothing reconstructed."""
+    return batch.model_copy(update={"reconstruct": [], "reconstruct_selected": False})
+
+
+def reconstruct_part(batch: GpuBatch, segment_result: dict[str, Any]) -> GpuBatch | None:
+    """The reconstruct half of a two-stage batch, built from what its segment half returned.
+
+    The batch's own reconstruct jobs come first, then (``reconstruct_selected``) each photo's selected instance,
+    exactly as ``run_gpu_batch`` builds them inline: mask ``RunKeys(prefix).stage_mask(selected)``, output
+    ``RunKeys(prefix).reconstruct_dir``, the segment job's seed. Photos that failed or have no instance are left
+    out. None when nothing is left to reconstruct.
+    """
+    jobs = list(batch.reconstruct)
+    if batch.reconstruct_selected:
+        done = {r["prefix"]: r for r in segment_result.get("segment", [])}
+        for job in batch.segment:
+            row = done.get(job.prefix)
+            if row is None or "error" in row or row.get("selected") is None:
+                continue
+            keys = RunKeys(job.prefix)
+            jobs.append(ReconstructJobParam(image=job.image, mask=keys.stage_mask(row["selected"]),
+                                            output=keys.reconstruct_dir, seed=job.seed))
+    if not jobs:
+        return None
+    return GpuBatch(output_root=batch.output_root, segmenter=batch.segmenter, reconstructor=batch.reconstructor,
+                    reconstruct=jobs, low_memory=batch.low_memory)
+
+
+def merge_results(segment_result: dict[str, Any], reconstruct_result: dict[str, Any] | None) -> dict[str, Any]:
+    """One ``run_gpu_batch``-shaped result (``segment``, ``reconstruct``, ``timing`` per stage) from the results of a
+    batch's two halves (``reconstruct_result`` None: nothing was left to reconstruct)."""
+    rec = reconstruct_result or {}
+    return {"segment": list(segment_result.get("segment", [])), "reconstruct": list(rec.get("reconstruct", [])),
+            "timing": dict(segment_result.get("timing", {})) | dict(rec.get("timing", {}))}

@@ -134,3 +134,40 @@ class SessionLedger:
                  for stage in ("segment", "reconstruct")}
         return {"session": self.session, "tasks": len(self.rows),
                 "failed": sum(1 for r in self.rows if r["status"] != "completed"), "model_loads": loads}
+
+
+# -- which session serves which stage ----------------------------------------------------------------------------
+# A session serves the task of its image's stage: ``segment`` (the SAM 3 image), ``reconstruct`` (the SAM 3D Objects
+# image), or ``all`` (both models in one process: the local stack). A batch with both stages (a catalog batch) is
+# one ``all`` task when both stages go to the same deployment, else a segment task and then a reconstruct task.
+WORKER_STAGES = ("segment", "reconstruct", "all")
+TASK_NAMES = {"segment": "gpu-segment", "reconstruct": "gpu-reconstruct", "all": "gpu-stage"}
+
+
+def served_tasks(worker_stages: str) -> tuple[str, ...]:
+    """The task kinds (keys of ``TASK_NAMES``) a session with ``SAM3D_GPU_WORKER_STAGES=worker_stages`` serves.
+
+    Raises:
+        ValueError: not one of ``segment``, ``reconstruct``, ``all``.
+    """
+    if worker_stages not in WORKER_STAGES:
+        raise ValueError(f"GPU worker stages must be one of {', '.join(WORKER_STAGES)}, not {worker_stages!r}")
+    return WORKER_STAGES if worker_stages == "all" else (worker_stages,)
+
+
+def stage_deployment(stage: str, *, worker_deployment: str, segment_deployment: str | None = None,
+                     reconstruct_deployment: str | None = None) -> str:
+    """The deployment (``flow/deployment``) whose sessions serve ``stage`` (``segment``, ``reconstruct``, or ``all``:
+    a combined task, sent only where both stages share one deployment). An empty per-stage name means
+    ``worker_deployment``."""
+    if stage == "reconstruct":
+        return reconstruct_deployment or worker_deployment
+    return segment_deployment or worker_deployment
+
+
+def task_kind(stages: tuple[str, ...], *, same_deployment: bool) -> str | None:
+    """The task kind a batch running ``stages`` goes as: its one stage, ``all`` for both stages on one deployment,
+    or None when the batch must be split (both stages, two deployments)."""
+    if len(stages) == 1:
+        return stages[0]
+    return "all" if same_deployment else None

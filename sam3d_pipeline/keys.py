@@ -15,12 +15,17 @@ KEY_VERSION = 1
 _UNSAFE = re.compile(r"[^\w.-]+")  # keeps unicode letters and digits
 
 
+STEM_MAX_BYTES = 64  # UTF-8 bytes: a folder name holds 255 bytes, and the stem shares it with the hash
+
+
 def image_stem(uri: str) -> str:
-    """A filesystem- and S3-safe stem of the input's file name (``photos/Red Chair.jpg`` → ``Red-Chair``)."""
+    """A filesystem- and S3-safe stem of the input's file name (``photos/Red Chair.jpg`` → ``Red-Chair``), at most
+    ``STEM_MAX_BYTES`` UTF-8 bytes (cut between characters, never inside one)."""
     name = PurePosixPath(uri.replace("\\", "/").rstrip("/")).name or "image"
     stem = name.rsplit(".", 1)[0] if "." in name.lstrip(".") else name
     stem = _UNSAFE.sub("-", stem).strip("-.")
-    return (stem or "image")[:64]
+    stem = stem.encode("utf-8", "surrogatepass")[:STEM_MAX_BYTES].decode("utf-8", "ignore").strip("-.")
+    return stem or "image"
 
 
 def run_hash(

@@ -23,7 +23,16 @@ from .masks import select_instance
 from .report import RunResult
 from .settings import Settings, get_settings
 from .storage import open_storage, read_input
-from .types import PROMPT_MAX_CHARS, Box, BoxParam, Point, Reconstruction, Segmentation, SegmentRequest
+from .types import (
+    PROMPT_MAX_CHARS,
+    Box,
+    BoxList,
+    PointList,
+    Reconstruction,
+    Segmentation,
+    SegmentRequest,
+    clean_prompt,
+)
 from .video.views import VideoRun, best_views, score_views
 
 
@@ -31,8 +40,8 @@ class RunOptions(BaseModel):
     """Per-run knobs (the ``image-to-3d`` flow's parameters, less the image and output root)."""
 
     prompt: str = Field(min_length=1, max_length=PROMPT_MAX_CHARS, description="What to segment, e.g. 'red chair'.")
-    boxes: list[BoxParam] = Field(default_factory=list, description="Box prompts, xyxy in image pixels.")
-    points: list[Point] = Field(default_factory=list, description="Click prompts in image pixels.")
+    boxes: BoxList = Field(default_factory=list, description="Box prompts, xyxy in image pixels (at most 16).")
+    points: PointList = Field(default_factory=list, description="Click prompts in image pixels (at most 64).")
     instance_index: int | None = Field(None, ge=0, description="Instance to reconstruct; default: highest score.")
     segmenter: Literal["auto", "lite", "sam3"] = "auto"
     reconstructor: Literal["auto", "lite", "sam3d"] = "auto"
@@ -70,9 +79,9 @@ class RunOptions(BaseModel):
     @field_validator("prompt")
     @classmethod
     def _strip(cls, value: str) -> str:
-        value = value.strip()
+        value = clean_prompt(value)
         if not value:
-            raise ValueError("prompt is blank")
+            raise ValueError("prompt is blank (only spaces or invisible characters)")
         return value
 
     def selection(self) -> dict[str, Any]:
@@ -133,13 +142,18 @@ def plan(input_uri: str, input_id: str, options: RunOptions, output_root: str,
     }
     hash_options |= {"export": options.export_options() | {
         "max_triangles": s.export_max_triangles, "max_bytes": s.export_max_bytes,
-        "texture_max_px": s.export_texture_max_px, "default_size_m": s.export_default_size_m}}
+        "texture_max_px": s.export_texture_max_px, "default_size_m": s.export_default_size_m},
+        "preview_size_px": s.preview_size_px}
     if review_mode != "none":  # a reviewed result is a different result
         hash_options |= {"review": review_mode}
     if video.is_video_uri(input_uri):  # what changes which frames are read and which one is reconstructed
         hash_options |= {"video": {"frames": options.video_frames, "stride": s.video_stride,
                                    "max_frames": s.video_max_frames, "max_seconds": s.video_max_seconds,
                                    "folder_fps": s.video_folder_fps}}
+    if seg.name == "lite":  # the settings that change each segmenter's masks
+        hash_options |= {"lite_work_size_px": s.lite_work_size_px}
+    if seg.name == "sam3":
+        hash_options |= {"sam3_confidence_threshold": s.sam3_confidence_threshold}
     if rec.name == "lite":
         hash_options |= {"lite_mesh_resolution": s.lite_mesh_resolution, "lite_thickness": s.lite_thickness}
     if rec.name == "sam3d":  # what changes SAM 3D Objects' output (low-memory mode does not)

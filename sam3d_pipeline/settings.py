@@ -204,7 +204,25 @@ class Settings(BaseSettings):
         description="Deployment (flow/deployment) whose runs are GPU worker sessions; flows start one when work "
         "is queued. Without it, sessions are started by hand (sam3d-pipeline gpu-worker).",
     )
-    gpu_max_workers: int = Field(5, ge=1, le=100, description="Most GPU worker sessions the flows start at once.")
+    gpu_segment_deployment: str | None = Field(
+        None,
+        description="Deployment whose sessions serve the segment stage (the SAM 3 image: gpu-worker/gpu-worker-sam3 "
+        "on AWS). Empty: SAM3D_GPU_WORKER_DEPLOYMENT. When both stages name the same deployment, a catalog batch "
+        "goes to it as one task.",
+    )
+    gpu_reconstruct_deployment: str | None = Field(
+        None,
+        description="Deployment whose sessions serve the reconstruct stage (the SAM 3D Objects image: "
+        "gpu-worker/gpu-worker-sam3d on AWS). Empty: SAM3D_GPU_WORKER_DEPLOYMENT.",
+    )
+    gpu_worker_stages: Literal["segment", "reconstruct", "all"] = Field(
+        "all",
+        description="Which GPU stage tasks a worker session serves: segment (the SAM 3 image), reconstruct (the SAM "
+        "3D Objects image) or all (one process with both models: the local stack).",
+    )
+    gpu_max_workers: int = Field(
+        5, ge=1, le=100, description="Most GPU worker sessions the flows start at once, per worker deployment."
+    )
     gpu_idle_s: float = Field(300.0, gt=0, description="A GPU worker session exits after this long idle (seconds).")
     gpu_lease_s: float = Field(
         30.0, ge=1.0,

@@ -102,6 +102,22 @@ _UMASK = _current_umask()
 PART_SUFFIX = ".part"
 
 
+# Folders no output root may resolve to or lie under (``/`` itself is refused too): the system's own.
+SYSTEM_FOLDERS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/proc", "/sbin", "/sys", "/usr")
+
+
+def check_local_root(given: str | os.PathLike[str], resolved: Path) -> None:
+    """Refuse a local storage root that resolves (symlinks followed) to ``/`` or into a system folder.
+
+    Raises:
+        InputError: naming the root as given and where it leads.
+    """
+    where = resolved.as_posix()
+    if where == "/" or any(where == f or where.startswith(f + "/") for f in SYSTEM_FOLDERS):
+        raise InputError(f"output root {str(given)!r} resolves to {where}: refusing to write there (choose a "
+                         "folder of your own)")
+
+
 class LocalStorage:
     """Objects as files under a local directory.
 
@@ -112,6 +128,7 @@ class LocalStorage:
 
     def __init__(self, root: str | os.PathLike[str], stale_part_s: float | None = None):
         self.path = Path(root).expanduser().resolve()
+        check_local_root(root, self.path)
         self.root = str(self.path)
         self.stale_part_s = stale_part_s if stale_part_s is not None else get_settings().stale_part_s
 

@@ -57,6 +57,16 @@ Coordinate = Annotated[float, Field(allow_inf_nan=False)]
 PROMPT_MAX_CHARS = 500
 
 
+def clean_prompt(text: str) -> str:
+    """``text`` without leading and trailing whitespace or invisible format characters (zero-width space and
+    joiners, word joiner, BOM: Unicode category Cf); empty when nothing visible is left."""
+    import unicodedata
+
+    cut = " \t\n\r\x0b\x0c"
+    visible = [i for i, ch in enumerate(text) if not (ch.isspace() or ch in cut or unicodedata.category(ch) == "Cf")]
+    return text[visible[0]:visible[-1] + 1] if visible else ""
+
+
 @pydantic_dataclass(frozen=True)
 class Point:
     """A click in image pixels; ``label`` 1 = on the object, 0 = background.
@@ -75,6 +85,13 @@ class Point:
 
 # A box prompt as parameters carry it: xyxy in image pixels.
 BoxParam = tuple[Coordinate, Coordinate, Coordinate, Coordinate]
+
+# The most prompts one request may carry (every entry point: flow parameters, job API, CLI, manifests, review
+# answers). A person clicks a handful; the bound keeps a hostile request from costing memory and minutes.
+MAX_POINTS = 64
+MAX_BOXES = 16
+PointList = Annotated[list[Point], Field(max_length=MAX_POINTS)]
+BoxList = Annotated[list[BoxParam], Field(max_length=MAX_BOXES)]
 
 
 def bounded_point_model(width: int, height: int) -> type[BaseModel]:

@@ -1,8 +1,10 @@
 """The GPU boundary: the one place that decides where the model stages run (``SAM3D_GPU_STAGES``).
 
 ``inline`` (the embedded default) runs them in this process with the pixels in memory. ``workers`` submits a
-``GpuBatch`` (storage keys, never pixels) as the ``gpu-stage`` background task (``tasks/gpu_tasks.py``) to the
-warm GPU worker sessions (``flows/gpu_worker.py``), starts sessions when the queue needs them, and waits,
+``GpuBatch`` (storage keys, never pixels) as the background task of its stage (``gpu-segment``, ``gpu-reconstruct``,
+or ``gpu-stage`` for both at once; ``tasks/gpu_tasks.py``) to the warm GPU worker sessions of that stage's
+deployment (``flows/gpu_worker.py``: SAM 3 sessions, SAM 3D Objects sessions, or one deployment with both models),
+starts sessions when the queue needs them, and waits,
 watching the task's lease: a worker lost mid-task (spot interruption, out of memory, SIGKILL) gets its task run
 marked Crashed and the batch submitted again, after an out-of-memory loss with the low-memory settings. A
 permanent input error raised by the stage is not retried. ``image-to-3d``, ``catalog-batch`` and the review's
@@ -41,12 +43,15 @@ from sam3d_pipeline.finish import RunRecord
 from sam3d_pipeline.gpu_failures import GpuStageError, StageAttempt, backoff_s, classify, next_low_memory, should_retry
 from sam3d_pipeline.gpu_stages import GpuBatch, ReconstructJobParam, SegmentJob, SegmentParams
 from sam3d_pipeline.gpu_workers import (
+    TASK_NAMES,
     Lease,
     lease_key,
     lease_verdict,
     session_heartbeat_key,
     session_lost,
     sessions_to_start,
+    stage_deployment,
+    task_kind,
 )
 from sam3d_pipeline.images import LoadedImage
 from sam3d_pipeline.keys import RunKeys
@@ -162,7 +167,8 @@ def _one_job(batch: GpuBatch, stage: str, settings: Settings) -> tuple[dict[str,
 
 def catalog_batch(works: list[catalog.ItemWork], batch_index: int, output_root: str,
                   settings: Settings) -> list[catalog.ItemWork]:
-    """Segment, select and reconstruct a catalog GPU batch: in this process, or on the workers as one task."""
+    """Segment, select and reconstruct a catalog GPU batch: in this process, or on the workers (one task where one
+    deployment serves both stages, else a segment task and then a reconstruct task)."""
     logger = get_run_logger()
     if settings.gpu_stages == "inline":
         works = catalog.segment_batch(works, settings)
@@ -172,7 +178,7 @@ def catalog_batch(works: list[catalog.ItemWork], batch_index: int, output_root: 
     batch = catalog.gpu_batch_request(works, output_root, settings)
     if batch is None:
         return works
-    logger.info("GPU batch %d: %d item(s) to the GPU workers as one task", batch_index, len(batch.segment))
+    logger.info("GPU batch %d: %d item(s) to the GPU workers", batch_index, len(batch.segment))
     result, _ = run_on_workers(batch, settings)
     return catalog.apply_gpu_result(works, result, batch_index, output_root, settings)
 
@@ -181,20 +187,55 @@ def catalog_batch(works: list[catalog.ItemWork], batch_index: int, output_root: 
 # Workers: submit, keep the pool big enough, watch the lease, resubmit what a lost worker dropped
 
 
+def deployment_of(stage: str, settings: Settings) -> str:
+    """The worker deployment that serves ``stage`` (``segment``, ``reconstruct``, or ``all``)."""
+    return stage_deployment(stage, worker_deployment=settings.gpu_worker_deployment,
+                            segment_deployment=settings.gpu_segment_deployment,
+                            reconstruct_deployment=settings.gpu_reconstruct_deployment)
+
+
+def _one_deployment(settings: Settings) -> bool:
+    return deployment_of("segment", settings) == deployment_of("reconstruct", settings)
+
+
 def run_on_workers(batch: GpuBatch, settings: Settings, *,
                    sleep: Callable[[float], None] = time.sleep) -> tuple[dict[str, Any], list[StageAttempt]]:
-    """Run ``batch`` as a ``gpu-stage`` background task on the GPU workers and wait for its result.
+    """Run ``batch`` on the GPU workers of its stage and wait for its result.
+
+    A batch of one stage goes as that stage's task to that stage's deployment. A batch with both (a catalog batch)
+    goes as one ``gpu-stage`` task where one deployment serves both stages; otherwise as a ``gpu-segment`` task, then
+    a ``gpu-reconstruct`` task built from its result (``gpu_stages.reconstruct_part``), the two results merged into
+    the one result shape.
 
     Returns:
-        The stage's result (``timing[stage]`` completed with ``queue_wait_s``) and every attempt.
+        The batch's result (``timing[stage]`` completed with ``queue_wait_s``) and every attempt.
 
     Raises:
         PipelineError: the stage failed permanently (the stage's own error, e.g. ``InputError``).
         GpuStageError: workers were lost more often than ``SAM3D_GPU_STAGE_ATTEMPTS``, or no result came within
             ``SAM3D_GPU_STAGE_TIMEOUT_S``.
     """
-    from .gpu_tasks import gpu_stage
+    stages = gpu_stages.batch_stages(batch)
+    kind = task_kind(stages, same_deployment=_one_deployment(settings)) if stages else "all"
+    if kind is not None:
+        return _run_task(batch, kind, settings, sleep)
+    segmented, attempts = _run_task(gpu_stages.segment_part(batch), "segment", settings, sleep)
+    rest = gpu_stages.reconstruct_part(batch, segmented)
+    reconstructed = None
+    if rest is not None:
+        _logger().info("GPU batch: %d object(s) of %d photo(s) to the reconstruct workers", len(rest.reconstruct),
+                       len(batch.segment))
+        reconstructed, more = _run_task(rest, "reconstruct", settings, sleep)
+        attempts = attempts + more
+    return gpu_stages.merge_results(segmented, reconstructed), attempts
 
+
+def _run_task(batch: GpuBatch, kind: str, settings: Settings,
+              sleep: Callable[[float], None]) -> tuple[dict[str, Any], list[StageAttempt]]:
+    """Submit ``batch`` as the task of ``kind`` until it completes, resubmitting after a lost worker."""
+    from .gpu_tasks import GPU_TASKS
+
+    gpu_task, name = GPU_TASKS[kind], TASK_NAMES[kind]
     logger = get_run_logger()
     storage = open_storage(batch.output_root, settings)
     attempts: list[StageAttempt] = []
@@ -203,40 +244,40 @@ def run_on_workers(batch: GpuBatch, settings: Settings, *,
         this = batch.model_copy(update={"low_memory": True}) if low_memory else batch
         while True:
             submitted, submission = time.time(), uuid.uuid4().hex
-            future = gpu_stage.delay(this, submission)
+            future = gpu_task.delay(this, submission)
             run_id = str(future.task_run_id)
-            kind, message = _wait(future, run_id, storage, settings)
+            outcome, message = _wait(future, run_id, storage, settings, kind)
             # A flow run re-executed after a suspension (a long review) counts its task calls from 0 again, and
             # Prefect answers a repeated call with that call's earlier run: another batch's finished run. Submit
             # again (each call gets the next key) until the run is this submission's (a worker that does not
             # echo the submission is taken at its word).
-            if kind != "ok" or future.result().get("submission", submission) == submission:
+            if outcome != "ok" or future.result().get("submission", submission) == submission:
                 break
-            logger.info("gpu-stage: task run %s answered an earlier submission; submitting again", run_id)
-        attempt = StageAttempt(attempt=n, flow_run_id=run_id, state="COMPLETED" if kind == "ok" else "CRASHED",
-                               kind=kind, message=message[:500], low_memory=low_memory)
+            logger.info("%s: task run %s answered an earlier submission; submitting again", name, run_id)
+        attempt = StageAttempt(attempt=n, flow_run_id=run_id, state="COMPLETED" if outcome == "ok" else "CRASHED",
+                               kind=outcome, message=message[:500], low_memory=low_memory)
         attempts.append(attempt)
-        if kind == "ok":
+        if outcome == "ok":
             result = future.result()
             for timing in result["timing"].values():
                 timing["queue_wait_s"] = round(max(0.0, timing.pop("started_at", submitted) - submitted), 3)
             if n > 1:
                 _record(attempts)
             return result, attempts
-        if kind == "failed":  # the stage raised a permanent error: raise it as it is
+        if outcome == "failed":  # the stage raised a permanent error: raise it as it is
             future.result(raise_on_failure=True)
-        logger.warning("gpu-stage %s", attempt.line())
-        if not should_retry(kind, n, settings.gpu_stage_attempts, low_memory):
+        logger.warning("%s %s", name, attempt.line())
+        if not should_retry(outcome, n, settings.gpu_stage_attempts, low_memory):
             _record(attempts)
-            raise GpuStageError(f"gpu-stage did not complete: {attempt.line()}", attempts)
-        low_memory = next_low_memory(kind, low_memory)
+            raise GpuStageError(f"{name} did not complete: {attempt.line()}", attempts)
+        low_memory = next_low_memory(outcome, low_memory)
         delay = backoff_s(n, settings.gpu_stage_retry_delay_s)
         logger.info("submitting again in %.1f s%s", delay, " with low-memory settings" if low_memory else "")
         sleep(delay)
-    raise GpuStageError("gpu-stage did not complete", attempts)  # not reached: should_retry stops the loop
+    raise GpuStageError(f"{name} did not complete", attempts)  # not reached: should_retry stops the loop
 
 
-def _wait(future: Any, run_id: str, storage: Storage, settings: Settings) -> tuple[str, str]:
+def _wait(future: Any, run_id: str, storage: Storage, settings: Settings, kind: str) -> tuple[str, str]:
     """Wait for the task run to end, or its worker to be lost. Returns ``(kind, message)``."""
     deadline = time.monotonic() + settings.gpu_stage_timeout_s
     queued_until = time.monotonic() + settings.gpu_lease_s
@@ -259,13 +300,13 @@ def _wait(future: Any, run_id: str, storage: Storage, settings: Settings) -> tup
                 storage.delete(lease_key(run_id))
                 return classify("CRASHED", message), message
             if verdict == "queued" and time.monotonic() - last_scaled >= max(2.0, settings.gpu_poll_s):
-                ensure_sessions(client, settings)
+                ensure_sessions(client, settings, stage=kind)
                 last_scaled = time.monotonic()
             # A session waiting for work takes a queued task within a second: one that stays free at two looks
             # while this task sits Scheduled means the server no longer queues it (a restarted Prefect server
             # forgets its in-memory task queue, the task run stays Scheduled for good).
             waiting = (verdict == "queued" and state is not None and state.type == StateType.SCHEDULED
-                       and time.monotonic() > queued_until and _free_session_waiting(client))
+                       and time.monotonic() > queued_until and _free_session_waiting(client, kind))
             undelivered = undelivered + 1 if waiting else 0
             if undelivered >= 2:
                 message = "never delivered to the waiting GPU worker sessions (the Prefect server lost its queue)"
@@ -281,12 +322,12 @@ def _wait(future: Any, run_id: str, storage: Storage, settings: Settings) -> tup
                 time.sleep(settings.gpu_poll_s)
 
 
-def _free_session_waiting(client: SyncPrefectClient) -> bool:
-    """Whether a GPU worker session is subscribed for ``gpu-stage`` tasks right now (it subscribes only when free)."""
-    from .gpu_tasks import gpu_stage
+def _free_session_waiting(client: SyncPrefectClient, kind: str) -> bool:
+    """Whether a GPU worker session is subscribed for the task of ``kind`` right now (it subscribes only when free)."""
+    from .gpu_tasks import GPU_TASKS
 
     response = client.request("POST", "/task_workers/filter",
-                              json={"task_worker_filter": {"task_keys": [gpu_stage.task_key]}})
+                              json={"task_worker_filter": {"task_keys": [GPU_TASKS[kind].task_key]}})
     return response.status_code == 200 and bool(response.json())
 
 
@@ -311,15 +352,18 @@ def _session_ended(client: SyncPrefectClient, session: str) -> tuple[bool, str]:
 _NO_DEPLOYMENT_LOGGED: set[str] = set()
 
 
-def ensure_sessions(client: SyncPrefectClient, settings: Settings, queued: int | None = None) -> int:
-    """Start GPU worker sessions (runs of ``SAM3D_GPU_WORKER_DEPLOYMENT``) while queued work needs them.
+def ensure_sessions(client: SyncPrefectClient, settings: Settings, queued: int | None = None,
+                    stage: str = "all") -> int:
+    """Start GPU worker sessions of the deployment serving ``stage`` (``SAM3D_GPU_SEGMENT_DEPLOYMENT``,
+    ``SAM3D_GPU_RECONSTRUCT_DEPLOYMENT``; both default to ``SAM3D_GPU_WORKER_DEPLOYMENT``) while queued work of that
+    deployment needs them.
 
     Two flows that start sessions at the same moment may both start one: each then keeps its new session only
     while it is within ``SAM3D_GPU_MAX_WORKERS`` by creation time, and deletes it otherwise (not yet started).
-    ``queued`` is the number of GPU tasks waiting (default: counted from the API). Returns how many sessions
-    this call kept.
+    ``queued`` is the number of that deployment's GPU tasks waiting (default: counted from the API). Returns how
+    many sessions this call kept.
     """
-    name = settings.gpu_worker_deployment
+    name = deployment_of(stage, settings)
     try:
         deployment = client.read_deployment_by_name(name)
     except ObjectNotFound:
@@ -329,10 +373,11 @@ def ensure_sessions(client: SyncPrefectClient, settings: Settings, queued: int |
                                      "(sam3d-pipeline gpu-worker)", name)
         return 0
     if queued is None:
-        queued = len(client.read_task_runs(task_run_filter=TaskRunFilter(
-            name=TaskRunFilterName(like_="gpu-stage"),
+        kinds = list(TASK_NAMES) if _one_deployment(settings) else [stage]
+        queued = sum(len(client.read_task_runs(task_run_filter=TaskRunFilter(
+            name=TaskRunFilterName(like_=TASK_NAMES[k]),
             state=TaskRunFilterState(type=TaskRunFilterStateType(any_=[StateType.SCHEDULED]))),
-            limit=settings.gpu_max_workers))
+            limit=settings.gpu_max_workers)) for k in kinds)
     active = _active_sessions(client, deployment.id, settings)
     wanted = sessions_to_start(queued=queued, active=len(active), max_workers=settings.gpu_max_workers)
     kept = 0

@@ -1,9 +1,11 @@
-"""The GPU stage as a Prefect background task, and the loop that serves it in a warm worker session.
+"""The GPU stages as Prefect background tasks, and the loop that serves them in a warm worker session.
 
-``gpu_stage`` runs one ``GpuBatch`` (``sam3d_pipeline.gpu_stages``) where the models are. Flows submit it with
-``.delay()`` (``tasks/gpu_dispatch.py``); ``serve_gpu_tasks`` executes it inside a worker session
-(``flows/gpu_worker.py``), one task at a time, with every model cached in the process between tasks, until
-the session has been idle for ``idle_s``. While a task runs it keeps its lease fresh in storage
+Three tasks with one body (``run_gpu_batch`` of a ``GpuBatch``, ``sam3d_pipeline.gpu_stages``): ``gpu-segment``
+(served by SAM 3 sessions), ``gpu-reconstruct`` (SAM 3D Objects sessions) and ``gpu-stage`` (a batch with both
+stages, served only by a session with both models: ``SAM3D_GPU_WORKER_STAGES=all``). Flows submit them with
+``.delay()`` (``tasks/gpu_dispatch.py``); ``serve_gpu_tasks`` executes those of its stages inside a worker session
+(``flows/gpu_worker.py``), one task at a time, with every model cached in the process between tasks, until the
+session has been idle for ``idle_s``. While a task runs it keeps its lease fresh in storage
 (``sam3d_pipeline.gpu_workers``), so a submitter can tell a killed worker from a slow one.
 """
 
@@ -28,8 +30,17 @@ from prefect.runtime import task_run
 from prefect.settings import get_current_settings
 from prefect.task_worker import TaskWorker
 
-from sam3d_pipeline.gpu_stages import GpuBatch, run_gpu_batch
-from sam3d_pipeline.gpu_workers import IdleClock, Lease, SessionLedger, lease_key, session_heartbeat_key
+from sam3d_pipeline.errors import InputError
+from sam3d_pipeline.gpu_stages import GpuBatch, batch_stages, run_gpu_batch
+from sam3d_pipeline.gpu_workers import (
+    TASK_NAMES,
+    IdleClock,
+    Lease,
+    SessionLedger,
+    lease_key,
+    served_tasks,
+    session_heartbeat_key,
+)
 from sam3d_pipeline.settings import get_settings
 from sam3d_pipeline.storage import Storage, open_storage
 
@@ -67,17 +78,22 @@ def held_lease(storage: Storage, task_run_id: str, session: str, lease_s: float,
         storage.delete(key)
 
 
-@task(name="gpu-stage", cache_policy=NO_CACHE, persist_result=True)
-def gpu_stage(batch: GpuBatch, submission: str) -> dict[str, Any]:
-    """Run one GPU batch here, keeping its lease while it runs.
+def run_batch_task(batch: GpuBatch, submission: str, kind: str) -> dict[str, Any]:
+    """The body of every GPU stage task: run one GPU batch here, keeping its lease while it runs.
 
     Args:
         batch: what to segment and reconstruct (storage keys, never pixels).
         submission: unique per submission, so a resubmitted batch is a new task run, never a cached result.
+        kind: the task's stage (``segment``, ``reconstruct``) or ``all``; a batch with other stages is refused.
 
     Returns:
         ``run_gpu_batch``'s result, with ``timing[stage]`` completed by ``worker`` and ``started_at``.
+
+    Raises:
+        InputError: the batch runs a stage this task is not for (a session of that image lacks the model).
     """
+    if kind != "all" and batch_stages(batch) not in ((), (kind,)):
+        raise InputError(f"{TASK_NAMES[kind]} got a batch that runs {', '.join(batch_stages(batch))}")
     logger = get_run_logger()
     settings = get_settings()
     run_id = str(task_run.get_id())
@@ -102,8 +118,30 @@ def gpu_stage(batch: GpuBatch, submission: str) -> dict[str, Any]:
     return result | {"submission": submission}  # the submitter checks the run is its own
 
 
-def serve_gpu_tasks(session: str, idle_s: float, poll_s: float = 0.5) -> SessionLedger:
-    """Serve ``gpu_stage`` from this process, one task at a time, until idle for ``idle_s`` seconds.
+@task(name=TASK_NAMES["segment"], cache_policy=NO_CACHE, persist_result=True)
+def gpu_segment(batch: GpuBatch, submission: str) -> dict[str, Any]:
+    """Segment a batch's photos (SAM 3 sessions). See ``run_batch_task``."""
+    return run_batch_task(batch, submission, "segment")
+
+
+@task(name=TASK_NAMES["reconstruct"], cache_policy=NO_CACHE, persist_result=True)
+def gpu_reconstruct(batch: GpuBatch, submission: str) -> dict[str, Any]:
+    """Reconstruct a batch's masks (SAM 3D Objects sessions). See ``run_batch_task``."""
+    return run_batch_task(batch, submission, "reconstruct")
+
+
+@task(name=TASK_NAMES["all"], cache_policy=NO_CACHE, persist_result=True)
+def gpu_stage(batch: GpuBatch, submission: str) -> dict[str, Any]:
+    """Segment, select and reconstruct in one task (sessions with both models). See ``run_batch_task``."""
+    return run_batch_task(batch, submission, "all")
+
+
+GPU_TASKS = {"segment": gpu_segment, "reconstruct": gpu_reconstruct, "all": gpu_stage}
+
+
+def serve_gpu_tasks(session: str, idle_s: float, poll_s: float = 0.5, stages: str = "all") -> SessionLedger:
+    """Serve the GPU tasks of ``stages`` (``SAM3D_GPU_WORKER_STAGES``: ``segment``, ``reconstruct`` or ``all``) from
+    this process, one task at a time, until idle for ``idle_s`` seconds.
 
     The subscription stops first, then the task in flight (if any) finishes, so no received task is dropped.
     Returns the ledger of what was served.
@@ -114,14 +152,14 @@ def serve_gpu_tasks(session: str, idle_s: float, poll_s: float = 0.5) -> Session
     try:  # the session's own heartbeat: a submitter tells a killed session from a live one by it
         with held_lease(open_storage(settings.output_root, settings), "", session, settings.gpu_lease_s, "session",
                         key=session_heartbeat_key(session)):
-            asyncio.run(_serve(idle_s, poll_s))
+            asyncio.run(_serve(idle_s, poll_s, [GPU_TASKS[kind] for kind in served_tasks(stages)]))
     finally:
         _SESSION.update(id="", ledger=None)
     return ledger
 
 
-async def _serve(idle_s: float, poll_s: float) -> None:
-    worker = OneAtATimeWorker(gpu_stage)
+async def _serve(idle_s: float, poll_s: float, tasks: list[Any]) -> None:
+    worker = OneAtATimeWorker(*tasks)
     idle = IdleClock(idle_s)
     async with worker:  # leaving it waits for the task in flight
         async with anyio.create_task_group() as group:
@@ -149,12 +187,14 @@ class OneAtATimeWorker(TaskWorker):
     def __init__(self, *tasks: Any) -> None:
         super().__init__(*tasks, limit=1)
         self.busy = False
+        self._task_names = [t.name for t in tasks]
 
     async def _subscribe_to_task_scheduling(self) -> None:
         base_url = get_current_settings().api.url
         if base_url is None:
             raise ValueError("GPU worker sessions need a Prefect server: set PREFECT_API_URL")
-        get_logger("gpu_worker").info("waiting for gpu-stage tasks (one at a time)")
+        names = ", ".join(self._task_names)
+        get_logger("gpu_worker").info("waiting for gpu-stage tasks (%s; one at a time)", names)
         while True:
             subscription = Subscription(model=TaskRun, path="/task_runs/subscriptions/scheduled",
                                         keys=self.task_keys, client_id=self.client_id, base_url=base_url)

@@ -42,7 +42,7 @@ from sam3d_pipeline.review.persist import load_round, save_round
 from sam3d_pipeline.review.policy import CONTEXT_KEY, ReviewContext, needs_review, review_markdown
 from sam3d_pipeline.settings import Settings
 from sam3d_pipeline.storage import Storage
-from sam3d_pipeline.types import Point, Segmentation, bounded_point_model
+from sam3d_pipeline.types import PointList, Segmentation, bounded_point_model
 from tasks import gpu_dispatch
 
 __all__ = ["ReviewConfig", "ReviewInput", "ReviewOutcome", "bounded_input", "decoder_files", "review_loop",
@@ -56,7 +56,7 @@ class ReviewInput(RunInput):
     instance_index: int | None = Field(None, description="Instance to reconstruct (approve).")
     prompt: str | None = Field(None, min_length=1, max_length=500, description="New text prompt (reprompt).")
     boxes: list[tuple[float, float, float, float]] = Field(default_factory=list, description="xyxy pixels.")
-    points: list[Point] = Field(default_factory=list, description="Clicks: x, y, label 1/0.")
+    points: PointList = Field(default_factory=list, description="Clicks: x, y, label 1/0 (at most 64).")
     score_threshold: float | None = Field(None, ge=0.0, le=1.0, description="New score threshold (reprompt).")
     mask_key: str | None = Field(
         None, pattern=keys.REVIEW_UPLOAD_PATTERN, description="A mask PNG uploaded by the review page (approve)."

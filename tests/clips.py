@@ -121,3 +121,32 @@ def zero_frames(fmt: str = "mp4") -> bytes:
     container.start_encoding()
     container.close()
     return buf.getvalue()
+
+
+def raw_h264(frames: list[np.ndarray], fps: int = 30) -> bytes:
+    """Encode ``frames`` (RGB, one size) as a raw H.264 Annex-B elementary stream: no container, no header
+    beyond the stream's own SPS/PPS, so nothing states the frame count, duration or any later frame size."""
+    import av
+
+    height, width = frames[0].shape[:2]
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="h264") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"preset": "ultrafast", "tune": "zerolatency"}
+        for rgb in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()
+
+
+def size_switch(first: tuple[int, int, int], then: tuple[int, int, int]) -> bytes:
+    """A hostile clip: ``first = (frames, width, height)`` then ``then = (frames, width, height)``, two encoder
+    outputs concatenated into one raw H.264 stream. A prober reading the start sees only the first size."""
+    parts = []
+    for count, width, height in (first, then):
+        background = textured_background(width, height, seed=width)
+        parts.append(raw_h264([np.roll(background, 2 * i, axis=1) for i in range(count)]))
+    return b"".join(parts)

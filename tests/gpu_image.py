@@ -61,7 +61,8 @@ def dockerfile_env(path: Path) -> dict[str, str]:
             parts = shlex.split(rest)
             pairs = [p.partition("=") for p in parts] if "=" in parts[0] else [(parts[0], "=", " ".join(parts[1:]))]
             for name, _, value in pairs:
-                env[name] = _REF.sub(lambda m: env.get(m[1] or m[2], args.get(m[1] or m[2], "")), value)
+                known = args | env
+                env[name] = _REF.sub(lambda m, known=known: known.get(m[1] or m[2], ""), value)
     return env
 
 

@@ -258,6 +258,10 @@ def test_uploads_reach_the_queue_and_failures_the_dead_letter_queue(template):
     assert redrive["deadLetterTargetArn"] == {"Fn::GetAtt": ["UploadDeadLetterQueue", "Arn"]}
 
 
+GPU_SESSIONS = {"gpu-worker": ("all", ""), "gpu-worker-sam3": ("segment", "sam3d-gpu-sam3"),
+                "gpu-worker-sam3d": ("reconstruct", "sam3d-gpu-sam3d")}
+
+
 def _deployments() -> dict[str, dict]:
     config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     return {d["name"]: d for d in config["deployments"]}
@@ -265,16 +269,21 @@ def _deployments() -> dict[str, dict]:
 
 def test_prefect_yaml_maps_each_flow_to_its_pool(template):
     deployments = _deployments()
-    assert set(deployments) == {"image-to-3d", "gpu-worker", "catalog-batch"}
+    assert set(deployments) == {"image-to-3d", "catalog-batch", *GPU_SESSIONS}
     pools = {name: d["work_pool"]["name"] for name, d in deployments.items()}
-    assert pools == {"image-to-3d": "sam3d-cpu", "catalog-batch": "sam3d-cpu", "gpu-worker": "sam3d-gpu"}
-    # Warm GPU sessions: one GPU each, at most as many as the g5 group has instances.
-    gpu = deployments["gpu-worker"]
-    assert gpu["entrypoint"] == "flows/gpu_worker.py:gpu_worker"
-    assert gpu["concurrency_limit"] == 5 == template["Parameters"]["GpuMaxInstances"]["Default"]
-    job_variables = gpu["work_pool"]["job_variables"]
-    assert job_variables["image"].startswith("sam3d-gpu-worker:")
-    assert job_variables["env"]["SAM3D_GPU_STAGES"] == "workers"
+    assert pools == {"image-to-3d": "sam3d-cpu", "catalog-batch": "sam3d-cpu"} | dict.fromkeys(GPU_SESSIONS,
+                                                                                                 "sam3d-gpu")
+    # Warm GPU sessions: one GPU each, at most as many (per deployment) as the g5 group has instances. gpu-worker has
+    # both models (the local stack); gpu-worker-sam3 / -sam3d serve one stage each on their own image.
+    for name, (stages, image) in GPU_SESSIONS.items():
+        gpu = deployments[name]
+        assert gpu["entrypoint"] == "flows/gpu_worker.py:gpu_worker"
+        assert gpu["concurrency_limit"] == 5 == template["Parameters"]["GpuMaxInstances"]["Default"]
+        job_variables = gpu["work_pool"]["job_variables"]
+        assert job_variables.get("image", "").split(":")[0] == image, name
+        assert job_variables["env"]["SAM3D_GPU_STAGES"] == "workers"
+        assert job_variables["env"]["SAM3D_GPU_WORKER_STAGES"] == stages
+    assert "SAM3D_SAM3D_DTYPE" not in json.dumps(deployments["gpu-worker-sam3"])  # no SAM 3D Objects there
     # The GPU pool's env gives every session the stage mode, its idle timeout and the shared task storage.
     gpu_env = json.loads(GPU_TEMPLATE.read_text())["variables"]["properties"]["env"]["default"]
     assert gpu_env["SAM3D_GPU_STAGES"] == "workers" and float(gpu_env["SAM3D_GPU_IDLE_S"]) > 0
@@ -284,6 +293,13 @@ def test_prefect_yaml_maps_each_flow_to_its_pool(template):
         assert "SAM3D_GPU_STAGES" not in json.dumps(deployments[name])
     cpu_env = json.loads(CPU_TEMPLATE.read_text())["variables"]["properties"]["env"]["default"]
     assert cpu_env["SAM3D_GPU_STAGES"] == "workers"
+    # On AWS each stage starts sessions of its own image's deployment (the stack's CPU worker says the same).
+    assert cpu_env["SAM3D_GPU_SEGMENT_DEPLOYMENT"] == "gpu-worker/gpu-worker-sam3"
+    assert cpu_env["SAM3D_GPU_RECONSTRUCT_DEPLOYMENT"] == "gpu-worker/gpu-worker-sam3d"
+    [container] = template["Resources"]["CpuFlowWorkerTaskDefinition"]["Properties"]["ContainerDefinitions"]
+    worker_env = {e["Name"]: e["Value"] for e in container["Environment"] if "Name" in e}
+    for setting in ("SAM3D_GPU_SEGMENT_DEPLOYMENT", "SAM3D_GPU_RECONSTRUCT_DEPLOYMENT"):
+        assert worker_env[setting] == cpu_env[setting]
     assert {cpu_env[s] for s in STORAGE_SETTINGS} == {gpu_env[s] for s in STORAGE_SETTINGS}
     assert len({gpu_env[s] for s in STORAGE_SETTINGS}) == 1 and gpu_env[STORAGE_SETTINGS[0]].startswith("s3-bucket/")
 
@@ -295,14 +311,27 @@ def test_gpu_worker_entrypoint_is_the_session_flow():
     from prefect.utilities.callables import parameter_schema
 
     from sam3d_pipeline.settings import Settings
+    from tasks.gpu_dispatch import deployment_of
 
-    gpu = _deployments()["gpu-worker"]
+    deployments = _deployments()
+    gpu = deployments["gpu-worker"]
     flow = load_flow_from_entrypoint(str(ROOT / gpu["entrypoint"]))
     assert f"{flow.name}/{gpu['name']}" == Settings().gpu_worker_deployment == "gpu-worker/gpu-worker"
+    # By default both stages go to that one deployment (the local stack); on AWS each to its own image's.
+    assert {deployment_of(s, Settings()) for s in ("segment", "reconstruct", "all")} == {"gpu-worker/gpu-worker"}
+    aws = Settings(gpu_segment_deployment="gpu-worker/gpu-worker-sam3",
+                   gpu_reconstruct_deployment="gpu-worker/gpu-worker-sam3d")
+    for stage, name in (("segment", "gpu-worker-sam3"), ("reconstruct", "gpu-worker-sam3d")):
+        assert deployment_of(stage, aws) == f"{flow.name}/{deployments[name]['name']}"
+        assert load_flow_from_entrypoint(str(ROOT / deployments[name]["entrypoint"])).name == flow.name
+    assert Settings().gpu_worker_stages == "all"
     schema = parameter_schema(flow.fn)
     idle_s = schema.properties["idle_s"]
     assert "default" in idle_s and idle_s["default"] is None
     assert {"type": "number"} in idle_s["anyOf"] and {"type": "null"} in idle_s["anyOf"]
+    stages = json.dumps(schema.properties["stages"])
+    assert all(s in stages for s in ("segment", "reconstruct", "all"))
+    assert schema.properties["stages"]["default"] is None
     assert Settings(gpu_stages="workers").gpu_stages == "workers"
 
 
@@ -318,11 +347,12 @@ def test_aws_deployments_are_the_local_ones_on_the_built_images():
     for `sam3d-pipeline up`); only the GPU image, the catalog's example parameters and its schedule differ."""
     local = _deployments()
     aws = {d["name"]: d for d in _aws_config()["deployments"]}
-    assert set(aws) == set(local)
-    for name in local:
+    assert set(aws) == set(local) - {"gpu-worker"}  # both models in one process: no such image on AWS
+    for name in aws:
         mine, theirs = dict(local[name]), dict(aws[name])
-        if name == "gpu-worker":
-            assert theirs["work_pool"]["job_variables"]["image"] == "{{ build-gpu-image.image }}"
+        if name.startswith("gpu-worker-"):
+            build = {"gpu-worker-sam3": "build-sam3-image", "gpu-worker-sam3d": "build-sam3d-image"}[name]
+            assert theirs["work_pool"]["job_variables"]["image"] == f"{{{{ {build}.image }}}}"
             for d in (mine, theirs):
                 d["work_pool"] = {**d["work_pool"], "job_variables": {
                     k: v for k, v in d["work_pool"]["job_variables"].items() if k != "image"}}
@@ -362,7 +392,8 @@ def test_aws_deployments_build_and_push_both_images_the_prefect_way(template):
         assert extra <= buildx, extra - buildx
         assert args["provenance"] is False  # a single manifest: Lambda refuses image indexes
         builds[args["id"]] = args
-    assert {b["dockerfile"] for b in builds.values()} == {"deployments/service.Dockerfile", "gpu_worker/Dockerfile"}
+    assert {b["dockerfile"] for b in builds.values()} == {
+        "deployments/service.Dockerfile", "gpu_worker/sam3.Dockerfile", "gpu_worker/sam3d.Dockerfile"}
     for args in builds.values():  # the repositories of deployments/artifacts.yaml (ProjectName sam3d)
         repository = args["image_name"].rsplit("/", 1)[1]
         assert "${ProjectName}-" + repository.removeprefix("sam3d-") in artifacts
@@ -375,10 +406,11 @@ def test_aws_deployments_build_and_push_both_images_the_prefect_way(template):
     for dockerfile in builds.values():
         text = (ROOT / dockerfile["dockerfile"]).read_text()
         assert f"WORKDIR {directory}\n" in text, dockerfile["dockerfile"]
-    gpu = builds["build-gpu-image"]
-    assert set(gpu["build_args"]) == {"CHECKPOINT_URI"} and gpu["secrets"] == [
-        "id=aws,src={{ $SAM3D_BUILD_AWS_CREDENTIALS }}"]
-    assert "id=aws,target=/root/.aws/credentials" in (ROOT / "gpu_worker" / "Dockerfile").read_text()
+    for name in ("build-sam3-image", "build-sam3d-image"):
+        gpu = builds[name]
+        assert set(gpu["build_args"]) == {"CHECKPOINT_URI"} and gpu["secrets"] == [
+            "id=aws,src={{ $SAM3D_BUILD_AWS_CREDENTIALS }}"]
+        assert "id=aws,target=/root/.aws/credentials" in (ROOT / gpu["dockerfile"]).read_text()
 
 
 def _pyproject_extra(name: str) -> list[str]:

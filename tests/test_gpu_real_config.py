@@ -36,7 +36,7 @@ from .gpu_image import ROOT, process_env, session_env  # noqa: E402
 pytestmark = pytest.mark.slow
 
 DOCKERFILE = ROOT / "gpu_worker" / "sam3.Dockerfile"
-DEPLOYMENT = "gpu-worker-sam3"
+DEPLOYMENT = "gpu-worker"
 TASK_STORAGE_BLOCK = "sam3d-task-storage"
 
 # Upstream's checkpoint layout: the image model's keys under ``detector.``, the interactive predictor's

@@ -19,8 +19,27 @@ import pytest
 from PIL import Image
 
 from sam3d_pipeline import backends
-from sam3d_pipeline.gpu_stages import GpuBatch, ReconstructJobParam, SegmentJob, SegmentParams, run_gpu_batch
-from sam3d_pipeline.gpu_workers import IdleClock, Lease, SessionLedger, lease_verdict, sessions_to_start
+from sam3d_pipeline.gpu_stages import (
+    GpuBatch,
+    ReconstructJobParam,
+    SegmentJob,
+    SegmentParams,
+    batch_stages,
+    merge_results,
+    reconstruct_part,
+    run_gpu_batch,
+    segment_part,
+)
+from sam3d_pipeline.gpu_workers import (
+    IdleClock,
+    Lease,
+    SessionLedger,
+    lease_verdict,
+    served_tasks,
+    sessions_to_start,
+    stage_deployment,
+    task_kind,
+)
 from sam3d_pipeline.keys import RunKeys
 from sam3d_pipeline.masks import iou
 
@@ -92,6 +111,68 @@ def test_gpu_batch_segments_selects_and_reconstructs_each_photo(tmp_path):
         assert summary["backend"]["name"] == "lite" and summary["stats"]["faces"] > 0
     assert [r["output"] for r in result["reconstruct"]] == [RunKeys(p).reconstruct_dir for p in truths]
     assert set(result["timing"]) == {"segment", "reconstruct"}
+
+
+def test_which_session_serves_which_stage():
+    assert served_tasks("segment") == ("segment",) and served_tasks("reconstruct") == ("reconstruct",)
+    assert served_tasks("all") == ("segment", "reconstruct", "all")
+    with pytest.raises(ValueError, match="segment, reconstruct, all"):
+        served_tasks("both")
+    both = {"worker_deployment": "gpu-worker/gpu-worker"}
+    two = both | {"segment_deployment": "gpu-worker/gpu-worker-sam3",
+                  "reconstruct_deployment": "gpu-worker/gpu-worker-sam3d"}
+    assert {stage_deployment(s, **both) for s in ("segment", "reconstruct", "all")} == {"gpu-worker/gpu-worker"}
+    assert stage_deployment("segment", **two) == "gpu-worker/gpu-worker-sam3"
+    assert stage_deployment("reconstruct", **two) == "gpu-worker/gpu-worker-sam3d"
+    assert stage_deployment("reconstruct", **both, segment_deployment="s", reconstruct_deployment="") == \
+        "gpu-worker/gpu-worker"  # an empty setting is the default
+    assert task_kind(("segment",), same_deployment=False) == "segment"
+    assert task_kind(("reconstruct",), same_deployment=True) == "reconstruct"
+    assert task_kind(("segment", "reconstruct"), same_deployment=True) == "all"
+    assert task_kind(("segment", "reconstruct"), same_deployment=False) is None  # split
+
+
+def test_a_catalog_batch_split_in_two_gives_what_one_batch_gives(tmp_path):
+    """Segment on one worker, reconstruct on another: the halves write the same files and merge into the result
+    shape of the combined batch (what ``catalog.apply_gpu_result`` reads)."""
+    jobs = []
+    for seed in (1, 2):
+        photo = tmp_path / f"p{seed}.png"
+        photo.write_bytes(encode(object_photo(seed=seed)[0]))
+        jobs.append(SegmentJob(image=str(photo), prefix=f"p{seed}-x", seed=seed, params=SegmentParams(prompt="thing")))
+    jobs.append(SegmentJob(image=str(tmp_path / "missing.png"), prefix="missing-x", params=SegmentParams(prompt="x")))
+    blank = tmp_path / "blank.png"
+    blank.write_bytes(encode(np.full((120, 160, 3), 127, np.uint8)))
+    jobs.append(SegmentJob(image=str(blank), prefix="blank-x", params=SegmentParams(prompt="x")))
+    batch = GpuBatch(output_root=str(tmp_path / "one"), segment=jobs, reconstruct_selected=True)
+    assert batch_stages(batch) == ("segment", "reconstruct")
+    combined = run_gpu_batch(batch)
+
+    split = batch.model_copy(update={"output_root": str(tmp_path / "two")})
+    first = segment_part(split)
+    assert batch_stages(first) == ("segment",) and first.segment == split.segment
+    segmented = run_gpu_batch(first)
+    assert segmented["reconstruct"] == [] and set(segmented["timing"]) == {"segment"}
+    second = reconstruct_part(split, segmented)
+    assert batch_stages(second) == ("reconstruct",) and second.output_root == split.output_root
+    by_prefix = {r["prefix"]: r for r in segmented["segment"]}
+    assert [(j.mask, j.output, j.seed) for j in second.reconstruct] == [
+        (RunKeys(p).stage_mask(by_prefix[p]["selected"]), RunKeys(p).reconstruct_dir, seed)
+        for p, seed in (("p1-x", 1), ("p2-x", 2))]  # the missing photo and the empty one are left out
+    merged = merge_results(segmented, run_gpu_batch(second))
+
+    assert set(merged) == {"segment", "reconstruct", "timing"} and set(merged["timing"]) == {"segment", "reconstruct"}
+
+    def comparable(result):
+        return ([{k: r.get(k) for k in ("prefix", "selected", "error")} for r in result["segment"]],
+                [{k: r.get(k) for k in ("output", "outputs", "pose", "error")} for r in result["reconstruct"]])
+    assert comparable(merged) == comparable(combined)
+    for prefix in ("p1-x", "p2-x"):
+        mesh = RunKeys(prefix).reconstruct_dir + "/object.glb"
+        assert (tmp_path / "two" / mesh).read_bytes() == (tmp_path / "one" / mesh).read_bytes()
+    # Nothing selected anywhere: no reconstruct half at all.
+    assert reconstruct_part(split, {"segment": [{"prefix": "p1-x", "selected": None}]}) is None
+    assert merge_results(segmented, None)["reconstruct"] == []
 
 
 def test_gpu_batch_refuses_a_mask_of_another_size(tmp_path):
@@ -252,6 +333,49 @@ def test_catalog_sends_every_gpu_batch_to_the_workers(workers_mode, tmp_path):
         assert {s["worker"] for s in result["stages"].values()} == {worker.session}
     assert not backends._CACHE, "a model was built in the flow's process"
     assert worker.text().count("Task run 'gpu-stage") and worker.text().count("done (segment") == 2  # 2 batches
+
+
+@pytest.mark.slow
+def test_segment_and_reconstruct_sessions_each_serve_their_own_stage(workers_mode, tmp_path, monkeypatch):
+    """The two images' sessions: one serves segment only (SAM3D_GPU_WORKER_STAGES=segment, the SAM 3 image), one
+    reconstruct only (the SAM 3D Objects image), each stage with its own deployment. An image-to-3d run and a catalog
+    batch (split into a segment task and a reconstruct task) each get every stage from the session of that stage."""
+    from flows.catalog_batch import catalog_batch
+    from flows.image_to_3d import image_to_3d
+
+    tag = uuid.uuid4().hex[:6]  # deployments nobody created: the flows start no session, these two serve
+    monkeypatch.setenv("SAM3D_GPU_SEGMENT_DEPLOYMENT", f"gpu-worker/sam3-{tag}")
+    monkeypatch.setenv("SAM3D_GPU_RECONSTRUCT_DEPLOYMENT", f"gpu-worker/sam3d-{tag}")
+    (tmp_path / "photos").mkdir()
+    for i in range(2):
+        _photo(tmp_path / "photos", f"item{i}.png", seed=60 + i)
+    segmenting = WorkerSession(tmp_path, env={"SAM3D_GPU_WORKER_STAGES": "segment"}).start()
+    reconstructing = WorkerSession(tmp_path, env={"SAM3D_GPU_WORKER_STAGES": "reconstruct"}).start()
+    try:
+        state = image_to_3d(image=str(_photo(tmp_path, "cup.png", seed=50)), prompt="cup",
+                            output_root=str(tmp_path / "out"), segmenter="lite", reconstructor="lite",
+                            return_state=True)
+        summary = catalog_batch(source=str(tmp_path / "photos"), output_root=str(tmp_path / "catalog"),
+                                default_prompt="item", batch_size=2, segmenter="lite", reconstructor="lite")
+    finally:
+        segmenting.stop()
+        reconstructing.stop()
+    assert state.is_completed(), state.message
+    stages = state.result()["stages"]
+    assert stages["segment"]["worker"] == segmenting.session
+    assert stages["reconstruct"]["worker"] == reconstructing.session
+    assert summary["counts"]["completed"] == 2, summary["summary"]
+    for item in summary["items"]:
+        result = json.loads((Path(item["output_prefix"]) / "result.json").read_text())
+        assert result["stages"]["segment"]["worker"] == segmenting.session
+        assert result["stages"]["reconstruct"]["worker"] == reconstructing.session
+    seg_log, rec_log = segmenting.text(), reconstructing.text()
+    assert "waiting for gpu-stage tasks (gpu-segment;" in seg_log
+    assert "waiting for gpu-stage tasks (gpu-reconstruct;" in rec_log
+    assert "Task run 'gpu-segment" in seg_log and "Task run 'gpu-reconstruct" not in seg_log
+    assert "Task run 'gpu-reconstruct" in rec_log and "Task run 'gpu-segment" not in rec_log
+    assert "Task run 'gpu-stage" not in seg_log + rec_log  # the catalog batch was split, not sent as one task
+    assert not backends._CACHE, "a model was built in the flow's process"
 
 
 @pytest.mark.slow

@@ -63,8 +63,8 @@ def test_the_declared_sha_names_the_prefix_without_a_checkpoint():
     """An orchestrator with only the declared sha256 plans the same version as the worker holding the file."""
     sha = "c0ffee" + "0" * 58
     planned = sam3_version.describe(Settings(sam3_checkpoint_sha256=sha))
-    worker = sam3_version.describe(Settings(sam3_checkpoint="/opt/checkpoints/sam3/sam3.pt", sam3_checkpoint_sha256=sha),
-                                   "cuda", checkpoint_sha256=sha, dtype="float32")
+    on_worker = Settings(sam3_checkpoint="/opt/checkpoints/sam3/sam3.pt", sam3_checkpoint_sha256=sha)
+    worker = sam3_version.describe(on_worker, "cuda", checkpoint_sha256=sha, dtype="float32")
     assert planned.version == worker.version == "sam3-0.1.4+c0ffee000000"
     assert planned.weights == worker.weights == "checkpoint"
     assert worker.as_dict()["checkpoint_sha256"] == "c0ffee000000" and worker.as_dict()["dtype"] == "float32"

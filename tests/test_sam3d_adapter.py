@@ -1,8 +1,12 @@
-"""The sam3d reconstructor against a double of SAM 3D Objects' inference API, and its output conversions."""
+"""The sam3d reconstructor against a double of SAM 3D Objects' inference API, and its output conversions.
+
+Upstream's own classes, where they run on a CPU, are in ``test_sam3d_upstream.py``."""
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import os
 import sys
 from pathlib import Path
@@ -11,6 +15,7 @@ import numpy as np
 import pytest
 import trimesh
 import yaml
+from pydantic import ValidationError
 
 from sam3d_pipeline import backends
 from sam3d_pipeline.backends import sam3d_reconstructor as adapter
@@ -66,6 +71,9 @@ def test_reconstruct_returns_our_types_with_backend_and_pose(sam3d):
     rec = adapter.Sam3dReconstructor(_settings())
     recon = rec.reconstruct(rgb, mask, seed=7)
     assert recon.backend.name == "sam3d" and recon.backend.weights == "checkpoint"
+    # What the loaded pipeline really uses: the config's dtype (float32 in this fixture), its device.
+    assert recon.backend.dtype == "float32" and recon.backend.device == "cuda"
+    assert recon.stats["splat_frame"] == "sam3d-object-z-up"  # object.ply's frame, recorded in result.json
     assert isinstance(recon.mesh, trimesh.Trimesh) and len(recon.mesh.faces) > 0
     assert recon.pose["rotation"] == [1.0, 0.0, 0.0, 0.0]  # the double's (2, 0, 0, 0), normalised
     assert len(recon.pose["translation"]) == 3 and len(recon.pose["scale"]) == 3
@@ -73,7 +81,7 @@ def test_reconstruct_returns_our_types_with_backend_and_pose(sam3d):
     assert header["format"] == "binary_little_endian"
     assert header["properties"][:3] == ["x", "y", "z"] and "opacity" in header["properties"]
     assert recon.stats["splat_points"] == len(recon.mesh.vertices)
-    assert sam3d.CALLS == [{"seed": 7, "pointmap_given": True, "mask_area": int(mask.sum())}]
+    assert sam3d.CALLS == [{"seed": 7, "pointmap_given": True, "mask_area": int(mask.sum()), "mask_dtype": "bool"}]
     # Import-time expectations of notebook/inference.py were met in one place.
     assert os.environ["LIDRA_SKIP_INIT"] == "true" and os.environ["MPLBACKEND"] == "Agg"
     assert os.environ["CONDA_PREFIX"]
@@ -81,23 +89,76 @@ def test_reconstruct_returns_our_types_with_backend_and_pose(sam3d):
 
 def test_settings_reach_the_pipeline_config_and_originals_are_kept(sam3d):
     rgb, mask = object_photo()
-    settings = _settings(sam3d_dtype="bfloat16", sam3d_ss_steps=12, sam3d_slat_steps=9,
-                         sam3d_decode_formats=("mesh",))
+    settings = _settings(sam3d_dtype="bfloat16", sam3d_ss_steps=12, sam3d_slat_steps=9)
     recon = adapter.Sam3dReconstructor(settings).reconstruct(rgb, mask)
     [instance] = sam3d.INSTANCES
     used = Path(instance.config_file)
     assert used.parent == Path(settings.sam3d_config_path).parent  # relative checkpoint paths still resolve
     config = yaml.safe_load(used.read_text())
     assert config["dtype"] == "bfloat16" and config["ss_inference_steps"] == 12
-    assert config["slat_inference_steps"] == 9 and config["decode_formats"] == ["mesh"]
+    assert config["slat_inference_steps"] == 9 and config["decode_formats"] == ["gaussian", "mesh"]
     assert config["depth_model"]["path"] == "${workspace}/moge.pt"  # interpolations untouched
-    assert recon.splat_ply is None  # no gaussian decoded → no object.ply
+    assert "device" not in config  # default mode: upstream's own placement
+    assert recon.backend.dtype == "bfloat16"
 
 
-def test_gaussian_only_is_refused_with_a_reason(sam3d):
+def test_dtype_is_the_configs_unless_set(sam3d):
+    """The released pipeline.yaml says float16 (its generators use_fp16): an unset dtype must not override it."""
+    assert Settings().sam3d_dtype is None
+    rec = adapter.Sam3dReconstructor(_settings())
+    assert rec.info().dtype is None  # before loading: nothing claimed
+    rec.reconstruct(*object_photo())
+    config = yaml.safe_load(Path(sam3d.INSTANCES[0].config_file).read_text())
+    assert config["dtype"] == "float32"  # the fixture config's, untouched
+    assert rec.info().dtype == "float32"
+
+
+def test_a_0_255_mask_reaches_upstream_as_bool(sam3d):
+    """Upstream computes mask.astype(np.uint8) * 255: a 0/255 uint8 mask would become alpha 1."""
     rgb, mask = object_photo()
-    with pytest.raises(BackendUnavailableError, match="decode_formats|DECODE_FORMATS"):
-        adapter.Sam3dReconstructor(_settings(sam3d_decode_formats=("gaussian",))).reconstruct(rgb, mask)
+    recon = adapter.Sam3dReconstructor(_settings()).reconstruct(rgb, mask.astype(np.uint8) * 255)
+    assert sam3d.CALLS[-1]["mask_dtype"] == "bool" and sam3d.CALLS[-1]["mask_area"] == int(mask.sum())
+    assert len(recon.mesh.faces) > 0
+    wrapped = sam3d.Inference.merge_mask_to_rgba(None, rgb, mask.astype(np.uint8) * 255)[..., 3]
+    assert set(np.unique(wrapped).tolist()) == {0, 1}  # what upstream would have seen without the conversion
+
+
+def test_decode_formats_without_both_are_refused_at_settings():
+    """Mesh alone raises KeyError upstream (to_glb reads outputs["gaussian"]); gaussian alone makes no GLB."""
+    with pytest.raises(ValidationError, match=r"to_glb reads outputs\['gaussian'\]"):
+        _settings(sam3d_decode_formats=("mesh",))
+    with pytest.raises(ValidationError, match="no GLB"):
+        _settings(sam3d_decode_formats=("gaussian",))
+    assert _settings(sam3d_decode_formats=("mesh", "gaussian")).sam3d_decode_formats == ("mesh", "gaussian")
+
+
+def test_double_fails_like_upstream_on_mesh_only(sam3d):
+    """What the settings check prevents (settings built without validation reach the pipeline as they are)."""
+    rgb, mask = object_photo()
+    settings = Settings.model_construct(**(_settings().model_dump() | {"sam3d_decode_formats": ("mesh",)}))
+    with pytest.raises(KeyError, match="gaussian"):
+        adapter.Sam3dReconstructor(settings).reconstruct(rgb, mask)
+
+
+def test_info_reports_the_checkpoint_digest_from_the_manifest(sam3d, tmp_path, monkeypatch):
+    entries = [{"path": "sam-3d-objects/ss_generator.ckpt", "size": 7, "sha256": "a" * 64},
+               {"path": "sam-3d-objects/pipeline.yaml", "size": 9, "sha256": "b" * 64},
+               {"path": "sam3/sam3.pt", "size": 5, "sha256": "c" * 64}]
+    (tmp_path / "manifest.json").write_text(json.dumps({"version": 1, "files": entries}))
+    monkeypatch.setenv("SAM3D_CHECKPOINT_DIR", str(tmp_path))
+    rec = adapter.Sam3dReconstructor(_settings())
+    assert rec.info().checkpoint_sha256 is None  # not loaded: not claimed
+    recon = rec.reconstruct(*object_photo())
+    lines = "".join(sorted(f"{e['path']} {e['sha256']}\n" for e in entries if e["path"].startswith("sam-3d-objects/")))
+    assert recon.backend.checkpoint_sha256 == hashlib.sha256(lines.encode()).hexdigest()[:12]
+    assert recon.backend.as_dict()["checkpoint_sha256"] == recon.backend.checkpoint_sha256
+    # A declared identity names the version; weights that differ from it are refused at load.
+    digest = hashlib.sha256(lines.encode()).hexdigest()
+    assert adapter.Sam3dReconstructor(_settings(sam3d_checkpoint_sha256=digest)).info().version.endswith(digest[:12])
+    with pytest.raises(BackendUnavailableError, match="not the declared"):
+        adapter.Sam3dReconstructor(_settings(sam3d_checkpoint_sha256="f" * 64)).load_model()
+    (tmp_path / "manifest.json").unlink()
+    assert adapter.checkpoint_digest(_settings()) is None
 
 
 def test_batch_loads_once_and_computes_one_point_map_per_photo(sam3d):
@@ -134,6 +195,10 @@ def test_low_memory_puts_only_the_running_stage_on_the_gpu(sam3d):
     rec = adapter.Sam3dReconstructor(_settings(sam3d_low_memory=True))
     rec.reconstruct(rgb, mask)
     pipeline = sam3d.INSTANCES[0]._pipeline
+    # Built on the CPU (upstream places networks while building), inputs sent to the GPU afterwards.
+    config = yaml.safe_load(Path(sam3d.INSTANCES[0].config_file).read_text())
+    assert config["device"] == "cpu" and config["depth_model"]["device"] == "cpu"
+    assert str(pipeline.device) == "cuda"
     seen = [name for name, _ in pipeline.stage_devices]
     assert seen == ["compute_pointmap", "sample_sparse_structure", "sample_slat", "decode_slat"]
     for stage, devices in pipeline.stage_devices:
@@ -141,8 +206,19 @@ def test_low_memory_puts_only_the_running_stage_on_the_gpu(sam3d):
         on_gpu = {name for name, device in devices.items() if device == "cuda"}
         assert on_gpu == wanted, stage
     assert all(m.device == "cpu" for m in pipeline.models.values())  # everything back off the GPU
+    assert pipeline.depth_model.model.device == "cpu" and str(pipeline.depth_model.device) == "cpu"
     assert len(sam3d.empties) >= 5  # once after offloading, once after each stage
-    assert "low-memory" in " ".join(rec.info().limits)
+    assert "low-memory" in " ".join(rec.info().limits) and rec.info().device == "cuda"
+
+
+def test_low_memory_lowers_the_load_time_peak(sam3d, monkeypatch):
+    """A GPU with room for 4 resident networks: upstream's default placement fails while building; low-memory
+    mode builds on the CPU and never holds more than one stage's networks."""
+    monkeypatch.setenv("SAM3D_DOUBLE_GPU_MODULES_MAX", "4")
+    with pytest.raises(RuntimeError, match="out of memory"):
+        adapter.Sam3dReconstructor(_settings()).load_model()
+    recon = adapter.Sam3dReconstructor(_settings(sam3d_low_memory=True)).reconstruct(*object_photo())
+    assert len(recon.mesh.faces) > 0
 
 
 def test_double_import_fails_like_upstream_without_conda(monkeypatch):
@@ -258,7 +334,7 @@ def test_sam3d_settings_that_change_the_output_change_the_prefix(monkeypatch):
         return pipeline.plan("photos/chair.jpg", "sha256:abc", options, "out", settings).prefix
 
     base = prefix()
-    assert prefix(sam3d_ss_steps=12) != base and prefix(sam3d_decode_formats=("mesh",)) != base
+    assert prefix(sam3d_ss_steps=12) != base and prefix(sam3d_dtype="float32") != base
     assert prefix(sam3d_low_memory=True) == base  # same result, only slower
 
 
@@ -289,3 +365,26 @@ def test_three_objects_of_a_photo_keep_their_own_pose_into_the_scene(sam3d):
     # left-to-right order, with every object at a distinct place.
     assert centres[0][0] < centres[1][0] < centres[2][0]
     assert min(np.linalg.norm(centres[i] - centres[j]) for i in range(3) for j in range(i + 1, 3)) > 0.05
+
+
+def test_smoke_profile_stages_times_each_stage_and_restores_the_pipeline(sam3d, monkeypatch):
+    """bench/gpu.py and gpu_worker/smoke.py time SAM 3D Objects' stages with it (over the low-memory wrappers)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "gpu_worker"))
+    from smoke import profile_stages
+
+    peaks = iter(range(1, 100))
+    fake_cuda = type("Cuda", (), {"synchronize": staticmethod(lambda: None),
+                                  "reset_peak_memory_stats": staticmethod(lambda: None),
+                                  "max_memory_allocated": staticmethod(lambda: next(peaks) * 2**30)})
+    rec = adapter.Sam3dReconstructor(_settings(sam3d_low_memory=True))
+    rec.load_model()
+    pipeline = rec._inference._pipeline
+    staged = pipeline.sample_slat  # the offloader's wrapper
+    with profile_stages(pipeline, type("Torch", (), {"cuda": fake_cuda})) as stages:
+        rec.reconstruct(*object_photo())
+    assert list(stages) == ["compute_pointmap", "sample_sparse_structure", "sample_slat", "decode_slat"]
+    assert stages["compute_pointmap"]["calls"] == 2  # the shared point map, then run()'s pass with it given
+    assert all(row["s"] >= 0 and row["peak_gib"] >= 1 for row in stages.values())
+    assert pipeline.sample_slat is staged and "compute_pointmap" in vars(pipeline)  # wrappers restored
+    assert [name for name, _ in pipeline.stage_devices][-1] == "decode_slat"  # the stages still moved networks
+

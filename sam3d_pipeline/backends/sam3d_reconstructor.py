@@ -1,5 +1,9 @@
 """The ``sam3d`` reconstructor: Meta's SAM 3D Objects (facebookresearch/sam-3d-objects) behind our Protocol.
 
+Tested against a double of ``notebook/inference.py`` (``tests/test_sam3d_adapter.py``) and, where they run on a
+CPU, against upstream's own classes (``tests/test_sam3d_upstream.py``: PyPI ``sam3d==0.1.2``'s copy, checked
+byte for byte against cf06676).
+
 Upstream interface, read at facebookresearch/sam-3d-objects @ cf066761706cd02b07e2fc6274570ec8cdafb683
 (main, 2025-11-21; the commit the gpu_worker image pins), ``notebook/inference.py``:
 ``Inference(config_file, compile=False)`` builds an ``InferencePipelinePointMap`` from a hydra config whose
@@ -7,28 +11,48 @@ checkpoint paths are relative to the config's folder; calling it with ``(image, 
 returns a dict holding ``gs`` (a Gaussian splat with ``save_ply(path)``), ``glb`` (a ``trimesh.Trimesh`` with
 vertex colours) and the pose ``rotation`` (1x4 quaternion wxyz), ``translation`` (1x3), ``scale`` (1x3).
 The pipeline (``sam3d_objects/pipeline/inference_pipeline_pointmap.py``, same commit) computes a MoGe point map
-per call with
-``compute_pointmap(rgba)`` unless one is passed, keeps its networks in ``pipeline.models``
+per call with ``compute_pointmap(rgba)`` unless one is passed, keeps its networks in ``pipeline.models``
 (``ss_generator``, ``slat_generator``, ``ss_decoder``, ``slat_decoder_gs``, ``slat_decoder_mesh``, ...),
 ``pipeline.condition_embedders`` (DINOv2) and ``pipeline.depth_model`` (MoGe), and reads ``dtype``,
 ``ss_inference_steps``, ``slat_inference_steps`` and ``decode_formats`` from its config.
 
 What this adapter adds:
 - ``notebook/inference.py`` runs ``os.environ["CUDA_HOME"] = os.environ["CONDA_PREFIX"]`` (a KeyError outside
-  conda) and imports UI packages (gradio,
-  seaborn, matplotlib, kaolin's notebook visualiser) at import time: ``_import_inference`` is the one place
-  that prepares the environment (``CUDA_HOME``, ``CONDA_PREFIX``, ``LIDRA_SKIP_INIT``, headless ``MPLBACKEND``)
-  and imports it.
-- Settings become a patched copy of the config (dtype, steps, decode formats) written beside the original,
-  so the relative checkpoint paths still resolve.
-- Low-memory mode (``SAM3D_SAM3D_LOW_MEMORY=true``) keeps every network on the CPU and moves only the ones a
-  stage needs onto the GPU while that stage runs, then frees them. Expected peak GPU memory per stage on a
-  24 GB A10G in bf16 (from the checkpoint sizes: MoGe ViT-L ~1.3 GB, DINOv2 ViT-L ~0.6 GB per embedder,
-  stage-1 flow transformer ~3.4 GB, stage-2 ~2.5 GB, decoders ~0.4-0.9 GB, plus activations):
-  point map (MoGe) ~3-4 GB; sparse structure (stage 1 + DINOv2 + ss decoder) ~9-11 GB; structured latent
-  (stage 2 + DINOv2) ~7-9 GB; decode (gaussian + mesh decoders, FlexiCubes) ~8-12 GB; layout
-  post-optimisation (gsplat) ~2-4 GB. Without it every network stays resident (~13 GB of weights before
-  activations), which is what runs out of memory on 24 GB cards.
+  conda) and imports UI packages (gradio, seaborn, matplotlib, kaolin's notebook visualiser) at import time:
+  ``_import_inference`` is the one place that prepares the environment (``CUDA_HOME``, ``CONDA_PREFIX``,
+  ``LIDRA_SKIP_INIT``, headless ``MPLBACKEND``) and imports it.
+- Settings become a patched copy of the config (steps, decode formats, dtype, device) written beside the
+  original, so the relative checkpoint paths still resolve. The dtype is written only when
+  ``SAM3D_SAM3D_DTYPE`` is set: otherwise the config's stays (``float16`` in the released ``pipeline.yaml``,
+  whose generators set ``use_fp16: true``; upstream's own default, ``bfloat16``, is never exercised there).
+- Decode formats: both ``gaussian`` and ``mesh`` (settings refuse others): ``postprocess_slat_output``
+  (``inference_pipeline.py`` L541-543) calls ``to_glb(outputs["gaussian"][0], ...)`` whenever a mesh was decoded.
+- The mask goes upstream as a bool array: ``Inference.merge_mask_to_rgba`` (``notebook/inference.py`` L95) computes
+  ``mask.astype(np.uint8) * 255``, so a 0/255 uint8 mask would wrap to alpha 1.
+- DINOv2: ``Dino.__init__`` (``sam3d_objects/model/backbone/dit/embedder/dino.py`` L35-41) calls
+  ``torch.hub.load("facebookresearch/dinov2", ..., source="github")``, which asks GitHub at every load.
+  ``local_torch_hub`` redirects that call, while the pipeline is built, to the baked copy
+  ``$TORCH_HOME/hub/facebookresearch_dinov2_main`` (``source="local"``); a missing copy is a clear error, not
+  a download.
+- Low-memory mode (``SAM3D_SAM3D_LOW_MEMORY=true``). Upstream places every network on its ``device`` while it
+  builds: ``InferencePipeline.__init__`` (``inference_pipeline.py`` L96, L288 ``model.to(device)``; safetensors
+  checkpoints even load with ``load_file(ckpt_path, device="cuda")``, L272) and the MoGe wrapper
+  (``depth_models/base.py`` L6-9, default ``device="cuda"``), so offloading after construction cannot lower the
+  load-time peak. This mode therefore writes ``device: cpu`` (pipeline and depth model) into the patched config,
+  reads safetensors onto the CPU while building, then sets ``pipeline.device`` to the GPU (inputs go there) and
+  moves each stage's networks to the GPU only while that stage runs (``StageOffloader``; the depth model is the
+  plain ``MoGe(DepthModel)`` wrapper, which has no ``.to()``: its ``.model`` moves and its ``.device`` follows).
+  Memory (gpu_worker/README.md, "SAM 3D Objects memory on a 24 GB A10G"): ``bench/sam3d_memory.py`` counts
+  the parameter bytes per stage from upstream's classes (counted, not measured: weights of at most ~4.2 GiB per
+  stage, ~9.3 GiB all resident; activations unknown), and ``bench/gpu.py`` measures time and peak GPU memory per
+  stage, default and low-memory, on whatever GPU runs it. No GPU has run either mode for this project yet.
+- The loaded reconstructor's ``info()`` reports the device and dtype the pipeline really uses and
+  ``checkpoint_sha256``: the first 12 hex of ``checkpoints.folder_digest`` over the ``sam-3d-objects/`` entries of
+  ``<SAM3D_CHECKPOINT_DIR>/manifest.json`` when there is one. A declared ``SAM3D_SAM3D_CHECKPOINT_SHA256`` names
+  the version (``sam3d-objects-cf06676+<12 hex>``), and weights whose digest differs are refused at load.
+- Frames: the mesh (``object.glb``) comes Y-up from upstream's GLB post-processing; the splat (``object.ply``,
+  written by upstream's ``save_ply``) stays in the Z-up object frame. ``stats["splat_frame"]`` says so in
+  ``result.json`` (the conversion is ``export.frame.GLB_TO_OBJECT``).
 - ``reconstruct_batch`` computes the point map once per photo and reuses it for every mask on that photo.
 - Outputs become our own types: the mesh as a ``trimesh.Trimesh`` (GLB written by the pipeline), the splat as
   PLY bytes, the pose as plain JSON lists.
@@ -43,12 +67,13 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .. import checkpoints
 from ..errors import BackendUnavailableError, InputError
 from ..settings import Settings
 from ..types import BackendInfo, Reconstruction
@@ -56,6 +81,8 @@ from ..types import BackendInfo, Reconstruction
 VERSION = "sam3d-objects-cf06676"
 INFERENCE_MODULE = "inference"  # notebook/inference.py, installed on sys.path by the gpu_worker image
 LIMITS = ("one object per call; pose is relative to the photo's camera (MoGe point map)",)
+CHECKPOINT_SUBFOLDER = "sam-3d-objects"  # its folder under SAM3D_CHECKPOINT_DIR (and in manifest.json)
+SPLAT_FRAME = "sam3d-object-z-up"  # object.ply's frame; object.glb is Y-up: export.frame.GLB_TO_OBJECT maps them
 
 # Which networks each pipeline stage needs on the GPU in low-memory mode (attribute paths on the pipeline).
 STAGE_MODULES: dict[str, tuple[str, ...]] = {
@@ -119,13 +146,14 @@ def _empty_cuda_cache() -> None:
 
 
 def patched_config(config_path: str | Path, settings: Settings) -> Path:
-    """Write the pipeline config with our dtype, steps and decode formats beside the original.
+    """Write the pipeline config with our steps, decode formats, dtype and build device beside the original.
 
     Plain YAML round trip: hydra's ``_target_`` keys and ``${...}`` interpolations are kept as written.
 
     Args:
         config_path: upstream ``pipeline.yaml`` (hydra config; checkpoint paths relative to its folder).
-        settings: ``sam3d_dtype``, ``sam3d_ss_steps``, ``sam3d_slat_steps``, ``sam3d_decode_formats``.
+        settings: ``sam3d_dtype`` (left as the config's when None), ``sam3d_ss_steps``, ``sam3d_slat_steps``,
+            ``sam3d_decode_formats``, ``sam3d_low_memory`` (builds on the CPU: ``device: cpu``).
 
     Returns:
         Path of ``pipeline.sam3d-pipeline-<hash>.yaml`` in the same folder (reused when identical).
@@ -142,11 +170,18 @@ def patched_config(config_path: str | Path, settings: Settings) -> Path:
     if not isinstance(config, dict):
         raise BackendUnavailableError(f"SAM 3D Objects config {src} is not a mapping")
     config |= {
-        "dtype": settings.sam3d_dtype,
         "ss_inference_steps": settings.sam3d_ss_steps,
         "slat_inference_steps": settings.sam3d_slat_steps,
         "decode_formats": list(settings.sam3d_decode_formats),
     }
+    if settings.sam3d_dtype:  # else the config's own (float16 in the released pipeline.yaml)
+        config["dtype"] = settings.sam3d_dtype
+    if settings.sam3d_low_memory:
+        # Build on the CPU: InferencePipeline.__init__ moves each network to `device` (L96, L288) and the MoGe
+        # wrapper moves its model to its own `device` (depth_models/base.py L9); both default to "cuda".
+        config["device"] = "cpu"
+        if isinstance(config.get("depth_model"), dict):
+            config["depth_model"] = config["depth_model"] | {"device": "cpu"}
     text = yaml.safe_dump(config, sort_keys=False)
     dst = src.with_name(f"{src.stem}.sam3d-pipeline-{hashlib.sha256(text.encode()).hexdigest()[:10]}.yaml")
     if not dst.exists() or dst.read_text() != text:
@@ -168,11 +203,39 @@ def _get_path(obj: Any, path: str) -> Any:
     return obj
 
 
+def _as_device(device: Any) -> Any:
+    """``torch.device(device)`` when torch is loaded (the pipeline compares devices), else the string."""
+    torch = sys.modules.get("torch")
+    return torch.device(device) if torch is not None and isinstance(device, str) else device
+
+
+def place(network: Any, device: Any) -> None:
+    """Move one pipeline network to ``device``.
+
+    A ``torch.nn.Module`` moves with ``.to``. Upstream's depth model is a plain ``MoGe(DepthModel)`` wrapper
+    (``sam3d_objects/pipeline/depth_models/base.py`` @ cf06676: no ``.to()``; the network is ``.model`` and
+    ``MoGe.__call__`` sends its input to ``.device``), so its ``.model`` moves and its ``.device`` follows.
+
+    Raises:
+        TypeError: the object is neither (a new upstream layout: fail loudly rather than leave it on the GPU).
+    """
+    if callable(getattr(network, "to", None)):
+        network.to(device)
+    elif callable(getattr(getattr(network, "model", None), "to", None)):
+        network.model.to(device)
+        if hasattr(network, "device"):
+            network.device = _as_device(device)
+    else:
+        raise TypeError(f"cannot move {type(network).__name__} between devices (no .to(), no .model)")
+
+
 class StageOffloader:
     """Low-memory mode: networks live on the CPU; each stage moves what it needs to the GPU and frees it after.
 
     Wraps the pipeline's stage methods (``STAGE_MODULES``) in place. ``empty_cache`` releases the freed
-    memory to the driver so the next stage can use it.
+    memory to the driver so the next stage can use it. The pipeline must have been built on the CPU
+    (``patched_config`` with ``sam3d_low_memory``): moving networks off the GPU after upstream built them there
+    does not lower the load-time peak.
     """
 
     def __init__(self, pipeline: Any, device: str, empty_cache: Callable[[], None], offload_device: str = "cpu"):
@@ -186,7 +249,7 @@ class StageOffloader:
         for modules in STAGE_MODULES.values():
             for path in modules:
                 if (module := _get_path(self.pipeline, path)) is not None:
-                    module.to(self.offload_device)
+                    place(module, self.offload_device)
         self.empty_cache()
         for method_name, modules in STAGE_MODULES.items():
             original = getattr(self.pipeline, method_name, None)
@@ -197,12 +260,12 @@ class StageOffloader:
     def on_device(self, modules: Sequence[str]) -> Iterator[None]:
         present = [m for m in (_get_path(self.pipeline, p) for p in modules) if m is not None]
         for module in present:
-            module.to(self.device)
+            place(module, self.device)
         try:
             yield
         finally:
             for module in present:
-                module.to(self.offload_device)
+                place(module, self.offload_device)
             self.empty_cache()
 
     def _wrap(self, name: str, fn: Callable[..., Any], modules: Sequence[str]) -> Callable[..., Any]:
@@ -214,13 +277,114 @@ class StageOffloader:
         return staged
 
 
+def dinov2_hub_dir() -> Path:
+    """Where the image bakes DINOv2's hub repo: ``$TORCH_HOME/hub/facebookresearch_dinov2_main`` (torch.hub's own
+    cache name for ``facebookresearch/dinov2`` at ``main``)."""
+    torch_home = os.environ.get("TORCH_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "torch"
+    )
+    return Path(torch_home) / "hub" / "facebookresearch_dinov2_main"
+
+
+@contextlib.contextmanager
+def local_torch_hub() -> Iterator[None]:
+    """While the pipeline builds, ``torch.hub.load(<owner>/<repo>[:ref], ..., source="github")`` loads the baked
+    copy ``$TORCH_HOME/hub/<owner>_<repo>_<ref>`` with ``source="local"`` instead of asking GitHub.
+
+    Covers ``Dino.__init__`` (``sam3d_objects/model/backbone/dit/embedder/dino.py`` L35-41 @ cf06676:
+    ``torch.hub.load(repo_or_dir="facebookresearch/dinov2", model=dino_model, source="github", ...)``), which
+    otherwise contacts api.github.com at every load (a 403/429 there fails the load) although the image has the
+    code. Upstream files are not modified: the hub function is swapped for the duration of the build only.
+
+    Raises:
+        BackendUnavailableError: (inside the block) the baked copy is missing; nothing is downloaded.
+    """
+    import torch
+
+    original = torch.hub.load
+    hub_dir = dinov2_hub_dir().parent
+
+    def load(repo_or_dir: str, model: str, *args: Any, source: str = "github", **kwargs: Any) -> Any:
+        if source != "github":
+            return original(repo_or_dir, model, *args, source=source, **kwargs)
+        repo, _, ref = repo_or_dir.partition(":")
+        local = hub_dir / f"{repo.replace('/', '_')}_{ref or 'main'}"
+        if not (local / "hubconf.py").is_file():
+            raise BackendUnavailableError(
+                f"torch.hub repo {repo_or_dir} is not baked at {local} (no run-time downloads): put it under "
+                "TORCH_HOME (gpu_worker/README.md, Checkpoints)"
+            )
+        kwargs.pop("trust_repo", None)
+        return original(str(local), model, *args, source="local", **kwargs)
+
+    torch.hub.load = load
+    try:
+        yield
+    finally:
+        torch.hub.load = original
+
+
+@contextlib.contextmanager
+def safetensors_on_cpu() -> Iterator[None]:
+    """While a low-memory pipeline builds, safetensors checkpoints load onto the CPU: upstream's
+    ``instantiate_and_load_from_pretrained`` calls ``load_file(ckpt_path, device="cuda")`` whatever the pipeline's
+    device (``inference_pipeline.py`` L272 @ cf06676), which would put every state dict on the GPU at load."""
+    module = sys.modules.get("sam3d_objects.pipeline.inference_pipeline")
+    original = getattr(module, "load_file", None)
+    if original is None:
+        yield
+        return
+
+    def load_file(filename: Any, device: Any = "cpu") -> Any:
+        return original(filename, device="cpu")
+
+    module.load_file = load_file
+    try:
+        yield
+    finally:
+        module.load_file = original
+
+
+def checkpoint_digest(settings: Settings) -> str | None:
+    """``checkpoints.folder_digest`` (64 hex) over the ``sam-3d-objects/`` entries of the checkpoint folder's
+    ``manifest.json`` (``SAM3D_CHECKPOINT_DIR``, else the folder above the config's); None without one."""
+    folder = os.environ.get("SAM3D_CHECKPOINT_DIR") or str(Path(settings.sam3d_config_path).parent.parent)
+    try:
+        files = checkpoints.read_manifest(folder)
+        return checkpoints.folder_digest(files, CHECKPOINT_SUBFOLDER) if files else None
+    except InputError:
+        return None
+
+
+def version(settings: Settings) -> str:
+    """``sam3d-objects-cf06676``, ``+<first 12 hex>`` of the declared ``SAM3D_SAM3D_CHECKPOINT_SHA256`` when set
+    (as ``sam3_version.version`` does: outputs of other weights get other output keys)."""
+    declared = settings.sam3d_checkpoint_sha256
+    return f"{VERSION}+{declared.lower()[:12]}" if declared else VERSION
+
+
+def _device_name(device: Any) -> str:
+    """``cuda`` → ``cuda:<current index>``, as results report devices."""
+    text = str(device)
+    torch = sys.modules.get("torch")
+    if text == "cuda" and torch is not None and torch.cuda.is_available():
+        return f"cuda:{torch.cuda.current_device()}"
+    return text
+
+
+def _dtype_name(dtype: Any) -> str | None:
+    return str(dtype).removeprefix("torch.") if dtype is not None else None
+
 
 def describe(settings: Settings) -> BackendInfo:
-    """The reconstructor's ``BackendInfo``, known without loading (or importing) SAM 3D Objects."""
+    """The reconstructor's ``BackendInfo``, known without loading (or importing) SAM 3D Objects: the device and
+    dtype it will ask for (the loaded reconstructor's ``info()`` reports what it really uses)."""
     limits = LIMITS
     if settings.sam3d_low_memory:
         limits += ("low-memory mode: stages load one at a time (slower)",)
-    return BackendInfo(name="sam3d", version=VERSION, device="cuda:0", limits=limits, weights="checkpoint")
+    return BackendInfo(name="sam3d", version=version(settings), device="cuda:0", limits=limits,
+                       weights="checkpoint", dtype=settings.sam3d_dtype)
+
 
 class Sam3dReconstructor:
     """SAM 3D Objects reconstructor (see module docstring). The model loads on the first ``reconstruct``."""
@@ -229,19 +393,40 @@ class Sam3dReconstructor:
         self.settings = settings
         self._inference: Any = None
         self.offloader: StageOffloader | None = None
+        self._checkpoint_sha256: str | None = None
 
     def info(self) -> BackendInfo:
-        return describe(self.settings)
+        """``describe`` before the model loads; after, the device and dtype the pipeline uses (``pipeline.device``,
+        ``pipeline.dtype``) and the checkpoint digest."""
+        if self._inference is None:
+            return describe(self.settings)
+        pipeline = self._inference._pipeline
+        device = self.offloader.device if self.offloader else getattr(pipeline, "device", "cuda")
+        return replace(describe(self.settings), device=_device_name(device),
+                       dtype=_dtype_name(getattr(pipeline, "dtype", None)), checkpoint_sha256=self._checkpoint_sha256)
 
     # -- model -----------------------------------------------------------------------------------------
     def _load(self) -> Any:
         if self._inference is None:
             inference_cls = _import_inference()
             config = patched_config(self.settings.sam3d_config_path, self.settings)
-            self._inference = inference_cls(str(config), compile=False)
-            if self.settings.sam3d_low_memory:
-                self.offloader = StageOffloader(self._inference._pipeline, "cuda", _empty_cuda_cache)
+            digest = checkpoint_digest(self.settings)
+            declared = (self.settings.sam3d_checkpoint_sha256 or "").lower()
+            if declared and digest and digest != declared:
+                raise BackendUnavailableError(
+                    f"SAM 3D Objects weights here (manifest digest {digest[:12]}) are not the declared "
+                    f"SAM3D_SAM3D_CHECKPOINT_SHA256 {declared[:12]}: set the same identity on every pool"
+                )
+            self._checkpoint_sha256 = digest[:12] if digest else None
+            low_memory = self.settings.sam3d_low_memory
+            with local_torch_hub(), (safetensors_on_cpu() if low_memory else contextlib.nullcontext()):
+                inference = inference_cls(str(config), compile=False)
+            if low_memory:
+                # Built on the CPU; run() sends its inputs to pipeline.device, so that is the GPU from now on.
+                inference._pipeline.device = _as_device("cuda")
+                self.offloader = StageOffloader(inference._pipeline, "cuda", _empty_cuda_cache)
                 self.offloader.install()
+            self._inference = inference
         return self._inference
 
     def load_model(self) -> bool:
@@ -261,11 +446,13 @@ class Sam3dReconstructor:
 
         Args:
             rgb: ``(H, W, 3)`` uint8 photo.
-            mask: ``(H, W)`` bool mask, same size.
+            mask: ``(H, W)`` mask, same size: bool, or numbers where non-zero is the object (passed upstream as
+                bool).
             seed: sampling seed.
 
         Returns:
-            Mesh (``trimesh.Trimesh``, vertex colours), splat PLY bytes, pose (JSON lists) and stats.
+            Mesh (``trimesh.Trimesh``, vertex colours, Y-up), splat PLY bytes (Z-up object frame:
+            ``stats["splat_frame"]``), pose (JSON lists) and stats.
 
         Raises:
             InputError: empty mask or size mismatch.
@@ -292,7 +479,9 @@ class Sam3dReconstructor:
             reused = job.photo_id in pointmaps
             if not reused:
                 pointmaps[job.photo_id] = shared_pointmap(inference, job.rgb)
-            output = inference(job.rgb, job.mask, seed=job.seed, pointmap=pointmaps[job.photo_id])
+            # A bool mask: upstream computes mask.astype(np.uint8) * 255 (a 0/255 uint8 mask would wrap to 1).
+            mask = np.asarray(job.mask).astype(bool)
+            output = inference(job.rgb, mask, seed=job.seed, pointmap=pointmaps[job.photo_id])
             results.append(self._to_reconstruction(output, reused))
         return results
 
@@ -303,7 +492,7 @@ class Sam3dReconstructor:
             splat = output["gaussian"][0]
         if mesh is None:
             raise BackendUnavailableError(
-                "SAM 3D Objects returned no mesh: keep 'mesh' in SAM3D_SAM3D_DECODE_FORMATS"
+                "SAM 3D Objects returned no mesh: SAM3D_SAM3D_DECODE_FORMATS must hold gaussian and mesh"
             )
         mesh = mesh_from_output(mesh)
         ply = splat_to_ply_bytes(splat) if splat is not None else None
@@ -315,6 +504,7 @@ class Sam3dReconstructor:
             "extent": [round(float(v), 4) for v in mesh.extents],
             "splat_points": ply_vertex_count(ply) if ply else 0,
             "pointmap_reused": pointmap_reused,
+            "splat_frame": SPLAT_FRAME if ply else None,
         }
         return Reconstruction(mesh=mesh, backend=self.info(), splat_ply=ply, pose=pose, stats=stats)
 

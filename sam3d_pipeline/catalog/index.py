@@ -113,6 +113,19 @@ def all_succeeded(entries: Iterable[CatalogEntry]) -> bool:
     return all(e.has_asset for e in entries)
 
 
+def failure_message(outcome: dict[str, Any]) -> str | None:
+    """Why a catalog run ends Failed: some items failed (a corrupt photo, a missing object, a model error). The
+    run's state tells schedules and automations what its items did; ``catalog.json`` and the gallery are written
+    either way and list every item. None: no item failed (``no_object`` is an outcome, not a failure).
+    """
+    failed = outcome["counts"].get("failed", 0)
+    if not failed:
+        return None
+    total = len(outcome["items"])
+    return (f"catalog: {failed} of {total} item(s) failed; {outcome['counts'].get('completed', 0)} completed, "
+            f"{outcome['counts'].get('skipped', 0)} skipped (the failures are listed in {outcome['catalog']})")
+
+
 def build_index(entries: Sequence[CatalogEntry], *, source: str, output_root: str,
                 flow_run_id: str | None = None, started_at: str | None = None,
                 warnings: Sequence[str] = (), total: int | None = None, complete: bool = True) -> dict[str, Any]:

@@ -17,12 +17,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
+from .. import jsonsafe
 from ..errors import InputError
 from ..keys import image_stem
 from ..pipeline import RunOptions
 from ..settings import Settings, get_settings
 from ..storage import is_s3_uri, read_input
-from ..types import PROMPT_MAX_CHARS, BoxParam, Point
+from ..types import PROMPT_MAX_CHARS, BoxParam, PointList, clean_prompt
 from .listing import IMAGE_SUFFIXES, list_images, listing_id
 
 MANIFEST_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
@@ -46,7 +47,7 @@ class CatalogItem(BaseModel):
     image: str = Field(min_length=1)
     prompt: str = Field(min_length=1, max_length=PROMPT_MAX_CHARS)
     box: BoxParam | None = None
-    points: list[Point] = Field(default_factory=list)
+    points: PointList = Field(default_factory=list)
     review: bool = False
     instances: Literal["best", "all"] | list[Annotated[int, Field(ge=0)]] = "best"
     line: int = 0
@@ -214,7 +215,7 @@ def _make_row(line: int, record: dict[str, Any], base: str, default_prompt: str 
     try:
         if not raw_image:
             raise ValueError("field 'image' is missing or empty")
-        prompt = str(record.get("prompt") or "").strip() or (default_prompt or "")
+        prompt = clean_prompt(str(record.get("prompt") or "")) or (default_prompt or "")
         if not prompt:
             raise ValueError("field 'prompt' is empty and no default prompt was given")
         row.item = CatalogItem(
@@ -278,12 +279,12 @@ def parse_manifest(text: str, *, fmt: Literal["csv", "jsonl"], source: str, base
             if not raw.strip():
                 continue
             try:
-                record = json.loads(raw, parse_constant=_no_constant)
+                record = jsonsafe.loads(raw)
             except json.JSONDecodeError as exc:
                 rows.append(ManifestRow(line=line, error=f"not valid JSON: {exc.msg} (column {exc.colno})"))
                 continue
-            except RecursionError:
-                rows.append(ManifestRow(line=line, error="not valid JSON: nested too deeply"))
+            except jsonsafe.JSONLimitError as exc:
+                rows.append(ManifestRow(line=line, error=f"not valid JSON: {exc}"))
                 continue
             if not isinstance(record, dict):
                 rows.append(ManifestRow(line=line, error=f"expected a JSON object, got {type(record).__name__}"))
@@ -300,10 +301,6 @@ def parse_manifest(text: str, *, fmt: Literal["csv", "jsonl"], source: str, base
     warnings = [f"{source}: ignored unknown column(s) {', '.join(sorted(unknown))} (the pipeline reads "
                 f"{', '.join(FIELDS)})"] if unknown else []
     return ManifestRows(rows, warnings)
-
-
-def _no_constant(name: str) -> Any:
-    raise json.JSONDecodeError(f"{name} is not a JSON number", name, 0)
 
 
 def _known(record: dict[str, Any], unknown: set[str]) -> dict[str, Any]:
@@ -366,7 +363,7 @@ def load_source(source: str, *, default_prompt: str | None = None, output_root: 
             roots = allowed_roots(base, s)
         return parse_manifest(text, fmt=fmt, source=source, base=base, default_prompt=default_prompt,  # type: ignore[arg-type]
                               roots=roots)
-    if not default_prompt or not default_prompt.strip():
+    if not default_prompt or not clean_prompt(default_prompt):
         raise InputError(f"{source}: listing a prefix or folder needs a default prompt (--prompt)")
     uris = list_images(source, output_root=output_root, settings=s)
     if not uris:

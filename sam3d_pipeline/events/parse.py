@@ -26,7 +26,6 @@ is malformed. Nothing in this module talks to the network; Prefect is imported o
 from __future__ import annotations
 
 import json
-import math
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -35,6 +34,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import unquote_plus
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from .. import jsonsafe
 
 if TYPE_CHECKING:
     from prefect.events import Event
@@ -48,7 +49,7 @@ PROMPT_METADATA_KEY = "prompt"
 # S3 notifications are at most 64 KB; an SNS envelope adds little. SQS's default message limit is 256 KiB.
 MAX_BODY_BYTES = 256 * 1024
 MAX_JSON_DEPTH = 32  # the AWS shapes nest about 6 deep; deeper is not an S3 event
-MAX_INT_DIGITS = 20  # 2**63 has 19 digits
+MAX_INT_DIGITS = jsonsafe.MAX_INT_DIGITS
 MAX_RECORDS = 100  # S3 puts one record in a notification
 MAX_KEY_BYTES = 1024  # S3's limit on a key, UTF-8 encoded
 MAX_SIZE_BYTES = 2**63 - 1
@@ -120,7 +121,6 @@ class EventFilter:
 
 
 # -- the JSON text ------------------------------------------------------------------------------------------
-_JSON_TOKEN = re.compile(r'["\\\[\]{}]')
 
 
 def _short(value: Any) -> str:
@@ -129,52 +129,6 @@ def _short(value: Any) -> str:
         text = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else "a huge integer"
         return text if len(text) <= 40 else text[:37] + "..."
     return f"a {type(value).__name__}"
-
-
-def _check_depth(text: str) -> None:
-    """Refuse nesting deeper than ``MAX_JSON_DEPTH`` before the decoder recurses into it.
-
-    One pass over the quotes, backslashes and brackets (linear in the text, whatever it holds); brackets
-    inside strings do not count.
-    """
-    depth = 0
-    in_string = False
-    skip_to = 0  # the character after a backslash is escaped
-    for match in _JSON_TOKEN.finditer(text):
-        at = match.start()
-        if at < skip_to:
-            continue
-        token = match.group()
-        if in_string:
-            if token == "\\":
-                skip_to = at + 2
-            elif token == '"':
-                in_string = False
-        elif token == '"':
-            in_string = True
-        elif token in "[{":
-            depth += 1
-            if depth > MAX_JSON_DEPTH:
-                raise MalformedMessageError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
-        elif token in "]}":
-            depth -= 1
-
-
-def _no_constant(name: str) -> Any:
-    raise MalformedMessageError(f"non-finite number {name} in JSON")
-
-
-def _bounded_int(text: str) -> int:
-    if len(text.lstrip("-")) > MAX_INT_DIGITS:
-        raise MalformedMessageError(f"integer with {len(text.lstrip('-'))} digits in JSON")
-    return int(text)
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise MalformedMessageError(f"number {_short(text)} out of range")
-    return value
 
 
 def _loads(body: Any, what: str = "body") -> dict[str, Any]:
@@ -190,11 +144,10 @@ def _loads(body: Any, what: str = "body") -> dict[str, Any]:
         raise MalformedMessageError(f"{what} is a {type(body).__name__}, not JSON text")
     if len(body) > MAX_BODY_BYTES or len(body.encode("utf-8", "surrogatepass")) > MAX_BODY_BYTES:
         raise MalformedMessageError(f"{what} longer than {MAX_BODY_BYTES} bytes")
-    _check_depth(body)
     try:
-        data = json.loads(body, parse_constant=_no_constant, parse_int=_bounded_int, parse_float=_finite_float)
-    except MalformedMessageError:
-        raise
+        data = jsonsafe.loads(body, MAX_JSON_DEPTH)
+    except jsonsafe.JSONLimitError as exc:
+        raise MalformedMessageError(str(exc)) from None
     except (ValueError, RecursionError) as exc:
         raise MalformedMessageError(f"{what} is not JSON: {str(exc)[:80]}") from None
     if not isinstance(data, dict):

@@ -28,7 +28,7 @@ from ..keys import RunKeys
 from ..masks import mask_from_png, mask_to_png
 from ..settings import Settings, get_settings
 from ..storage import S3Storage, open_storage
-from ..types import Box, Point, SegmentRequest
+from ..types import Box, PointList, SegmentRequest
 from . import prefect_api
 from .policy import ReviewContext
 
@@ -41,7 +41,7 @@ REFINE_WORK_SIZE_PX = 360
 
 
 class RefineIn(BaseModel):
-    points: list[Point] = Field(default_factory=list, max_length=64)
+    points: PointList = Field(default_factory=list)
     box: tuple[float, float, float, float] | None = None
     instance_index: int | None = Field(None, ge=0, description="Candidate mask being refined.")
 
@@ -58,7 +58,7 @@ class RejectIn(BaseModel):
 class RepromptIn(BaseModel):
     prompt: str | None = Field(None, min_length=1, max_length=500)
     boxes: list[tuple[float, float, float, float]] = Field(default_factory=list, max_length=16)
-    points: list[Point] = Field(default_factory=list, max_length=64)
+    points: PointList = Field(default_factory=list)
     score_threshold: float | None = Field(None, ge=0, le=1)
 
 

@@ -1,8 +1,10 @@
 """Video intake: an MP4 / MOV / WebM file, or a folder / S3 prefix of frames, decoded into a bounded sample.
 
 Limits are checked from the header before decoding where the container states them (frame size, duration), and
-again while decoding (a clip whose header says nothing). Frames are sampled by a stride that grows until the
-sample fits ``SAM3D_VIDEO_MAX_FRAMES`` and a fixed memory budget, so memory stays bounded whatever the clip.
+again while decoding (a clip whose header says nothing, or lies): every decoded frame's size is checked before it
+is converted or kept, and a stream that changes frame size mid-clip is refused. Frames are sampled by a stride
+that grows until the sample fits ``SAM3D_VIDEO_MAX_FRAMES`` and a fixed memory budget computed from the frames
+actually decoded, so memory stays bounded whatever the clip or its header says.
 A file that is truncated, has no frames, or holds only audio is refused with the reason in words.
 
 A folder or prefix of frames is read in two steps: ``read_frame_folder`` lists it and returns a small manifest
@@ -196,8 +198,10 @@ def load_video(data: bytes, *, source: str, settings: Settings | None = None) ->
         A ``LoadedVideo`` with at least one frame.
 
     Raises:
-        InvalidVideoError: empty, truncated, zero frames, audio only, not a video.
-        VideoTooLargeError: longer than ``SAM3D_VIDEO_MAX_SECONDS`` or frames over ``SAM3D_VIDEO_MAX_PIXELS``.
+        InvalidVideoError: empty, truncated, zero frames, audio only, not a video, frames of more than one size,
+            or anything the decoder raises (named with the frame it stopped at).
+        VideoTooLargeError: longer than ``SAM3D_VIDEO_MAX_SECONDS`` or any frame (the header's or a decoded one)
+            over ``SAM3D_VIDEO_MAX_PIXELS``.
     """
     s = settings or get_settings()
     if not data:
@@ -239,12 +243,24 @@ def _decode_container(data: bytes, source: str, s: Settings) -> LoadedVideo:
         declared_frames = int(stream.frames or 0) or (round(declared_s * fps) if declared_s else 0)
         stride, most = sample_stride(declared_frames, width, height, s)
         stream.thread_type = "AUTO"
+        # The header states only the first SPS's size: a stream may switch to larger frames later. Every decoded
+        # frame's size is checked below before it is converted or kept, and the decoder itself refuses to allocate
+        # a frame far over the limit (FFmpeg's max_pixels counts the width padded to 64: hence the headroom).
+        stream.codec_context.options = {**stream.codec_context.options,
+                                        "max_pixels": str(min(2 * s.video_max_pixels, (1 << 31) - 1))}
         kept: list[VideoFrame] = []
         read = 0
         last_time = 0.0
         rotations: set[int] = set()
+        size: tuple[int, int] | None = None  # the first decoded frame's: every frame must have it
+        shape: tuple[int, ...] | None = None  # the first kept frame's RGB shape (rotation applied)
         try:
             for frame in container.decode(stream):
+                frame_size = (int(frame.width), int(frame.height))
+                _check_frame_size(source, read, frame_size, size, (width, height), s)
+                if size is None:  # the budget follows the frames decoded, not the header
+                    size = frame_size
+                    stride, most = sample_stride(declared_frames, *size, s)
                 time_s = float(frame.time) if frame.time is not None else read / fps
                 if time_s > s.video_max_seconds:
                     raise VideoTooLargeError(
@@ -255,13 +271,28 @@ def _decode_container(data: bytes, source: str, s: Settings) -> LoadedVideo:
                         kept, stride = kept[::2], stride * 2
                     if read % stride == 0:
                         rgb, rotation = _frame_rgb(frame)
+                        if shape is None:
+                            shape = rgb.shape
+                        elif rgb.shape != shape:
+                            raise InvalidVideoError(
+                                f"{source}: frame {read} is {rgb.shape[1]}x{rgb.shape[0]} after its rotation "
+                                f"metadata ({rotation}°), the first frame {shape[1]}x{shape[0]}; every frame needs "
+                                "one size")
                         rotations.add(rotation)
                         kept.append(VideoFrame(read, time_s, rgb))
                 read += 1
                 last_time = time_s
         except (av.FFmpegError, EOFError) as exc:
+            # A frame the decoder refused to allocate (over max_pixels): the codec context holds its stated size.
+            context = stream.codec_context
+            stated = (int(context.width or 0), int(context.height or 0))
+            if min(stated) > 0 and stated != (size or (width, height)):
+                _check_frame_size(source, read, stated, size, (width, height), s)
             raise InvalidVideoError(f"{source}: the video data is truncated or corrupt after frame {read} "
                                     f"({last_time:.2f} s): {_plain(exc)}") from None
+        except RuntimeError as exc:  # anything else the decoder or the pixel conversion raises
+            raise InvalidVideoError(f"{source}: the video could not be decoded at frame {read} ({last_time:.2f} s): "
+                                    f"{_plain(exc)}") from None
         if read == 0:
             raise InvalidVideoError(f"{source}: the video stream has no frames (a zero-frame video)")
         duration_s = declared_s if declared_s else last_time + 1.0 / fps
@@ -270,6 +301,7 @@ def _decode_container(data: bytes, source: str, s: Settings) -> LoadedVideo:
             raise InvalidVideoError(
                 f"{source}: truncated: the frames end at {last_time:.2f} s of the {declared_s:.2f} s the header "
                 f"states ({read} frames decoded)")
+        width, height = size or (width, height)
         notes = [f"{source}: video {container.format.name.split(',')[0]} {stream.codec_context.name} "
                  f"{width}x{height} {fps:g} fps, {read} frames ({duration_s:.2f} s); kept every {stride} "
                  f"frame(s): {len(kept)} sampled"]
@@ -278,6 +310,25 @@ def _decode_container(data: bytes, source: str, s: Settings) -> LoadedVideo:
         return LoadedVideo(frames=kept, source=source, sha256=hashlib.sha256(data).hexdigest(),
                            format=container.format.name.split(",")[0], codec=stream.codec_context.name, fps=fps,
                            frames_read=read, duration_s=duration_s, stride=stride, notes=notes)
+
+
+def _check_frame_size(source: str, index: int, frame_size: tuple[int, int], first: tuple[int, int] | None,
+                      header: tuple[int, int], s: Settings) -> None:
+    """Refuse frame ``index`` when it is over ``SAM3D_VIDEO_MAX_PIXELS`` or not the first frame's size.
+
+    Checked on every decoded frame, before it is converted to RGB or kept, so the sample's memory follows the
+    frames actually in the file rather than the size its header states.
+    """
+    w, h = frame_size
+    if w * h > s.video_max_pixels:
+        stated = f"; the header states {header[0]}x{header[1]}" if header != frame_size else ""
+        raise VideoTooLargeError(
+            f"{source}: frame {index} is {w}x{h} = {w * h:,} pixels, over the limit of {s.video_max_pixels:,} "
+            f"(SAM3D_VIDEO_MAX_PIXELS{stated}); refused while decoding")
+    if first is not None and frame_size != first:
+        raise InvalidVideoError(
+            f"{source}: frame {index} is {w}x{h}, the first frame is {first[0]}x{first[1]}: the stream changes "
+            "frame size mid-clip; every frame needs one size (refused while decoding)")
 
 
 def _declared_duration(container: Any, stream: Any) -> float | None:

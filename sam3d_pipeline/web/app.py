@@ -27,7 +27,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import UploadFile
 
-from .. import __version__
+from .. import __version__, jsonsafe
 from ..errors import ImageTooLargeError, InputError, PipelineError, StorageAccessError, TransientError
 from ..keys import content_type
 from ..review import prefect_api
@@ -204,7 +204,9 @@ def create_app(tokens: Iterable[str], settings: Settings | None = None, deliver_
                 await form.close()
         elif kind == "application/json":
             try:
-                fields = await request.json()
+                fields = jsonsafe.loads(await request.body())
+            except jsonsafe.JSONLimitError as exc:
+                return _refuse(422, f"the body: {exc}")
             except ValueError:
                 return _refuse(400, "the body is not valid JSON")
             if not isinstance(fields, dict):

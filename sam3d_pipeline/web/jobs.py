@@ -15,8 +15,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .. import jsonsafe
 from ..pipeline import RunOptions
-from ..types import BoxParam, Point
+from ..types import BoxList, PointList
 
 Status = Literal["queued", "running", "awaiting_review", "completed", "no_object", "rejected", "failed", "cancelled"]
 STATUSES: tuple[str, ...] = ("queued", "running", "awaiting_review", "completed", "no_object", "rejected", "failed",
@@ -64,8 +65,8 @@ class JobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(description="What to segment, e.g. 'red chair' (required).")
-    boxes: list[BoxParam] = Field(default_factory=list, description="Box prompts, xyxy in image pixels.")
-    points: list[Point] = Field(default_factory=list, description="Clicks in image pixels: {x, y, label} "
+    boxes: BoxList = Field(default_factory=list, description="Box prompts, xyxy in image pixels (at most 16).")
+    points: PointList = Field(default_factory=list, description="Clicks in image pixels: {x, y, label} "
                                 "(label 1 = object, 0 = background).")
     review: Literal["none", "auto", "required"] = Field(
         "none", description="none; required (always wait for a person); auto (wait when the best score is low).")
@@ -100,7 +101,9 @@ def parse_request(fields: dict[str, Any]) -> tuple[JobRequest, RunOptions]:
     for name in ("boxes", "points"):
         if isinstance(values.get(name), str):
             try:
-                values[name] = json.loads(values[name])
+                values[name] = jsonsafe.loads(values[name])
+            except jsonsafe.JSONLimitError as exc:
+                raise JobRequestError(f"{name}: {exc}") from None
             except ValueError:
                 raise JobRequestError(f"{name}: not valid JSON (send e.g. {_EXAMPLES[name]})") from None
     if "prompt" not in values:
