@@ -86,7 +86,7 @@ test: $(STAMP) $(SAM3_STAMP) $(GLTF_VALIDATOR) $(GALLERY_STAMP) $(REVIEW_WEB_STA
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
-bench: $(STAMP) $(SAM3_STAMP) $(REVIEW_WEB_STAMP) chromium
+bench: $(STAMP) $(SAM3_STAMP) $(GLTF_VALIDATOR) $(GALLERY_STAMP) $(REVIEW_WEB_STAMP) chromium
 	$(PY) bench/run_all.py
 
 bench-catalog: $(STAMP)

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,12 +42,19 @@ def photo(i: int, size: tuple[int, int] = (160, 120)) -> bytes:
     return out.getvalue()
 
 
-def api(url: str, path: str, body: dict | None = None, method: str = "POST"):
-    request = urllib.request.Request(url + path, data=json.dumps(body or {}).encode(),
-                                     headers={"Content-Type": "application/json"}, method=method)
-    with urllib.request.urlopen(request, timeout=10) as response:
-        data = response.read()
-    return json.loads(data) if data else None
+def api(url: str, path: str, body: dict | None = None, method: str = "POST", attempts: int = 6):
+    """One Prefect API call; a 503 (the SQLite server under a burst) or a dropped connection is tried again."""
+    for attempt in range(1, attempts + 1):
+        request = urllib.request.Request(url + path, data=json.dumps(body or {}).encode(),
+                                         headers={"Content-Type": "application/json"}, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                data = response.read()
+            return json.loads(data) if data else None
+        except (urllib.error.HTTPError, urllib.error.URLError, ConnectionError) as exc:
+            if attempt == attempts or (isinstance(exc, urllib.error.HTTPError) and exc.code not in (502, 503, 504)):
+                raise
+            time.sleep(min(8.0, 0.5 * 2 ** attempt))
 
 
 def ts(text: str | None) -> float | None:

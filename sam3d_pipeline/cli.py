@@ -273,8 +273,11 @@ def serve_web(command: str, host: str, port: int, token: str | None) -> None:
     from sam3d_pipeline.review import prefect_api
     from sam3d_pipeline.settings import get_settings
     from sam3d_pipeline.web.app import create_app
+    from sam3d_pipeline.web.assets import ensure_browser_packages
     from sam3d_pipeline.web.auth import new_token
 
+    for problem in ensure_browser_packages():  # the viewer and the click decoder runtime, from their lock files
+        print(f"warning: {problem}", file=sys.stderr)
     try:  # without a reachable API there are no jobs to show and none can start
         prefect_api.check_api()
     except prefect_api.PrefectUnreachable as exc:

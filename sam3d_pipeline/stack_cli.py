@@ -66,6 +66,10 @@ def up(
     config = StackConfig(state_dir=state_dir, project_dir=default_project_dir(), bucket=bucket,
                          upload_prefix=upload_prefix, output_prefix=output_prefix, prefect_port=prefect_port,
                          moto_port=moto_port, worker_poll_s=worker_poll_s, gpu_workers=gpu_workers, db=db)
+    from sam3d_pipeline.web.assets import ensure_browser_packages
+
+    for problem in ensure_browser_packages():  # before the web server starts: it serves them
+        print(f"warning: {problem}", file=sys.stderr)
     print("starting moto, Prefect server, workers, a GPU worker session and the events bridge…", file=sys.stderr)
     try:
         env = LocalStack(config).up()

@@ -181,6 +181,18 @@ def test_default_placement_builds_on_the_gpu_and_low_memory_builds_on_the_cpu(bu
     assert len(networks) == 9 and all(p.device.type == "cpu" for n in networks if n is not None for p in n.parameters())
     assert str(pipeline.dtype) == "torch.float16"  # the config's dtype, no override
     assert torch.equal(pipeline.models["slat_decoder_gs"].linear.weight, torch.ones(4, 4))  # weights loaded
+    # The offloader's stage paths resolve on upstream's own layout (ModuleDict models, dict condition_embedders).
+    for stage in ("sample_sparse_structure", "sample_slat", "decode_slat"):
+        found = [adapter._get_path(pipeline, p) for p in adapter.STAGE_MODULES[stage]]
+        assert [type(m).__name__ for m in found if m is not None], stage
+        assert all(isinstance(m, torch.nn.Module) for m in found if m is not None)
+    assert {adapter._get_path(pipeline, p).kind for p in adapter.STAGE_MODULES["decode_slat"]
+            if adapter._get_path(pipeline, p) is not None} == {"gaussian", "mesh"}
+    moves = []
+    offloader = adapter.StageOffloader(pipeline, "cpu", lambda: moves.append("empty"))
+    offloader.install()
+    out = pipeline.decode_slat(torch.zeros(1, 4), ["gaussian", "mesh"])  # upstream's decode_slat, staged
+    assert {k: v[0].kind for k, v in out.items()} == {"mesh": "mesh", "gaussian": "gaussian"} and moves
 
 
 def test_default_mode_leaves_upstreams_cuda_placement(build):

@@ -308,7 +308,7 @@ def local_torch_hub() -> Iterator[None]:
         if source != "github":
             return original(repo_or_dir, model, *args, source=source, **kwargs)
         repo, _, ref = repo_or_dir.partition(":")
-        local = hub_dir / f"{repo.replace('/', '_')}_{ref or 'main'}"
+        local = hub_dir / f"{repo.replace('/', '_')}_{(ref or 'main').replace('/', '_')}"  # torch.hub's cache name
         if not (local / "hubconf.py").is_file():
             raise BackendUnavailableError(
                 f"torch.hub repo {repo_or_dir} is not baked at {local} (no run-time downloads): put it under "

@@ -260,10 +260,9 @@ class TargetPolicy:
             return None
         if why in _HOST_ALLOWS and target.literal is None and target.host.removesuffix(".") in self.allow_hosts:
             return None
-        where = str(address) if target.literal is not None else f"{target.host} resolves to a"
-        article = "" if target.literal is None else " is a"
-        return (f"{where}{article} {why} address, which webhooks may not reach (receivers on private networks "
-                "are allowed with SAM3D_WEBHOOK_ALLOW_NETWORKS or SAM3D_WEBHOOK_ALLOW_HOSTS)")
+        what = f"{address} is" if target.literal is not None else f"{target.host} resolves to"
+        return (f"{what} a {why} address, which webhooks may not reach (receivers on private networks are "
+                "allowed with SAM3D_WEBHOOK_ALLOW_NETWORKS or SAM3D_WEBHOOK_ALLOW_HOSTS)")
 
     def addresses(self, target: Target, timeout_s: float) -> list[Address]:
         """The addresses a webhook to ``target`` may connect to: the literal, or every address the name resolves
