@@ -123,9 +123,25 @@ class Settings(BaseSettings):
         1.0, ge=0, le=3600, description="Wait before the second delivery attempt; it doubles with each further "
         "attempt (seconds).")
     webhook_backoff_max_s: float = Field(600.0, ge=0, le=86400, description="Longest wait between attempts (s).")
-    webhook_timeout_s: float = Field(10.0, gt=0, le=120, description="A receiver slower than this failed (s).")
+    webhook_timeout_s: float = Field(
+        10.0, gt=0, le=120, description="Deadline of one delivery attempt, all of it: resolving the host, "
+        "connecting, sending and reading the whole answer (s); a slower receiver failed.")
     webhook_poll_s: float = Field(
         2.0, gt=0, le=60, description="How often the web server looks for jobs that ended and webhooks due (s).")
+    webhook_allow_networks: str = Field(
+        "", description="Non-public networks webhook receivers may be in, as CIDRs separated by commas (e.g. "
+        "10.0.0.0/16 for receivers in the VPC; the local stack sets 127.0.0.0/8,::1/128). Empty: public addresses "
+        "only. The Prefect API, the S3 endpoint and this web server are refused whatever it says.")
+    webhook_allow_hosts: str = Field(
+        "", description="Host names, separated by commas, whose private or loopback addresses webhook receivers "
+        "may have (e.g. hooks.internal.example); link-local (metadata), multicast and unspecified addresses "
+        "still need SAM3D_WEBHOOK_ALLOW_NETWORKS.")
+    webhook_max_response_bytes: int = Field(
+        65536, ge=0, le=16 * 1024 * 1024, description="Most bytes of a receiver's answer body read; a longer body "
+        "fails the attempt.")
+    webhook_workers: int = Field(
+        8, ge=1, le=64, description="Delivery attempts at once (threads): a slow receiver holds one of them for "
+        "at most SAM3D_WEBHOOK_TIMEOUT_S, never the other jobs' webhooks.")
 
     # SAM 3 (the ``sam3`` segmenter).
     sam3_checkpoint: str | None = Field(

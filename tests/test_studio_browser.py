@@ -236,6 +236,18 @@ def test_studio_shows_refusals_as_text_and_creates_no_job(stack, browser, tmp_pa
     assert wrong.page.is_visible("#login")
     wrong.page.wait_for_function("document.getElementById('error').textContent.includes('401')", timeout=10_000)
     assert "missing or wrong token" in wrong.page.inner_text("#error")
+    # A link whose token cannot go into a header (a newline, a non-Latin-1 letter) asks for the token again.
+    for bad in ("bad%0Atoken", "caf%C3%A9-%E2%9C%93"):
+        odd = StudioPage(browser.new_page(), stack.web, stack.token)
+        odd.open(token=bad)
+        odd.page.wait_for_selector("#login:not([hidden])", timeout=10_000)
+        assert "cannot be right" in odd.page.inner_text("#error")
+        assert "did not answer" not in odd.page.inner_text("body")
+        odd.close()
+        page = browser.new_page()
+        page.goto(f"{stack.web}/review#token={bad}")
+        page.wait_for_selector("#login:not([hidden])", timeout=10_000)
+        page.close()
     time.sleep(0.5)  # anything submitted would be listed by now
     assert job_ids(stack) == before
     studio.close()

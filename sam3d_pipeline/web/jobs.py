@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .. import jsonsafe
 from ..pipeline import RunOptions
 from ..types import BoxList, PointList
+from .webhook_targets import InvalidTarget, TargetPolicy, TargetRefused, TargetUnresolved, parse_url
 
 Status = Literal["queued", "running", "awaiting_review", "completed", "no_object", "rejected", "failed", "cancelled"]
 STATUSES: tuple[str, ...] = ("queued", "running", "awaiting_review", "completed", "no_object", "rejected", "failed",
@@ -77,12 +78,12 @@ class JobRequest(BaseModel):
     @field_validator("webhook_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
+        """Syntax only (no network): ``http(s)://``, a host, no control characters, spaces, backslashes or
+        credentials, a valid port and IPv6 literal. Where it goes is :func:`check_webhook_target`'s."""
         if value is None or not value.strip():
             return None
         value = value.strip()
-        scheme, sep, rest = value.partition("://")
-        if not sep or scheme.lower() not in ("http", "https") or not rest or rest.startswith("/"):
-            raise ValueError("must be an http:// or https:// URL")
+        parse_url(value)  # InvalidTarget is a ValueError: "webhook_url: <why>"
         return value
 
     def options(self) -> RunOptions:
@@ -90,8 +91,13 @@ class JobRequest(BaseModel):
         return RunOptions(prompt=self.prompt, boxes=self.boxes, points=self.points)
 
 
-def parse_request(fields: dict[str, Any]) -> tuple[JobRequest, RunOptions]:
+def parse_request(fields: dict[str, Any], targets: TargetPolicy | None = None) -> tuple[JobRequest, RunOptions]:
     """Validate a submission's fields; ``boxes`` and ``points`` may come as JSON text (multipart form fields).
+
+    Args:
+        fields: the form fields or JSON body.
+        targets: where webhooks may go; default: the settings' (``SAM3D_WEBHOOK_ALLOW_*``). A ``webhook_url``
+            is checked against it (its host resolved) by :func:`check_webhook_target`.
 
     Raises:
         JobRequestError: naming the field and the reason, e.g. ``prompt: required``.
@@ -110,11 +116,32 @@ def parse_request(fields: dict[str, Any]) -> tuple[JobRequest, RunOptions]:
         raise JobRequestError("prompt: required (what to segment, e.g. 'red chair')")
     try:
         request = JobRequest.model_validate(values)
-        return request, request.options()
+        options = request.options()
     except ValidationError as exc:
         error = exc.errors()[0]
         where = ".".join(str(part) for part in error["loc"]) or "request"
         raise JobRequestError(f"{where}: {error['msg'].removeprefix('Value error, ')}") from None
+    if request.webhook_url:
+        check_webhook_target(request.webhook_url, targets)
+    return request, options
+
+
+def check_webhook_target(url: str, targets: TargetPolicy | None = None, timeout_s: float = 5.0) -> None:
+    """Refuse a webhook URL whose host is, or resolves to, an address webhooks may not reach (``webhook_targets``:
+    public addresses unless allow-listed; never the server's own services). Delivery checks again, on every
+    attempt, against the address it connects to.
+
+    Raises:
+        JobRequestError: ``webhook_url: <why>`` (not a valid URL, a refused address, a name that does not resolve).
+    """
+    if targets is None:
+        from ..settings import get_settings
+
+        targets = TargetPolicy.from_settings(get_settings())
+    try:
+        targets.check_url(url, timeout_s)
+    except (InvalidTarget, TargetRefused, TargetUnresolved) as exc:
+        raise JobRequestError(f"webhook_url: {exc}") from None
 
 
 def check_idempotency_key(key: str | None) -> str | None:

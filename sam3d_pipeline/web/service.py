@@ -20,6 +20,7 @@ from ..settings import Settings
 from ..storage import S3Storage, Storage, open_storage, read_input
 from . import jobs, prefect_jobs, uploads
 from .jobs import JobRequest, RunView
+from .webhook_targets import TargetPolicy
 from .webhooks import Schedule, WebhookDeliverer
 
 
@@ -223,10 +224,24 @@ class JobService:
         return self.job(self.run(job_id), self.base(None), attempts=attempts)
 
     def deliverer(self) -> WebhookDeliverer | None:
-        """The webhook loop of this server, or None without ``SAM3D_WEBHOOK_SECRET``."""
+        """The webhook loop of this server, or None without ``SAM3D_WEBHOOK_SECRET``.
+
+        Raises:
+            ValueError: a bad ``SAM3D_WEBHOOK_ALLOW_*`` entry (the server does not start).
+        """
         s = self.settings
         if not s.webhook_secret:
             return None
         return WebhookDeliverer(self, s.webhook_secret,
                                 Schedule(s.webhook_max_attempts, s.webhook_backoff_s, s.webhook_backoff_max_s),
-                                timeout_s=s.webhook_timeout_s, poll_s=s.webhook_poll_s)
+                                timeout_s=s.webhook_timeout_s, poll_s=s.webhook_poll_s,
+                                targets=self.webhook_targets(), max_response_bytes=s.webhook_max_response_bytes,
+                                workers=s.webhook_workers)
+
+    def webhook_targets(self) -> TargetPolicy:
+        """Where this server's webhooks may go (``SAM3D_WEBHOOK_ALLOW_*``; never its own services).
+
+        Raises:
+            ValueError: a bad allow-list entry (names the setting).
+        """
+        return TargetPolicy.from_settings(self.settings)

@@ -86,8 +86,16 @@ class Target:
 
     @property
     def host_header(self) -> str:
-        host = f"[{self.host}]" if isinstance(self.literal, ipaddress.IPv6Address) else self.host
-        return host if self.port == DEFAULT_PORTS[self.scheme] else f"{host}:{self.port}"
+        """``Host``: the host (IPv6 in brackets), with the port unless it is the scheme's default."""
+        return self._bracketed if self.port == DEFAULT_PORTS[self.scheme] else self.authority
+
+    @property
+    def authority(self) -> str:
+        return f"{self._bracketed}:{self.port}"
+
+    @property
+    def _bracketed(self) -> str:
+        return f"[{self.host}]" if isinstance(self.literal, ipaddress.IPv6Address) else self.host
 
 
 def parse_url(url: str) -> Target:
@@ -251,8 +259,8 @@ class TargetPolicy:
         """Why a webhook to ``target`` may not connect to ``address``, or None when it may."""
         for net, port in self.refused:
             if port == target.port and _in(address, [net]):
-                return (f"{target.host}:{target.port} is one of this server's own services (the Prefect API, the "
-                        "S3 endpoint or the web server), never a webhook receiver")
+                return (f"{target.authority} is one of this server's own services (the Prefect API, "
+                        "the S3 endpoint or the web server), never a webhook receiver")
         if _in(address, self.allow_networks):
             return None
         why = non_public(address)
@@ -261,7 +269,8 @@ class TargetPolicy:
         if why in _HOST_ALLOWS and target.literal is None and target.host.removesuffix(".") in self.allow_hosts:
             return None
         what = f"{address} is" if target.literal is not None else f"{target.host} resolves to"
-        return (f"{what} a {why} address, which webhooks may not reach (receivers on private networks are "
+        article = "an" if why[0] in "aeiou" else "a"
+        return (f"{what} {article} {why} address, which webhooks may not reach (receivers on private networks are "
                 "allowed with SAM3D_WEBHOOK_ALLOW_NETWORKS or SAM3D_WEBHOOK_ALLOW_HOSTS)")
 
     def addresses(self, target: Target, timeout_s: float) -> list[Address]:

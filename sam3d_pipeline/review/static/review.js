@@ -9,13 +9,19 @@ window.reviewState = state;
 // The token comes in the URL fragment (/#token=...), which browsers never send to a server; it is kept in this
 // tab's session storage, taken out of the address bar, and sent only as "Authorization: Bearer" (files too:
 // fetched with the header and shown from object URLs, never with the token in a URL).
+// A token goes into an HTTP header: printable ASCII without spaces; anything else would make every fetch throw.
 function readToken() {
   const fromHash = new URLSearchParams(location.hash.slice(1)).get("token");
-  if (fromHash) {
+  if (fromHash !== null) {
     sessionStorage.setItem("sam3d-review-token", fromHash);
     history.replaceState(null, "", location.pathname);
   }
-  return sessionStorage.getItem("sam3d-review-token");
+  const token = sessionStorage.getItem("sam3d-review-token");
+  if (token !== null && !/^[\x21-\x7e]{1,512}$/.test(token)) {
+    sessionStorage.removeItem("sam3d-review-token");
+    return null;
+  }
+  return token;
 }
 
 async function api(path, options = {}) {

@@ -39,17 +39,30 @@ class ApiError extends Error {
   constructor(status, message) { super(message); this.status = status; }
 }
 
+// A token goes into an HTTP header: printable ASCII without spaces. Anything else (a newline, a non-Latin-1
+// character) would make every fetch throw, and the page would wrongly say the server is down.
+const TOKEN_RE = /^[\x21-\x7e]{1,512}$/;
+
 function readToken() {
   const fromHash = new URLSearchParams(location.hash.slice(1)).get("token");
-  if (fromHash) {
+  if (fromHash !== null) {
     sessionStorage.setItem(TOKEN_KEY, fromHash);
     history.replaceState(null, "", location.pathname);
   }
-  return sessionStorage.getItem(TOKEN_KEY);
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  if (token !== null && !TOKEN_RE.test(token)) {
+    sessionStorage.removeItem(TOKEN_KEY);
+    studio.badToken = true;
+    return null;
+  }
+  return token;
 }
 
 function askForToken() {
   $("login").hidden = false;
+  if (studio.badToken) {
+    showText("error", "That token cannot be right: a token is printable ASCII without spaces. Paste it again.");
+  }
   $("token-input").focus();
 }
 
