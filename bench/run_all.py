@@ -29,6 +29,7 @@ BENCHES = [
     ("warm gpu workers", ["bench/gpu_workers.py", "--photos", "3", "--burst", "20", "--workers", "1", "2"]),
     ("exported assets", ["bench/export.py"]),
     ("sam3 on this cpu", ["bench/sam3_cpu.py"]),
+    ("sam3d memory (no gpu)", ["bench/sam3d_memory.py"]),
     ("gpu (cuda only)", ["bench/gpu.py", "--images", "5"]),
 ]
 

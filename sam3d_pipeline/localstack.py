@@ -13,7 +13,10 @@
    so uploads, ``run``/``catalog`` with the stack's env and the review page all share the warm models, and
    more sessions start (up to ``--gpu-workers``) when work queues up;
 5. the events bridge (SQS → Prefect events) and the web server (studio, job API with webhooks, review page;
-   recorded as ``review-server``), its token and webhook secret made up here.
+   recorded as ``review-server``), its token and webhook secret made up here; its webhooks may reach receivers on
+   loopback (``SAM3D_WEBHOOK_ALLOW_NETWORKS``), never the stack's own services.
+
+The logs, ``stack.json`` and ``local-stack.env`` hold the token: they are readable by their owner only (0600).
 
 It waits until each answers, prints the URLs, and writes them to ``<state dir>/local-stack.env`` for
 ``set -a; . .sam3d/local-stack.env``. The PIDs go to ``<state dir>/stack.json``; ``down`` stops exactly
@@ -51,6 +54,29 @@ LOCAL_CREDENTIALS = {
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
+# Webhook receivers on this machine (tests, a developer's receiver); moto, Prefect and the web server stay refused.
+LOCAL_WEBHOOK_ALLOW_NETWORKS = "127.0.0.0/8,::1/128"
+
+
+def open_private(path: Path, mode: str = "ab"):
+    """Open ``path`` for writing, readable by its owner only (0600, also when it existed with a wider mode)."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if "a" in mode else os.O_TRUNC)
+    fd = os.open(path, flags, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, mode)
+
+
+def write_env_file(path: Path, exported: dict[str, str]) -> None:
+    """Write ``local-stack.env`` (it holds the API token and the webhook secret): 0600, replaced atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    with open_private(tmp, "w") as out:
+        out.write("# Written by `sam3d-pipeline up`; load with: set -a; . " + str(path) + "\n"
+                  + "".join(f"{k}={shlex.quote(v)}\n" for k, v in exported.items()))
+    tmp.replace(path)
+
+
+AUTOMATION_ATTEMPTS = 6  # a freshly started SQLite server answers 503 for a few seconds under load
 
 
 class StackError(RuntimeError):
@@ -188,9 +214,10 @@ class LocalStack:
 
     # -- helpers -----------------------------------------------------------------------------------
     def _spawn(self, name: str, argv: list[str], env: dict[str, str], cwd: Path | None = None) -> subprocess.Popen:
-        self.logs.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.logs.chmod(0o700)
         log = self.logs / f"{name}.log"
-        with open(log, "ab") as out:
+        with open_private(log, "ab") as out:  # the web server's log shows its token
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd,
                                     start_new_session=True)
         # argv, cwd and the stack's own variables (with the SAM3D_ settings it was started with) let
@@ -329,9 +356,11 @@ class LocalStack:
               cfg.timeout_s, bridge_log, proc)
 
         # 5. The web server: studio, job API (webhooks signed with the secret), review page; one token for all.
+        webhook_networks = env.get("SAM3D_WEBHOOK_ALLOW_NETWORKS") or LOCAL_WEBHOOK_ALLOW_NETWORKS
         self._allow_page_origin(moto_url, web_url)
         proc = self._spawn("review-server", [python, "-m", "sam3d_pipeline.cli", "web", "--port", str(web_port)],
-                           stack_env | {"SAM3D_API_TOKEN": api_token, "SAM3D_WEBHOOK_SECRET": webhook_secret})
+                           stack_env | {"SAM3D_API_TOKEN": api_token, "SAM3D_WEBHOOK_SECRET": webhook_secret,
+                                        "SAM3D_WEBHOOK_ALLOW_NETWORKS": webhook_networks})
         _wait("web server", lambda: _http_ok(f"{web_url}/openapi.json"), cfg.timeout_s,
               self.logs / "review-server.log", proc)
 
@@ -349,15 +378,13 @@ class LocalStack:
             "SAM3D_WEB_URL": web_url,
             "SAM3D_API_TOKEN": api_token,
             "SAM3D_WEBHOOK_SECRET": webhook_secret,
+            "SAM3D_WEBHOOK_ALLOW_NETWORKS": webhook_networks,
             "SAM3D_REVIEW_PAGE_URL": web_url,
             "SAM3D_REVIEW_TOKEN": api_token,
             **{k: stack_env[k] for k in GPU_ENV_KEYS},
         }
         env_file = self.state_dir / ENV_FILE
-        env_file.write_text(
-            "# Written by `sam3d-pipeline up`; load with: set -a; . " + str(env_file) + "\n"
-            + "".join(f"{k}={shlex.quote(v)}\n" for k, v in exported.items())
-        )
+        write_env_file(env_file, exported)
         self._save(env=exported, env_file=str(env_file))
         return exported
 
@@ -438,13 +465,20 @@ class LocalStack:
                 text = response.read()
             return json.loads(text) if text else None
 
-        try:
-            for existing in call("POST", "/automations/filter", {}):
-                if existing.get("name") == automation["name"]:
-                    call("DELETE", f"/automations/{existing['id']}")
-            call("POST", "/automations/", automation)
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            raise StackError(f"could not create the automation {automation['name']!r}: {exc}") from exc
+        for attempt in range(1, AUTOMATION_ATTEMPTS + 1):
+            try:
+                for existing in call("POST", "/automations/filter", {}):
+                    if existing.get("name") == automation["name"]:
+                        call("DELETE", f"/automations/{existing['id']}")
+                call("POST", "/automations/", automation)
+                return
+            except urllib.error.HTTPError as exc:  # the server busy starting (503) is worth another try
+                if exc.code not in (502, 503, 504) or attempt == AUTOMATION_ATTEMPTS:
+                    raise StackError(f"could not create the automation {automation['name']!r}: {exc}") from exc
+            except (urllib.error.URLError, OSError, ValueError) as exc:
+                if attempt == AUTOMATION_ATTEMPTS or isinstance(exc, ValueError):
+                    raise StackError(f"could not create the automation {automation['name']!r}: {exc}") from exc
+            time.sleep(min(8.0, 0.5 * 2 ** attempt))
 
     @staticmethod
     def _worker_online(api_url: str, pool: str = POOL_NAME) -> bool:
@@ -515,6 +549,21 @@ def _is_zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+def complete(recorded: dict[str, Any]) -> bool:
+    """True when ``up`` finished this stack (it wrote the environment last) and every process it recorded runs.
+
+    A stack whose ``up`` was killed while starting, or one with a part gone, is not: ``up`` stops what is left of it
+    and starts the whole stack again.
+    """
+    processes = recorded.get("processes", {})
+    return bool(recorded.get("env")) and bool(processes) and all(_alive(p) for p in processes.values())
+
+
+def stop_leftovers(state_dir: Path) -> list[str]:
+    """Stop what a stack that is not ``complete`` left running (by the PIDs it recorded). Returns what was done."""
+    return LocalStack(StackConfig(state_dir=state_dir, project_dir=default_project_dir())).down(quiet=True)
 
 
 def running(state_dir: Path) -> dict[str, Any] | None:

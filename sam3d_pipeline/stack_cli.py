@@ -53,16 +53,28 @@ def up(
                                     "PostgreSQL server under the state dir).")] = "sqlite",
 ) -> None:
     """Start the local stack in the background: moto S3+SQS, Prefect server, workers, events bridge, web server."""
-    from sam3d_pipeline.localstack import LocalStack, StackConfig, StackError, default_project_dir, running
+    from sam3d_pipeline.localstack import (
+        LocalStack,
+        StackConfig,
+        StackError,
+        complete,
+        default_project_dir,
+        running,
+        stop_leftovers,
+    )
 
     if db not in ("sqlite", "postgres"):
         raise typer.BadParameter(f"{db!r}: choose sqlite or postgres", param_hint="--db")
     existing = running(state_dir)
-    if existing:
+    if existing and complete(existing):
         print(f"already running (state in {state_dir.resolve()}); nothing started. `sam3d-pipeline down` stops it.")
         for name, value in existing.get("env", {}).items():
             print(f"  {name}={value}")
         return
+    if existing:  # an `up` killed while starting, or a part gone: stop what is left, then start the whole stack
+        stopped = [line for line in stop_leftovers(state_dir) if line.startswith("stopped")]
+        print(f"found an incomplete stack in {state_dir.resolve()}; {', '.join(stopped) or 'nothing was running'}; "
+              "starting it again", file=sys.stderr)
     config = StackConfig(state_dir=state_dir, project_dir=default_project_dir(), bucket=bucket,
                          upload_prefix=upload_prefix, output_prefix=output_prefix, prefect_port=prefect_port,
                          moto_port=moto_port, worker_poll_s=worker_poll_s, gpu_workers=gpu_workers, db=db)

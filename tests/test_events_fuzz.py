@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import threading
+import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -345,3 +346,28 @@ def test_sqs_failing_on_delete_is_retried_not_fatal(moto_server, s3, queue):
     assert (stats.messages, stats.deleted) == (2, 1)
     assert len({e["id"] for e in api.events}) == 1 and len(api.events) == 2  # the same event id, twice
     assert queue_counts(sqs, url) == (0, 0)
+
+
+def test_bridge_waits_for_a_queue_that_is_briefly_missing(s3, moto_server):
+    """The queue is deleted under a running bridge and created again: the bridge backs off and goes on, and the
+    upload sent to the new queue is posted."""
+    import boto3
+
+    client, bucket = s3
+    sqs = boto3.client("sqs", endpoint_url=moto_server.url)
+    name = f"bridge-{uuid.uuid4().hex[:10]}"
+    url = sqs.create_queue(QueueName=name)["QueueUrl"]
+    client.put_object(Bucket=bucket, Key="uploads/chair.jpg", Body=b"jpeg", Metadata={"prompt": "chair"})
+    with EventsApi() as api:
+        bridge = bridge_for(sqs, url, api, client)
+        sqs.delete_queue(QueueUrl=url)
+        done: list = []
+        thread = threading.Thread(target=lambda: done.append(bridge.run(max_messages=1)), daemon=True)
+        thread.start()
+        time.sleep(2.0)  # the bridge meets the missing queue and backs off
+        assert thread.is_alive(), "the bridge stopped when its queue was missing"
+        url = sqs.create_queue(QueueName=name)["QueueUrl"]
+        sqs.send_message(QueueUrl=url, MessageBody=s3_notification(bucket, "uploads/chair.jpg"))
+        thread.join(timeout=60)
+        assert done and done[0].posted == 1, done
+    sqs.delete_queue(QueueUrl=url)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import json
 import os
 import signal
@@ -32,6 +33,7 @@ from sam3d_pipeline.settings import Settings
 from sam3d_pipeline.storage import LocalStorage
 from sam3d_pipeline.web import jobs, uploads, webhooks
 from sam3d_pipeline.web.jobs import RunView
+from sam3d_pipeline.web.webhook_targets import TargetPolicy
 
 from .photos import encode, object_photo
 from .servers import free_port, wait_for_port
@@ -83,6 +85,10 @@ class Receiver:
                 pytest.fail(f"receiver got {len(self.requests)} of {count} webhook(s) in {timeout_s} s")
             time.sleep(0.1)
         return list(self.requests)
+
+
+# The receivers here listen on loopback, which webhooks may reach only when allowed (the local stack allows it too).
+LOCAL_RECEIVERS = TargetPolicy(allow_networks=(ipaddress.ip_network("127.0.0.0/8"),))
 
 
 def hmac_hex(secret: str, timestamp: str, body: bytes) -> str:
@@ -154,7 +160,8 @@ def test_deliverer_retries_with_backoff_records_every_attempt_and_never_sends_tw
     clock = Clock()
     with Receiver([500, 503]) as receiver:
         store = MemoryStore({"job-1": receiver.url})
-        deliverer = webhooks.WebhookDeliverer(store, "k", webhooks.Schedule(8, 1.0, 60.0), timeout_s=5, clock=clock)
+        deliverer = webhooks.WebhookDeliverer(store, "k", webhooks.Schedule(8, 1.0, 60.0), timeout_s=5, clock=clock,
+                                              targets=LOCAL_RECEIVERS)
         assert deliverer.run_once() == {"job-1": "failed"}
         assert deliverer.run_once() == {"job-1": "wait"}  # 1 s not over yet
         clock.now += 1.0
@@ -168,7 +175,8 @@ def test_deliverer_retries_with_backoff_records_every_attempt_and_never_sends_tw
                                                                                  (3, 200, True)]
         assert attempts[0]["error"] == "answered 500" and "job-1" in store.settled
         # A new deliverer over the same store (a restarted server) sends nothing more.
-        again = webhooks.WebhookDeliverer(store, "k", webhooks.Schedule(8, 1.0, 60.0), clock=clock)
+        again = webhooks.WebhookDeliverer(store, "k", webhooks.Schedule(8, 1.0, 60.0), clock=clock,
+                                          targets=LOCAL_RECEIVERS)
         clock.now += 100
         assert again.run_once() == {}
         assert len(receiver.requests) == 3
@@ -184,7 +192,7 @@ def test_deliverer_gives_up_after_max_attempts_and_counts_a_timeout_as_a_failure
     with Receiver([500, 500, 500], delay_s=0.0) as failing, Receiver(delay_s=2.0) as slow:
         store = MemoryStore({"a": failing.url, "b": slow.url})
         deliverer = webhooks.WebhookDeliverer(store, "k", webhooks.Schedule(2, 0.0, 0.0), timeout_s=0.3,
-                                              clock=clock)
+                                              clock=clock, targets=LOCAL_RECEIVERS)
         first = deliverer.run_once()
         assert first == {"a": "failed", "b": "failed"}
         assert store.recorded["b"][0]["error"] == "no answer within 0.3 s"
@@ -202,14 +210,15 @@ def test_one_job_failing_to_load_does_not_stop_the_others():
 
     with Receiver() as receiver:
         store = Broken({"bad": receiver.url, "good": receiver.url})
-        deliverer = webhooks.WebhookDeliverer(store, "k", webhooks.Schedule(3, 0.0, 0.0))
+        deliverer = webhooks.WebhookDeliverer(store, "k", webhooks.Schedule(3, 0.0, 0.0), targets=LOCAL_RECEIVERS)
         assert deliverer.run_once() == {"bad": "error", "good": "delivered"}
         assert "bad" not in store.recorded and store.settled == {"good"} and len(receiver.requests) == 1
 
 
 def test_an_unreachable_receiver_is_a_recorded_failure():
     store = MemoryStore({"c": f"http://127.0.0.1:{free_port()}/closed"})
-    deliverer = webhooks.WebhookDeliverer(store, "k", webhooks.Schedule(3, 0.0, 0.0), timeout_s=2)
+    deliverer = webhooks.WebhookDeliverer(store, "k", webhooks.Schedule(3, 0.0, 0.0), timeout_s=2,
+                                          targets=LOCAL_RECEIVERS)
     assert deliverer.run_once() == {"c": "failed"}
     (attempt,) = store.recorded["c"]
     assert attempt["status_code"] is None and attempt["error"].startswith("ConnectError")
@@ -301,7 +310,7 @@ def test_fingerprint_changes_with_anything_that_makes_another_request():
     assert jobs.fingerprint(same, "s3://b/k.png", "sha256:aa") == fp
     for other, image, content in [({"prompt": "mug"}, "s3://b/k.png", "sha256:aa"),
                                   ({"prompt": "cup", "review": "auto"}, "s3://b/k.png", "sha256:aa"),
-                                  ({"prompt": "cup", "webhook_url": "http://h/x"}, "s3://b/k.png", "sha256:aa"),
+                                  ({"prompt": "cup", "webhook_url": "http://8.8.8.8/x"}, "s3://b/k.png", "sha256:aa"),
                                   ({"prompt": "cup", "points": '[{"x": 1, "y": 2}]'}, "s3://b/k.png", "sha256:aa"),
                                   ({"prompt": "cup"}, "s3://b/k.png", "sha256:bb"),
                                   ({"prompt": "cup"}, "s3://b/other.png", "sha256:aa")]:
@@ -365,7 +374,7 @@ def test_one_app_serves_studio_review_docs_and_refuses_bad_submissions_before_pr
         "too large": (client.post("/v1/jobs", headers=auth, files={"image": ("p.png", b"\0" * 100_001)},
                                   data={"prompt": "cup"}), 413),
         "webhook without secret": (client.post("/v1/jobs", headers=auth, files={"image": ("p.png", png)},
-                                               data={"prompt": "cup", "webhook_url": "http://h/x"}), 422),
+                                               data={"prompt": "cup", "webhook_url": "http://93.184.215.14/x"}), 422),
     }
     for what, (answer, status) in refused.items():
         assert answer.status_code == status, (what, answer.text)

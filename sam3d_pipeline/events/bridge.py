@@ -97,6 +97,11 @@ def prefect_request(api_url: str, method: str, path: str, body: Any = None, *, a
         raise TransientBridgeError(f"Prefect API {api_url}: {method} {path} answered no JSON") from None
 
 
+# SQS's answers for a queue that is not there: the bridge waits for it instead of exiting (botocore's JSON and query
+# protocols name it differently).
+MISSING_QUEUE_CODES = ("AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist")
+
+
 def _client_error_code(exc: BaseException) -> str:
     response = getattr(exc, "response", None) or {}
     return str(response.get("Error", {}).get("Code", ""))
@@ -374,6 +379,9 @@ class EventsBridge:
         except Exception as exc:  # noqa: BLE001 - classified right here
             if is_transient_aws_error(exc):
                 raise TransientBridgeError(f"SQS receive from {self.queue_url}: {exc}") from exc
+            if _client_error_code(exc) in MISSING_QUEUE_CODES:  # being re-created (a stack restart, a redeploy)
+                raise TransientBridgeError(f"SQS queue {self.queue_url} does not exist (yet); waiting for it") \
+                    from exc
             raise
         messages = response.get("Messages", [])
         failure: TransientBridgeError | None = None

@@ -130,7 +130,9 @@ def parse_url(url: str) -> Target:
         try:
             literal = ipaddress.IPv6Address(host)
         except ValueError:
-            raise InvalidTarget(f"[{host}] is not an IPv6 address") from None
+            literal = None
+        if literal is None or "%" in host:  # a zone (fe80::1%eth0) names an interface of this machine
+            raise InvalidTarget(f"[{host}] is not an IPv6 address a webhook can name")
     else:
         literal = _ipv4_literal(host)
         if literal is None:
@@ -173,7 +175,7 @@ def non_public(address: Address) -> str | None:
             return why
     for attribute, name in (("is_unspecified", "unspecified"), ("is_loopback", "loopback"),
                             ("is_link_local", "link-local"), ("is_multicast", "multicast"),
-                            ("is_private", "private"), ("is_reserved", "reserved")):
+                            ("is_reserved", "reserved"), ("is_private", "private")):
         if getattr(address, attribute):
             return name
     if isinstance(address, ipaddress.IPv6Address) and address.is_site_local:

@@ -175,7 +175,7 @@ def attempt_once(job: dict[str, Any], url: str, secret: str, timeout_s: float,
                  clock: Callable[[], float] = time.time) -> dict[str, Any]:
     """Sign and POST ``job`` to ``url`` once; returns the attempt's record: ``number`` (filled by the caller),
     ``at`` (ISO 8601), ``at_unix``, ``status_code``, ``ok`` (2xx and the whole answer read), ``error``,
-    ``duration_ms``, and ``permanent: true`` when retrying cannot help."""
+    ``duration_ms`` and ``permanent`` (retrying cannot help: the last attempt)."""
     body = body_bytes(job)
     started = clock()
     timestamp = int(started)
@@ -191,11 +191,9 @@ def attempt_once(job: dict[str, Any], url: str, secret: str, timeout_s: float,
     ok = status is not None and 200 <= status < 300 and error is None
     if status is not None and not ok and error is None:
         error = f"answered {status}"
-    record = {"at": datetime.fromtimestamp(started, UTC).isoformat(timespec="milliseconds"), "at_unix": started,
-              "status_code": status, "ok": ok, "error": error, "duration_ms": round((clock() - started) * 1000, 1)}
-    if result.permanent:
-        record["permanent"] = True
-    return record
+    return {"at": datetime.fromtimestamp(started, UTC).isoformat(timespec="milliseconds"), "at_unix": started,
+            "status_code": status, "ok": ok, "error": error, "duration_ms": round((clock() - started) * 1000, 1),
+            "permanent": result.permanent}
 
 
 class WebhookStore(Protocol):
