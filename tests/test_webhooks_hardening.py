@@ -363,6 +363,65 @@ def test_delivery_resolves_once_and_connects_to_the_address_it_checked():
         assert calls == ["hooks.example"] * 2 and receiver.connections == 1
 
 
+def self_signed(tmp_path, name: str):
+    """A certificate and key for ``name`` (PEM files), made here."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+def test_https_to_a_pinned_address_still_checks_the_certificate_of_the_name(tmp_path):
+    """The connection goes to the checked address; TLS still sends the URL's name (SNI) and verifies the
+    certificate against it, so pinning never weakens HTTPS."""
+    import ssl
+
+    cert_file, key_file = self_signed(tmp_path, "hooks.example")
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(cert_file, key_file)
+    seen_names: list[str | None] = []
+    server_context.sni_callback = lambda sock, name, ctx: seen_names.append(name)
+
+    def tls_answer(receiver: RawReceiver, conn: socket.socket) -> None:
+        receiver.send(conn, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
+    class TlsReceiver(RawReceiver):
+        def _serve(self, conn: socket.socket) -> None:
+            try:
+                super()._serve(server_context.wrap_socket(conn, server_side=True))
+            except (OSError, ssl.SSLError):
+                pass
+
+    client_context = ssl.create_default_context(cafile=str(cert_file))
+    names = {"hooks.example": ["127.0.0.1"], "other.example": ["127.0.0.1"]}
+    policy = TargetPolicy(allow_networks=LOOPBACK, resolver=resolver(names))
+    with TlsReceiver(tls_answer) as receiver:
+        store = MemoryStore({"good": f"https://hooks.example:{receiver.port}/hook",
+                             "wrong-name": f"https://other.example:{receiver.port}/hook"})
+        loop = deliverer(store, send=webhooks.Poster(policy, ssl_context=client_context))
+        assert loop.run_once() == {"good": "delivered", "wrong-name": "failed"}
+        assert "CERTIFICATE_VERIFY_FAILED" in store.recorded["wrong-name"][0]["error"]
+        assert sorted(seen_names) == ["hooks.example", "other.example"] and len(receiver.requests) == 1
+        assert f"\r\nHost: hooks.example:{receiver.port}\r\n".encode() in receiver.requests[0][1]
+
+
 # ---- 2. slow receivers -------------------------------------------------------------------------------------------
 
 
