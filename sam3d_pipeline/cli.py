@@ -285,9 +285,13 @@ def serve_web(command: str, host: str, port: int, token: str | None) -> None:
         raise typer.Exit(EXIT_USAGE) from None
     settings = get_settings()
     tokens = list(dict.fromkeys(t for t in (token, settings.api_token, os.environ.get("SAM3D_REVIEW_TOKEN")) if t))
-    tokens = tokens or [new_token()]
-    # The token goes in the URL fragment: browsers never send it, so it stays out of logs and history.
-    base, shown = f"http://{host}:{port}", quote(tokens[0], safe="")
+    # The token goes in the URL fragment: browsers never send it, so it stays out of access logs and history. A
+    # token the caller gave is never printed (this output often lands in a log file); one made up here must be.
+    shown = "<your token>"
+    if not tokens:
+        tokens = [new_token()]
+        shown = quote(tokens[0], safe="")
+    base = f"http://{host}:{port}"
     print(f"studio:      {base}/#token={shown}", flush=True)
     print(f"review page: {base}/review#token={shown}", flush=True)
     print(f"job API:     {base}/v1/jobs (docs: {base}/docs)", flush=True)

@@ -38,7 +38,7 @@ from prefect.logging import get_logger
 from prefect.states import Cancelled, Crashed
 
 from sam3d_pipeline import catalog, gpu_stages, objects, pipeline
-from sam3d_pipeline.errors import InputNotFoundError, error_from_record
+from sam3d_pipeline.errors import InputNotFoundError, TransientError, error_from_record
 from sam3d_pipeline.finish import RunRecord
 from sam3d_pipeline.gpu_failures import GpuStageError, StageAttempt, backoff_s, classify, next_low_memory, should_retry
 from sam3d_pipeline.gpu_stages import GpuBatch, ReconstructJobParam, SegmentJob, SegmentParams
@@ -290,9 +290,14 @@ def _wait(future: Any, run_id: str, storage: Storage, settings: Settings, kind: 
                 if state.is_completed():
                     return "ok", ""
                 return classify(state.type.value, state.message), state.message or ""
-            lease = read_lease(storage, run_id)
-            ended, why = _session_ended(client, lease.session) if lease else (False, "")
-            verdict = lease_verdict(lease, now=time.time(), lease_s=settings.gpu_lease_s, session_ended=ended)
+            try:
+                lease = read_lease(storage, run_id)
+            except TransientError as exc:  # storage unreachable: no verdict now (lost only when seen stale)
+                get_logger("gpu_dispatch").warning("lease of GPU task %s unreadable (%s); looking again", run_id, exc)
+                lease, ended, why, verdict = None, False, "", "unknown"
+            else:
+                ended, why = _session_ended(client, lease.session) if lease else (False, "")
+                verdict = lease_verdict(lease, now=time.time(), lease_s=settings.gpu_lease_s, session_ended=ended)
             if verdict == "lost":
                 message = why or (f"worker session {lease.session} stopped renewing its lease "
                                   f"(>{settings.gpu_lease_s:g} s)")

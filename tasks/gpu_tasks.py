@@ -60,13 +60,26 @@ def held_lease(storage: Storage, task_run_id: str, session: str, lease_s: float,
     storage.write_bytes(key, lease.model_dump_json().encode(), content_type="application/json")
     stop = threading.Event()
 
+    interval = max(0.5, lease_s / 3)
+
     def beat() -> None:
-        while not stop.wait(max(0.5, lease_s / 3)):
+        wait_s, failures = interval, 0
+        while not stop.wait(wait_s):
             lease.heartbeat_at = time.time()
             try:
                 storage.write_bytes(key, lease.model_dump_json().encode(), content_type="application/json")
-            except Exception:  # noqa: BLE001 - a missed beat is retried at the next one
+            except Exception as exc:  # noqa: BLE001 - any failure to write is logged and tried again soon
+                failures += 1
+                if failures == 1 or failures % 10 == 0:
+                    get_logger("gpu_worker").warning(
+                        "lease %s: heartbeat not written (%s: %s; %d in a row), trying again in 1 s: the submitter "
+                        "counts this worker lost after %.0f s without one", key, type(exc).__name__, exc, failures,
+                        lease_s)
+                wait_s = min(1.0, interval)
                 continue
+            if failures:
+                get_logger("gpu_worker").info("lease %s: heartbeat written again after %d failure(s)", key, failures)
+            wait_s, failures = interval, 0
 
     thread = threading.Thread(target=beat, name=f"lease-{task_run_id[:8]}", daemon=True)
     thread.start()

@@ -31,12 +31,12 @@ pytest.importorskip("prefect_aws")
 from sam3d_pipeline import checkpoints  # noqa: E402
 from sam3d_pipeline.samples import sample_path  # noqa: E402
 
-from .gpu_image import ROOT, process_env, session_env  # noqa: E402
+from .gpu_image import ROOT, process_env, session_env, template_env  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 DOCKERFILE = ROOT / "gpu_worker" / "sam3.Dockerfile"
-DEPLOYMENT = "gpu-worker"
+DEPLOYMENT = "gpu-worker-sam3"
 TASK_STORAGE_BLOCK = "sam3d-task-storage"
 
 # Upstream's checkpoint layout: the image model's keys under ``detector.``, the interactive predictor's
@@ -251,3 +251,45 @@ def test_a_worker_with_other_weights_refuses_the_stage(orchestrator, checkpoint_
     message = str(caught.value)
     assert "identity mismatch" in message and "abababababab" in message and orchestrator.sha256[:12] in message
     assert time.monotonic() - started < 120  # permanent: not retried
+
+
+@pytest.fixture(scope="module")
+def reconstruct_session(sam3_session, checkpoint_bucket, tmp_path_factory):
+    """A lite reconstruct session beside the SAM 3 one (the SAM 3D Objects image needs CUDA): the pool's env, with
+    this deployment's stage."""
+    from prefect.settings import get_current_settings
+
+    env = process_env(template_env() | {"SAM3D_GPU_WORKER_STAGES": "reconstruct"},
+                      PREFECT_API_URL=str(get_current_settings().api.url), AWS_ENDPOINT_URL=checkpoint_bucket.endpoint,
+                      PREFECT_LOGGING_LEVEL="INFO")
+    session = ImageSession(env, tmp_path_factory.mktemp("lite") / "session.log")
+    session.proc = subprocess.Popen(
+        [sys.executable, "-m", "sam3d_pipeline.cli", "gpu-worker", "--idle-s", "1800"], cwd=ROOT, env=env,
+        stdout=(log := session.log_path.open("wb")), stderr=subprocess.STDOUT, start_new_session=True)
+    session.log = log
+    deadline = time.monotonic() + 120
+    while "waiting for gpu-" not in session.text():
+        assert session.proc.poll() is None and time.monotonic() < deadline, session.text()[-3000:]
+        time.sleep(0.5)
+    yield session
+    session.stop()
+
+
+def test_result_json_names_what_the_worker_ran(orchestrator, reconstruct_session, checkpoint_bucket):
+    """image-to-3d in workers mode: the submitter has no checkpoint (only the declared sha256); result.json's
+    segmenter is what the SAM 3 session reported (weights, sha256, device, dtype), its reconstructor the lite one's."""
+    from flows.image_to_3d import image_to_3d
+    from sam3d_pipeline.storage import open_storage
+
+    photo = _photo_on_s3(checkpoint_bucket.client, orchestrator.bucket)
+    out = f"s3://{orchestrator.bucket}/outputs"
+    state = image_to_3d(image=photo, prompt="coffee cup", output_root=out, segmenter="sam3", reconstructor="lite",
+                        return_state=True)
+    assert state.is_completed() or "no_object" in str(state.message), state.message
+    result = state.result(raise_on_failure=False)
+    on_s3 = json.loads(open_storage(out).read_bytes(f"{result['output_prefix'].rsplit('/', 1)[-1]}/result.json"))
+    seg = on_s3["segmenter"]
+    assert seg["name"] == "sam3" and seg["weights"] == "checkpoint" and seg["device"] == "cpu"
+    assert seg["checkpoint_sha256"] == orchestrator.sha256[:12] and seg["dtype"] == "float32"
+    assert seg["version"] == f"sam3-0.1.4+{orchestrator.sha256[:12]}" and "GPU workers" in seg["chosen_because"]
+    assert on_s3["stages"]["segment"]["worker"] != on_s3["stages"].get("reconstruct", {}).get("worker")

@@ -528,3 +528,41 @@ def test_flows_starting_sessions_at_once_stay_within_the_maximum(prefect_server,
         assert len(active) == 2 and sum(kept) == 2, (len(active), kept)
         for run in active:
             client.set_flow_run_state(run.id, Cancelled(), force=True)
+
+
+def test_a_heartbeat_that_fails_to_write_is_logged_and_written_again_before_the_lease_goes_stale(tmp_path):
+    """Storage refuses three heartbeats in a row: the worker says so and tries again within a second, so a submitter
+    looking all along never sees a stale lease (it would count the worker lost and submit the work twice)."""
+    import logging
+
+    from sam3d_pipeline.errors import TransientStorageError
+    from sam3d_pipeline.gpu_workers import lease_key, lease_verdict
+    from sam3d_pipeline.storage import LocalStorage
+    from tasks.gpu_dispatch import read_lease
+    from tasks.gpu_tasks import held_lease
+
+    class FlakyStorage(LocalStorage):
+        refuse = 0
+
+        def write_bytes(self, key, data, **kwargs):
+            if self.refuse:
+                self.refuse -= 1
+                raise TransientStorageError(f"{key}: storage unreachable")
+            return super().write_bytes(key, data, **kwargs)
+
+    storage, lease_s = FlakyStorage(tmp_path), 6.0
+    verdicts, lines = [], []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logging.getLogger("prefect.gpu_worker").addHandler(handler)
+    with held_lease(storage, "run-1", "session-1", lease_s):
+        storage.refuse = 3  # the next three heartbeats (at 2 s and its retries) fail
+        started = time.monotonic()
+        while time.monotonic() - started < 7.5:
+            verdicts.append(lease_verdict(read_lease(storage, "run-1"), now=time.time(), lease_s=lease_s))
+            time.sleep(0.2)
+    logging.getLogger("prefect.gpu_worker").removeHandler(handler)
+    assert storage.refuse == 0 and set(verdicts) == {"running"}, verdicts
+    text = "\n".join(lines)
+    assert "heartbeat not written (TransientStorageError" in text and "written again after 3" in text
+    assert not storage.exists(lease_key("run-1"))

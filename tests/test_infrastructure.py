@@ -262,6 +262,8 @@ def deploy(clients, network, **overrides: str) -> Deployed:
         "ProjectName": f"t{suffix}",
         "BucketName": f"photos-{suffix}",
         "CheckpointBucket": f"checkpoints-{suffix}",
+        "Sam3CheckpointSha256": "a" * 64,
+        "Sam3dCheckpointSha256": "b" * 64,
         "VpcId": network["vpc"],
         "SubnetIds": ",".join(network["subnets"]),
         "FlowImage": f"123456789012.dkr.ecr.{REGION}.amazonaws.com/sam3d-pipeline:0.1.0-test",

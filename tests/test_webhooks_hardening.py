@@ -15,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import signal
 import socket
 import stat
 import sys
@@ -575,3 +576,35 @@ def test_the_local_stack_writes_its_token_files_for_its_owner_only(tmp_path):
     assert stat.S_IMODE((stack.state_dir / "stack.json").stat().st_mode) == 0o600
     policy = TargetPolicy.from_settings(Settings(webhook_allow_networks=LOCAL_WEBHOOK_ALLOW_NETWORKS), environ={})
     assert policy.check_url("http://127.0.0.1:9/hook") and policy.check_url("http://[::1]:9/hook")
+
+
+@pytest.mark.slow
+def test_the_web_server_never_prints_a_token_it_was_given(prefect_server, tmp_path):
+    """Its output goes to the stack's log file: a given token stays out of it; a made-up one must be shown."""
+    import subprocess
+
+    from prefect.settings import PREFECT_API_URL
+
+    from .servers import free_port
+
+    outputs = []
+    for given in ("given-secret-token-123", None):
+        env = {k: v for k, v in os.environ.items() if k not in ("SAM3D_API_TOKEN", "SAM3D_REVIEW_TOKEN")}
+        env |= {"PREFECT_API_URL": PREFECT_API_URL.value(), "SAM3D_OUTPUT_ROOT": str(tmp_path)}
+        if given:
+            env["SAM3D_API_TOKEN"] = given
+        proc = subprocess.Popen([sys.executable, "-m", "sam3d_pipeline.cli", "web", "--port", str(free_port())],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        lines = []
+        try:
+            for line in proc.stdout:
+                lines.append(line)
+                if line.startswith("job API:"):
+                    break
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+        outputs.append("".join(lines))
+    assert "studio:" in outputs[0] and "given-secret-token-123" not in outputs[0] and "<your token>" in outputs[0]
+    assert "<your token>" not in outputs[1] and "#token=" in outputs[1]

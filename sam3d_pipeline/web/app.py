@@ -222,7 +222,7 @@ def create_app(tokens: Iterable[str], settings: Settings | None = None, deliver_
     def accept(fields: dict[str, Any], upload: bytes | None, filename: str | None, uri: str | None,
                idempotency_key: str | None, base: str) -> JSONResponse:
         try:
-            request, options = jobs.parse_request(fields)
+            request, options = jobs.parse_request(fields, targets=service.webhook_targets())
             key = jobs.check_idempotency_key(idempotency_key)
         except jobs.JobRequestError as exc:
             return _refuse(422, str(exc))
