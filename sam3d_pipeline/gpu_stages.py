@@ -430,7 +430,7 @@ def reconstruct_part(batch: GpuBatch, segment_result: dict[str, Any]) -> GpuBatc
     if not jobs:
         return None
     return GpuBatch(output_root=batch.output_root, segmenter=batch.segmenter, reconstructor=batch.reconstructor,
-                    reconstruct=jobs, low_memory=batch.low_memory)
+                    reconstruct=jobs, low_memory=batch.low_memory, reconstructor_version=batch.reconstructor_version)
 
 
 def merge_results(segment_result: dict[str, Any], reconstruct_result: dict[str, Any] | None) -> dict[str, Any]:

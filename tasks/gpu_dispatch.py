@@ -215,6 +215,7 @@ def run_on_workers(batch: GpuBatch, settings: Settings, *,
         GpuStageError: workers were lost more often than ``SAM3D_GPU_STAGE_ATTEMPTS``, or no result came within
             ``SAM3D_GPU_STAGE_TIMEOUT_S``.
     """
+    batch = gpu_stages.declared_identity(batch, settings)  # the worker refuses it if it runs other weights
     stages = gpu_stages.batch_stages(batch)
     kind = task_kind(stages, same_deployment=_one_deployment(settings)) if stages else "all"
     if kind is not None:
