@@ -7,7 +7,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-import yaml
+
+from . import gpu_image
 
 ROOT = Path(__file__).parents[1]
 DEPLOYMENTS = ROOT / "deployments"
@@ -140,12 +141,6 @@ def _run_worker(monkeypatch, template_name: str, values: dict):
     return flow_run, result, run_requests
 
 
-def _gpu_worker_job_variables(name: str) -> dict:
-    config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
-    [deployment] = [d for d in config["deployments"] if d["name"] == name]
-    return deployment["work_pool"]["job_variables"]
-
-
 @pytest.mark.parametrize("deployment, stages", [("gpu-worker-sam3", "segment"), ("gpu-worker-sam3d", "reconstruct")])
 def test_ecs_worker_starts_a_gpu_worker_session_on_the_capacity_provider(prefect_server, gpu_cluster, monkeypatch,
                                                                        deployment, stages):
@@ -154,7 +149,9 @@ def test_ecs_worker_starts_a_gpu_worker_session_on_the_capacity_provider(prefect
     # The session deployment's job variables, with the image and the cluster's names of this test. moto's
     # container instances offer 4096 CPU units / 7482 MiB and no GPU model, so the task is sized to fit them here;
     # the template's g5 defaults are checked in test_gpu_template_shape.
-    deployment_env = _gpu_worker_job_variables(deployment)["env"]
+    # `prefect deploy` fills the deployment's {{ $VAR }} placeholders (the declared weights) from its shell.
+    declared = {"SAM3D_SAM3_CHECKPOINT_SHA256": "a" * 64, "SAM3D_SAM3D_CHECKPOINT_SHA256": "b" * 64}
+    deployment_env = gpu_image.deployment_env(deployment, declared)
     values = {"cluster": c["cluster"], "image": image, "cpu": 2048, "memory": 4096, "task_role_arn": c["task_role"],
               "execution_role_arn": c["exec_role"], "log_group": c["log_group"], "env": deployment_env,
               "capacity_provider_strategy": [{"capacityProvider": c["provider"], "weight": 1, "base": 0}]}
@@ -176,6 +173,8 @@ def test_ecs_worker_starts_a_gpu_worker_session_on_the_capacity_provider(prefect
     assert {k: env[k] for k in pool_env} == {**pool_env, **{k: v for k, v in deployment_env.items() if k in pool_env}}
     assert {k: env[k] for k in deployment_env} == deployment_env
     assert env["SAM3D_GPU_STAGES"] == "workers" and env["SAM3D_GPU_WORKER_STAGES"] == stages
+    assert {k: v for k, v in env.items() if k.endswith("_CHECKPOINT_SHA256")}.items() <= declared.items()
+    assert any(k.endswith("_CHECKPOINT_SHA256") for k in env)
     assert env["PREFECT_TASKS_SCHEDULING_DEFAULT_STORAGE_BLOCK"].startswith("s3-bucket/")
     assert request["overrides"]["taskRoleArn"] == c["task_role"]
 
