@@ -97,19 +97,21 @@ def task_storage(prefect_server, checkpoint_bucket):
     return bucket
 
 
-class ImageSession:
-    """``gpu_worker/entrypoint.sh`` running a gpu-worker session with the image's environment."""
+SESSION = [sys.executable, "-m", "sam3d_pipeline.cli", "gpu-worker", "--idle-s", "1800"]
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.env, self.log_path = env, log_path
+
+class ImageSession:
+    """A gpu-worker session with the image's environment, through ``gpu_worker/entrypoint.sh`` by default."""
+
+    def __init__(self, env: dict[str, str], log_path: Path,
+                 argv: tuple[str, ...] = ("bash", str(ROOT / "gpu_worker" / "entrypoint.sh"), *SESSION)) -> None:
+        self.env, self.log_path, self.argv = env, log_path, list(argv)
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout_s: float = 900) -> ImageSession:
         self.log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            ["bash", str(ROOT / "gpu_worker" / "entrypoint.sh"), sys.executable, "-m", "sam3d_pipeline.cli",
-             "gpu-worker", "--idle-s", "1800"], cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
-            start_new_session=True)
+        self.proc = subprocess.Popen(self.argv, cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
         deadline = time.monotonic() + timeout_s
         while "waiting for gpu-" not in self.text():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -262,15 +264,7 @@ def reconstruct_session(sam3_session, checkpoint_bucket, tmp_path_factory):
     env = process_env(template_env() | {"SAM3D_GPU_WORKER_STAGES": "reconstruct"},
                       PREFECT_API_URL=str(get_current_settings().api.url), AWS_ENDPOINT_URL=checkpoint_bucket.endpoint,
                       PREFECT_LOGGING_LEVEL="INFO")
-    session = ImageSession(env, tmp_path_factory.mktemp("lite") / "session.log")
-    session.proc = subprocess.Popen(
-        [sys.executable, "-m", "sam3d_pipeline.cli", "gpu-worker", "--idle-s", "1800"], cwd=ROOT, env=env,
-        stdout=(log := session.log_path.open("wb")), stderr=subprocess.STDOUT, start_new_session=True)
-    session.log = log
-    deadline = time.monotonic() + 120
-    while "waiting for gpu-" not in session.text():
-        assert session.proc.poll() is None and time.monotonic() < deadline, session.text()[-3000:]
-        time.sleep(0.5)
+    session = ImageSession(env, tmp_path_factory.mktemp("lite") / "session.log", argv=tuple(SESSION)).start(120)
     yield session
     session.stop()
 
