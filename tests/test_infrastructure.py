@@ -28,7 +28,7 @@ ROOT = Path(__file__).parents[1]
 INFRA = ROOT / "deployments" / "infrastructure.yaml"
 ARTIFACTS = ROOT / "deployments" / "artifacts.yaml"
 SERVICE_DOCKERFILE = ROOT / "deployments" / "service.Dockerfile"
-GPU_DOCKERFILE = ROOT / "gpu_worker" / "Dockerfile"
+GPU_DOCKERFILES = (ROOT / "gpu_worker" / "sam3.Dockerfile", ROOT / "gpu_worker" / "sam3d.Dockerfile")
 README = ROOT / "deployments" / "README.md"
 CHECKOV = ROOT / "tools" / "scan-venv" / "bin" / "checkov"
 REGION = "us-east-1"
@@ -566,12 +566,13 @@ def test_artifacts_template_passes_cfn_lint_and_keeps_tags_immutable():
     matches = lint_file(ARTIFACTS)
     assert not matches, "\n".join(str(m) for m in matches)
     res = _template(ARTIFACTS)["Resources"]
-    for name in ("ServiceRepository", "GpuRepository"):
+    for name in ("ServiceRepository", "Sam3Repository", "Sam3dRepository"):
         props = res[name]["Properties"]
         assert props["ImageTagMutability"] == "IMMUTABLE" and props["ImageScanningConfiguration"]["ScanOnPush"]
-    # The names the main stack and prefect-aws.yaml use.
+    # The names the main stack and prefect-aws.yaml use (one repository per GPU image).
     assert res["ServiceRepository"]["Properties"]["RepositoryName"] == {"Fn::Sub": "${ProjectName}-pipeline"}
-    assert res["GpuRepository"]["Properties"]["RepositoryName"] == {"Fn::Sub": "${ProjectName}-gpu-worker"}
+    assert res["Sam3Repository"]["Properties"]["RepositoryName"] == {"Fn::Sub": "${ProjectName}-gpu-sam3"}
+    assert res["Sam3dRepository"]["Properties"]["RepositoryName"] == {"Fn::Sub": "${ProjectName}-gpu-sam3d"}
 
 
 def _declared_skips(path: Path) -> dict[tuple[str, str], str]:
@@ -701,7 +702,7 @@ def test_dockerignore_keeps_what_the_dockerfiles_copy():
         return any(fnmatch.fnmatch(path, p) or fnmatch.fnmatch(parts[0], p)
                    or (p.startswith("**/") and any(fnmatch.fnmatch(x, p[3:]) for x in parts)) for p in patterns)
 
-    for dockerfile in (SERVICE_DOCKERFILE, GPU_DOCKERFILE):
+    for dockerfile in (SERVICE_DOCKERFILE, *GPU_DOCKERFILES):
         copies = re.findall(r"^COPY (?!--from)(.+?)\s+\S+$", dockerfile.read_text(), re.M)
         sources = [s for line in copies for s in line.split()]
         assert sources, dockerfile
@@ -748,7 +749,7 @@ def test_readme_walkthrough_names_every_command_and_what_it_creates():
         assert needed in commands, needed
     [stack_step] = [body for _, _, body, _ in steps if "--template-file deployments/infrastructure.yaml" in body]
     overrides = stack_step.split("--parameter-overrides", 1)[1]
-    passed = set(re.findall(r"\b([A-Z][A-Za-z]+)=", overrides))
+    passed = set(re.findall(r"\b([A-Z][A-Za-z0-9]+)=", overrides))
     required = {name for name, spec in _template(INFRA)["Parameters"].items() if "Default" not in spec}
     assert passed <= set(_template(INFRA)["Parameters"]), passed - set(_template(INFRA)["Parameters"])
     assert required - {"VpcId", "SubnetIds"} <= passed and {"VpcId", "SubnetIds"} <= passed, required - passed
