@@ -64,6 +64,7 @@ postgres:
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 # checkov (the templates' security scan) pins packages that clash with Prefect's: it lives in its own venv.
 SCAN_VENV := tools/scan-venv
@@ -84,6 +85,7 @@ scan: $(STAMP) $(CHECKOV_STAMP)
 
 test: $(STAMP) $(SAM3_STAMP) $(GLTF_VALIDATOR) $(GALLERY_STAMP) $(REVIEW_WEB_STAMP) chromium postgres $(CHECKOV_STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest
 
 bench: $(STAMP) $(SAM3_STAMP) $(GLTF_VALIDATOR) $(GALLERY_STAMP) $(REVIEW_WEB_STAMP) chromium

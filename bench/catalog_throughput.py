@@ -2,7 +2,7 @@
 
 Every variant processes the same N distinct photos (crops and flips of the 600x400 sample, so every output
 prefix differs) into a fresh output root, in one process, with the Prefect test server started once before
-timing; flows run as `sam3d-pipeline catalog` runs them on the embedded default (``flows.local``: no
+timing; flows run as `sam3d-pipeline catalog` runs them on the embedded default (``sam3d_pipeline.cli.local``: no
 flow-run heartbeats). Rounds alternate plain → flow c=1 → flow c=2 so machine noise hits all three; figures are medians.
 
 - plain: ``catalog.run_catalog_plain`` (the same stage functions, one thread, no Prefect).
@@ -71,8 +71,8 @@ def main() -> None:
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.catalog_batch import catalog_batch
-    from flows.local import local_run_settings
     from sam3d_pipeline import catalog
+    from sam3d_pipeline.cli.local import local_run_settings
     from sam3d_pipeline.storage import LocalStorage
 
     walls: dict[str, list[float]] = {"plain": [], "flow_c1": [], "flow_c2": [], "skip": []}

@@ -67,8 +67,9 @@ def main() -> None:
     args = parser.parse_args()
     import numpy as np
 
-    from sam3d_pipeline import export, objects
+    from sam3d_pipeline import export
     from sam3d_pipeline.export import look
+    from sam3d_pipeline.run import objects
     from sam3d_pipeline.settings import Settings
 
     settings = Settings()

@@ -53,7 +53,7 @@ def photos(count: int) -> list[np.ndarray]:
 
 def bench_sam3(torch, images: list[np.ndarray]) -> dict:
     from sam3d_pipeline.backends import SEGMENTERS
-    from sam3d_pipeline.backends.sam3_segmenter import Sam3Segmenter
+    from sam3d_pipeline.backends.sam3.segmenter import Sam3Segmenter
     from sam3d_pipeline.settings import Settings
     from sam3d_pipeline.types import SegmentRequest
 
@@ -187,7 +187,7 @@ def main() -> None:
         result = bench_sam3(torch, images)
         figures |= {f"sam3_{k}": v for k, v in result.items()}
         print("sam3: " + ", ".join(f"{k} {v}" for k, v in result.items()), flush=True)
-        from sam3d_pipeline.backends.sam3_segmenter import clear_models
+        from sam3d_pipeline.backends.sam3.segmenter import clear_models
 
         clear_models()  # free SAM 3 before SAM 3D Objects loads, as a worker does between stages
         torch.cuda.empty_cache()

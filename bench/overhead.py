@@ -2,8 +2,8 @@
 
 Every variant processes the same N distinct photos (crops and flips of the 600x400 sample, so every output
 prefix differs) with the lite backends, in one process, alternating blocks so machine noise hits all of them:
-the plain loop; the flow as `sam3d-pipeline run` runs it on the embedded default (``flows.local``: no flow-run
-heartbeats); and the flow with Prefect's default heartbeats, as a deployed run on a worker has them.
+the plain loop; the flow as `sam3d-pipeline run` runs it on the embedded default (``sam3d_pipeline.cli.local``: no
+flow-run heartbeats); and the flow with Prefect's default heartbeats, as a deployed run on a worker has them.
 The Prefect API server is started once before timing (its start-up is reported separately).
 Target: flow / plain <= 1.15. Usage: python bench/overhead.py [--photos 50]
 """
@@ -54,8 +54,8 @@ def main() -> None:
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.image_to_3d import image_to_3d
-    from flows.local import local_run_settings
-    from sam3d_pipeline.pipeline import RunOptions, run_plain
+    from sam3d_pipeline.cli.local import local_run_settings
+    from sam3d_pipeline.run.pipeline import RunOptions, run_plain
 
     imports_s = time.perf_counter() - t
     with tempfile.TemporaryDirectory() as tmp:

@@ -129,9 +129,9 @@ def run_clicks(page, plans, width: int) -> list[dict]:
 def native_and_fidelity(out: str, run_prefix: Path, decoder_key: str, plans, shown: np.ndarray,
                         browser_low: np.ndarray, width: int, height: int, rgb: np.ndarray) -> dict:
     """onnxruntime in Python on the page's files; and the page's masks against float32+float32 masks."""
-    from sam3d_pipeline import clickdecoder, embeddings
-    from sam3d_pipeline.backends.sam3_onnx import export
-    from sam3d_pipeline.backends.sam3_segmenter import Sam3Segmenter
+    from sam3d_pipeline.backends.sam3 import clickdecoder, embeddings
+    from sam3d_pipeline.backends.sam3.onnx_export import export
+    from sam3d_pipeline.backends.sam3.segmenter import Sam3Segmenter
     from sam3d_pipeline.settings import get_settings
     from sam3d_pipeline.types import Point
 

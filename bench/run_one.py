@@ -48,7 +48,7 @@ def child(mode: str, out: str) -> None:
 
         local_prefect_defaults()  # as `sam3d-pipeline run` on the embedded default
         import flows.image_to_3d as f
-        from flows.local import local_run_settings
+        from sam3d_pipeline.cli.local import local_run_settings
 
         imported = time.perf_counter()
         with local_run_settings():
@@ -56,7 +56,7 @@ def child(mode: str, out: str) -> None:
         result = state.result()
         server_rss = _descendant_peak_rss_kib()
     else:
-        from sam3d_pipeline.pipeline import RunOptions, run_plain
+        from sam3d_pipeline.run.pipeline import RunOptions, run_plain
 
         imported = time.perf_counter()
         result = run_plain(photo, RunOptions(prompt="coffee cup"), output_root=out, force=True).model_dump()

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sam3d_pipeline import embeddings
-from sam3d_pipeline.backends.sam3_onnx import INPUT_NAMES, ClickDecoder, export, sample_inputs
-from sam3d_pipeline.backends.sam3_segmenter import Sam3Segmenter
+from sam3d_pipeline.backends.sam3 import embeddings
+from sam3d_pipeline.backends.sam3.onnx_export import INPUT_NAMES, ClickDecoder, export, sample_inputs
+from sam3d_pipeline.backends.sam3.segmenter import Sam3Segmenter
 from sam3d_pipeline.samples import sample_path
 from sam3d_pipeline.settings import Settings
 from sam3d_pipeline.types import Box, Point, SegmentRequest

@@ -155,7 +155,7 @@ def count_sam3d(config_dir: Path | None) -> dict[str, dict]:
 
 
 def count_sam3() -> dict:
-    from sam3d_pipeline.backends.sam3_segmenter import load_model
+    from sam3d_pipeline.backends.sam3.segmenter import load_model
     from sam3d_pipeline.settings import Settings
 
     loaded = load_model(Settings(sam3_random_init=True, sam3_device="cpu"))

@@ -73,8 +73,9 @@ def phase_in_child(phase: str, env: dict[str, str], *args: str) -> dict:
 
 def make_finished_catalog(folder: Path, rows: int) -> Path:
     """``rows`` distinct photos and their manifest; the first runs for real, its result.json is copied to the rest."""
-    from sam3d_pipeline import catalog, pipeline
+    from sam3d_pipeline import catalog
     from sam3d_pipeline.keys import RunKeys
+    from sam3d_pipeline.run import pipeline
     from sam3d_pipeline.settings import Settings
     from sam3d_pipeline.storage import LocalStorage
 
@@ -283,7 +284,7 @@ class StackBurst:
 
     def kill_gpu_session(self) -> str | None:
         """SIGKILL the process of a GPU worker session that holds a heartbeat (the one with the models)."""
-        from sam3d_pipeline.gpu_workers import Lease
+        from sam3d_pipeline.gpu.workers import Lease
 
         prefix = f"{self.env['SAM3D_OUTPUT_PREFIX']}_workers/"
         for obj in self.s3.list_objects_v2(Bucket=self.bucket, Prefix=prefix).get("Contents", []):
@@ -297,7 +298,7 @@ class StackBurst:
         return None
 
     def restart(self, name: str) -> None:
-        from sam3d_pipeline.stack_restart import restart
+        from sam3d_pipeline.stack.restart import restart
 
         restart(self.state_dir, name)
 

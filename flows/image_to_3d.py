@@ -4,7 +4,7 @@ Permanent failures (bad image, bad prompt options, unavailable backend) fail the
 reason in the run's state, in a markdown artifact and, when the input could be read, in ``result.json``.
 Transient storage failures are retried with backoff by the tasks that touch storage. The model stages run
 in this process or on the warm GPU workers (``SAM3D_GPU_STAGES``; the one dispatch point is
-``tasks/gpu_dispatch.py``). The run's end (render, ``result.json`` last, artifacts) is ``sam3d_pipeline.finish``.
+``tasks/gpu_dispatch.py``). The run's end (render, ``result.json`` last, artifacts) is ``sam3d_pipeline.run.finish``.
 """
 
 
@@ -12,11 +12,11 @@ from typing import Any, Literal
 
 from prefect import flow
 
-from sam3d_pipeline import objects
 from sam3d_pipeline.errors import PipelineError
-from sam3d_pipeline.finish import RunRecord, existing_result, timed
 from sam3d_pipeline.masks import select_instance
-from sam3d_pipeline.pipeline import RunOptions
+from sam3d_pipeline.run import objects
+from sam3d_pipeline.run.finish import RunRecord, existing_result, timed
+from sam3d_pipeline.run.pipeline import RunOptions
 from sam3d_pipeline.settings import get_settings
 from sam3d_pipeline.storage import open_storage
 from sam3d_pipeline.types import BoxParam, Point

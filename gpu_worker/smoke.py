@@ -118,7 +118,7 @@ def smoke_sam3d(settings: Any, image: Any, mask: Any, out: Path, stage: StageClo
     """SAM 3D Objects as the SAM 3D image's sessions run it, with per-stage figures. True when a mesh and a splat
     came out."""
     from sam3d_pipeline import backends
-    from sam3d_pipeline.glb import mesh_to_glb
+    from sam3d_pipeline.export.glb import mesh_to_glb
 
     reconstructor = backends.get_reconstructor("sam3d", settings)
     stage("sam3d load", reconstructor._load)

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .errors import InputError, PipelineError
-from .settings import Settings, get_settings
-from .storage import classify_s3_error, s3_client, split_s3_uri
+from sam3d_pipeline.errors import InputError, PipelineError
+from sam3d_pipeline.settings import Settings, get_settings
+from sam3d_pipeline.storage import classify_s3_error, s3_client, split_s3_uri
 
 MANIFEST = "manifest.json"
 CHUNK = 8 * 1024 * 1024

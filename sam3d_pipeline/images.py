@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps, PngImagePlugin, UnidentifiedImageError
 
-from .errors import ImageTooLargeError, InvalidImageError
+from sam3d_pipeline.errors import ImageTooLargeError, InvalidImageError
 
 # Pillow's own decompression-bomb guard (``Image.MAX_IMAGE_PIXELS``) stays on for every decode in the
 # process. ``load_image`` checks SAM3D_MAX_PIXELS from the header first, so for a photo over our limit

@@ -8,7 +8,6 @@ import re
 from pathlib import PurePosixPath
 from typing import Any
 
-OUTPUT_FILES = ("mask.png", "overlay.png", "object.glb", "object.ply", "preview.png", "result.json")
 # Written besides the photo outputs when the input is a video: the chosen frame, and the mask over the sampled frames.
 VIDEO_OUTPUT_FILES = ("frame.png", "track.webp")
 KEY_VERSION = 1

@@ -15,9 +15,9 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from .errors import ImageTooLargeError, InputError, InvalidImageError
-from .images import draw_label
-from .types import Instance
+from sam3d_pipeline.errors import ImageTooLargeError, InputError, InvalidImageError
+from sam3d_pipeline.images import draw_label
+from sam3d_pipeline.types import Instance
 
 OVERLAY_COLOUR = (30, 144, 255)
 MAX_MASK_PIXELS = 60_000_000  # the default SAM3D_MAX_PIXELS: no photo, hence no mask, is larger

@@ -19,7 +19,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Protocol
 
-from .errors import (
+from sam3d_pipeline.errors import (
     ImageTooLargeError,
     InputError,
     InputNotFoundError,
@@ -27,7 +27,7 @@ from .errors import (
     StorageAccessError,
     TransientStorageError,
 )
-from .settings import Settings, get_settings
+from sam3d_pipeline.settings import Settings, get_settings
 
 log = logging.getLogger("sam3d_pipeline.storage")
 

@@ -26,10 +26,9 @@ from sam3d_pipeline.errors import PipelineError
 from sam3d_pipeline.gallery import write_gallery
 from sam3d_pipeline.settings import Settings
 from sam3d_pipeline.storage import open_storage
-
-from . import gpu_dispatch
-from .bounded import bounded
-from .retry import retry_if_transient, retry_options
+from tasks import gpu_dispatch
+from tasks.bounded import bounded
+from tasks.retry import retry_if_transient, retry_options
 
 
 @task(name="load-catalog-source", cache_policy=NO_CACHE, retry_condition_fn=retry_if_transient)

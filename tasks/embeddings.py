@@ -5,9 +5,10 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from sam3d_pipeline import backends, clickdecoder
+from sam3d_pipeline import backends
+from sam3d_pipeline.backends.sam3 import clickdecoder
 from sam3d_pipeline.images import LoadedImage
-from sam3d_pipeline.pipeline import RunPlan
+from sam3d_pipeline.run.pipeline import RunPlan
 from sam3d_pipeline.settings import Settings
 from sam3d_pipeline.storage import open_storage
 

@@ -37,12 +37,13 @@ from prefect.exceptions import MissingContextError, ObjectNotFound
 from prefect.logging import get_logger
 from prefect.states import Cancelled, Crashed
 
-from sam3d_pipeline import catalog, gpu_stages, objects, pipeline
+from sam3d_pipeline import catalog
+from sam3d_pipeline.backoff import backoff_s
 from sam3d_pipeline.errors import InputNotFoundError, TransientError, error_from_record
-from sam3d_pipeline.finish import RunRecord
-from sam3d_pipeline.gpu_failures import GpuStageError, StageAttempt, backoff_s, classify, next_low_memory, should_retry
-from sam3d_pipeline.gpu_stages import GpuBatch, ReconstructJobParam, SegmentJob, SegmentParams
-from sam3d_pipeline.gpu_workers import (
+from sam3d_pipeline.gpu import stages as gpu_stages
+from sam3d_pipeline.gpu.failures import GpuStageError, StageAttempt, classify, next_low_memory, should_retry
+from sam3d_pipeline.gpu.stages import GpuBatch, ReconstructJobParam, SegmentJob, SegmentParams
+from sam3d_pipeline.gpu.workers import (
     TASK_NAMES,
     Lease,
     lease_key,
@@ -56,13 +57,14 @@ from sam3d_pipeline.gpu_workers import (
 from sam3d_pipeline.images import LoadedImage
 from sam3d_pipeline.keys import RunKeys
 from sam3d_pipeline.masks import mask_to_png
+from sam3d_pipeline.run import objects, pipeline
+from sam3d_pipeline.run.finish import RunRecord
 from sam3d_pipeline.settings import Settings
 from sam3d_pipeline.storage import Storage, open_storage
 from sam3d_pipeline.types import Reconstruction, Segmentation
-
-from .embeddings import store_review_assets
-from .reconstruct import reconstruct_in_process, reconstruct_objects_in_process
-from .segment import segment_in_process
+from tasks.embeddings import store_review_assets
+from tasks.reconstruct import reconstruct_in_process, reconstruct_objects_in_process
+from tasks.segment import segment_in_process
 
 ACTIVE_SESSION_STATES = [StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING]
 
@@ -234,7 +236,7 @@ def run_on_workers(batch: GpuBatch, settings: Settings, *,
 def _run_task(batch: GpuBatch, kind: str, settings: Settings,
               sleep: Callable[[float], None]) -> tuple[dict[str, Any], list[StageAttempt]]:
     """Submit ``batch`` as the task of ``kind`` until it completes, resubmitting after a lost worker."""
-    from .gpu_tasks import GPU_TASKS
+    from tasks.gpu_tasks import GPU_TASKS
 
     gpu_task, name = GPU_TASKS[kind], TASK_NAMES[kind]
     logger = get_run_logger()
@@ -330,7 +332,7 @@ def _wait(future: Any, run_id: str, storage: Storage, settings: Settings, kind: 
 
 def _free_session_waiting(client: SyncPrefectClient, kind: str) -> bool:
     """Whether a GPU worker session is subscribed for the task of ``kind`` right now (it subscribes only when free)."""
-    from .gpu_tasks import GPU_TASKS
+    from tasks.gpu_tasks import GPU_TASKS
 
     response = client.request("POST", "/task_workers/filter",
                               json={"task_worker_filter": {"task_keys": [GPU_TASKS[kind].task_key]}})

@@ -1,12 +1,12 @@
 """The GPU stages as Prefect background tasks, and the loop that serves them in a warm worker session.
 
-Three tasks with one body (``run_gpu_batch`` of a ``GpuBatch``, ``sam3d_pipeline.gpu_stages``): ``gpu-segment``
+Three tasks with one body (``run_gpu_batch`` of a ``GpuBatch``, ``sam3d_pipeline.gpu.stages``): ``gpu-segment``
 (served by SAM 3 sessions), ``gpu-reconstruct`` (SAM 3D Objects sessions) and ``gpu-stage`` (a batch with both
 stages, served only by a session with both models: ``SAM3D_GPU_WORKER_STAGES=all``). Flows submit them with
 ``.delay()`` (``tasks/gpu_dispatch.py``); ``serve_gpu_tasks`` executes those of its stages inside a worker session
 (``flows/gpu_worker.py``), one task at a time, with every model cached in the process between tasks, until the
 session has been idle for ``idle_s``. While a task runs it keeps its lease fresh in storage
-(``sam3d_pipeline.gpu_workers``), so a submitter can tell a killed worker from a slow one.
+(``sam3d_pipeline.gpu.workers``), so a submitter can tell a killed worker from a slow one.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from prefect.settings import get_current_settings
 from prefect.task_worker import TaskWorker
 
 from sam3d_pipeline.errors import InputError
-from sam3d_pipeline.gpu_stages import GpuBatch, batch_stages, run_gpu_batch
-from sam3d_pipeline.gpu_workers import (
+from sam3d_pipeline.gpu.stages import GpuBatch, batch_stages, run_gpu_batch
+from sam3d_pipeline.gpu.workers import (
     TASK_NAMES,
     IdleClock,
     Lease,

@@ -6,12 +6,11 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from sam3d_pipeline import pipeline
 from sam3d_pipeline.images import LoadedImage
+from sam3d_pipeline.run import pipeline
 from sam3d_pipeline.settings import Settings
 from sam3d_pipeline.video import LoadedVideo
-
-from .retry import retry_if_transient
+from tasks.retry import retry_if_transient
 
 
 @task(name="fetch-input", cache_policy=NO_CACHE, retry_condition_fn=retry_if_transient)

@@ -1,4 +1,4 @@
-"""Publishing tasks: the run's end (``sam3d_pipeline.finish``) with retries when transient, and artifacts."""
+"""Publishing tasks: the run's end (``sam3d_pipeline.run.finish``) with retries when transient, and artifacts."""
 
 from __future__ import annotations
 
@@ -7,14 +7,13 @@ from prefect.artifacts import create_image_artifact, create_markdown_artifact, c
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from sam3d_pipeline import finish
 from sam3d_pipeline.errors import PipelineError
-from sam3d_pipeline.finish import RunRecord
-from sam3d_pipeline.report import RunResult, summary_markdown
+from sam3d_pipeline.run import finish
+from sam3d_pipeline.run.finish import RunRecord
+from sam3d_pipeline.run.report import RunResult, summary_markdown
 from sam3d_pipeline.settings import Settings
 from sam3d_pipeline.storage import open_storage
-
-from .retry import retry_if_transient, retry_options
+from tasks.retry import retry_if_transient, retry_options
 
 
 def current_flow_run_id() -> str | None:

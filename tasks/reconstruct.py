@@ -6,8 +6,8 @@ import numpy as np
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from sam3d_pipeline import pipeline
 from sam3d_pipeline.images import LoadedImage
+from sam3d_pipeline.run import pipeline
 from sam3d_pipeline.settings import Settings
 from sam3d_pipeline.types import Reconstruction, Segmentation
 

@@ -22,7 +22,8 @@ from prefect.runtime import deployment, flow_run
 from prefect.states import Running
 from pydantic import Field, create_model
 
-from sam3d_pipeline import backends, clickdecoder, finish, keys, pipeline
+from sam3d_pipeline import backends, keys
+from sam3d_pipeline.backends.sam3 import clickdecoder
 from sam3d_pipeline.errors import InputError, ReviewTimeoutError
 from sam3d_pipeline.images import LoadedImage, encode_jpeg, encode_png
 from sam3d_pipeline.masks import mask_from_png, overlay
@@ -40,6 +41,7 @@ from sam3d_pipeline.review.machine import (
 )
 from sam3d_pipeline.review.persist import load_round, save_round
 from sam3d_pipeline.review.policy import CONTEXT_KEY, ReviewContext, needs_review, review_markdown
+from sam3d_pipeline.run import finish, pipeline
 from sam3d_pipeline.settings import Settings
 from sam3d_pipeline.storage import Storage
 from sam3d_pipeline.types import PointList, Segmentation, bounded_point_model

@@ -5,9 +5,9 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from sam3d_pipeline import pipeline
-from sam3d_pipeline.finish import RunRecord
 from sam3d_pipeline.images import LoadedImage
+from sam3d_pipeline.run import pipeline
+from sam3d_pipeline.run.finish import RunRecord
 from sam3d_pipeline.settings import Settings
 from sam3d_pipeline.types import Segmentation
 from sam3d_pipeline.video import LoadedVideo

@@ -27,8 +27,8 @@ os.environ.pop("AWS_PROFILE", None)
 os.environ.pop("AWS_ENDPOINT_URL", None)
 
 from sam3d_pipeline import backends  # noqa: E402
-from sam3d_pipeline.localstack import _alive, read_stack  # noqa: E402
 from sam3d_pipeline.settings import get_settings  # noqa: E402
+from sam3d_pipeline.stack.local import _alive, read_stack  # noqa: E402
 from sam3d_pipeline.storage import _s3_client  # noqa: E402
 
 from .servers import FaultyProxy, MotoServer, free_port, wait_for_port  # noqa: E402

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from sam3d_pipeline.localstack import read_stack
+from sam3d_pipeline.stack.local import read_stack
 
 from .photos import encode, object_photo
 

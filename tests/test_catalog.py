@@ -206,7 +206,7 @@ def test_plain_loop_runs_once_skips_finished_and_retries_failed(tmp_path, spies)
 
 def test_catalog_prefix_matches_image_to_3d(tmp_path):
     """An item lands where `image-to-3d` (run_plain) puts the same photo, prompt and options."""
-    from sam3d_pipeline.pipeline import RunOptions, run_plain
+    from sam3d_pipeline.run.pipeline import RunOptions, run_plain
 
     photo = tmp_path / "chair.png"
     photo.write_bytes(encode(object_photo(160, 120)[0]))
@@ -242,7 +242,7 @@ def test_manifest_instances_field_reaches_the_run_options(tmp_path):
     assert c.item.options().instances == "best"
     assert d.item is None and "instances 'two'" in d.error
     # Different instances, different outputs: the prefix differs.
-    from sam3d_pipeline.pipeline import plan
+    from sam3d_pipeline.run.pipeline import plan
 
     base = dict(input_uri="a.png", input_id="sha256:1", output_root=str(tmp_path))
     assert plan(options=a.item.options(), **base).prefix != plan(options=c.item.options(), **base).prefix

@@ -360,7 +360,7 @@ def test_gallery_lists_items_and_its_glbs_load_in_chromium(first_run, http_root)
 def test_catalog_command_exit_codes_and_summary_line(tmp_path):
     from typer.testing import CliRunner
 
-    from sam3d_pipeline.cli import app
+    from sam3d_pipeline.cli.main import app
 
     photos = tmp_path / "photos"
     photos.mkdir()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sam3d_pipeline.cli import parse_box, parse_point
+from sam3d_pipeline.cli.main import parse_box, parse_point
 
 from .photos import encode, object_photo, uniform_photo
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sam3d_pipeline import clickdecoder
+from sam3d_pipeline.backends.sam3 import clickdecoder
 from sam3d_pipeline.types import Point
 
 

@@ -422,7 +422,7 @@ def _pyproject_extra(name: str) -> list[str]:
 def test_the_unresponsive_runs_automation_file_is_the_library_definition_and_prefect_accepts_it():
     from prefect.events.schemas.automations import AutomationCore, Posture
 
-    from sam3d_pipeline.unresponsive import (
+    from sam3d_pipeline.stack.unresponsive import (
         AUTOMATION_NAME,
         LOCAL_HEARTBEAT_S,
         PREFECT_DEFAULT_HEARTBEAT_S,

@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 import trimesh
 
-from sam3d_pipeline import export, objects
+from sam3d_pipeline import export
 from sam3d_pipeline.backends.lite_reconstructor import LiteReconstructor
 from sam3d_pipeline.errors import InputError
 from sam3d_pipeline.export import look
 from sam3d_pipeline.export.frame import GLB_TO_OBJECT, quaternion_matrix
 from sam3d_pipeline.export.usdz import arkit_check
+from sam3d_pipeline.run import objects
 from sam3d_pipeline.settings import Settings
 from sam3d_pipeline.types import BackendInfo, Instance, Reconstruction
 

@@ -28,7 +28,7 @@ import pytest
 pytest.importorskip("sam3")
 pytest.importorskip("prefect_aws")
 
-from sam3d_pipeline import checkpoints  # noqa: E402
+from sam3d_pipeline import checkpoints
 from sam3d_pipeline.samples import sample_path  # noqa: E402
 
 from .gpu_image import ROOT, process_env, session_env, template_env  # noqa: E402
@@ -43,7 +43,7 @@ TASK_STORAGE_BLOCK = "sam3d-task-storage"
 # (``inst_interactive_predictor.model.*`` in the built model) under ``tracker.``.
 WRITE_SAM3_PT = r"""
 import sys, torch
-from sam3d_pipeline.backends.sam3_segmenter import load_model
+from sam3d_pipeline.backends.sam3.segmenter import load_model
 from sam3d_pipeline.settings import Settings
 model = load_model(Settings(sam3_random_init=True, sam3_device="cpu")).model
 tracker = "inst_interactive_predictor.model."
@@ -194,7 +194,8 @@ def test_sam3_segments_on_the_worker_and_writes_the_review_assets(orchestrator, 
     the fetched real-format checkpoint; the identity in the stage's output is the worker's own."""
     from prefect import flow
 
-    from sam3d_pipeline import clickdecoder, pipeline
+    from sam3d_pipeline.backends.sam3 import clickdecoder
+    from sam3d_pipeline.run import pipeline
     from sam3d_pipeline.settings import get_settings
     from sam3d_pipeline.storage import open_storage
     from tasks import gpu_dispatch
@@ -230,8 +231,8 @@ def test_a_worker_with_other_weights_refuses_the_stage(orchestrator, checkpoint_
     """The submitter declares weights the worker does not have: the stage fails at once, naming both."""
     from prefect import flow
 
-    from sam3d_pipeline import pipeline
     from sam3d_pipeline.errors import BackendUnavailableError
+    from sam3d_pipeline.run import pipeline
     from sam3d_pipeline.settings import get_settings
     from tasks import gpu_dispatch
 

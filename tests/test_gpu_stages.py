@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sam3d_pipeline import gpu_failures
+from sam3d_pipeline.gpu import failures as gpu_failures
 
 from .doubles import DOUBLE_DIR, double_config
 from .photos import encode, object_photo
@@ -43,8 +43,10 @@ def test_retry_rules():
     assert gpu_failures.should_retry("oom", 1, 3, False)  # retried in low-memory mode
     assert not gpu_failures.should_retry("oom", 2, 3, True)  # OOM even in low-memory mode: give up
     assert gpu_failures.next_low_memory("oom", False) and not gpu_failures.next_low_memory("crashed", False)
-    assert [gpu_failures.backoff_s(n, 30) for n in (1, 2, 3)] == [30, 60, 120]
-    assert gpu_failures.backoff_s(20, 30) == 600
+    from sam3d_pipeline.backoff import backoff_s
+
+    assert [backoff_s(n, 30) for n in (1, 2, 3)] == [30, 60, 120]
+    assert backoff_s(20, 30) == 600
 
 
 # -- SAM 3D Objects (the documented-interface double) in process and in a GPU batch ------------------------
@@ -103,8 +105,8 @@ def test_inline_image_to_3d_with_sam3d_writes_glb_ply_and_pose(tmp_path, sam3d_d
 
 def test_gpu_batch_exchanges_storage_keys_on_s3(s3, sam3d_double):
     """Segment then reconstruct two masks of one photo through S3 keys: one model load, one point map."""
-    from sam3d_pipeline import gpu_stages
-    from sam3d_pipeline.gpu_stages import GpuBatch, ReconstructJobParam, SegmentJob, SegmentParams
+    from sam3d_pipeline.gpu import stages as gpu_stages
+    from sam3d_pipeline.gpu.stages import GpuBatch, ReconstructJobParam, SegmentJob, SegmentParams
     from sam3d_pipeline.masks import iou
 
     client, bucket = s3

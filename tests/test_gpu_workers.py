@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from sam3d_pipeline import backends
-from sam3d_pipeline.gpu_stages import (
+from sam3d_pipeline.gpu.stages import (
     GpuBatch,
     ReconstructJobParam,
     SegmentJob,
@@ -30,7 +30,7 @@ from sam3d_pipeline.gpu_stages import (
     run_gpu_batch,
     segment_part,
 )
-from sam3d_pipeline.gpu_workers import (
+from sam3d_pipeline.gpu.workers import (
     IdleClock,
     Lease,
     SessionLedger,
@@ -189,7 +189,7 @@ def test_gpu_batch_refuses_a_mask_of_another_size(tmp_path):
 
 def test_planning_a_sam3_run_needs_no_torch():
     """The orchestrator names a sam3 run's prefix where torch cannot be imported, and it is the same prefix."""
-    from sam3d_pipeline import pipeline
+    from sam3d_pipeline.run import pipeline
     from sam3d_pipeline.settings import Settings
 
     photo = object_photo(seed=4)[0]
@@ -201,7 +201,7 @@ def test_planning_a_sam3_run_needs_no_torch():
     script = (
         "import sys; sys.modules['torch'] = None\n"
         "import flows.image_to_3d\n"
-        "from sam3d_pipeline import pipeline\n"
+        "from sam3d_pipeline.run import pipeline\n"
         "from sam3d_pipeline.settings import Settings\n"
         "try:\n    import torch\nexcept ImportError:\n    pass\nelse:\n    raise SystemExit('torch imported')\n"
         "data = sys.stdin.buffer.read()\n"
@@ -385,7 +385,7 @@ def test_a_worker_killed_mid_reconstruction_loses_nothing(workers_mode, tmp_path
     from prefect.client.orchestration import get_client
 
     from flows.image_to_3d import image_to_3d
-    from sam3d_pipeline.gpu_workers import lease_key
+    from sam3d_pipeline.gpu.workers import lease_key
     from sam3d_pipeline.storage import open_storage
 
     monkeypatch.setenv("SAM3D_GPU_LEASE_S", "3")
@@ -536,7 +536,7 @@ def test_a_heartbeat_that_fails_to_write_is_logged_and_written_again_before_the_
     import logging
 
     from sam3d_pipeline.errors import TransientStorageError
-    from sam3d_pipeline.gpu_workers import lease_key, lease_verdict
+    from sam3d_pipeline.gpu.workers import lease_key, lease_verdict
     from sam3d_pipeline.storage import LocalStorage
     from tasks.gpu_dispatch import read_lease
     from tasks.gpu_tasks import held_lease

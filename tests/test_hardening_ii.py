@@ -10,9 +10,10 @@ import time
 import pytest
 from pydantic import ValidationError
 
-from sam3d_pipeline import catalog, jsonsafe, pipeline
+from sam3d_pipeline import catalog, jsonsafe
 from sam3d_pipeline.errors import InputError
 from sam3d_pipeline.keys import STEM_MAX_BYTES, image_stem
+from sam3d_pipeline.run import pipeline
 from sam3d_pipeline.settings import Settings
 from sam3d_pipeline.storage import LocalStorage
 from sam3d_pipeline.types import MAX_BOXES, MAX_POINTS

@@ -9,9 +9,10 @@ import json
 import numpy as np
 import pytest
 
-from sam3d_pipeline import checkpoints, gpu_stages
-from sam3d_pipeline.backends import sam3_version
+from sam3d_pipeline import checkpoints
+from sam3d_pipeline.backends.sam3 import version as sam3_version
 from sam3d_pipeline.errors import BackendUnavailableError, InputError
+from sam3d_pipeline.gpu import stages as gpu_stages
 from sam3d_pipeline.settings import Settings
 from sam3d_pipeline.types import BackendInfo
 
@@ -85,7 +86,7 @@ def test_a_worker_running_other_weights_refuses_the_stage():
 
 
 def test_a_checkpoint_other_than_the_declared_one_is_refused_where_it_loads(tmp_path):
-    from sam3d_pipeline.backends.sam3_assets import resolve_checkpoint
+    from sam3d_pipeline.backends.sam3.assets import resolve_checkpoint
 
     path = tmp_path / "sam3.pt"
     path.write_bytes(b"not the declared weights")
@@ -97,7 +98,7 @@ def test_a_checkpoint_other_than_the_declared_one_is_refused_where_it_loads(tmp_
 
 def test_the_report_names_what_the_worker_ran(tmp_path):
     """``result.json``'s backends come from the stage's own report, over the plan (which keeps why it chose)."""
-    from sam3d_pipeline import finish, pipeline
+    from sam3d_pipeline.run import finish, pipeline
     from sam3d_pipeline.types import Instance, Segmentation
 
     sha = "ab" * 32

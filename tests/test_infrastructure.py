@@ -660,7 +660,7 @@ def test_the_service_extra_resolves_without_torch():
 def test_what_the_service_image_runs_imports_without_torch():
     code = (
         "import importlib.util, sys\n"
-        "import sam3d_pipeline.cli, sam3d_pipeline.events.bridge, sam3d_pipeline.review.server\n"
+        "import sam3d_pipeline.cli.main, sam3d_pipeline.events.bridge, sam3d_pipeline.review.server\n"
         "import flows.image_to_3d, flows.catalog_batch\n"
         "spec = importlib.util.spec_from_file_location('handler', 'deployments/lambda/handler.py')\n"
         "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"

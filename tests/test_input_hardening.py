@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from sam3d_pipeline import catalog
 from sam3d_pipeline.errors import ImageTooLargeError, InputError, InputNotFoundError, InvalidImageError
 from sam3d_pipeline.images import load_image
-from sam3d_pipeline.pipeline import RunOptions, run_plain
+from sam3d_pipeline.run.pipeline import RunOptions, run_plain
 from sam3d_pipeline.settings import Settings
 from sam3d_pipeline.storage import LocalStorage, open_storage, read_input
 from sam3d_pipeline.types import Point

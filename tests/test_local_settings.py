@@ -10,7 +10,7 @@ import pytest
 from prefect import flow
 from prefect.settings import PREFECT_API_URL
 
-from flows.local import local_run_settings
+from sam3d_pipeline.cli.local import local_run_settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 

@@ -7,8 +7,8 @@ import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from sam3d_pipeline import localstack
-from sam3d_pipeline.localstack import LocalStack, _alive, _start_time, complete, stop_leftovers
+from sam3d_pipeline.stack import local as localstack
+from sam3d_pipeline.stack.local import LocalStack, _alive, _start_time, complete, stop_leftovers
 
 
 def _sleeper() -> subprocess.Popen:
@@ -51,7 +51,7 @@ def test_a_finished_stack_is_complete_until_a_part_is_gone(tmp_path):
 
 
 def test_up_stops_an_incomplete_stack_and_starts_again(tmp_path, monkeypatch, capsys):
-    from sam3d_pipeline import stack_cli
+    from sam3d_pipeline.cli import stack as stack_cli
 
     left = _sleeper()
     _record(tmp_path, {"moto": left})

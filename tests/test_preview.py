@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import trimesh
 
-from sam3d_pipeline.preview import BACKGROUND_BOTTOM, BACKGROUND_TOP, render_preview
+from sam3d_pipeline.export.preview import BACKGROUND_BOTTOM, BACKGROUND_TOP, render_preview
 
 
 def _two_boxes(front_first: bool) -> trimesh.Trimesh:

@@ -15,7 +15,7 @@ from PIL import Image
 pytest.importorskip("sam3")
 pytest.importorskip("onnxruntime")
 
-from sam3d_pipeline import clickdecoder, embeddings  # noqa: E402
+from sam3d_pipeline.backends.sam3 import clickdecoder, embeddings
 from sam3d_pipeline.review.server import ORT_DIST  # noqa: E402
 from sam3d_pipeline.samples import sample_path  # noqa: E402
 from sam3d_pipeline.types import Point  # noqa: E402

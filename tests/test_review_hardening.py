@@ -243,9 +243,9 @@ def test_api_answers_503_with_the_reason_when_prefect_is_unreachable():
     from fastapi.testclient import TestClient
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from sam3d_pipeline.review.server import create_app
+    from sam3d_pipeline.web.app import create_app
 
-    client = TestClient(create_app(TOKEN), raise_server_exceptions=False)
+    client = TestClient(create_app((TOKEN,), deliver_webhooks=False), raise_server_exceptions=False)
     closed = f"http://127.0.0.1:{free_port()}/api"
     with temporary_settings({PREFECT_API_URL: closed}):
         for method, path, body in _api_routes(uuid.uuid4()):
@@ -299,9 +299,9 @@ def test_prefect_going_away_answers_503_and_the_page_says_why(tmp_path, browser)
 def test_token_only_in_the_authorization_header_with_any_case_scheme():
     from fastapi.testclient import TestClient
 
-    from sam3d_pipeline.review.server import create_app
+    from sam3d_pipeline.web.app import create_app
 
-    client = TestClient(create_app(TOKEN), raise_server_exceptions=False)
+    client = TestClient(create_app((TOKEN,), deliver_webhooks=False), raise_server_exceptions=False)
     for value in (f"Bearer {TOKEN}", f"bearer {TOKEN}", f"BEARER   {TOKEN}", f"BeArEr {TOKEN} "):
         assert client.get("/api/runs", headers={"Authorization": value}).status_code == 200, value
     for value in (f"Basic {TOKEN}", TOKEN, "Bearer", f"Bearer {TOKEN}x", f"Bearer{TOKEN}"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sam3d_pipeline import backends, finish, pipeline
+from sam3d_pipeline import backends
 from sam3d_pipeline.errors import InputError
 from sam3d_pipeline.masks import iou, mask_from_png, mask_to_png
 from sam3d_pipeline.review.machine import (
@@ -19,6 +19,7 @@ from sam3d_pipeline.review.machine import (
     ReviewOutcome,
     apply_review,
 )
+from sam3d_pipeline.run import finish, pipeline
 from sam3d_pipeline.settings import Settings
 from sam3d_pipeline.types import BackendInfo, Instance, Point, Segmentation
 

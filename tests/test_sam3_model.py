@@ -20,9 +20,9 @@ pytest.importorskip("onnxruntime")
 
 import torch  # noqa: E402
 
-from sam3d_pipeline import embeddings  # noqa: E402
-from sam3d_pipeline.backends.sam3_onnx import INPUT_NAMES, ClickDecoder, export, sample_inputs  # noqa: E402
-from sam3d_pipeline.backends.sam3_segmenter import Sam3Segmenter  # noqa: E402
+from sam3d_pipeline.backends.sam3 import embeddings
+from sam3d_pipeline.backends.sam3.onnx_export import INPUT_NAMES, ClickDecoder, export, sample_inputs  # noqa: E402
+from sam3d_pipeline.backends.sam3.segmenter import Sam3Segmenter  # noqa: E402
 from sam3d_pipeline.samples import sample_path  # noqa: E402
 from sam3d_pipeline.settings import Settings  # noqa: E402
 from sam3d_pipeline.types import Box, Point, SegmentRequest  # noqa: E402
@@ -230,7 +230,9 @@ def test_flow_runs_end_to_end_with_sam3(sam3, tmp_path, monkeypatch):
 def test_review_assets_task_stores_embeddings_and_a_decoder_that_matches_them(sam3, tmp_path):
     from prefect import flow
 
-    from sam3d_pipeline import backends, clickdecoder, pipeline
+    from sam3d_pipeline import backends
+    from sam3d_pipeline.backends.sam3 import clickdecoder
+    from sam3d_pipeline.run import pipeline
     from tasks.embeddings import store_review_assets
 
     path = sample_path("coffee")
@@ -267,7 +269,7 @@ def test_review_assets_task_stores_embeddings_and_a_decoder_that_matches_them(sa
 def test_float32_review_decoder_is_the_exported_float_model(sam3, tmp_path):
     """``SAM3D_REVIEW_DECODER_WEIGHTS=float32``: the page gets the float decoder under its own key, next to the
     uint8 one, and on exact features it gives the torch predictor's mask."""
-    from sam3d_pipeline import clickdecoder
+    from sam3d_pipeline.backends.sam3 import clickdecoder
     from sam3d_pipeline.storage import LocalStorage
 
     storage = LocalStorage(tmp_path)

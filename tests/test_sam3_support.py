@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sam3d_pipeline import backends, embeddings
-from sam3d_pipeline.doctor import (
+from sam3d_pipeline import backends
+from sam3d_pipeline.backends.sam3 import embeddings
+from sam3d_pipeline.cli.doctor import (
     FAIL,
     OK,
     WARN,
@@ -29,7 +30,7 @@ from .servers import free_port
 
 def test_xyxy_box_becomes_normalised_cxcywh():
     pytest.importorskip("torch")
-    from sam3d_pipeline.backends.sam3_segmenter import xyxy_to_cxcywh_norm
+    from sam3d_pipeline.backends.sam3.segmenter import xyxy_to_cxcywh_norm
 
     assert xyxy_to_cxcywh_norm((100, 20, 300, 120), 400, 200) == pytest.approx([0.5, 0.35, 0.5, 0.5])
     # Clipped to the image first: the part outside does not count.
@@ -83,7 +84,7 @@ def test_embeddings_reject_bad_input():
 
 def test_vocab_is_found_and_md5_checked():
     pytest.importorskip("open_clip")
-    from sam3d_pipeline.backends.sam3_assets import VOCAB_MD5, file_md5, find_bpe_vocab
+    from sam3d_pipeline.backends.sam3.assets import VOCAB_MD5, file_md5, find_bpe_vocab
 
     path = find_bpe_vocab()
     assert path.name == "bpe_simple_vocab_16e6.txt.gz"
@@ -91,7 +92,7 @@ def test_vocab_is_found_and_md5_checked():
 
 
 def test_missing_vocab_names_what_to_install(monkeypatch):
-    from sam3d_pipeline.backends import sam3_assets
+    from sam3d_pipeline.backends.sam3 import assets as sam3_assets
 
     monkeypatch.setattr(sam3_assets, "_package_dir", lambda name: None)
     with pytest.raises(BackendUnavailableError, match="install open_clip_torch"):
@@ -99,7 +100,7 @@ def test_missing_vocab_names_what_to_install(monkeypatch):
 
 
 def test_local_checkpoint_missing_file_is_named(tmp_path):
-    from sam3d_pipeline.backends.sam3_assets import resolve_checkpoint
+    from sam3d_pipeline.backends.sam3.assets import resolve_checkpoint
 
     missing = tmp_path / "nope.pt"
     with pytest.raises(InputError, match=f"checkpoint {missing}: no such file"):
@@ -112,7 +113,7 @@ def test_local_checkpoint_missing_file_is_named(tmp_path):
 
 
 def test_hub_checkpoint_refused_unless_allowed(tmp_path):
-    from sam3d_pipeline.backends.sam3_assets import resolve_checkpoint
+    from sam3d_pipeline.backends.sam3.assets import resolve_checkpoint
 
     with pytest.raises(BackendUnavailableError, match="SAM3D_SAM3_ALLOW_HUB=true"):
         resolve_checkpoint(Settings(sam3_checkpoint="hf://facebook/sam3", model_cache_dir=str(tmp_path)))
@@ -121,7 +122,7 @@ def test_hub_checkpoint_refused_unless_allowed(tmp_path):
 
 @pytest.mark.slow
 def test_s3_checkpoint_downloaded_once_and_sha256_checked(s3, tmp_path):
-    from sam3d_pipeline.backends.sam3_assets import resolve_checkpoint
+    from sam3d_pipeline.backends.sam3.assets import resolve_checkpoint
 
     client, bucket = s3
     data = b"not really a checkpoint" * 1000
@@ -161,8 +162,9 @@ def test_auto_chooses_sam3_when_it_imports_and_is_configured():
 
 
 def test_library_imports_without_torch():
-    code = ("import sys; import sam3d_pipeline.cli, sam3d_pipeline.doctor, sam3d_pipeline.embeddings, "
-            "sam3d_pipeline.backends.sam3_assets; assert 'torch' not in sys.modules, 'torch imported'")
+    code = ("import sys; import sam3d_pipeline.cli.main, sam3d_pipeline.cli.doctor, "
+            "sam3d_pipeline.backends.sam3.embeddings, sam3d_pipeline.backends.sam3.assets; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -240,7 +242,7 @@ def test_doctor_command_fails_with_a_clear_line(tmp_path):
 
 def test_weights_are_part_of_the_output_key():
     pytest.importorskip("torch")
-    from sam3d_pipeline.backends.sam3_segmenter import Sam3Segmenter
+    from sam3d_pipeline.backends.sam3.segmenter import Sam3Segmenter
 
     random = Sam3Segmenter(Settings(sam3_random_init=True)).info()
     real = Sam3Segmenter(Settings(sam3_checkpoint="/models/sam3.pt")).info()
@@ -279,7 +281,7 @@ def test_gated_hub_answer_explains_access(tmp_path, status):
         env.update(HF_ENDPOINT=f"http://127.0.0.1:{server.server_port}", HF_HOME=str(tmp_path / "hf"),
                    SAM3D_SAM3_CHECKPOINT="hf://facebook/sam3", SAM3D_SAM3_ALLOW_HUB="true",
                    SAM3D_MODEL_CACHE_DIR=str(tmp_path / "cache"))
-        code = ("from sam3d_pipeline.backends.sam3_assets import resolve_checkpoint;"
+        code = ("from sam3d_pipeline.backends.sam3.assets import resolve_checkpoint;"
                 "from sam3d_pipeline.settings import Settings\n"
                 "try:\n    resolve_checkpoint(Settings())\n"
                 "except Exception as exc:\n    print(type(exc).__name__, exc)")

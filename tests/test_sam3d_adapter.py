@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from sam3d_pipeline import backends
 from sam3d_pipeline.backends import sam3d_reconstructor as adapter
 from sam3d_pipeline.errors import BackendUnavailableError, InputError
-from sam3d_pipeline.glb import glb_to_mesh, mesh_to_glb
+from sam3d_pipeline.export.glb import glb_to_mesh, mesh_to_glb
 from sam3d_pipeline.settings import Settings
 
 from .photos import object_photo
@@ -325,7 +325,7 @@ def test_workers_mode_resolves_gpu_backends_without_their_packages(monkeypatch):
 
 
 def test_sam3d_settings_that_change_the_output_change_the_prefix(monkeypatch):
-    from sam3d_pipeline import pipeline
+    from sam3d_pipeline.run import pipeline
 
     options = pipeline.RunOptions(prompt="chair", segmenter="lite", reconstructor="sam3d")
 
@@ -339,7 +339,8 @@ def test_sam3d_settings_that_change_the_output_change_the_prefix(monkeypatch):
 
 
 def test_three_objects_of_a_photo_keep_their_own_pose_into_the_scene(sam3d):
-    from sam3d_pipeline import export, objects
+    from sam3d_pipeline import export
+    from sam3d_pipeline.run import objects
     from sam3d_pipeline.types import Instance
 
     from .photos import three_objects_photo

@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 
 from sam3d_pipeline.events.keeper import Accepted, decide, match_runs
-from sam3d_pipeline.gpu_workers import Lease, session_lost
-from sam3d_pipeline.localstack import _alive, read_stack
-from sam3d_pipeline.stack_db import LocalPostgres, find_binary, server_account
-from sam3d_pipeline.stack_restart import _port_open
+from sam3d_pipeline.gpu.workers import Lease, session_lost
+from sam3d_pipeline.stack.db import LocalPostgres, find_binary, server_account
+from sam3d_pipeline.stack.local import _alive, read_stack
+from sam3d_pipeline.stack.restart import _port_open
 
 from .photos import encode, object_photo
 from .servers import free_port
@@ -396,7 +396,7 @@ def test_a_run_whose_machine_died_is_crashed_by_its_missing_heartbeats_and_run_a
     """The worker and the run's own process SIGKILLed together, as when a machine or container is lost: nothing is
     left to report the run's end, so it stays Running until its heartbeats are missed; the automation that `up`
     created marks it Crashed, and the keeper schedules the same run again."""
-    from sam3d_pipeline.unresponsive import LOCAL_HEARTBEAT_S, MISSED_BEATS
+    from sam3d_pipeline.stack.unresponsive import LOCAL_HEARTBEAT_S, MISSED_BEATS
 
     images = _burst(pg_stack, "machine", count=1)
     _wait_until(pg_stack, images, ("RUNNING",))
@@ -431,8 +431,8 @@ def test_prefect_server_killed_mid_burst(pg_stack):
 
 
 def test_stack_restart_refuses_what_it_cannot_restart(tmp_path):
-    from sam3d_pipeline.localstack import StackError
-    from sam3d_pipeline.stack_restart import restart
+    from sam3d_pipeline.stack.local import StackError
+    from sam3d_pipeline.stack.restart import restart
 
     with pytest.raises(StackError, match="no stack recorded"):
         restart(tmp_path, "worker")

@@ -134,7 +134,7 @@ def test_gzip_encoded_embeddings_reach_a_browser_decompressed_and_python_decodes
     import numpy as np
     import requests
 
-    from sam3d_pipeline import embeddings
+    from sam3d_pipeline.backends.sam3 import embeddings
 
     _, bucket = s3
     store = open_storage(f"s3://{bucket}/out")

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sam3d_pipeline import pipeline
 from sam3d_pipeline.backends.lite_segmenter import LiteSegmenter
 from sam3d_pipeline.errors import InvalidVideoError, VideoTooLargeError
 from sam3d_pipeline.masks import iou
+from sam3d_pipeline.run import pipeline
 from sam3d_pipeline.settings import Settings
 from sam3d_pipeline.types import SegmentRequest
 from sam3d_pipeline.video import is_video_uri, load_video, read_frame_folder
@@ -259,7 +259,7 @@ def test_sam3_random_init_tracks_a_two_frame_clip_through_the_video_predictor(tm
     pytest.importorskip("sam3")
     import tempfile
 
-    from sam3d_pipeline.backends import sam3_video
+    from sam3d_pipeline.backends.sam3 import video as sam3_video
 
     settings = Settings(sam3_random_init=True)
     path = tmp_path / "two.mp4"  # two frames: one detected, one propagated to (each costs minutes on this CPU)

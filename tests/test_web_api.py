@@ -27,11 +27,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import requests
 
-from sam3d_pipeline.client import ApiError, JobClient
 from sam3d_pipeline.errors import ImageTooLargeError, InputError, InvalidImageError
 from sam3d_pipeline.settings import Settings
 from sam3d_pipeline.storage import LocalStorage
 from sam3d_pipeline.web import jobs, uploads, webhooks
+from sam3d_pipeline.web.client import ApiError, JobClient
 from sam3d_pipeline.web.jobs import RunView
 from sam3d_pipeline.web.webhook_targets import TargetPolicy
 
@@ -112,7 +112,9 @@ def test_signature_follows_the_documented_recipe_and_verify_refuses_tampering():
 
 
 def test_backoff_doubles_up_to_its_cap_and_decide_follows_the_attempts():
-    assert [webhooks.backoff_s(n, 1.0, 10.0) for n in range(1, 7)] == [1, 2, 4, 8, 10, 10]
+    from sam3d_pipeline.backoff import backoff_s
+
+    assert [backoff_s(n, 1.0, 10.0) for n in range(1, 7)] == [1, 2, 4, 8, 10, 10]
     schedule = webhooks.Schedule(max_attempts=3, base_s=2.0, max_s=60.0)
     assert webhooks.decide([], schedule, now=100).action == "deliver"
     failed = [{"ok": False, "at_unix": 100.0}]

@@ -557,7 +557,7 @@ def test_a_100_mb_answer_is_read_no_further_than_64_kib(declared):
 
 
 def test_the_local_stack_writes_its_token_files_for_its_owner_only(tmp_path):
-    from sam3d_pipeline.localstack import LOCAL_WEBHOOK_ALLOW_NETWORKS, LocalStack, StackConfig, write_env_file
+    from sam3d_pipeline.stack.local import LOCAL_WEBHOOK_ALLOW_NETWORKS, LocalStack, StackConfig, write_env_file
 
     env_file = tmp_path / "local-stack.env"
     env_file.write_text("old")

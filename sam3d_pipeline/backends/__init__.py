@@ -14,10 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import BackendUnavailableError
-from ..settings import Settings, get_settings
-from ..types import BackendInfo
-from .base import Reconstructor, Segmenter
+from sam3d_pipeline.backends.base import Reconstructor, Segmenter
+from sam3d_pipeline.errors import BackendUnavailableError
+from sam3d_pipeline.settings import Settings, get_settings
+from sam3d_pipeline.types import BackendInfo
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ def _sam3_usable(settings: Settings) -> str | None:
     """sam3 runs only with a checkpoint configured (or random init asked for) and a package that imports."""
     if not settings.sam3_checkpoint and not settings.sam3_random_init:
         return "no checkpoint configured (set SAM3D_SAM3_CHECKPOINT)"
-    from .sam3_segmenter import usable
+    from sam3d_pipeline.backends.sam3.segmenter import usable
 
     return usable(settings)
 
@@ -57,11 +57,11 @@ def _sam3_usable(settings: Settings) -> str | None:
 SEGMENTERS: dict[str, BackendEntry] = {
     "sam3": BackendEntry(
         name="sam3",
-        target="sam3d_pipeline.backends.sam3_segmenter:Sam3Segmenter",
+        target="sam3d_pipeline.backends.sam3.segmenter:Sam3Segmenter",
         requires=("torch", "sam3"),
         install_hint="pip install 'sam3d-pipeline[sam3]'",
         usable=lambda settings: _sam3_usable(settings),
-        describe="sam3d_pipeline.backends.sam3_version:describe",
+        describe="sam3d_pipeline.backends.sam3.version:describe",
     ),
     "lite": BackendEntry(name="lite", target="sam3d_pipeline.backends.lite_segmenter:LiteSegmenter",
                          describe="sam3d_pipeline.backends.lite_segmenter:describe"),

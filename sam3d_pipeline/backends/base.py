@@ -8,7 +8,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from ..types import BackendInfo, Reconstruction, Segmentation, SegmentRequest, Track
+from sam3d_pipeline.types import BackendInfo, Reconstruction, Segmentation, SegmentRequest, Track
 
 
 @runtime_checkable

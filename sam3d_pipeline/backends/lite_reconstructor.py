@@ -12,9 +12,9 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
-from ..errors import InputError
-from ..settings import Settings
-from ..types import BackendInfo, Reconstruction
+from sam3d_pipeline.errors import InputError
+from sam3d_pipeline.settings import Settings
+from sam3d_pipeline.types import BackendInfo, Reconstruction
 
 VERSION = "inflate-1"
 LIMITS = (

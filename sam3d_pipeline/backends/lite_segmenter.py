@@ -13,9 +13,9 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
-from ..masks import box_from_mask, clip_box
-from ..settings import Settings
-from ..types import BackendInfo, Box, Instance, Point, Segmentation, SegmentRequest, Track
+from sam3d_pipeline.masks import box_from_mask, clip_box
+from sam3d_pipeline.settings import Settings
+from sam3d_pipeline.types import BackendInfo, Box, Instance, Point, Segmentation, SegmentRequest, Track
 
 VERSION = "grabcut-1"
 LIMITS = (

@@ -73,10 +73,10 @@ from typing import Any
 
 import numpy as np
 
-from .. import checkpoints
-from ..errors import BackendUnavailableError, InputError
-from ..settings import Settings
-from ..types import BackendInfo, Reconstruction
+from sam3d_pipeline import checkpoints
+from sam3d_pipeline.errors import BackendUnavailableError, InputError
+from sam3d_pipeline.settings import Settings
+from sam3d_pipeline.types import BackendInfo, Reconstruction
 
 VERSION = "sam3d-objects-cf06676"
 INFERENCE_MODULE = "inference"  # notebook/inference.py, installed on sys.path by the gpu_worker image
@@ -434,11 +434,6 @@ class Sam3dReconstructor:
         was_loaded = self._inference is not None
         self._load()
         return not was_loaded
-
-    def unload(self) -> None:
-        """Drop the model (frees its GPU memory once nothing else refers to it)."""
-        self._inference = None
-        self.offloader = None
 
     # -- inference -------------------------------------------------------------------------------------
     def reconstruct(self, rgb: np.ndarray, mask: np.ndarray, *, seed: int = 0) -> Reconstruction:

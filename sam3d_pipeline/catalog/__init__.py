@@ -7,8 +7,7 @@ module: ``manifest`` (sources and rows), ``listing`` (a prefix or folder of phot
 stages and GPU batches), ``index`` (entries, counts, ``catalog.json``, a run's tally), ``plain`` (the loop).
 """
 
-from ..keys import CATALOG_FILE
-from .index import (
+from sam3d_pipeline.catalog.index import (
     FINISHED_STATUSES,
     CatalogEntry,
     CatalogTally,
@@ -25,7 +24,7 @@ from .index import (
     summary_line,
     write_index,
 )
-from .items import (
+from sam3d_pipeline.catalog.items import (
     ChunkPlan,
     ItemWork,
     apply_gpu_result,
@@ -45,9 +44,17 @@ from .items import (
     segment_batch,
     split_duplicates,
 )
-from .listing import IMAGE_SUFFIXES, list_images, listing_id
-from .manifest import MANIFEST_SUFFIXES, CatalogItem, ManifestRow, load_source, manifest_format, parse_manifest
-from .plain import run_catalog_plain
+from sam3d_pipeline.catalog.listing import IMAGE_SUFFIXES, list_images, listing_id
+from sam3d_pipeline.catalog.manifest import (
+    MANIFEST_SUFFIXES,
+    CatalogItem,
+    ManifestRow,
+    load_source,
+    manifest_format,
+    parse_manifest,
+)
+from sam3d_pipeline.catalog.plain import run_catalog_plain
+from sam3d_pipeline.keys import CATALOG_FILE
 
 __all__ = [
     "CATALOG_FILE",

@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field
 
-from ..keys import CATALOG_FILE
-from ..storage import Storage
-from .manifest import CatalogItem, ManifestRow
+from sam3d_pipeline.catalog.manifest import CatalogItem, ManifestRow
+from sam3d_pipeline.keys import CATALOG_FILE
+from sam3d_pipeline.storage import Storage
 
 if TYPE_CHECKING:
-    from .items import ItemWork
+    from sam3d_pipeline.catalog.items import ItemWork
 
 FINISHED_STATUSES = ("completed", "no_object")
 EntryStatus = Literal["completed", "skipped", "no_object", "failed", "duplicate"]

@@ -11,19 +11,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import finish, gpu_stages, objects, pipeline
-from ..errors import InputError, PipelineError, error_from_record, is_transient
-from ..gpu_stages import GpuBatch, SegmentJob, SegmentParams
-from ..images import LoadedImage
-from ..keys import RunKeys
-from ..masks import select_instance
-from ..pipeline import RunOptions, RunPlan
-from ..report import RunResult
-from ..settings import Settings, get_settings
-from ..storage import Storage
-from ..types import Reconstruction, Segmentation
-from .index import FINISHED_STATUSES, CatalogEntry, EntryStatus, duplicate_entry
-from .manifest import CatalogItem
+from sam3d_pipeline.catalog.index import FINISHED_STATUSES, CatalogEntry, EntryStatus, duplicate_entry
+from sam3d_pipeline.catalog.manifest import CatalogItem
+from sam3d_pipeline.errors import InputError, PipelineError, error_from_record, is_transient
+from sam3d_pipeline.gpu import stages as gpu_stages
+from sam3d_pipeline.gpu.stages import GpuBatch, SegmentJob, SegmentParams
+from sam3d_pipeline.images import LoadedImage
+from sam3d_pipeline.keys import RunKeys
+from sam3d_pipeline.masks import select_instance
+from sam3d_pipeline.run import finish, objects, pipeline
+from sam3d_pipeline.run.pipeline import RunOptions, RunPlan
+from sam3d_pipeline.run.report import RunResult
+from sam3d_pipeline.settings import Settings, get_settings
+from sam3d_pipeline.storage import Storage
+from sam3d_pipeline.types import Reconstruction, Segmentation
 
 
 @dataclass

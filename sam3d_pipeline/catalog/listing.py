@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import InputError
-from ..settings import Settings, get_settings
-from ..storage import is_s3_uri, list_uris
+from sam3d_pipeline.errors import InputError
+from sam3d_pipeline.settings import Settings, get_settings
+from sam3d_pipeline.storage import is_s3_uri, list_uris
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 

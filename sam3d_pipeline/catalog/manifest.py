@@ -17,14 +17,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
-from .. import jsonsafe
-from ..errors import InputError
-from ..keys import image_stem
-from ..pipeline import RunOptions
-from ..settings import Settings, get_settings
-from ..storage import is_s3_uri, read_input
-from ..types import PROMPT_MAX_CHARS, BoxParam, PointList, clean_prompt
-from .listing import IMAGE_SUFFIXES, list_images, listing_id
+from sam3d_pipeline import jsonsafe
+from sam3d_pipeline.catalog.listing import IMAGE_SUFFIXES, list_images, listing_id
+from sam3d_pipeline.errors import InputError
+from sam3d_pipeline.keys import image_stem
+from sam3d_pipeline.run.pipeline import RunOptions
+from sam3d_pipeline.settings import Settings, get_settings
+from sam3d_pipeline.storage import is_s3_uri, read_input
+from sam3d_pipeline.types import PROMPT_MAX_CHARS, BoxParam, PointList, clean_prompt
 
 MANIFEST_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 
@@ -120,7 +120,7 @@ def _parse_instances(value: Any) -> Any:
         return value
     if isinstance(value, int) and not isinstance(value, bool):
         return [value]
-    from ..objects import parse_instances
+    from sam3d_pipeline.run.objects import parse_instances
 
     try:
         return parse_instances(str(value).replace(";", ","))

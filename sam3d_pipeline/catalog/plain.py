@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..settings import Settings, get_settings
-from ..storage import Storage
-from .index import CatalogEntry, failed_entry, split_repeated_rows
-from .items import (
+from sam3d_pipeline.catalog.index import CatalogEntry, failed_entry, split_repeated_rows
+from sam3d_pipeline.catalog.items import (
     ItemWork,
     decode_item,
     fail_item,
@@ -19,7 +17,9 @@ from .items import (
     segment_batch,
     split_duplicates,
 )
-from .manifest import ManifestRow
+from sam3d_pipeline.catalog.manifest import ManifestRow
+from sam3d_pipeline.settings import Settings, get_settings
+from sam3d_pipeline.storage import Storage
 
 
 def run_catalog_plain(rows: Sequence[ManifestRow], storage: Storage, *, batch_size: int = 8,

@@ -1,6 +1,6 @@
 """S3 upload events → Prefect events: the parser (pure), its settings, and the SQS bridge loop."""
 
-from .parse import (
+from sam3d_pipeline.events.parse import (
     EVENT_NAME,
     EventFilter,
     MalformedMessageError,

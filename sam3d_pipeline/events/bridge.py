@@ -24,16 +24,22 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..storage import is_transient_aws_error, split_s3_uri
-from .parse import MalformedMessageError, ObjectCreated, parse_message, prefect_event, resolve_prompt
-from .settings import EventSettings
+from sam3d_pipeline.backoff import backoff_s, jittered
+from sam3d_pipeline.events.parse import (
+    MalformedMessageError,
+    ObjectCreated,
+    parse_message,
+    prefect_event,
+    resolve_prompt,
+)
+from sam3d_pipeline.events.settings import EventSettings
+from sam3d_pipeline.storage import is_transient_aws_error, split_s3_uri
 
 if TYPE_CHECKING:
     from prefect.events import Event
@@ -265,10 +271,10 @@ class EventsBridge:
         self.sqs = sqs or boto3.client("sqs")
         self.publisher = UploadPublisher(api_url, self.settings, api_key=api_key, s3=s3)
         self.stats = self.publisher.stats
-        self._backoff_s = 0.0
+        self._failures = 0  # transient failures in a row (the wait grows with them)
         self.keeper = None
         if self.settings.bridge_keep_s > 0:
-            from .keeper import RunKeeper
+            from sam3d_pipeline.events.keeper import RunKeeper
 
             timeout_s = self.settings.bridge_http_timeout_s
             self.keeper = RunKeeper(
@@ -417,10 +423,10 @@ class EventsBridge:
             while max_messages is None or self.stats.messages < max_messages:
                 try:
                     self.poll_once()
-                    self._backoff_s = 0.0
+                    self._failures = 0
                 except TransientBridgeError as exc:
-                    self._backoff_s = min(self.settings.bridge_backoff_max_s, max(0.5, self._backoff_s * 2))
-                    pause = self._backoff_s * (0.5 + random.random() / 2)
+                    self._failures += 1
+                    pause = jittered(backoff_s(self._failures, 0.5, self.settings.bridge_backoff_max_s))
                     log.warning("%s; retrying in %.1f s", exc, pause)
                     time.sleep(pause)
                 if self.keeper is not None and time.monotonic() - last_keep >= self.settings.bridge_keep_s:

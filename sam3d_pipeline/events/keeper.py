@@ -20,7 +20,7 @@ durable record, the event markers (``<marker root>/<event id>.json``, written on
   UI's Retry does), the same flow run, so no second run appears, up to ``attempts`` times. The flow is
   idempotent: its output prefix is deterministic and ``result.json`` is written last, so the re-run writes
   each result once. A run left Running by a process that died with its worker is marked Crashed by the
-  unresponsive-runs automation (``sam3d_pipeline.unresponsive``) once its heartbeats stop, and then rescheduled.
+  unresponsive-runs automation (``sam3d_pipeline.stack.unresponsive``) once its heartbeats stop, and then rescheduled.
 - a run that Completed, Failed for any other reason (the pipeline's own errors: permanent, reported in its
   ``result.json``) or was Cancelled is final: the upload is done.
 

@@ -35,7 +35,7 @@ from urllib.parse import unquote_plus
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from .. import jsonsafe
+from sam3d_pipeline import jsonsafe
 
 if TYPE_CHECKING:
     from prefect.events import Event

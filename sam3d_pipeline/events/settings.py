@@ -5,8 +5,8 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from ..storage import is_s3_uri, split_s3_uri
-from .parse import EventFilter
+from sam3d_pipeline.events.parse import EventFilter
+from sam3d_pipeline.storage import is_s3_uri, split_s3_uri
 
 DEFAULT_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".mp4", ".mov", ".m4v", ".webm")
 

@@ -11,10 +11,17 @@ GLB (quantised for the web), USDZ (ARKit), OBJ + MTL, scenes of several objects.
 - ``look``: a z-buffered render of a mesh, and how much two renders differ (does an export keep the look?).
 """
 
-from .assets import DEFAULT_FORMATS, FORMATS, PROFILES, Asset, Budgets, export_asset, quantized
-from .frame import Placement, asset_vertices, image_placement, on_floor, pose_placement, transform_points
-from .gltf import Part, read_glb, write_glb
-from .mesh import ExportMesh
+from sam3d_pipeline.export.assets import DEFAULT_FORMATS, FORMATS, PROFILES, Asset, Budgets, export_asset, quantized
+from sam3d_pipeline.export.frame import (
+    Placement,
+    asset_vertices,
+    image_placement,
+    on_floor,
+    pose_placement,
+    transform_points,
+)
+from sam3d_pipeline.export.gltf import Part, read_glb, write_glb
+from sam3d_pipeline.export.mesh import ExportMesh
 
 __all__ = [
     "DEFAULT_FORMATS", "FORMATS", "PROFILES", "Asset", "Budgets", "ExportMesh", "Part", "Placement",

@@ -19,10 +19,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .gltf import Part, write_glb
-from .mesh import ExportMesh
-from .simplify import simplify
-from .texture import bake
+from sam3d_pipeline.export.gltf import Part, write_glb
+from sam3d_pipeline.export.mesh import ExportMesh
+from sam3d_pipeline.export.simplify import simplify
+from sam3d_pipeline.export.texture import bake
 
 Profile = Literal["web", "ar", "raw"]
 Format = Literal["glb", "usdz", "obj", "ply"]
@@ -120,7 +120,7 @@ def export_asset(mesh: ExportMesh, *, profile: str = "web", formats: tuple[str, 
     if skipped:
         report["skipped"] = skipped
     if check_usdz and "object.usdz" in files:
-        from .usdz import arkit_check
+        from sam3d_pipeline.export.usdz import arkit_check
 
         report["usdz_check"] = arkit_check(files["object.usdz"])
     report["export_s"] = round(time.perf_counter() - t0, 3)
@@ -134,11 +134,11 @@ def _write(mesh: ExportMesh, profile: str, formats: tuple[str, ...] | list[str],
     if "usdz" in formats or "obj" in formats:
         baked = bake(mesh, budgets.texture_max_px)
         if "usdz" in formats:
-            from .usdz import write_usdz
+            from sam3d_pipeline.export.usdz import write_usdz
 
             files["object.usdz"] = write_usdz(mesh, baked)
         if "obj" in formats:
-            from .obj import write_obj
+            from sam3d_pipeline.export.obj import write_obj
 
             files.update(write_obj(mesh, baked))
     if "glb" not in formats:

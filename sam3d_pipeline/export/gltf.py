@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .mesh import ExportMesh, linear_to_srgb, srgb_to_linear
+from sam3d_pipeline.export.mesh import ExportMesh, linear_to_srgb, srgb_to_linear
 
 ARRAY_BUFFER, ELEMENT_ARRAY_BUFFER = 34962, 34963
 BYTE, UNSIGNED_BYTE, SHORT, UNSIGNED_SHORT, UNSIGNED_INT, FLOAT = 5120, 5121, 5122, 5123, 5125, 5126

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .mesh import ExportMesh
+from sam3d_pipeline.export.mesh import ExportMesh
 
 VIEWS = ((0.0, 10.0), (-35.0, 20.0), (90.0, 10.0))  # (yaw, pitch) degrees: front, three-quarter, side
 LIGHT = np.array([-0.4, 0.5, 0.77]) / np.linalg.norm([-0.4, 0.5, 0.77])

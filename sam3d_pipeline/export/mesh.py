@@ -37,12 +37,6 @@ class ExportMesh:
         return cls(vertices=vertices, faces=np.asarray(mesh.faces, dtype=np.int64),
                    colours=np.ascontiguousarray(colours, dtype=np.uint8))
 
-    def to_trimesh(self) -> Any:
-        import trimesh
-
-        rgba = np.concatenate([self.colours, np.full((len(self.colours), 1), 255, np.uint8)], axis=1)
-        return trimesh.Trimesh(vertices=self.vertices, faces=self.faces, vertex_colors=rgba, process=False)
-
     def with_vertices(self, vertices: np.ndarray) -> ExportMesh:
         return ExportMesh(vertices=np.asarray(vertices, dtype=np.float64), faces=self.faces, colours=self.colours)
 

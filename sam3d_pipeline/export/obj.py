@@ -6,8 +6,8 @@ import io
 
 import numpy as np
 
-from .mesh import ExportMesh
-from .texture import TEXTURE_NAME_OBJ, Baked, png_bytes
+from sam3d_pipeline.export.mesh import ExportMesh
+from sam3d_pipeline.export.texture import TEXTURE_NAME_OBJ, Baked, png_bytes
 
 
 def write_obj(mesh: ExportMesh, baked: Baked, *, name: str = "object") -> dict[str, bytes]:

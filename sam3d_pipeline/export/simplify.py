@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .mesh import ExportMesh
+from sam3d_pipeline.export.mesh import ExportMesh
 
 
 def simplify(mesh: ExportMesh, max_triangles: int) -> ExportMesh:

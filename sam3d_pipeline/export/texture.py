@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .mesh import ExportMesh
+from sam3d_pipeline.export.mesh import ExportMesh
 
 TEXTURE_NAME_OBJ = "texture.png"  # beside object.obj / object.mtl
 

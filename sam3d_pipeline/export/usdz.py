@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from .mesh import ExportMesh
-from .texture import Baked, png_bytes
+from sam3d_pipeline.export.mesh import ExportMesh
+from sam3d_pipeline.export.texture import Baked, png_bytes
 
 TEXTURE_NAME = "texture.png"
 

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..storage import Storage
+from sam3d_pipeline.storage import Storage
 
 GALLERY_FILE = "index.html"
 VIEWER_FILE = "model-viewer.min.js"

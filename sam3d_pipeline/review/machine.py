@@ -25,10 +25,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ..masks import box_from_mask, select_instance
-from ..pipeline import RunOptions
-from ..types import Point, Segmentation
-from .policy import TimeoutPolicy, edited_instance, timeout_action
+from sam3d_pipeline.masks import box_from_mask, select_instance
+from sam3d_pipeline.review.policy import TimeoutPolicy, edited_instance, timeout_action
+from sam3d_pipeline.run.pipeline import RunOptions
+from sam3d_pipeline.types import Point, Segmentation
 
 Action = Literal["approve", "reject", "reprompt"]
 XYXY = tuple[float, float, float, float]

@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..errors import InputError, InputNotFoundError
-from ..keys import RunKeys
-from ..masks import box_from_mask, mask_from_png, mask_to_png
-from ..storage import Storage
-from ..types import BackendInfo, Instance, Segmentation
+from sam3d_pipeline.errors import InputError, InputNotFoundError
+from sam3d_pipeline.keys import RunKeys
+from sam3d_pipeline.masks import box_from_mask, mask_from_png, mask_to_png
+from sam3d_pipeline.storage import Storage
+from sam3d_pipeline.types import BackendInfo, Instance, Segmentation
 
 
 def round_key(prefix: str, round_number: int, name: str) -> str:

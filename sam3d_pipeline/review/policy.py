@@ -9,8 +9,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from ..masks import box_from_mask
-from ..types import Instance
+from sam3d_pipeline.masks import box_from_mask
+from sam3d_pipeline.types import Instance
 
 CONTEXT_KEY = "review-context"
 

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from typing import Any
 from uuid import UUID
 
-from .policy import CONTEXT_KEY, ReviewContext
+from sam3d_pipeline.review.policy import CONTEXT_KEY, ReviewContext
 
 HEALTH_TIMEOUT_S = 5.0
 # Statuses a proxy or load balancer in front of Prefect answers when the API behind it is gone.

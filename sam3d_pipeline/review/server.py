@@ -20,17 +20,17 @@ from fastapi.responses import FileResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
-from .. import backends
-from ..embeddings import GZIP_MAGIC
-from ..errors import ImageTooLargeError, InputError, InputNotFoundError, PipelineError
-from ..images import load_image
-from ..keys import RunKeys
-from ..masks import mask_from_png, mask_to_png
-from ..settings import Settings, get_settings
-from ..storage import S3Storage, open_storage
-from ..types import Box, PointList, SegmentRequest
-from . import prefect_api
-from .policy import ReviewContext
+from sam3d_pipeline import backends
+from sam3d_pipeline.backends.sam3.embeddings import GZIP_MAGIC
+from sam3d_pipeline.errors import ImageTooLargeError, InputError, InputNotFoundError, PipelineError
+from sam3d_pipeline.images import load_image
+from sam3d_pipeline.keys import RunKeys
+from sam3d_pipeline.masks import mask_from_png, mask_to_png
+from sam3d_pipeline.review import prefect_api
+from sam3d_pipeline.review.policy import ReviewContext
+from sam3d_pipeline.settings import Settings, get_settings
+from sam3d_pipeline.storage import S3Storage, open_storage
+from sam3d_pipeline.types import Box, PointList, SegmentRequest
 
 STATIC = Path(__file__).parent / "static"
 # onnxruntime-web from npm (``make install`` runs ``npm ci`` in ``review/web``); served, never from a CDN.
@@ -60,13 +60,6 @@ class RepromptIn(BaseModel):
     boxes: list[tuple[float, float, float, float]] = Field(default_factory=list, max_length=16)
     points: PointList = Field(default_factory=list)
     score_threshold: float | None = Field(None, ge=0, le=1)
-
-
-def create_app(token: str, settings: Settings | None = None) -> FastAPI:
-    """The web server (studio, job API, review page) with ``token`` as its one token and no webhook loop."""
-    from ..web.app import create_app as create_web_app
-
-    return create_web_app((token,), settings, deliver_webhooks=False)
 
 
 def add_review_routes(app: FastAPI, auth: list, settings: Settings | None = None) -> None:

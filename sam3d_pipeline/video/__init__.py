@@ -2,16 +2,16 @@
 with the segmenter's tracker, score every tracked frame and choose the best view to reconstruct (``views``), and
 draw what was tracked (``track.webp``, ``frame.png``: ``outputs``)."""
 
-from .intake import (
-    FRAME_SUFFIXES,
-    VIDEO_SUFFIXES,
-    LoadedVideo,
-    VideoFrame,
-    is_frame_folder,
-    is_frame_manifest,
-    is_video_uri,
-    load_video,
-    read_frame_folder,
+from sam3d_pipeline.video.intake import (
+           FRAME_SUFFIXES,
+           VIDEO_SUFFIXES,
+           LoadedVideo,
+           VideoFrame,
+           is_frame_folder,
+           is_frame_manifest,
+           is_video_uri,
+           load_video,
+           read_frame_folder,
 )
 
 __all__ = ["FRAME_SUFFIXES", "VIDEO_SUFFIXES", "LoadedVideo", "VideoFrame", "is_frame_folder", "is_frame_manifest",

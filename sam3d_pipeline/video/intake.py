@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InputError, InvalidImageError, InvalidVideoError, PipelineError, VideoTooLargeError
-from ..images import LoadedImage, load_image
-from ..settings import Settings, get_settings
-from ..storage import classify_s3_error, is_s3_uri, read_input, s3_client, split_s3_uri
+from sam3d_pipeline.errors import InputError, InvalidImageError, InvalidVideoError, PipelineError, VideoTooLargeError
+from sam3d_pipeline.images import LoadedImage, load_image
+from sam3d_pipeline.settings import Settings, get_settings
+from sam3d_pipeline.storage import classify_s3_error, is_s3_uri, read_input, s3_client, split_s3_uri
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".webm")
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")

@@ -9,9 +9,9 @@ import cv2
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-from ..images import draw_label
-from ..masks import overlay
-from .views import VideoRun
+from sam3d_pipeline.images import draw_label
+from sam3d_pipeline.masks import overlay
+from sam3d_pipeline.video.views import VideoRun
 
 TRACK_MAX_FRAMES = 120  # track.webp shows at most this many of the sampled frames, evenly spread
 TRACK_MAX_SIDE_PX = 320

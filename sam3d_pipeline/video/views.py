@@ -20,9 +20,9 @@ from typing import Any
 import cv2
 import numpy as np
 
-from ..masks import box_from_mask, clip_box
-from ..types import Instance, Segmentation, Track
-from .intake import LoadedVideo
+from sam3d_pipeline.masks import box_from_mask, clip_box
+from sam3d_pipeline.types import Instance, Segmentation, Track
+from sam3d_pipeline.video.intake import LoadedVideo
 
 
 @dataclass(frozen=True)

@@ -27,16 +27,16 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import UploadFile
 
-from .. import __version__, jsonsafe
-from ..errors import ImageTooLargeError, InputError, PipelineError, StorageAccessError, TransientError
-from ..keys import content_type
-from ..review import prefect_api
-from ..review.server import MAX_BODY_BYTES, add_review_routes
-from ..settings import Settings, get_settings
-from . import jobs, uploads
-from .auth import QUERY_TOKEN_REFUSED, REALM, bearer
-from .prefect_jobs import DeploymentMissing
-from .service import JobConflict, JobEnded, JobNotFound, JobService
+from sam3d_pipeline import __version__, jsonsafe
+from sam3d_pipeline.errors import ImageTooLargeError, InputError, PipelineError, StorageAccessError, TransientError
+from sam3d_pipeline.keys import content_type
+from sam3d_pipeline.review import prefect_api
+from sam3d_pipeline.review.server import MAX_BODY_BYTES, add_review_routes
+from sam3d_pipeline.settings import Settings, get_settings
+from sam3d_pipeline.web import jobs, uploads
+from sam3d_pipeline.web.auth import QUERY_TOKEN_REFUSED, REALM, bearer
+from sam3d_pipeline.web.prefect_jobs import DeploymentMissing
+from sam3d_pipeline.web.service import JobConflict, JobEnded, JobNotFound, JobService
 
 STUDIO = Path(__file__).parent / "static" / "studio"
 # @google/model-viewer from npm (``make install`` runs ``npm ci`` in ``gallery/``); served, never from a CDN.

@@ -15,10 +15,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .. import jsonsafe
-from ..pipeline import RunOptions
-from ..types import BoxList, PointList
-from .webhook_targets import InvalidTarget, TargetPolicy, TargetRefused, TargetUnresolved, parse_url
+from sam3d_pipeline import jsonsafe
+from sam3d_pipeline.run.pipeline import RunOptions
+from sam3d_pipeline.types import BoxList, PointList
+from sam3d_pipeline.web.webhook_targets import InvalidTarget, TargetPolicy, TargetRefused, TargetUnresolved, parse_url
 
 Status = Literal["queued", "running", "awaiting_review", "completed", "no_object", "rejected", "failed", "cancelled"]
 STATUSES: tuple[str, ...] = ("queued", "running", "awaiting_review", "completed", "no_object", "rejected", "failed",
@@ -135,7 +135,7 @@ def check_webhook_target(url: str, targets: TargetPolicy | None = None, timeout_
         JobRequestError: ``webhook_url: <why>`` (not a valid URL, a refused address, a name that does not resolve).
     """
     if targets is None:
-        from ..settings import get_settings
+        from sam3d_pipeline.settings import get_settings
 
         targets = TargetPolicy.from_settings(get_settings())
     try:

@@ -16,8 +16,8 @@ from collections.abc import Iterable
 from typing import Any
 from uuid import UUID
 
-from ..review.prefect_api import _client
-from .jobs import FINAL_STATE_TYPES, LABEL_REQUEST_ID, WEBHOOK_PENDING_TAG, RunView
+from sam3d_pipeline.review.prefect_api import _client
+from sam3d_pipeline.web.jobs import FINAL_STATE_TYPES, LABEL_REQUEST_ID, WEBHOOK_PENDING_TAG, RunView
 
 DEPLOYMENT = "image-to-3d/image-to-3d"
 ATTEMPTS_ARTIFACT_PREFIX = "webhook-"

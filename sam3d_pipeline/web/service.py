@@ -13,15 +13,15 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import InputNotFoundError, PipelineError
-from ..keys import RunKeys
-from ..pipeline import content_id
-from ..settings import Settings
-from ..storage import S3Storage, Storage, open_storage, read_input
-from . import jobs, prefect_jobs, uploads
-from .jobs import JobRequest, RunView
-from .webhook_targets import TargetPolicy
-from .webhooks import Schedule, WebhookDeliverer
+from sam3d_pipeline.errors import InputNotFoundError, PipelineError
+from sam3d_pipeline.keys import RunKeys
+from sam3d_pipeline.run.pipeline import content_id
+from sam3d_pipeline.settings import Settings
+from sam3d_pipeline.storage import S3Storage, Storage, open_storage, read_input
+from sam3d_pipeline.web import jobs, prefect_jobs, uploads
+from sam3d_pipeline.web.jobs import JobRequest, RunView
+from sam3d_pipeline.web.webhook_targets import TargetPolicy
+from sam3d_pipeline.web.webhooks import Schedule, WebhookDeliverer
 
 
 class JobConflict(Exception):

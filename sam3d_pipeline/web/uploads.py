@@ -10,13 +10,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ImageTooLargeError, InputError
-from ..images import load_image
-from ..keys import content_type, upload_key
-from ..pipeline import RunOptions, content_id, plan, segment_request
-from ..settings import Settings
-from ..storage import Storage, is_s3_uri, read_input
-from ..video import is_video_uri
+from sam3d_pipeline.errors import ImageTooLargeError, InputError
+from sam3d_pipeline.images import load_image
+from sam3d_pipeline.keys import content_type, upload_key
+from sam3d_pipeline.run.pipeline import RunOptions, content_id, plan, segment_request
+from sam3d_pipeline.settings import Settings
+from sam3d_pipeline.storage import Storage, is_s3_uri, read_input
+from sam3d_pipeline.video import is_video_uri
 
 # Pillow's format name → the extension an upload is stored with (whatever its file name said).
 EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "TIFF": ".tif", "BMP": ".bmp", "GIF": ".gif",

@@ -37,7 +37,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from .webhook_targets import InvalidTarget, TargetPolicy, TargetRefused, TargetUnresolved, parse_url, post_pinned
+from sam3d_pipeline.backoff import backoff_s
+from sam3d_pipeline.web.webhook_targets import (
+    InvalidTarget,
+    TargetPolicy,
+    TargetRefused,
+    TargetUnresolved,
+    parse_url,
+    post_pinned,
+)
 
 SIGNATURE_HEADER = "X-Sam3d-Signature"
 TIMESTAMP_HEADER = "X-Sam3d-Timestamp"
@@ -67,14 +75,6 @@ def verify(secret: str, timestamp: str | int, body: bytes, signature: str, *, no
     if abs((time.time() if now is None else now) - ts) > tolerance_s:
         return False
     return hmac.compare_digest(sign(secret, ts, body).encode(), str(signature).encode())
-
-
-def backoff_s(attempts_made: int, base_s: float, max_s: float) -> float:
-    """The wait after ``attempts_made`` failed attempts before the next one: ``base_s * 2**(n-1)``, at most
-    ``max_s`` (1, 2, 4, 8 ... seconds with a 1 s base)."""
-    if attempts_made < 1:
-        return 0.0
-    return min(max_s, base_s * 2 ** min(attempts_made - 1, 60))
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,9 @@
 // In-browser click decoder: SAM 3's prompt encoder + mask decoder exported to ONNX, run with onnxruntime-web.
 //
 // The page downloads the decoder once per model version and, per image, the compact embeddings
-// (``embeddings.bin``, format S3DE: see sam3d_pipeline/embeddings.py). Every click is decoded here, with no
+// (``embeddings.bin``, format S3DE: see sam3d_pipeline/backends/sam3/embeddings.py). Every click is decoded here, with no
 // server round trip. The prompt and mask rules follow SAM 3's interactive predictor (predict_inst) and are
-// the same as sam3d_pipeline/clickdecoder.py (the Python reference the tests compare against).
+// the same as sam3d_pipeline/backends/sam3/clickdecoder.py (the Python reference the tests compare against).
 import * as ort from "/static/ort/ort.wasm.min.mjs";
 
 const LOW_RES = 288;

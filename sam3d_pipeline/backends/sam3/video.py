@@ -27,12 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BackendUnavailableError, InputError
-from ..settings import Settings
-from ..types import BackendInfo, SegmentRequest, Track
-from . import sam3_compat, sam3_version
-from .sam3_assets import find_bpe_vocab, resolve_checkpoint
-from .sam3_segmenter import RANDOM_INIT_SEED, UNINITIALISED_PARAMS, pick_device
+from sam3d_pipeline.backends.sam3 import compat as sam3_compat
+from sam3d_pipeline.backends.sam3 import version as sam3_version
+from sam3d_pipeline.backends.sam3.assets import find_bpe_vocab, resolve_checkpoint
+from sam3d_pipeline.backends.sam3.build import RANDOM_INIT_SEED, UNINITIALISED_PARAMS, pick_device
+from sam3d_pipeline.errors import BackendUnavailableError, InputError
+from sam3d_pipeline.settings import Settings
+from sam3d_pipeline.types import BackendInfo, SegmentRequest, Track
 
 log = logging.getLogger(__name__)
 
@@ -128,11 +129,6 @@ def _fill_uninitialised(model) -> None:
         for name, param in model.named_parameters():
             if name.endswith(UNINITIALISED_PARAMS) or not torch.isfinite(param).all():
                 torch.nn.init.normal_(param, std=0.02)
-
-
-def clear_predictors() -> None:
-    with _PREDICTORS_LOCK:
-        _PREDICTORS.clear()
 
 
 def xyxy_to_xywh_norm(box: tuple[float, float, float, float], width: int, height: int) -> list[float]:

@@ -14,7 +14,7 @@ import socket
 import time
 from pathlib import Path
 
-from .localstack import (
+from sam3d_pipeline.stack.local import (
     LocalStack,
     StackConfig,
     StackError,

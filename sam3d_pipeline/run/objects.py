@@ -14,12 +14,13 @@ from typing import Any, Literal
 
 import numpy as np
 
-from . import export, gpu_stages
-from .errors import InputError
-from .keys import SCENE_FILE, object_file
-from .masks import mask_to_png
-from .settings import Settings
-from .types import Instance, Reconstruction
+from sam3d_pipeline import export
+from sam3d_pipeline.errors import InputError
+from sam3d_pipeline.gpu import stages as gpu_stages
+from sam3d_pipeline.keys import SCENE_FILE, object_file
+from sam3d_pipeline.masks import mask_to_png
+from sam3d_pipeline.settings import Settings
+from sam3d_pipeline.types import Instance, Reconstruction
 
 InstancesSpec = Literal["best", "all"] | list[int]
 

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import keys
-from .keys import DECODER_NAME
-from .types import Point
+from sam3d_pipeline import keys
+from sam3d_pipeline.keys import DECODER_NAME
+from sam3d_pipeline.types import Point
 
 LOW_RES = 288
 STABILITY_DELTA = 0.05  # the tracker's MaskDecoder: dynamic_multimask_stability_delta / _thresh
@@ -162,8 +162,8 @@ def publish_review_assets(segmenter: object, rgb: np.ndarray, storage, prefix: s
     """
     import tempfile
 
-    from . import embeddings
-    from .backends.base import Embedder
+    from sam3d_pipeline.backends.base import Embedder
+    from sam3d_pipeline.backends.sam3 import embeddings
 
     if not isinstance(segmenter, Embedder):
         return None

@@ -18,8 +18,8 @@ def doctor(
     """Preflight: Python, torch/device, sam3, vocabulary, checkpoint, S3, Prefect API, work pools."""
     from pydantic import ValidationError
 
-    from .doctor import exit_code, run_checks
-    from .settings import get_settings
+    from sam3d_pipeline.cli.doctor import exit_code, run_checks
+    from sam3d_pipeline.settings import get_settings
 
     try:
         settings = get_settings()
@@ -44,10 +44,10 @@ def export_decoder(
     ] = False,
 ) -> None:
     """Export SAM 3's click decoder (prompt encoder + mask decoder) to ONNX and check it against torch."""
-    from .backends.sam3_onnx import export
-    from .backends.sam3_segmenter import load_model
-    from .errors import PipelineError
-    from .settings import get_settings
+    from sam3d_pipeline.backends.sam3.onnx_export import export
+    from sam3d_pipeline.backends.sam3.segmenter import load_model
+    from sam3d_pipeline.errors import PipelineError
+    from sam3d_pipeline.settings import get_settings
 
     try:
         loaded = load_model(get_settings())

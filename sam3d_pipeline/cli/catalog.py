@@ -32,7 +32,14 @@ def catalog(
     Exit code 0 when every item has a 3D asset, 3 when none failed but some had no object, 1 otherwise; 2 for bad
     usage (a missing source, ``--out`` a file, a blank or over-long prompt), before Prefect starts.
     """
-    from .cli import check_output_root, debug_requested, report_failure, run_options, say, say_unexpected
+    from sam3d_pipeline.cli.common import (
+        check_output_root,
+        debug_requested,
+        report_failure,
+        run_options,
+        say,
+        say_unexpected,
+    )
 
     debug = debug_requested(ctx)
     if segmenter not in ("auto", "lite", "sam3"):
@@ -52,7 +59,7 @@ def catalog(
     local_prefect_defaults()
     started = time.perf_counter()
     from flows.catalog_batch import catalog_batch
-    from flows.local import LocalApiDidNotStart, cli_run_settings
+    from sam3d_pipeline.cli.local import LocalApiDidNotStart, cli_run_settings
 
     try:
         with cli_run_settings(debug=debug):

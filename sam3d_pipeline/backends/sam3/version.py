@@ -9,8 +9,8 @@ from __future__ import annotations
 import hashlib
 import sys
 
-from ..settings import Settings
-from ..types import BackendInfo
+from sam3d_pipeline.settings import Settings
+from sam3d_pipeline.types import BackendInfo
 
 VERSION = "sam3-0.1.4"
 LIMITS_CPU = ("running on the CPU: about a minute per image; use a CUDA GPU for real work",)

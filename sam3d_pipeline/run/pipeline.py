@@ -15,15 +15,17 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import BaseModel, Field, field_validator
 
-from . import backends, finish, gpu_stages, objects, video
-from .errors import BackendUnavailableError, InputError, PipelineError
-from .images import LoadedImage, load_image
-from .keys import output_prefix_name
-from .masks import select_instance
-from .report import RunResult
-from .settings import Settings, get_settings
-from .storage import open_storage, read_input
-from .types import (
+from sam3d_pipeline import backends, video
+from sam3d_pipeline.errors import BackendUnavailableError, InputError, PipelineError
+from sam3d_pipeline.gpu import stages as gpu_stages
+from sam3d_pipeline.images import LoadedImage, load_image
+from sam3d_pipeline.keys import output_prefix_name
+from sam3d_pipeline.masks import select_instance
+from sam3d_pipeline.run import finish, objects
+from sam3d_pipeline.run.report import RunResult
+from sam3d_pipeline.settings import Settings, get_settings
+from sam3d_pipeline.storage import open_storage, read_input
+from sam3d_pipeline.types import (
     PROMPT_MAX_CHARS,
     Box,
     BoxList,
@@ -33,7 +35,7 @@ from .types import (
     SegmentRequest,
     clean_prompt,
 )
-from .video.views import VideoRun, best_views, score_views
+from sam3d_pipeline.video.views import VideoRun, best_views, score_views
 
 
 class RunOptions(BaseModel):

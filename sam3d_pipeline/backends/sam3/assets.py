@@ -14,10 +14,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..checkpoints import manifest_sha256, sha256_file
-from ..errors import BackendUnavailableError, InputError
-from ..settings import Settings
-from ..storage import classify_s3_error, is_s3_uri, s3_client, split_s3_uri
+from sam3d_pipeline.checkpoints import manifest_sha256, sha256_file
+from sam3d_pipeline.errors import BackendUnavailableError, InputError
+from sam3d_pipeline.settings import Settings
+from sam3d_pipeline.storage import classify_s3_error, is_s3_uri, s3_client, split_s3_uri
 
 VOCAB_NAME = "bpe_simple_vocab_16e6.txt.gz"
 VOCAB_MD5 = "933b7abbbbde62c36f02f0e6ccde464f"

@@ -41,7 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .unresponsive import LOCAL_HEARTBEAT_S, heartbeat_env, unresponsive_runs_automation
+from sam3d_pipeline.backoff import backoff_s
+from sam3d_pipeline.stack.unresponsive import LOCAL_HEARTBEAT_S, heartbeat_env, unresponsive_runs_automation
 
 STACK_FILE = "stack.json"
 ENV_FILE = "local-stack.env"
@@ -130,8 +131,8 @@ def local_gpu_env(prefect_home: Path, gpu_workers: int, env: dict[str, str]) -> 
     """The stack's GPU settings: model stages on the warm worker sessions, task parameters and results in one
     folder that every process of the stack shares, and what ``auto`` means on this machine's stand-in workers
     (the backends usable here, e.g. ``lite`` without a SAM 3 checkpoint), unless the environment says."""
-    from .backends import resolve
-    from .settings import Settings
+    from sam3d_pipeline.backends import resolve
+    from sam3d_pipeline.settings import Settings
 
     here = Settings(gpu_stages="inline")
     return {
@@ -161,13 +162,14 @@ def _free_port(preferred: int) -> int:
         return sock.getsockname()[1]
 
 
-def _start_time(pid: int) -> str | None:
-    """The kernel's start time of ``pid`` (clock ticks since boot), or None when no such process."""
+def _start_time(pid: int) -> float | None:
+    """When ``pid`` started (psutil's create time), or None when no such process."""
+    import psutil
+
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]
 
 
 def _alive(entry: dict[str, Any]) -> bool:
@@ -320,7 +322,6 @@ class LocalStack:
             "SAM3D_UPLOAD_PREFIX": cfg.upload_prefix,
             "SAM3D_EVENT_MARKER_ROOT": marker_root,
             "SAM3D_PROJECT_DIR": str(cfg.project_dir),
-            "SAM3D_CPU_POOL": POOL_NAME,
         }
         stack_env |= local_gpu_env(prefect_home, cfg.gpu_workers, env)
         worker_env = stack_env | {
@@ -390,7 +391,7 @@ class LocalStack:
 
     def _start_postgres(self, env: dict[str, str]) -> str:
         """Start the stack's PostgreSQL (``stack_db``) and return Prefect's connection URL for it."""
-        from .stack_db import LocalPostgres, PostgresError
+        from sam3d_pipeline.stack.db import LocalPostgres, PostgresError
 
         postgres = LocalPostgres(self.state_dir / "postgres", _free_port(self.config.postgres_port))
         try:
@@ -478,7 +479,7 @@ class LocalStack:
             except (urllib.error.URLError, OSError, ValueError) as exc:
                 if attempt == AUTOMATION_ATTEMPTS or isinstance(exc, ValueError):
                     raise StackError(f"could not create the automation {automation['name']!r}: {exc}") from exc
-            time.sleep(min(8.0, 0.5 * 2 ** attempt))
+            time.sleep(backoff_s(attempt, 1.0, 8.0))
 
     @staticmethod
     def _worker_online(api_url: str, pool: str = POOL_NAME) -> bool:
@@ -545,9 +546,12 @@ def _stop_group(pid: int, grace_s: float = 15.0) -> None:
 
 
 def _is_zombie(pid: int) -> bool:
+    """True when ``pid`` has ended (a zombie waiting for its parent, or gone)."""
+    import psutil
+
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
+        return psutil.Process(pid).status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.Error:
         return True
 
 

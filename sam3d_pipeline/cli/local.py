@@ -5,8 +5,8 @@ and one line per failure, and nothing the process starts outlives it.
 Prefect's temporary API server is a child process (``uvicorn``, ~290 MB). Prefect stops it at interpreter exit
 (``atexit``), which never runs when the process is killed (SIGKILL, SIGTERM's default action, an out-of-memory
 kill). :func:`guard_children` starts a small watcher process that records this process's descendants while it
-lives and ends them as soon as it is gone, however it died. Run as ``python -m flows.local --guard PID``; it
-imports nothing but the standard library.
+lives and ends them as soon as it is gone, however it died. Run as ``python -m sam3d_pipeline.cli.local --guard
+PID``; it imports the standard library and psutil only.
 """
 
 import logging
@@ -131,14 +131,14 @@ def guard_children() -> subprocess.Popen:
     Why a watcher and not ``PR_SET_PDEATHSIG``: Prefect starts its API server itself, from whichever thread first
     needs the API, and a parent-death signal fires when that *thread* ends, not the process; a process group
     would take the server out of the terminal's foreground group (Ctrl-C) and killing ours could hit the shell's
-    job. The watcher is a separate, tiny process (standard library only, ~10 MB): it ignores SIGINT, SIGTERM
+    job. The watcher is a separate, small process (the standard library and psutil): it ignores SIGINT, SIGTERM
     and SIGHUP and waits for its parent to change (this process died or exited). Which processes are ours:
 
     - those carrying this process's random token in their environment (``GUARD_ENV``, set here before anything
-      starts; Prefect hands its server our whole environment). Read from ``/proc/<pid>/environ`` once the parent
-      is gone, so a server started a moment before a kill is found too, though it was never seen alive;
+      starts; Prefect hands its server our whole environment), read with psutil once the parent is gone, so a
+      server started a moment before a kill is found too, though it was never seen alive;
     - every descendant seen while the parent lived (listed every ``GUARD_POLL_S``; pid + start time, so a reused
-      pid is never hit): that also covers systems without ``/proc``.
+      pid is never hit): that also covers systems where another user's environment cannot be read.
 
     Those still alive get SIGTERM, then SIGKILL after ``GUARD_GRACE_S``; then the watcher exits. On a normal
     exit Prefect has already stopped its server and the watcher finds nothing to do.
@@ -147,40 +147,30 @@ def guard_children() -> subprocess.Popen:
     if _guard is None or _guard.poll() is not None:
         os.environ[GUARD_ENV] = f"{os.getpid()}-{secrets.token_hex(8)}"
         _guard = subprocess.Popen(
-            [sys.executable, "-m", "flows.local", "--guard", str(os.getpid())],
+            [sys.executable, "-m", "sam3d_pipeline.cli.local", "--guard", str(os.getpid())],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
         )
     return _guard
 
 
-Identity = tuple[int, str]  # (pid, start time): a pid alone may be reused by an unrelated process
+Identity = tuple[int, float]  # (pid, start time): a pid alone may be reused by an unrelated process
 
 
-def _proc_table() -> dict[int, tuple[int, str, bool]]:
-    """pid → (parent pid, start time, alive) for every process (Linux ``/proc``; elsewhere ``ps``)."""
-    table: dict[int, tuple[int, str, bool]] = {}
-    if os.path.isdir("/proc/self"):
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as f:
-                    stat = f.read().decode(errors="replace")
-            except OSError:  # ended while we looked
-                continue
-            fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)", which may contain spaces
-            table[int(entry)] = (int(fields[1]), fields[19], fields[0] not in ("Z", "X"))
-        return table
-    ps = subprocess.run(["ps", "-A", "-o", "pid=,ppid=,stat=,lstart="], capture_output=True, text=True,
-                        check=False)
-    for line in ps.stdout.splitlines():
-        parts = line.split(None, 3)
-        if len(parts) == 4 and parts[0].isdigit() and parts[1].isdigit():
-            table[int(parts[0])] = (int(parts[1]), parts[3].strip(), not parts[2].startswith("Z"))
+def _proc_table() -> dict[int, tuple[int, float, bool]]:
+    """pid → (parent pid, start time, alive) for every process (psutil)."""
+    import psutil
+
+    table: dict[int, tuple[int, float, bool]] = {}
+    for proc in psutil.process_iter(["ppid", "create_time", "status"]):
+        info = proc.info
+        if info["create_time"] is None:  # ended while we looked
+            continue
+        alive = info["status"] not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+        table[proc.pid] = (info["ppid"] or 0, info["create_time"], alive)
     return table
 
 
-def _descendants(root: int, table: dict[int, tuple[int, str, bool]]) -> set[Identity]:
+def _descendants(root: int, table: dict[int, tuple[int, float, bool]]) -> set[Identity]:
     children: dict[int, list[int]] = {}
     for pid, (ppid, _, _) in table.items():
         children.setdefault(ppid, []).append(pid)
@@ -194,7 +184,7 @@ def _descendants(root: int, table: dict[int, tuple[int, str, bool]]) -> set[Iden
     return found
 
 
-def _alive(targets: set[Identity], table: dict[int, tuple[int, str, bool]] | None = None) -> set[Identity]:
+def _alive(targets: set[Identity], table: dict[int, tuple[int, float, bool]] | None = None) -> set[Identity]:
     table = _proc_table() if table is None else table
     return {(pid, start) for pid, start in targets if pid in table and table[pid][1] == start and table[pid][2]}
 
@@ -207,17 +197,17 @@ def _signal_all(targets: set[Identity], sig: int) -> None:
             pass
 
 
-def _marked(token: str, table: dict[int, tuple[int, str, bool]]) -> set[Identity]:
-    """Live processes whose environment holds ``GUARD_ENV=token`` (Linux; elsewhere none)."""
-    needle = f"{GUARD_ENV}={token}".encode()
+def _marked(token: str, table: dict[int, tuple[int, float, bool]]) -> set[Identity]:
+    """Live processes whose environment holds ``GUARD_ENV=token`` (where the system lets us read it)."""
+    import psutil
+
     found: set[Identity] = set()
     for pid, (_, start, alive) in table.items():
         try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                environ = f.read().split(b"\0")
-        except OSError:  # ended, not ours to read, or no /proc
+            marked = psutil.Process(pid).environ().get(GUARD_ENV) == token
+        except (psutil.Error, OSError):  # ended, not ours to read
             continue
-        if alive and needle in environ:
+        if alive and marked:
             found.add((pid, start))
     return found
 
@@ -258,4 +248,4 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--guard" and sys.argv[2].isdigit():
         run_guard(int(sys.argv[2]), os.environ.get(GUARD_ENV))
     else:
-        sys.exit("usage: python -m flows.local --guard PARENT_PID")
+        sys.exit("usage: python -m sam3d_pipeline.cli.local --guard PARENT_PID")

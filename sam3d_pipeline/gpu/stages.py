@@ -26,15 +26,16 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from . import backends, clickdecoder
-from .errors import BackendUnavailableError, InputError, PipelineError, error_record
-from .glb import glb_to_mesh, mesh_to_glb
-from .images import LoadedImage, load_image
-from .keys import RunKeys, reconstruction_json
-from .masks import mask_from_png, mask_to_png, select_instance
-from .settings import Settings, get_settings
-from .storage import Storage, open_storage, read_input
-from .types import (
+from sam3d_pipeline import backends
+from sam3d_pipeline.backends.sam3 import clickdecoder
+from sam3d_pipeline.errors import BackendUnavailableError, InputError, PipelineError, error_record
+from sam3d_pipeline.export.glb import glb_to_mesh, mesh_to_glb
+from sam3d_pipeline.images import LoadedImage, load_image
+from sam3d_pipeline.keys import RunKeys, reconstruction_json
+from sam3d_pipeline.masks import mask_from_png, mask_to_png, select_instance
+from sam3d_pipeline.settings import Settings, get_settings
+from sam3d_pipeline.storage import Storage, open_storage, read_input
+from sam3d_pipeline.types import (
     BackendInfo,
     Box,
     BoxList,
@@ -227,7 +228,7 @@ def reconstruct_masks(jobs: Sequence[tuple[LoadedImage, Any, int, str]], reconst
     check_identity("reconstructor", expected_version, backend.info())
     t = time.perf_counter()
     if hasattr(backend, "reconstruct_batch"):
-        from .backends.sam3d_reconstructor import ReconstructJob
+        from sam3d_pipeline.backends.sam3d_reconstructor import ReconstructJob
 
         recons = backend.reconstruct_batch([ReconstructJob(photo.rgb, mask, photo_id=photo_id, seed=seed)
                                             for photo, mask, seed, photo_id in jobs])

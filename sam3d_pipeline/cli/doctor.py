@@ -17,8 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import PipelineError
-from .settings import Settings
+from sam3d_pipeline.errors import PipelineError
+from sam3d_pipeline.settings import Settings
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 
@@ -65,7 +65,7 @@ def check_sam3() -> Check:
     if importlib.util.find_spec("sam3") is None or importlib.util.find_spec("torch") is None:
         return Check("sam3", WARN, "not installed (auto uses lite)", "pip install 'sam3d-pipeline[sam3]'")
     try:
-        from .backends import sam3_compat
+        from sam3d_pipeline.backends.sam3 import compat as sam3_compat
 
         applied = sam3_compat.apply()
         import sam3
@@ -79,7 +79,7 @@ def check_sam3() -> Check:
 def check_vocab(settings: Settings | None = None) -> Check:
     if importlib.util.find_spec("sam3") is None:
         return Check("vocab", WARN, "sam3 not installed, nothing to check", "pip install 'sam3d-pipeline[sam3]'")
-    from .backends.sam3_assets import find_bpe_vocab
+    from sam3d_pipeline.backends.sam3.assets import find_bpe_vocab
 
     try:
         return Check("vocab", OK, str(find_bpe_vocab(settings)))
@@ -88,8 +88,8 @@ def check_vocab(settings: Settings | None = None) -> Check:
 
 
 def check_checkpoint(settings: Settings, s3_head: Callable[[str, str], int]) -> Check:
-    from .backends.sam3_assets import HUB_PREFIX
-    from .storage import is_s3_uri, split_s3_uri
+    from sam3d_pipeline.backends.sam3.assets import HUB_PREFIX
+    from sam3d_pipeline.storage import is_s3_uri, split_s3_uri
 
     source = settings.sam3_checkpoint
     if not source:
@@ -123,7 +123,7 @@ def check_checkpoint(settings: Settings, s3_head: Callable[[str, str], int]) -> 
 
 
 def check_s3(settings: Settings, s3_bucket: Callable[[str], None]) -> Check:
-    from .storage import is_s3_uri, split_s3_uri
+    from sam3d_pipeline.storage import is_s3_uri, split_s3_uri
 
     buckets = sorted({split_s3_uri(uri)[0] for uri in (settings.output_root, settings.sam3_checkpoint or "")
                       if is_s3_uri(uri)})
@@ -193,9 +193,9 @@ def smoke(settings: Settings, size: tuple[int, int] = (320, 240)) -> Check:
     import numpy as np
     from PIL import Image
 
-    from .backends.sam3_segmenter import Sam3Segmenter
-    from .samples import sample_path
-    from .types import Point, SegmentRequest
+    from sam3d_pipeline.backends.sam3.segmenter import Sam3Segmenter
+    from sam3d_pipeline.samples import sample_path
+    from sam3d_pipeline.types import Point, SegmentRequest
 
     if not settings.sam3_checkpoint:
         settings = settings.model_copy(update={"sam3_random_init": True})
@@ -222,7 +222,7 @@ def smoke(settings: Settings, size: tuple[int, int] = (320, 240)) -> Check:
 
 def run_checks(settings: Settings, *, smoke_test: bool = False) -> list[Check]:
     """All preflight checks in order (``smoke_test`` adds the sam3 smoke run)."""
-    from .storage import classify_s3_error, s3_client
+    from sam3d_pipeline.storage import classify_s3_error, s3_client
 
     def s3_head(bucket: str, key: str) -> int:
         try:

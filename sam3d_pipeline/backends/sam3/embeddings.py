@@ -20,7 +20,7 @@ import struct
 
 import numpy as np
 
-from .masks import iou as mask_iou  # noqa: F401 (the fidelity checks of stored embeddings compare masks by IoU)
+from sam3d_pipeline.masks import iou as mask_iou  # noqa: F401 (the fidelity checks of stored embeddings compare masks by IoU)
 
 MAGIC = b"S3DE"
 VERSION = 1

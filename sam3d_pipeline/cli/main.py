@@ -6,13 +6,12 @@ import math
 import os
 import sys
 import time
-from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 if TYPE_CHECKING:
-    from sam3d_pipeline.pipeline import RunOptions
+    pass
 
 # Plain click output for usage errors and help: a message holding a long path prints whole, on one line (rich
 # panels crop it), and user text is never read as markup.
@@ -30,95 +29,17 @@ def _root(
     ctx.obj = {"debug": debug}
 
 
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_NO_OBJECT = 3
-
-
-def debug_requested(ctx: typer.Context) -> bool:
-    """Whether ``sam3d-pipeline --debug ...`` was given."""
-    return bool((ctx.find_root().obj or {}).get("debug"))
-
-
-def say(label: str, text: str, style: str = "red") -> None:
-    """One line on stderr: ``label`` styled, ``text`` printed as it is (paths, prompts and messages may hold
-    square brackets, which rich would otherwise read as markup)."""
-    from rich.console import Console
-    from rich.text import Text
-
-    Console(stderr=True, highlight=False).print(Text.assemble((label, style), " ", text), soft_wrap=True)
-
-
-def check_output_root(out: str | None, param_hint: str = "--out") -> None:
-    """Refuse a local ``--out`` that is a file or lies under one (it could never hold the outputs).
-
-    Raises:
-        typer.BadParameter: naming the path and the file in the way.
-    """
-    if out is None or out.startswith("s3://"):
-        return
-    path = Path(out).expanduser()
-    for candidate in (path, *path.parents):
-        if candidate.exists():
-            if not candidate.is_dir():
-                where = "is a file" if candidate == path else f"is under {candidate}, which is a file"
-                raise typer.BadParameter(f"{out}: {where}, not a directory", param_hint=param_hint)
-            return
-
-
-_OPTION_OF_FIELD = {"prompt": "--prompt", "boxes": "--box", "points": "--point", "instance_index": "--instance",
-                    "segmenter": "--segmenter", "reconstructor": "--reconstructor", "seed": "--seed",
-                    "instances": "--instances", "profile": "--profile", "export": "--export"}
-
-
-def run_options(**fields: Any) -> RunOptions:
-    """The run's options checked by the flows' own model (:class:`~sam3d_pipeline.pipeline.RunOptions`: prompt
-    length and blankness, finite coordinates, ...), before Prefect starts.
-
-    Raises:
-        typer.BadParameter: naming the option and what is wrong with it.
-    """
-    from pydantic import ValidationError
-
-    from sam3d_pipeline.pipeline import RunOptions
-
-    try:
-        return RunOptions(**fields)
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        field = str(error["loc"][0]) if error["loc"] else ""
-        reason = error["msg"].removeprefix("Value error, ")
-        if error["type"] == "string_too_long":
-            reason += f" (got {len(error['input'])})"
-        raise typer.BadParameter(reason, param_hint=_OPTION_OF_FIELD.get(field, field)) from None
-
-
-def say_unexpected(subject: str, exc: BaseException, debug: bool = False) -> None:
-    """One line for an error that is not one of the pipeline's (a bug, an unreachable Prefect API)."""
-    hint = "" if debug else "; `sam3d-pipeline --debug ...` shows the traceback"
-    say("error:", f"{subject}: unexpected {type(exc).__name__}: {exc}{hint}")
-
-
-def report_failure(state: Any, subject: str, debug: bool) -> None:
-    """Print why a flow run ended without a result, in one line naming ``subject`` (the input).
-
-    Errors of the pipeline's own classes (bad image, missing file, unusable backend, ...) print their message;
-    anything else is a bug and says how to see its traceback.
-    """
-    from sam3d_pipeline.errors import PipelineError
-
-    try:
-        exc = state.result(raise_on_failure=False)
-    except Exception:  # noqa: BLE001 (a state without a readable result: report its message instead)
-        exc = None
-    if isinstance(exc, PipelineError):
-        message = str(exc)
-        named = subject in message or os.path.basename(subject.rstrip("/")) in message
-        say("error:", message if named else f"{subject}: {message}")
-    elif isinstance(exc, BaseException):
-        say_unexpected(subject, exc, debug)
-    else:
-        say("failed:", f"{subject}: {state.message}")
+from sam3d_pipeline.cli.common import (  # noqa: E402
+    EXIT_FAILED,
+    EXIT_NO_OBJECT,
+    EXIT_USAGE,
+    check_output_root,
+    debug_requested,
+    report_failure,
+    run_options,
+    say,
+    say_unexpected,
+)
 
 
 def parse_box(text: str) -> tuple[float, float, float, float]:
@@ -190,7 +111,7 @@ def run(
     boxes = [parse_box(b) for b in box or []]
     points = [parse_point(p) for p in point or []]
     from sam3d_pipeline.errors import InputError
-    from sam3d_pipeline.objects import parse_formats, parse_instances
+    from sam3d_pipeline.run.objects import parse_formats, parse_instances
 
     if profile not in ("web", "ar", "raw"):
         raise typer.BadParameter(f"{profile!r}: choose web, ar or raw", param_hint="--profile")
@@ -216,8 +137,8 @@ def run(
     local_prefect_defaults()
     started = time.perf_counter()
     from flows.image_to_3d import image_to_3d
-    from flows.local import LocalApiDidNotStart, cli_run_settings
-    from sam3d_pipeline.report import RunResult, summary_line
+    from sam3d_pipeline.cli.local import LocalApiDidNotStart, cli_run_settings
+    from sam3d_pipeline.run.report import RunResult, summary_line
 
     try:
         with cli_run_settings(debug=debug):
@@ -335,18 +256,18 @@ def gpu_worker(
     print(f"GPU worker session: {session(idle_s=idle_s, stages=stages)}", flush=True)
 
 
-from sam3d_pipeline.stack_cli import down, events_bridge, restart, up  # noqa: E402
+from sam3d_pipeline.cli.stack import down, events_bridge, restart, up  # noqa: E402
 
 app.command("events-bridge")(events_bridge)
 app.command("up")(up)
 app.command("down")(down)
 app.command("restart")(restart)
 
-from .catalog_cli import catalog as _catalog  # noqa: E402
+from sam3d_pipeline.cli.catalog import catalog as _catalog  # noqa: E402
 
 app.command("catalog")(_catalog)
 
-from .cli_sam3 import doctor, export_decoder  # noqa: E402 (subcommands live in their own module)
+from sam3d_pipeline.cli.sam3 import doctor, export_decoder  # noqa: E402 (subcommands live in their own module)
 
 app.command("doctor")(doctor)
 app.command("export-decoder")(export_decoder)

@@ -16,30 +16,17 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BackendUnavailableError, InputError
-from ..masks import clip_box
-from ..settings import Settings
-from ..types import BackendInfo, Box, Instance, Point, Segmentation, SegmentRequest
-from . import sam3_compat, sam3_version
-from .sam3_assets import find_bpe_vocab, resolve_checkpoint
-from .sam3_version import VERSION  # noqa: F401 - re-exported
+from sam3d_pipeline.backends.sam3 import compat as sam3_compat
+from sam3d_pipeline.backends.sam3 import version as sam3_version
+from sam3d_pipeline.backends.sam3.assets import find_bpe_vocab, resolve_checkpoint
+from sam3d_pipeline.backends.sam3.build import RANDOM_INIT_SEED, UNINITIALISED_PARAMS, pick_device
+from sam3d_pipeline.backends.sam3.version import VERSION  # noqa: F401 - re-exported
+from sam3d_pipeline.errors import BackendUnavailableError, InputError
+from sam3d_pipeline.masks import clip_box
+from sam3d_pipeline.settings import Settings
+from sam3d_pipeline.types import BackendInfo, Box, Instance, Point, Segmentation, SegmentRequest
 
 log = logging.getLogger(__name__)
-
-# Feature maps the click decoder consumes (``sam1_task_predictor.py`` ``_bb_feat_sizes``).
-EMBEDDING_SHAPES = {
-    "image_embed": (1, 256, 72, 72),
-    "high_res_feats_0": (1, 32, 288, 288),
-    "high_res_feats_1": (1, 64, 144, 144),
-}
-# Text-encoder parameters created with ``torch.empty`` (``sam3/model/text_encoder_ve.py:196`` and ``:218``)
-# that only a checkpoint fills; random init must set them or outputs are NaN.
-RANDOM_INIT_SEED = 0
-UNINITIALISED_PARAMS = (
-    "backbone.language_backbone.encoder.positional_embedding",
-    "backbone.language_backbone.encoder.text_projection",
-)
-
 
 def xyxy_to_cxcywh_norm(box: tuple[float, float, float, float], width: int, height: int) -> list[float]:
     """Convert an xyxy pixel box to the normalised ``[cx, cy, w, h]`` that ``add_geometric_prompt`` takes.
@@ -58,20 +45,6 @@ def xyxy_to_cxcywh_norm(box: tuple[float, float, float, float], width: int, heig
     if x1 <= x0 or y1 <= y0:
         raise InputError(f"box {tuple(box)}: no area inside the {width}x{height} image")
     return [(x0 + x1) / 2 / width, (y0 + y1) / 2 / height, (x1 - x0) / width, (y1 - y0) / height]
-
-
-def pick_device(requested: str) -> str:
-    """``auto`` → ``cuda`` when torch sees a GPU, else ``cpu`` (with a loud warning)."""
-    import torch
-
-    if requested != "auto":
-        if requested.startswith("cuda") and not torch.cuda.is_available():
-            raise BackendUnavailableError(f"sam3_device={requested!r} but torch sees no CUDA device")
-        return requested
-    if torch.cuda.is_available():
-        return "cuda"
-    log.warning("SAM 3 is running on the CPU: expect about a minute per image and ~6 GiB of memory")
-    return "cpu"
 
 
 @dataclass
@@ -284,7 +257,7 @@ class Sam3Segmenter:
             box = instances[0].box if instances else None
             mask, score, _ = self.click(rgb, request.points, box=box)
             timings["click"] = time.perf_counter() - started
-            from ..masks import box_from_mask
+            from sam3d_pipeline.masks import box_from_mask
 
             instances = [Instance(mask=mask, box=clip_box(box_from_mask(mask), width, height), score=score)]
             if not mask.any():
@@ -362,7 +335,7 @@ class Sam3Segmenter:
     def load_tracker(self) -> bool:
         """Build SAM 3's video predictor now unless this process has it (``sam3_video``; the image model is not
         needed to track). Returns True when this call built it."""
-        from .sam3_video import _PREDICTORS, Sam3VideoTracker
+        from sam3d_pipeline.backends.sam3.video import _PREDICTORS, Sam3VideoTracker
 
         if self._tracker is None:
             self._tracker = Sam3VideoTracker(self.settings)
@@ -385,7 +358,7 @@ class Sam3Segmenter:
         """
         import tempfile
 
-        from .sam3_onnx import export
+        from sam3d_pipeline.backends.sam3.onnx_export import export
 
         with tempfile.TemporaryDirectory() as tmp:
             report = export(self.loaded.model, Path(tmp) / "decoder.onnx", quantize=quantized)

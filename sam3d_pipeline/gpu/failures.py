@@ -1,8 +1,8 @@
 """Why a GPU stage run ended badly, and whether trying again can help.
 
-A GPU stage runs as a background task on a GPU worker session (a flow run on the ECS GPU pool). What ended it
-badly is classified here, without Prefect, so the rule is testable and shared by every caller: the task run's
-final state and message (the stage's own exception), or, when the worker was lost mid-task, its session's
+A GPU stage runs as a background task (a task run) served by a GPU worker session (a flow run on the ECS GPU pool).
+What ended it badly is classified here, without Prefect, so the rule is testable and shared by every caller: the
+task run's final state and message (the stage's own exception), or, when the worker was lost mid-task, its session's
 final state and message (written by Prefect's ECS worker from the ECS task's ``stoppedReason`` / container
 exit) or a stale lease.
 
@@ -13,8 +13,8 @@ Classes:
 - ``oom``: CUDA or host out of memory (``CUDA out of memory``, ``OutOfMemoryError``, exit code 137).
   Retried once more with the low-memory settings.
 - ``crashed``: the process died for another infrastructure reason (Prefect ``CRASHED``). Transient.
-- ``transient``: the flow raised one of our transient errors (S3 5xx/throttling inside the stage). Transient.
-- ``failed``: the flow itself raised (bad input, missing checkpoint). Permanent: never retried.
+- ``transient``: the stage raised one of our transient errors (S3 5xx/throttling inside the stage). Transient.
+- ``failed``: the stage itself raised (bad input, missing checkpoint). Permanent: never retried.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
-from .errors import PipelineError
+from sam3d_pipeline.errors import PipelineError
 
 NO_CAPACITY = re.compile(
     r"RESOURCE:GPU|RESOURCE:MEMORY|RESOURCE:CPU|No Container Instances were found|"
@@ -50,7 +50,7 @@ class StageAttempt:
 
     Attributes:
         attempt: 1-based attempt number.
-        flow_run_id: the stage's flow run (empty when none was created).
+        flow_run_id: the stage's task run id (the key keeps its first name: ``result.json`` reports it).
         state: final state name (``COMPLETED``, ``CRASHED``, ``FAILED``, ...).
         kind: ``ok`` or a failure class (module docstring).
         message: the state message, trimmed to 500 characters.
@@ -101,11 +101,6 @@ def classify(state_type: str, message: str | None) -> str:
     if TRANSIENT_ERRORS.search(text):
         return "transient"
     return "failed"
-
-
-def backoff_s(attempt: int, base_s: float, cap_s: float = 600.0) -> float:
-    """Delay before attempt ``attempt + 1`` (seconds): ``base * 2**(attempt-1)``, capped."""
-    return min(cap_s, base_s * (2 ** max(0, attempt - 1)))
 
 
 def next_low_memory(kind: str, low_memory: bool) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .images import draw_label
+from sam3d_pipeline.images import draw_label
 
 BACKGROUND_TOP = np.array([236, 239, 243], np.float32)
 BACKGROUND_BOTTOM = np.array([200, 205, 212], np.float32)

@@ -1,7 +1,7 @@
 """A small Python client of the job API (``sam3d-pipeline web``): submit a photo or a URI, wait with progress,
 download the outputs.
 
-    from sam3d_pipeline.client import JobClient
+    from sam3d_pipeline.web.client import JobClient
 
     client = JobClient("http://127.0.0.1:8765", token)          # SAM3D_WEB_URL, SAM3D_API_TOKEN
     job = client.submit("chair.jpg", prompt="red chair")        # uploaded; client.submit_uri("s3://...", ...)

@@ -12,20 +12,20 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from .errors import PipelineError, error_record
-from .images import LoadedImage, encode_png
-from .keys import FRAME_FILE, SCENE_FILE, TRACK_FILE, RunKeys, content_type, object_file
-from .masks import mask_to_png, overlay
-from .objects import ObjectsExport, export_objects
-from .preview import render_preview
-from .report import RunResult
-from .settings import Settings, get_settings
-from .storage import Storage
-from .types import Reconstruction, Segmentation
+from sam3d_pipeline.errors import PipelineError, error_record
+from sam3d_pipeline.export.preview import render_preview
+from sam3d_pipeline.images import LoadedImage, encode_png
+from sam3d_pipeline.keys import FRAME_FILE, SCENE_FILE, TRACK_FILE, RunKeys, content_type, object_file
+from sam3d_pipeline.masks import mask_to_png, overlay
+from sam3d_pipeline.run.objects import ObjectsExport, export_objects
+from sam3d_pipeline.run.report import RunResult
+from sam3d_pipeline.settings import Settings, get_settings
+from sam3d_pipeline.storage import Storage
+from sam3d_pipeline.types import Reconstruction, Segmentation
 
 if TYPE_CHECKING:  # pipeline.run_plain ends through this module
-    from .pipeline import RunOptions, RunPlan
-    from .video.views import VideoRun
+    from sam3d_pipeline.run.pipeline import RunOptions, RunPlan
+    from sam3d_pipeline.video.views import VideoRun
 
 
 @dataclass
@@ -126,7 +126,7 @@ def render_outputs(record: RunRecord, settings: Settings | None = None) -> dict[
         if recon.splat_ply is not None:
             files["object.ply"] = recon.splat_ply
     if record.video is not None:
-        from .video.outputs import frame_png, track_webp
+        from sam3d_pipeline.video.outputs import frame_png, track_webp
 
         files[FRAME_FILE] = frame_png(record.video)
         files[TRACK_FILE] = track_webp(record.video)

@@ -53,7 +53,7 @@ def up(
                                     "PostgreSQL server under the state dir).")] = "sqlite",
 ) -> None:
     """Start the local stack in the background: moto S3+SQS, Prefect server, workers, events bridge, web server."""
-    from sam3d_pipeline.localstack import (
+    from sam3d_pipeline.stack.local import (
         LocalStack,
         StackConfig,
         StackError,
@@ -101,7 +101,7 @@ def up(
 
 def down(state_dir: StateDir = Path(".sam3d")) -> None:
     """Stop exactly the processes `up` started (by PID)."""
-    from sam3d_pipeline.localstack import LocalStack, StackConfig, default_project_dir, read_stack
+    from sam3d_pipeline.stack.local import LocalStack, StackConfig, default_project_dir, read_stack
 
     if read_stack(state_dir) is None:
         print(f"nothing to stop: no stack recorded in {state_dir.resolve()}")
@@ -115,8 +115,8 @@ def restart(
     state_dir: StateDir = Path(".sam3d"),
 ) -> None:
     """Start one part of the running stack again (after a crash or a kill): same command, ports and state."""
-    from sam3d_pipeline.localstack import StackError
-    from sam3d_pipeline.stack_restart import restart as restart_part
+    from sam3d_pipeline.stack.local import StackError
+    from sam3d_pipeline.stack.restart import restart as restart_part
 
     try:
         pid = restart_part(state_dir, name)

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from . import __version__
+from sam3d_pipeline import __version__
 
 Status = Literal["completed", "failed", "no_object", "rejected"]
 

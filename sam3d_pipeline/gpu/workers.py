@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from .keys import WORKERS_DIR, worker_key
+from sam3d_pipeline.keys import WORKERS_DIR, worker_key
 
 LeaseVerdict = Literal["queued", "running", "lost"]
 
@@ -108,10 +108,6 @@ class IdleClock:
             self._last_busy = now
             return False
         return now - self._last_busy >= self.idle_s
-
-    @property
-    def idle_for_s(self) -> float:
-        return self._clock() - self._last_busy
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""The GPU stages as plain functions, the warm workers' leases and failure classes, checkpoints."""

@@ -1,0 +1,1 @@
+"""One run's steps, its objects, its finish and its report."""
