@@ -30,7 +30,7 @@ def _env(home: Path, **extra: str) -> dict[str, str]:
 
 def _cli(*args: str, home: Path, prelude: str = "", timeout: int = 300, **extra_env: str):
     """Run the command as a user does; ``prelude`` runs first in the same interpreter (to hide a package)."""
-    code = f"{prelude}\nfrom sam3d_pipeline.cli import main\nmain()"
+    code = f"{prelude}\nfrom sam3d_pipeline.cli.main import main\nmain()"
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
                           env=_env(home, **extra_env), timeout=timeout, cwd=home)

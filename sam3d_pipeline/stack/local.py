@@ -146,7 +146,7 @@ def local_gpu_env(prefect_home: Path, gpu_workers: int, env: dict[str, str]) -> 
 
 def default_project_dir() -> Path:
     """The checkout this package was installed from (the folder holding ``prefect.yaml``)."""
-    return Path(__file__).resolve().parents[1]
+    return Path(__file__).resolve().parents[2]
 
 
 def _free_port(preferred: int) -> int:
