@@ -113,7 +113,7 @@ def bench_sam3d_mode(torch, images: list[np.ndarray], low_memory: bool, objects:
                 "resident_after_load_gib": round(torch.cuda.memory_allocated() / 2**30, 2),
                 "backend": recon.info().as_dict() | {"limits": None}}
         per_object: list[float] = []
-        with profile_stages(recon._inference._pipeline, torch) as stages:
+        with profile_stages(recon.pipeline, torch) as stages:
             try:
                 for i, rgb in enumerate(images[:objects]):
                     h, w = rgb.shape[:2]

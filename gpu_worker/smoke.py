@@ -121,8 +121,8 @@ def smoke_sam3d(settings: Any, image: Any, mask: Any, out: Path, stage: StageClo
     from sam3d_pipeline.export.glb import mesh_to_glb
 
     reconstructor = backends.get_reconstructor("sam3d", settings)
-    stage("sam3d load", reconstructor._load)
-    with profile_stages(reconstructor._inference._pipeline, torch) as stages:
+    stage("sam3d load", reconstructor.load_model)
+    with profile_stages(reconstructor.pipeline, torch) as stages:
         recon = stage("sam3d reconstruct", lambda: reconstructor.reconstruct(image.rgb, mask))
     for name, row in stages.items():
         print(f"  sam3d {name:<24} {row['s']:8.2f} s   peak {row['peak_gib']:6.2f} GiB", flush=True)

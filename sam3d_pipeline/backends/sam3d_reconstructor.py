@@ -435,6 +435,12 @@ class Sam3dReconstructor:
         self._load()
         return not was_loaded
 
+    @property
+    def pipeline(self) -> Any:
+        """Upstream's pipeline object (``InferencePipelinePointMap``), loaded first: what ``gpu_worker/smoke.py`` and
+        ``bench/gpu.py`` time stage by stage."""
+        return self._load()._pipeline
+
     # -- inference -------------------------------------------------------------------------------------
     def reconstruct(self, rgb: np.ndarray, mask: np.ndarray, *, seed: int = 0) -> Reconstruction:
         """Reconstruct the object under ``mask``.
