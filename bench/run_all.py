@@ -73,8 +73,11 @@ def main() -> None:
     print(f"\nwrote {out.relative_to(ROOT)}")
     print(f"{'figure':45} value")
     for group, figures in results["figures"].items():
-        for key, value in figures.items():
-            print(f"{group + '.' + key:45} {value}")
+        rows = figures.items() if isinstance(figures, dict) else enumerate(figures)  # a list: one row per entry
+        for key, value in rows:
+            print(f"{group + '.' + str(key):45} {value}")
+    if results["errors"]:
+        sys.exit(f"{len(results['errors'])} benchmark(s) failed: {', '.join(results['errors'])}")
 
 
 if __name__ == "__main__":
