@@ -14,7 +14,7 @@ from prefect import flow
 
 from sam3d_pipeline.errors import PipelineError
 from sam3d_pipeline.masks import select_instance
-from sam3d_pipeline.run import objects
+from sam3d_pipeline.run import clock, objects
 from sam3d_pipeline.run.finish import RunRecord, existing_result, timed
 from sam3d_pipeline.run.pipeline import RunOptions
 from sam3d_pipeline.settings import get_settings
@@ -23,10 +23,12 @@ from sam3d_pipeline.types import BoxParam, Point
 from sam3d_pipeline.video import is_video_uri
 from tasks import gpu_dispatch
 from tasks.intake import decode_image, decode_video, fetch_input, plan_run
-from tasks.publish import current_flow_run_id, finish_outputs, record_failure
+from tasks.publish import current_run_facts, finish_outputs, record_failure
 from tasks.retry import retry_options
 from tasks.review_pause import review_run, segment_or_reuse
 from tasks.segment import track_in_process
+
+clock.mark_imported()
 
 
 @flow(name="image-to-3d", log_prints=False, validate_parameters=True)
@@ -84,7 +86,7 @@ def image_to_3d(
     options = RunOptions(prompt=prompt, boxes=boxes or [], points=points or [], instance_index=instance_index,
                          segmenter=segmenter, reconstructor=reconstructor, seed=seed, instances=instances,
                          profile=profile, export=export or ["glb", "usdz"], video_frames=video_frames)
-    record = RunRecord(input_uri=image, options=options, flow_run_id=current_flow_run_id())
+    record = RunRecord(input_uri=image, options=options, **current_run_facts())
     try:
         with timed(record, "intake"):
             data = fetch_input.with_options(**retry_options(settings))(image, settings)

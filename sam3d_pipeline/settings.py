@@ -256,6 +256,10 @@ class Settings(BaseSettings):
     gpu_stage_retry_delay_s: float = Field(
         5.0, ge=0, description="Base of the exponential backoff between GPU task attempts (seconds)."
     )
+    gpu_price_per_hour: float | None = Field(
+        None, ge=0, description="Dollars per GPU-hour: result.json's clock turns the GPU-seconds a job held into its "
+        "cost (unset: no cost)."
+    )
     gpu_stage_timeout_s: float = Field(
         3600.0, gt=0, description="Longest wait for one GPU task, queueing and instance start included (seconds)."
     )

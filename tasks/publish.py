@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prefect import get_run_logger, task
 from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
@@ -19,6 +21,14 @@ from tasks.retry import retry_if_transient, retry_options
 def current_flow_run_id() -> str | None:
     run_id = flow_run.get_id()
     return str(run_id) if run_id else None
+
+
+def current_run_facts() -> dict[str, Any]:
+    """The ``RunRecord`` fields the flow run knows: its id, and when a deployment's run was due (its queue)."""
+    from prefect.runtime import deployment
+
+    due = flow_run.get_scheduled_start_time() if deployment.get_id() else None
+    return {"flow_run_id": current_flow_run_id(), "queued_at": due.timestamp() if due else None}
 
 
 @task(name="publish-outputs", cache_policy=NO_CACHE, retry_condition_fn=retry_if_transient)

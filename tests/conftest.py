@@ -21,6 +21,9 @@ os.environ.update(
         "AWS_DEFAULT_REGION": "us-east-1",
         "SAM3D_TASK_RETRY_DELAY_S": "0",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        # Commands run by the tests use Prefect's temporary server per command (each test has its own
+        # PREFECT_HOME); tests/test_local_api.py covers the reused local server, the default for users.
+        "SAM3D_LOCAL_API": "per-run",
     }
 )
 os.environ.pop("AWS_PROFILE", None)

@@ -74,7 +74,7 @@ def test_bad_usage_exits_2_in_well_under_two_seconds(tmp_path, photo):
         proc, elapsed = _cli(*args, home=tmp_path, timeout=60)
         assert proc.returncode == 2, (name, proc.returncode, proc.stderr[-2000:])
         assert expected in proc.stderr, (name, proc.stderr)
-        assert "starting Prefect" not in proc.stderr and "Traceback" not in proc.stderr, name
+        assert "Traceback" not in proc.stderr, name
         assert elapsed < 2.0, (name, elapsed)
     assert not (tmp_path / "prefect-home").exists()  # Prefect never started
 

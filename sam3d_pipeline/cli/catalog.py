@@ -53,7 +53,7 @@ def catalog(
     # the flow says so per row; a stand-in prompt here checks the rest)
     run_options(prompt="item" if prompt is None else prompt, segmenter=segmenter, reconstructor=reconstructor,
                 seed=seed)
-    say("catalog-batch", f"{source} (starting Prefect…)", style="bold")
+    say("catalog-batch", source, style="bold")
     from sam3d_pipeline.settings import local_prefect_defaults
 
     local_prefect_defaults()

@@ -65,8 +65,9 @@ def cli_run_settings(debug: bool = False) -> Iterator[None]:
     """
     guard_children()
     quiet = nullcontext() if debug else quiet_console_failures()
+    embedded = uses_ephemeral_api()
     try:
-        with quiet, local_run_settings() if uses_ephemeral_api() else nullcontext():
+        with quiet, local_api() if embedded else nullcontext(), local_run_settings() if embedded else nullcontext():
             yield
     except RuntimeError as exc:
         if isinstance(exc, LocalApiDidNotStart) or "ephemeral Prefect API" not in str(exc):
@@ -74,6 +75,27 @@ def cli_run_settings(debug: bool = False) -> Iterator[None]:
         raise LocalApiDidNotStart(
             f"Prefect's local API server did not start ({exc}); set PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS "
             "higher, or PREFECT_API_URL to a running Prefect server") from exc
+
+
+@contextmanager
+def local_api() -> Iterator[None]:
+    """The embedded default's Prefect API for the block: the reused background server (``cli/local_api.py``), or
+    Prefect's own temporary server per command with ``SAM3D_LOCAL_API=per-run``."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
+
+    from sam3d_pipeline.cli import local_api as server
+
+    try:
+        if server.mode() == "per-run":
+            yield
+            return
+        with server.attached(float(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()),
+                             drop_env=(GUARD_ENV,)) as record, \
+                temporary_settings(updates={PREFECT_API_URL: record.url}):
+            yield
+    except server.LocalApiError as exc:
+        raise LocalApiDidNotStart(f"{exc}; or set PREFECT_API_URL to a running Prefect server, or "
+                                  "SAM3D_LOCAL_API=per-run") from exc
 
 
 # --- console: progress, not tracebacks ---------------------------------------------------------------------------
@@ -212,6 +234,18 @@ def _marked(token: str, table: dict[int, tuple[int, float, bool]]) -> set[Identi
     return found
 
 
+def _outlives(pid: int) -> bool:
+    """A process meant to outlive the command: the reused local API server (``local_api.py``)."""
+    import psutil
+
+    from sam3d_pipeline.cli.local_api import OUTLIVES_ENV
+
+    try:
+        return OUTLIVES_ENV in psutil.Process(pid).environ()
+    except (psutil.Error, OSError):
+        return False
+
+
 def run_guard(parent: int, token: str | None = None, poll_s: float = GUARD_POLL_S,
               grace_s: float = GUARD_GRACE_S) -> int:
     """The watcher's loop (see :func:`guard_children`); returns how many processes it had to end."""
@@ -234,7 +268,7 @@ def run_guard(parent: int, token: str | None = None, poll_s: float = GUARD_POLL_
         for pid, _ in list(_alive(known, table)):  # started after the last look, by a process we know
             known |= _descendants(pid, table)
         now = time.monotonic()
-        alive = {identity for identity in _alive(known, table) if identity[0] != me}
+        alive = {identity for identity in _alive(known, table) if identity[0] != me and not _outlives(identity[0])}
         fresh = alive - signalled.keys()
         _signal_all(fresh, signal.SIGTERM)
         signalled |= dict.fromkeys(fresh, now)

@@ -131,7 +131,7 @@ def run(
         say("error:", f"{image}: no such file")
         raise typer.Exit(EXIT_FAILED)
 
-    say("image-to-3d", f"{image} prompt={prompt!r} (starting Prefect…)", style="bold")
+    say("image-to-3d", f"{image} prompt={prompt!r}", style="bold")
     from sam3d_pipeline.settings import local_prefect_defaults
 
     local_prefect_defaults()
@@ -254,6 +254,27 @@ def gpu_worker(
     from flows.gpu_worker import gpu_worker as session
 
     print(f"GPU worker session: {session(idle_s=idle_s, stages=stages)}", flush=True)
+
+
+@app.command("local-api")
+def local_api(
+    stop: Annotated[bool, typer.Option("--stop", help="Stop it (a running command loses its API).")] = False,
+) -> None:
+    """The local Prefect API server that `run` and `catalog` reuse when PREFECT_API_URL is not set: where it
+    is, or stop it. It stops by itself after SAM3D_LOCAL_API_IDLE_S seconds idle (default 600)."""
+    from sam3d_pipeline.cli import local_api as server
+
+    folder = server.state_dir()
+    if stop:
+        record = server.stop(folder)
+        print(f"stopped the local Prefect API (pid {record.pid})" if record else "no local Prefect API was running")
+        return
+    record = server.running(folder)
+    if record is None:
+        print(f"no local Prefect API is running (state: {folder})")
+        return
+    print(f"local Prefect API: {record.url} (pid {record.pid}, Prefect {record.prefect_version}, "
+          f"{len(server.live_clients(folder))} command(s) attached; state: {folder})")
 
 
 from sam3d_pipeline.cli.stack import down, events_bridge, restart, up  # noqa: E402

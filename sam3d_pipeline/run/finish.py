@@ -17,6 +17,7 @@ from sam3d_pipeline.export.preview import render_preview
 from sam3d_pipeline.images import LoadedImage, encode_png
 from sam3d_pipeline.keys import FRAME_FILE, SCENE_FILE, TRACK_FILE, RunKeys, content_type, object_file
 from sam3d_pipeline.masks import mask_to_png, overlay
+from sam3d_pipeline.run import clock
 from sam3d_pipeline.run.objects import ObjectsExport, export_objects
 from sam3d_pipeline.run.report import RunResult
 from sam3d_pipeline.settings import Settings, get_settings
@@ -66,6 +67,8 @@ class RunRecord:
     recons: dict[int, Reconstruction] = field(default_factory=dict)
     exported: ObjectsExport | None = None
     video: VideoRun | None = None  # the clip's track and chosen view, when the input is a video
+    flow_started_at: float = field(default_factory=time.time)  # epoch: the flow body's start (run/clock.py)
+    queued_at: float | None = None  # epoch: when a queued job was due; None: created by this process
 
     def reconstructions(self) -> dict[int, Reconstruction]:
         """Every reconstructed object by instance index (a one-object run: the selected instance)."""
@@ -80,7 +83,8 @@ class RunRecord:
         return "completed" if self.recon is not None else "no_object"
 
     def close_timings(self) -> None:
-        steps = sum(v for k, v in self.timings.items() if k not in ("total", "publish", "review_wait"))
+        steps = sum(v for k, v in self.timings.items()
+                    if k not in ("total", "publish", "review_wait", *clock.RENDER_PARTS))
         self.timings["total"] = steps if self.total_from_steps else time.perf_counter() - self.started
 
 
@@ -116,12 +120,14 @@ def render_outputs(record: RunRecord, settings: Settings | None = None) -> dict[
         files["mask.png"] = mask_to_png(mask)
     if recon is not None:
         label = f"reconstructor: {backend_label(ran(run_plan.reconstructor_info, recon))}"
-        files["preview.png"] = encode_png(render_preview(recon.mesh, size_px=s.preview_size_px, label=label))
-        record.exported = export_objects(
-            seg.instances, record.reconstructions(), record.selected, (image.width, image.height),
-            profile=record.options.profile, formats=record.options.export, settings=s,
-            extras={"segmenter": f"{run_plan.segmenter_info.get('name')}@{run_plan.segmenter_info.get('version')}",
-                    "reconstructor": recon.backend.key()})
+        with timed(record, "preview"):
+            files["preview.png"] = encode_png(render_preview(recon.mesh, size_px=s.preview_size_px, label=label))
+        with timed(record, "export"):
+            record.exported = export_objects(
+                seg.instances, record.reconstructions(), record.selected, (image.width, image.height),
+                profile=record.options.profile, formats=record.options.export, settings=s,
+                extras={"segmenter": f"{run_plan.segmenter_info.get('name')}@{run_plan.segmenter_info.get('version')}",
+                        "reconstructor": recon.backend.key()})
         files.update(record.exported.files)  # objects/<i>/..., scene.glb and the selected object's object.glb
         if recon.splat_ply is not None:
             files["object.ply"] = recon.splat_ply
@@ -147,6 +153,8 @@ def build_result(record: RunRecord, status: str, error: BaseException | None = N
     segmenter = ran(run_plan.segmenter_info, seg) if run_plan else None
     reconstructor = ran(run_plan.reconstructor_info, recon) if run_plan else None
     stages = {name: part.stage for name, part in (("segment", seg), ("reconstruct", recon)) if part and part.stage}
+    devices = {"segment": (segmenter or {}).get("device", "cpu"),
+               "reconstruct": (reconstructor or {}).get("device", "cpu")}
     return RunResult(
         status=status,
         input=record.image.describe() if record.image else {"uri": record.input_uri},
@@ -166,6 +174,9 @@ def build_result(record: RunRecord, status: str, error: BaseException | None = N
         video=record.video.section() if record.video is not None else None,
         stages=stages,
         timings_s={k: round(v, 3) for k, v in record.timings.items()},
+        clock=clock.section(timings=record.timings, stages=stages, devices=devices,
+                            flow_started_at=record.flow_started_at, queued_at=record.queued_at,
+                            price_per_hour=get_settings().gpu_price_per_hour),
         flow_run_id=record.flow_run_id,
         output_prefix=f"{run_plan.output_root.rstrip('/')}/{run_plan.prefix}" if run_plan else "",
         messages=messages,
@@ -180,10 +191,15 @@ def publish(storage: Storage, prefix: str, files: dict[str, bytes], result: RunR
     report. Returns the result with ``outputs`` filled in.
     """
     keys = RunKeys(prefix)
+    t = time.perf_counter()
     storage.delete(keys.result)
     outputs = {}
     for name in sorted(files):
         outputs[name] = storage.write_bytes(keys.file(name), files[name], content_type=content_type(name))
+    if result.clock:  # the files' writing; result.json itself comes after
+        published = round(time.perf_counter() - t, 3)
+        result.clock["steps_s"]["publish"] = published
+        result.clock["wall_s"] = round(result.clock["wall_s"] + published, 3)
     outputs["result.json"] = storage.uri(keys.result)
     objects = [obj | {"outputs": {name.rsplit("/", 1)[-1]: uri for name, uri in outputs.items()
                                   if name.startswith(object_file(obj["index"], ""))}} for obj in result.objects]

@@ -52,6 +52,10 @@ class RunResult(BaseModel):
         "(0.0 when the model was already in memory), queue_wait_s, run_s",
     )
     timings_s: dict[str, float] = Field(default_factory=dict)
+    clock: dict[str, Any] | None = Field(
+        None, description="where the job's time went (run/clock.py): queue_s, process_start_s, prefect_s, steps_s, "
+        "render_s (preview, export), model (per stage: worker, queue_wait_s, model_load_s, run_s, dispatch_s), "
+        "orchestration_s, wall_s, gpu_s, and gpu_price_per_hour / gpu_cost when SAM3D_GPU_PRICE_PER_HOUR is set")
     flow_run_id: str | None = None
     output_prefix: str
     messages: list[str] = Field(default_factory=list)
@@ -97,6 +101,16 @@ def summary_markdown(result: RunResult) -> str:
     if result.outputs:
         lines += ["", "| output | location |", "|---|---|"]
         lines += [f"| {name} | [{uri}]({uri}) |" for name, uri in result.outputs.items()]
-    if result.timings_s:
+    if result.clock:
+        from sam3d_pipeline.run.clock import table
+
+        lines += ["", "| where the time went | s |", "|---|---|"]
+        lines += [f"| {part} | {seconds:.3f} |" for part, seconds in table(result.clock)]
+        lines.append(f"| **wall** | {result.clock['wall_s']:.3f} |")
+        gpu = f"GPU-seconds held: {result.clock['gpu_s']:.3f}"
+        if "gpu_cost" in result.clock:
+            gpu += f" (${result.clock['gpu_cost']:.4f} at ${result.clock['gpu_price_per_hour']}/GPU-hour)"
+        lines += ["", gpu]
+    elif result.timings_s:
         lines += ["", "timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in result.timings_s.items())]
     return "\n".join(lines)
