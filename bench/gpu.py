@@ -80,7 +80,12 @@ def bench_sam3(torch, images: list[np.ndarray]) -> dict:
             "images": len(images), "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
 
 
-def bench_sam3d_mode(torch, images: list[np.ndarray], low_memory: bool, objects: int) -> dict:
+# SAM 3D Objects modes: settings over the deployment's (quality: SAM3D_SAM3D_QUALITY, upstream's own levers).
+MODES = {"default": {}, "low-memory": {"sam3d_low_memory": True}, "fast": {"sam3d_quality": "fast"},
+         "best": {"sam3d_quality": "best"}}
+
+
+def bench_sam3d_mode(torch, images: list[np.ndarray], update: dict, objects: int) -> dict:
     """One SAM 3D Objects mode: load, then ``objects`` reconstructions, with per-stage figures; the model is
     dropped and its memory freed before returning (also after an out-of-memory error)."""
     import gc
@@ -91,7 +96,7 @@ def bench_sam3d_mode(torch, images: list[np.ndarray], low_memory: bool, objects:
     from sam3d_pipeline.backends.sam3d_reconstructor import Sam3dReconstructor
     from sam3d_pipeline.settings import get_settings
 
-    settings = get_settings().model_copy(update={"sam3d_low_memory": low_memory})
+    settings = get_settings().model_copy(update=update)
     reason = RECONSTRUCTORS["sam3d"].unavailable_reason(settings)
     if reason:
         return {"skipped": reason}
@@ -150,7 +155,7 @@ def bench_sam3d(torch, images: list[np.ndarray], modes: list[str], objects: int,
         if time.monotonic() > deadline:
             out[mode.replace("-", "_")] = {"skipped": "time budget of bench/gpu.py spent (--budget-s)"}
             continue
-        result = bench_sam3d_mode(torch, images, mode == "low-memory", objects)
+        result = bench_sam3d_mode(torch, images, MODES[mode], objects)
         out[mode.replace("-", "_")] = result
         print(f"sam3d {mode}: " + json.dumps(result), flush=True)
         if "skipped" in result:
@@ -162,7 +167,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=5)
     parser.add_argument("--objects", type=int, default=2, help="SAM 3D Objects reconstructions per mode")
-    parser.add_argument("--modes", default="default,low-memory", help="SAM 3D Objects modes, in order")
+    parser.add_argument("--modes", default="default,fast,low-memory,best",
+                        help=f"SAM 3D Objects modes, in order, of {', '.join(MODES)}")
     parser.add_argument("--budget-s", type=float, default=360.0,
                         help="start no SAM 3D Objects mode after this many seconds (a mode takes ~2-4 min)")
     args = parser.parse_args()
@@ -192,6 +198,9 @@ def main() -> None:
         clear_models()  # free SAM 3 before SAM 3D Objects loads, as a worker does between stages
         torch.cuda.empty_cache()
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        parser.error(f"unknown mode(s) {unknown}: choose from {', '.join(MODES)}")
     figures |= {f"sam3d_{k}": v for k, v in bench_sam3d(torch, images, modes, args.objects, deadline).items()}
     print("BENCH_JSON " + json.dumps({"gpu": figures}))
 

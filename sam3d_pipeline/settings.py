@@ -88,13 +88,15 @@ class Settings(BaseSettings):
 
     # Review.
     review_poll_interval_s: float = Field(
-        5.0, gt=0, le=60, description="How often a paused run checks for the reviewer's answer (seconds)."
+        1.0, gt=0, le=60, description="How often a paused run checks for the reviewer's answer (seconds): the "
+        "longest wait between an answer and the run going on."
     )
     review_suspend_after_s: float = Field(
         900.0,
         ge=0,
-        description="Reviews allowed to last longer than this suspend the run (it leaves its infrastructure and "
-        "resumes from persisted results) instead of pausing it in process. Needs a deployment.",
+        description="A review allowed to last longer than this pauses the run in process for this long (an answer "
+        "resumes it at once), then suspends it (it leaves its infrastructure and, once answered, re-executes from "
+        "persisted results). Needs a deployment; shorter reviews pause in process throughout.",
     )
     review_decoder_weights: Literal["uint8", "float32"] = Field(
         "uint8",
@@ -279,8 +281,20 @@ class Settings(BaseSettings):
         description="Inference dtype of the SAM 3D Objects pipeline; unset: the config's (float16 in the released "
         "pipeline.yaml, whose generators are trained with use_fp16).",
     )
-    sam3d_ss_steps: int = Field(25, ge=1, le=200, description="Sparse-structure (stage 1) sampling steps.")
-    sam3d_slat_steps: int = Field(25, ge=1, le=200, description="Structured-latent (stage 2) sampling steps.")
+    sam3d_quality: Literal["fast", "balanced", "best"] = Field(
+        "balanced",
+        description="Speed against quality of SAM 3D Objects, on upstream's own options: fast = its distilled "
+        "shortcut samplers (use_stage1/2_distillation, classifier-free guidance off) with 4 + 4 steps; balanced = "
+        "upstream's defaults (25 + 25 steps); best = 50 + 50 steps. Not yet measured here: bench/gpu.py times "
+        "each on a GPU.",
+    )
+    sam3d_ss_steps: int | None = Field(
+        None, ge=1, le=200, description="Sparse-structure (stage 1) sampling steps; unset: the quality's.")
+    sam3d_slat_steps: int | None = Field(
+        None, ge=1, le=200, description="Structured-latent (stage 2) sampling steps; unset: the quality's.")
+    sam3d_compile: bool = Field(
+        False, description="torch.compile SAM 3D Objects' networks (upstream's compile_model, mode max-autotune): "
+        "a long first call, for warm workers; not yet measured here.")
     sam3d_decode_formats: tuple[Literal["gaussian", "mesh"], ...] = Field(
         ("gaussian", "mesh"),
         min_length=1,

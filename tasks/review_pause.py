@@ -132,6 +132,14 @@ def should_suspend(timeout_s: float, settings: Settings) -> bool:
     return True
 
 
+def _used_pause_keys() -> set[str]:
+    """The pause keys this flow run has used (kept by Prefect across a suspension and its re-execution)."""
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    return set(context.flow_run.empirical_policy.pause_keys or ()) if context and context.flow_run else set()
+
+
 def _save_context(key: str, context: ReviewContext) -> None:
     """Store the round's context for the review page; a re-executed (resumed) run finds it already there."""
     import httpx
@@ -187,14 +195,10 @@ class _ReviewRun:
         remaining_s = machine.wait_s(self.elapsed_s())
         suspend = should_suspend(machine.config.timeout_s, self.settings)
         logger.info("waiting for review (round %d, up to %.0f s, %s)", n, remaining_s,
-                    "suspended: the run leaves its infrastructure" if suspend else "paused in process")
+                    f"paused in process for up to {self.settings.review_suspend_after_s:.0f} s, then suspended "
+                    "(the run leaves its infrastructure)" if suspend else "paused in process")
         try:
-            if suspend:  # a resumed run re-executes from the start, so the suspension gets the whole timeout
-                answer = suspend_flow_run(wait_for_input=form, timeout=int(np.ceil(machine.config.timeout_s)),
-                                          key=f"review-round-{n}")
-            else:
-                answer = pause_flow_run(wait_for_input=form, timeout=int(np.ceil(remaining_s)),
-                                        poll_interval=self.settings.review_poll_interval_s, key=f"review-round-{n}")
+            answer = self._wait(form, n, remaining_s, suspend)
         except FlowPauseTimeout:
             after = machine.timeout(self.elapsed_s())
             logger.warning(machine.record["detail"])
@@ -203,6 +207,26 @@ class _ReviewRun:
         logger.info("review round %d: %s", n, answer.action)
         form_answer = answer.model_dump(mode="json", exclude={"metadata"})
         return machine.answer(Answer.from_form(form_answer), self.elapsed_s())
+
+    def _wait(self, form: type[ReviewInput], n: int, remaining_s: float, suspend: bool) -> ReviewInput:
+        """Wait for round ``n``'s answer: paused in process (an answer resumes the run within
+        ``review_poll_interval_s``); a long review of a deployed run pauses for ``review_suspend_after_s`` first and
+        then suspends for the rest. A run re-executed after a suspension passes its earlier rounds at once:
+        Prefect hands back the answer stored under each round's pause key."""
+        live_key, parked_key = f"review-round-{n}", f"review-round-{n}-suspended"
+        used = _used_pause_keys()
+        if parked_key in used:
+            return suspend_flow_run(wait_for_input=form, timeout=int(np.ceil(remaining_s)), key=parked_key)
+        live_s = min(remaining_s, self.settings.review_suspend_after_s) if suspend and live_key not in used \
+            else remaining_s
+        try:
+            return pause_flow_run(wait_for_input=form, timeout=int(np.ceil(live_s)),
+                                  poll_interval=self.settings.review_poll_interval_s, key=live_key)
+        except FlowPauseTimeout:
+            if live_s >= remaining_s:
+                raise
+        _leave_expired_pause(f"no review answer within {live_s:.0f} s: the run suspends until one comes")
+        return suspend_flow_run(wait_for_input=form, timeout=int(np.ceil(remaining_s - live_s)), key=parked_key)
 
     def resegment(self, step: Resegment) -> Ask:
         """Segment for the re-prompt (through ``gpu_dispatch``, or reuse a persisted round)."""

@@ -1,4 +1,5 @@
-"""A long review suspends the run (its process exits) and the resumed run reuses the persisted segmentation."""
+"""A long review of a deployed run pauses in process first (an answer then resumes it at once), then suspends
+(its process exits), and the resumed run reuses the persisted segmentation."""
 
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ def _wait(client, run_id, predicate, timeout_s=120.0):
     raise TimeoutError(f"flow run {run_id} stuck in {run.state.name if run.state else None}: {run.state.message}")
 
 
-def test_suspended_review_resumes_without_resegmenting(tmp_path):
+@pytest.mark.parametrize("answer_while", ["suspended", "paused"])
+def test_long_review_pauses_then_suspends_and_resumes_without_resegmenting(tmp_path, answer_while):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.deployments import run_deployment
@@ -42,7 +44,7 @@ def test_suspended_review_resumes_without_resegmenting(tmp_path):
     env = os.environ | {
         "PREFECT_API_URL": PREFECT_API_URL.value(),
         "PREFECT_RUNNER_POLL_FREQUENCY": "1",
-        "SAM3D_REVIEW_SUSPEND_AFTER_S": "1",
+        "SAM3D_REVIEW_SUSPEND_AFTER_S": "2" if answer_while == "suspended" else "300",
         "PYTHONPATH": str(ROOT),
     }
     serve = subprocess.Popen([sys.executable, "-c", SERVE], env=env, cwd=ROOT, start_new_session=True,
@@ -63,7 +65,9 @@ def test_suspended_review_resumes_without_resegmenting(tmp_path):
                             "review": "required", "review_timeout_s": 600},
             )
             paused = _wait(client, run.id, lambda r: r.state.is_paused() and _schema_saved(client, r))
-            assert paused.state.name == "Suspended"
+            assert paused.state.name == "Paused"  # in process first
+            if answer_while == "suspended":
+                paused = _wait(client, run.id, lambda r: r.state.name == "Suspended")
             resume_flow_run(run.id, run_input={"action": "approve"})
             done = _wait(client, run.id, lambda r: r.state.is_final())
             assert done.state.is_completed(), done.state.message
@@ -78,4 +82,6 @@ def test_suspended_review_resumes_without_resegmenting(tmp_path):
     result = json.loads((prefix / "result.json").read_text())
     assert result["status"] == "completed"
     assert len(segment_runs) == 1, [t.name for t in segment_runs]  # not recomputed after the resume
-    assert any("reused the persisted segmentation" in m for m in result["messages"])
+    # Suspended: the run re-executed and reused round 1's persisted segmentation; paused: it simply went on.
+    reused = any("reused the persisted segmentation" in m for m in result["messages"])
+    assert reused == (answer_while == "suspended"), result["messages"]

@@ -102,6 +102,27 @@ def test_settings_reach_the_pipeline_config_and_originals_are_kept(sam3d):
     assert recon.backend.dtype == "bfloat16"
 
 
+@pytest.mark.parametrize(("quality", "steps", "distilled"), [("fast", (4, 4), True), ("balanced", (25, 25), False),
+                                                             ("best", (50, 50), False)])
+def test_quality_maps_onto_upstreams_steps_and_distilled_samplers(sam3d, quality, steps, distilled):
+    sam3d.RUN_OPTIONS.clear()
+    settings = _settings(sam3d_quality=quality, sam3d_compile=quality == "best")
+    recon = adapter.Sam3dReconstructor(settings).reconstruct(*object_photo())
+    [instance] = sam3d.INSTANCES
+    config = yaml.safe_load(Path(instance.config_file).read_text())
+    assert (config["ss_inference_steps"], config["slat_inference_steps"]) == steps
+    assert instance._pipeline.config["compile_model"] is (quality == "best")  # Inference(config, compile=...)
+    [options] = sam3d.RUN_OPTIONS
+    if distilled:
+        assert options["use_stage1_distillation"] is True and options["use_stage2_distillation"] is True
+    else:
+        assert "use_stage1_distillation" not in options and "use_stage2_distillation" not in options
+    said = [limit for limit in recon.backend.limits if limit.startswith("quality")]
+    assert bool(said) == (quality != "balanced")  # the result says when it is not upstream's default
+    # Explicit steps win over the quality's.
+    assert adapter.sampling(_settings(sam3d_quality="fast", sam3d_ss_steps=8)).ss_steps == 8
+
+
 def test_dtype_is_the_configs_unless_set(sam3d):
     """The released pipeline.yaml says float16 (its generators use_fp16): an unset dtype must not override it."""
     assert Settings().sam3d_dtype is None
@@ -335,6 +356,9 @@ def test_sam3d_settings_that_change_the_output_change_the_prefix(monkeypatch):
 
     base = prefix()
     assert prefix(sam3d_ss_steps=12) != base and prefix(sam3d_dtype="float32") != base
+    # Upstream's default steps stated outright keep the key; another quality changes it.
+    assert prefix(sam3d_ss_steps=25, sam3d_slat_steps=25, sam3d_quality="balanced") == base
+    assert prefix(sam3d_quality="fast") != base and prefix(sam3d_quality="best") != base
     assert prefix(sam3d_low_memory=True) == base  # same result, only slower
 
 

@@ -70,6 +70,20 @@ def test_the_double_mirrors_upstreams_defaults(up):
     assert "class MoGe:" in double and "def to(" not in double.split("class MoGe:")[1].split("class ")[0]
 
 
+def test_the_quality_levers_are_upstreams_own_options(up):
+    """SAM3D_SAM3D_QUALITY sets the two steps (InferencePipeline.__init__'s defaults are the balanced row) and
+    passes run()'s distillation flags, which reach sample_sparse_structure / sample_slat."""
+    pipeline = up.inference_pipeline.InferencePipeline
+    init = inspect.signature(pipeline.__init__).parameters
+    ss, slat, distilled = adapter.QUALITIES["balanced"]
+    assert (init["ss_inference_steps"].default, init["slat_inference_steps"].default) == (ss, slat)
+    assert not distilled and init["compile_model"].default is False
+    run = inspect.signature(pipeline.run).parameters
+    assert run["use_stage1_distillation"].default is False and run["use_stage2_distillation"].default is False
+    for stage in (pipeline.sample_sparse_structure, pipeline.sample_slat):
+        assert inspect.signature(stage).parameters["use_distillation"].default is False
+
+
 class RecordingNet(torch.nn.Module):
     """MoGe's network: records where it is sent (this machine has no GPU to send it to)."""
 

@@ -152,7 +152,7 @@ def patched_config(config_path: str | Path, settings: Settings) -> Path:
 
     Args:
         config_path: upstream ``pipeline.yaml`` (hydra config; checkpoint paths relative to its folder).
-        settings: ``sam3d_dtype`` (left as the config's when None), ``sam3d_ss_steps``, ``sam3d_slat_steps``,
+        settings: ``sam3d_dtype`` (left as the config's when None), the steps of :func:`sampling`,
             ``sam3d_decode_formats``, ``sam3d_low_memory`` (builds on the CPU: ``device: cpu``).
 
     Returns:
@@ -169,9 +169,10 @@ def patched_config(config_path: str | Path, settings: Settings) -> Path:
     config = yaml.safe_load(src.read_text()) or {}
     if not isinstance(config, dict):
         raise BackendUnavailableError(f"SAM 3D Objects config {src} is not a mapping")
+    plan = sampling(settings)
     config |= {
-        "ss_inference_steps": settings.sam3d_ss_steps,
-        "slat_inference_steps": settings.sam3d_slat_steps,
+        "ss_inference_steps": plan.ss_steps,
+        "slat_inference_steps": plan.slat_steps,
         "decode_formats": list(settings.sam3d_decode_formats),
     }
     if settings.sam3d_dtype:  # else the config's own (float16 in the released pipeline.yaml)
@@ -189,6 +190,49 @@ def patched_config(config_path: str | Path, settings: Settings) -> Path:
         tmp.write_text(text)
         tmp.replace(dst)
     return dst
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the two sampling stages run: steps each, and upstream's distilled shortcut samplers."""
+
+    quality: str
+    ss_steps: int
+    slat_steps: int
+    distillation: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"quality": self.quality, "ss_steps": self.ss_steps, "slat_steps": self.slat_steps,
+                "distillation": self.distillation}
+
+
+# SAM3D_SAM3D_QUALITY → (stage-1 steps, stage-2 steps, distillation), on upstream's own options (cf06676):
+# - steps: ``InferencePipeline.__init__`` ``ss_inference_steps=25``, ``slat_inference_steps=25`` (its defaults,
+#   the "balanced" row), read from the config (``patched_config``).
+# - distillation: ``InferencePipelinePointMap.run(..., use_stage1_distillation, use_stage2_distillation)``
+#   → ``sample_sparse_structure`` / ``sample_slat(use_distillation=True)``: the generator's shortcut model
+#   (``no_shortcut = False``) with classifier-free guidance off (``reverse_fn.strength = 0``), meant for few
+#   steps. ``notebook/inference.py``'s ``Inference.__call__`` does not pass these, so ``distilled_run`` sets them.
+QUALITIES = {"fast": (4, 4, True), "balanced": (25, 25, False), "best": (50, 50, False)}
+
+
+def sampling(settings: Settings) -> Sampling:
+    """The quality's steps and distillation; ``SAM3D_SAM3D_SS_STEPS`` / ``_SLAT_STEPS`` override the steps."""
+    ss, slat, distill = QUALITIES[settings.sam3d_quality]
+    return Sampling(settings.sam3d_quality, settings.sam3d_ss_steps or ss, settings.sam3d_slat_steps or slat,
+                    distill)
+
+
+def distilled_run(pipeline: Any) -> None:
+    """Make ``pipeline.run`` use both stages' distilled samplers unless a caller passes the flags itself."""
+    run = pipeline.run
+
+    def run_distilled(*args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("use_stage1_distillation", True)
+        kwargs.setdefault("use_stage2_distillation", True)
+        return run(*args, **kwargs)
+
+    pipeline.run = run_distilled
 
 
 def _get_path(obj: Any, path: str) -> Any:
@@ -382,6 +426,10 @@ def describe(settings: Settings) -> BackendInfo:
     limits = LIMITS
     if settings.sam3d_low_memory:
         limits += ("low-memory mode: stages load one at a time (slower)",)
+    plan = sampling(settings)
+    if plan.quality != "balanced" or plan.ss_steps != 25 or plan.slat_steps != 25:
+        limits += (f"quality {plan.quality}: {plan.ss_steps} + {plan.slat_steps} sampling steps"
+                   + (", distilled samplers" if plan.distillation else "") + " (upstream's default: 25 + 25)",)
     return BackendInfo(name="sam3d", version=version(settings), device="cuda:0", limits=limits,
                        weights="checkpoint", dtype=settings.sam3d_dtype)
 
@@ -420,7 +468,9 @@ class Sam3dReconstructor:
             self._checkpoint_sha256 = digest[:12] if digest else None
             low_memory = self.settings.sam3d_low_memory
             with local_torch_hub(), (safetensors_on_cpu() if low_memory else contextlib.nullcontext()):
-                inference = inference_cls(str(config), compile=False)
+                inference = inference_cls(str(config), compile=self.settings.sam3d_compile)
+            if sampling(self.settings).distillation:
+                distilled_run(inference._pipeline)
             if low_memory:
                 # Built on the CPU; run() sends its inputs to pipeline.device, so that is the GPU from now on.
                 inference._pipeline.device = _as_device("cuda")

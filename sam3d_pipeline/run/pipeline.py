@@ -159,8 +159,13 @@ def plan(input_uri: str, input_id: str, options: RunOptions, output_root: str,
     if rec.name == "lite":
         hash_options |= {"lite_mesh_resolution": s.lite_mesh_resolution, "lite_thickness": s.lite_thickness}
     if rec.name == "sam3d":  # what changes SAM 3D Objects' output (low-memory mode does not)
-        hash_options |= {"sam3d_dtype": s.sam3d_dtype, "sam3d_ss_steps": s.sam3d_ss_steps,
-                         "sam3d_slat_steps": s.sam3d_slat_steps, "sam3d_decode_formats": list(s.sam3d_decode_formats)}
+        from sam3d_pipeline.backends.sam3d_reconstructor import sampling
+
+        plan = sampling(s)
+        hash_options |= {"sam3d_dtype": s.sam3d_dtype, "sam3d_ss_steps": plan.ss_steps,
+                         "sam3d_slat_steps": plan.slat_steps, "sam3d_decode_formats": list(s.sam3d_decode_formats)}
+        if plan.distillation:  # (absent otherwise: the keys of earlier results stay the same)
+            hash_options["sam3d_distillation"] = True
     prefix = output_prefix_name(
         input_uri,
         content_id=input_id,

@@ -41,6 +41,7 @@ import trimesh
 import yaml
 
 CALLS: list[dict] = []  # every __call__, for assertions
+RUN_OPTIONS: list[dict] = []  # the keyword options of every pipeline.run
 INSTANCES: list[Inference] = []
 
 
@@ -170,6 +171,7 @@ class Pipeline:
         self.stage_devices.append(("decode_slat", self._devices()))
 
     def run(self, image, mask, seed, pointmap=None, **kwargs):  # pointmap.py L316-423, stages in this order
+        RUN_OPTIONS.append(kwargs)  # e.g. use_stage1/2_distillation (run's keyword arguments upstream)
         pointmap_dict = self.compute_pointmap(image, pointmap)
         if np.isnan(pointmap_dict["pointmap"].array[:, image[..., 3] > 0]).any():
             raise ValueError("point map is NaN under the mask")
