@@ -2,10 +2,12 @@
 
 Starts ``sam3d-pipeline up`` in a temporary state dir (or uses a running stack: ``--env-file``), uploads
 ``--uploads`` distinct small photos one at a time (each waits for its run to finish, so every figure is an
-unloaded latency), and prints median and p95 of PUT → event received by Prefect, Scheduled (run
-created), Pending (worker picked it up), Running (flow process started) and Completed. Then it fills a
-separate queue with ``--events`` S3 notifications (automations switched off, so no runs), runs a second
-bridge process on it, and prints that process's resident memory once the queue is drained.
+unloaded latency), and prints median and p95 of PUT → event received by Prefect, Scheduled (run created),
+Pending (worker picked it up), Running (flow process started) and Completed; the CPU-seconds the whole stack
+spent per upload (every stack process, and the flow-run processes its workers started and reaped); and the
+per-step clock of the uploads' ``result.json``. Then it fills a separate queue with ``--events`` S3
+notifications (automations switched off, so no runs), runs a second bridge process on it, and prints that
+process's resident memory once the queue is drained.
 
     .venv/bin/python bench/event_latency.py --uploads 20 --events 1000
 """
@@ -28,7 +30,11 @@ from pathlib import Path
 
 import boto3
 import numpy as np
+import psutil
 from PIL import Image, ImageDraw
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from clock_table import breakdown, print_side_by_side  # noqa: E402
 
 
 def photo(i: int, size: tuple[int, int] = (160, 120)) -> bytes:
@@ -67,11 +73,42 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
 
-def latency_phase(env: dict[str, str], uploads: int, timeout_s: float) -> dict:
+def stack_cpu_s(state_dir: Path | None) -> float | None:
+    """CPU-seconds (user + system) of the stack's processes, their live descendants, and the children they
+    reaped (a worker's finished flow-run processes); None without a state dir to read the stack from."""
+    if state_dir is None or not (state_dir / "stack.json").exists():
+        return None
+    total = 0.0
+    for entry in json.loads((state_dir / "stack.json").read_text())["processes"].values():
+        try:
+            root = psutil.Process(entry["pid"])
+            for proc in [root, *root.children(recursive=True)]:
+                t = proc.cpu_times()
+                total += t.user + t.system + t.children_user + t.children_system
+        except psutil.Error:
+            continue
+    return total
+
+
+def upload_clocks(env: dict[str, str], run_ids: set[str]) -> list[dict]:
+    """The ``clock`` of every ``result.json`` in the bucket written by one of ``run_ids``."""
+    s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
+    clocks = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=env["SAM3D_BUCKET"]):
+        for item in page.get("Contents", []):
+            if item["Key"].endswith("/result.json"):
+                result = json.loads(s3.get_object(Bucket=env["SAM3D_BUCKET"], Key=item["Key"])["Body"].read())
+                if result.get("flow_run_id") in run_ids and result.get("clock"):
+                    clocks.append(result["clock"])
+    return clocks
+
+
+def latency_phase(env: dict[str, str], uploads: int, timeout_s: float, state_dir: Path | None = None) -> dict:
     s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
     api_url = env["PREFECT_API_URL"]
     known = {r["id"] for r in api(api_url, "/flow_runs/filter", {})}
-    rows = []
+    rows, run_ids = [], set()
+    cpu_before = stack_cpu_s(state_dir)
     for i in range(uploads):
         key = f"{env['SAM3D_UPLOAD_PREFIX']}bench/{int(time.time())}-{i} photo.png"
         uri = f"s3://{env['SAM3D_BUCKET']}/{key}"
@@ -89,6 +126,7 @@ def latency_phase(env: dict[str, str], uploads: int, timeout_s: float) -> dict:
             print(f"upload {i}: run did not complete ({run and run['state_type']})", file=sys.stderr)
             continue
         known.add(run["id"])
+        run_ids.add(run["id"])
         states = {s["type"]: ts(s["timestamp"]) for s in api(api_url, "/flow_run_states/?flow_run_id=" + run["id"],
                                                               method="GET")}
         received = api(api_url, "/events/filter", {"filter": {
@@ -111,6 +149,14 @@ def latency_phase(env: dict[str, str], uploads: int, timeout_s: float) -> dict:
               f"max {max(values):.2f} s")
         figures[f"put_to_{name}_median_s"] = round(statistics.median(values), 2)
         figures[f"put_to_{name}_p95_s"] = round(pct(values, 95), 2)
+    cpu_after = stack_cpu_s(state_dir)
+    if cpu_before is not None and cpu_after is not None and rows:
+        figures["stack_cpu_s_per_upload"] = round((cpu_after - cpu_before) / len(rows), 2)
+        print(f"  the stack's CPU-seconds per upload: {figures['stack_cpu_s_per_upload']:.2f}")
+    clocks = upload_clocks(env, run_ids)
+    if clocks:
+        figures["clock"] = {"upload": breakdown(clocks)}
+        print_side_by_side(figures["clock"])
     return figures
 
 
@@ -192,7 +238,8 @@ def main() -> None:
         figures: dict = {}
         try:
             if args.uploads:
-                figures |= latency_phase(env, args.uploads, args.timeout_s)
+                figures |= latency_phase(env, args.uploads, args.timeout_s,
+                                         state_dir if args.env_file is None else args.env_file.parent)
             if args.events:
                 figures |= memory_phase(env, args.events, state_dir)
         finally:

@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCHES = [
     ("overhead", ["bench/overhead.py", "--photos", "50"]),
     ("single run", ["bench/run_one.py", "--repeat", "3"]),
+    ("command line run", ["bench/cli_run.py", "--runs", "5"]),
     ("review page (in-browser decoder)", ["bench/review_latency.py", "--clicks", "50", "--segmenter", "sam3"]),
     ("review page (float32 decoder)", ["bench/review_latency.py", "--clicks", "50", "--segmenter", "sam3",
                                        "--decoder-weights", "float32"]),

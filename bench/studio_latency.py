@@ -31,6 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 CLI = [sys.executable, "-m", "sam3d_pipeline.cli"]
+CLOCKS: list[dict] = []  # result.json's clock of every round
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 
@@ -56,6 +57,9 @@ def one_round(studio, seed: int, tag: str) -> dict[str, float]:
     click_ms = studio.click_image(cx, cy, 320)
     studio.confirm(timeout_s=300)
     final_ms = studio.page.evaluate("window.studio.marks['final-status']")
+    clock = studio.page.evaluate("window.studio.job && window.studio.job.result && window.studio.job.result.clock")
+    if clock:
+        CLOCKS.append(clock)
     return {
         "submit_to_first_mask_s": (studio.first_mask_ms - studio.submitted_ms) / 1000,
         "confirm_to_glb_s": (studio.glb_ms - studio.confirmed_ms) / 1000,
@@ -96,6 +100,11 @@ def measure(env: dict[str, str], rounds: int) -> dict:
         figures[f"{name}_max"] = round(max(values), digits)
         print(f"  {name:27s}: median {statistics.median(values):8.2f}, min {min(values):8.2f}, "
               f"max {max(values):8.2f}")
+    if CLOCKS:
+        from clock_table import breakdown, print_side_by_side
+
+        figures["clock"] = {"studio": breakdown(CLOCKS)}
+        print_side_by_side(figures["clock"])
     return figures
 
 

@@ -284,7 +284,7 @@ def _wait(future: Any, run_id: str, storage: Storage, settings: Settings, kind: 
     """Wait for the task run to end, or its worker to be lost. Returns ``(kind, message)``."""
     deadline = time.monotonic() + settings.gpu_stage_timeout_s
     queued_until = time.monotonic() + settings.gpu_lease_s
-    last_scaled, undelivered = float("-inf"), 0
+    last_scaled, undelivered, unrecorded = float("-inf"), 0, 0
     with get_client(sync_client=True) as client:
         while True:
             # The state can read as None for a moment (the server records task run states from events).
@@ -326,8 +326,9 @@ def _wait(future: Any, run_id: str, storage: Storage, settings: Settings, kind: 
                 return "timeout", message
             try:
                 future.wait(timeout=settings.gpu_poll_s)  # returns at once when the run ends (an event)
-            except RuntimeError:  # its state is not recorded yet
-                time.sleep(settings.gpu_poll_s)
+            except RuntimeError:  # its state is not recorded yet: usually a matter of milliseconds
+                time.sleep(min(settings.gpu_poll_s, 0.05 * 2 ** unrecorded))
+                unrecorded += 1
 
 
 def _free_session_waiting(client: SyncPrefectClient, kind: str) -> bool:

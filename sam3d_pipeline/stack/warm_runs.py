@@ -1,0 +1,229 @@
+"""Flow runs that start warm: a process worker's flow-run process forked from one that has already imported
+Prefect and the flows, instead of a new interpreter that imports them for every run.
+
+A process work pool starts ``python -m prefect.engine`` for each flow run: on a small machine 2–4 s of
+interpreter start and imports (Prefect alone is ~1.7 s of CPU) before the run reaches Running, paid by every
+upload and every studio job. Here:
+
+- **The server** (``python -m sam3d_pipeline.stack.warm_runs serve SOCKET``, a process of the local stack)
+  imports Prefect, its engine and the flows' modules (``PRELOAD``) once, then listens on a UNIX socket (mode
+  0600). It is single-threaded, so forking is safe.
+- **The launcher** (``python -m sam3d_pipeline.stack.warm_runs``, the work pool's ``command``; standard library
+  only, so it starts in milliseconds) sends the server its environment (the flow run's id, Prefect's control
+  channel, the job's variables), working directory and standard streams (file descriptors over the socket).
+  The server forks; the child takes that environment, directory and streams, refreshes Prefect's settings from
+  the new environment and runs ``prefect.engine`` as ``__main__``, as the worker's own command would.
+- The launcher is the process the worker knows (its pid is the run's infrastructure pid): SIGTERM and SIGINT
+  to it are passed to the child (Prefect's cancellation), and it exits with the child's exit status. If the
+  launcher dies, the server ends its child; if the server cannot be reached, the launcher runs
+  ``python -m prefect.engine`` itself (``exec``), so a run never depends on the server being up.
+
+The code a child runs is what the server imported when it started: restart the stack after changing the flows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+
+SOCKET_ENV = "SAM3D_WARM_RUNS_SOCKET"
+ENGINE = "prefect.engine"
+# Imported by the server before it forks: Prefect, its engine, the flows and what their runs import anyway.
+PRELOAD = ("prefect", "prefect.engine", "prefect.flow_engine", "prefect.task_engine", "flows.image_to_3d",
+           "flows.catalog_batch", "numpy", "PIL.Image", "cv2", "scipy.ndimage", "trimesh")
+_MAX_REQUEST = 1 << 20  # the request (environment + argv) in bytes
+
+
+# --- the launcher (the work pool's command) -------------------------------------------------------------------
+
+def launch(module: str = ENGINE) -> int:
+    """Run this flow run in a child of the server; return its exit status (falls back to ``exec`` of
+    ``python -m module`` when the server is not there)."""
+    path = os.environ.get(SOCKET_ENV)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        if not path:
+            raise OSError(f"{SOCKET_ENV} is not set")
+        sock.connect(path)
+    except OSError:
+        sock.close()
+        os.execv(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]])
+    request = json.dumps({"argv": sys.argv[1:], "env": dict(os.environ), "cwd": os.getcwd(), "module": module})
+    socket.send_fds(sock, [request.encode() + b"\n"], [0, 1, 2])
+    answers = sock.makefile("r")
+    child = json.loads(answers.readline())["pid"]
+
+    def forward(signum: int, _frame: object) -> None:
+        try:
+            os.kill(child, signum)
+        except ProcessLookupError:
+            pass
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+    line = answers.readline()  # blocks until the child ends (interrupted calls are retried: PEP 475)
+    if not line:
+        print("warm-runs: the server went away before the flow run ended", file=sys.stderr)
+        return 1
+    return int(json.loads(line)["exit"])
+
+
+# --- the server -----------------------------------------------------------------------------------------------------
+
+def _exit_status(status: int) -> int:
+    """A wait status as a shell reports it (a signal N → 128 + N)."""
+    return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+
+
+def _become_the_run(request: dict, fds: list[int]) -> None:
+    """In the forked child: take the launcher's streams, directory and environment, then run the module."""
+    import runpy
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+        signal.signal(signum, signal.SIG_DFL)
+    for target, fd in zip((0, 1, 2), fds, strict=True):
+        os.dup2(fd, target)
+        os.close(fd)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    sys.argv = [request["module"], *request["argv"]]
+    if "prefect.context" in sys.modules:  # settings read at import: read them again from this environment
+        import prefect.context
+
+        prefect.context.refresh_global_settings_context()
+    runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+
+
+def serve(path: str, preload: tuple[str, ...] = PRELOAD) -> None:
+    """Import ``preload``, then fork a child per launcher on ``path`` until SIGTERM (children get SIGTERM too)."""
+    import importlib
+    import selectors
+
+    for name in preload:
+        importlib.import_module(name)
+    if os.path.exists(path):
+        os.unlink(path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        listener.bind(path)
+    finally:
+        os.umask(old_umask)
+    listener.listen(64)
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    wake_r, wake_w = socket.socketpair()  # a signal (a child ended, SIGTERM) wakes select() at once
+    wake_w.setblocking(False)
+    signal.set_wakeup_fd(wake_w.fileno())
+    selector = selectors.DefaultSelector()
+    selector.register(listener, selectors.EVENT_READ)
+    selector.register(wake_r, selectors.EVENT_READ)
+    children: dict[int, socket.socket] = {}  # child pid → its launcher's connection
+    print(f"warm-runs: ready on {path} (pid {os.getpid()}, {len(preload)} modules preloaded)", flush=True)
+    while not stopping:
+        for key, _ in selector.select(timeout=5.0):
+            if key.fileobj is wake_r:
+                wake_r.recv(4096)
+            elif key.fileobj is listener:
+                conn, _ = listener.accept()
+                child = _fork_for(conn, [listener, wake_r, wake_w, *children.values()], selector)
+                if child:
+                    children[child] = conn
+                    selector.register(conn, selectors.EVENT_READ)
+            else:  # a launcher's connection: readable only when it closed (the launcher died)
+                conn = key.fileobj
+                selector.unregister(conn)
+                for pid, owner in children.items():
+                    if owner is conn:
+                        _signal(pid, signal.SIGTERM)
+        _reap(children, selector)
+    for pid in children:
+        _signal(pid, signal.SIGTERM)
+    listener.close()
+    if os.path.exists(path):
+        os.unlink(path)
+
+
+def _fork_for(conn: socket.socket, inherited: list[socket.socket], selector) -> int | None:  # noqa: ANN001
+    """Read a launcher's request and fork its child; returns the child's pid (None: request refused).
+    ``inherited``: the server's other sockets, closed in the child."""
+    try:
+        data, fds, _, _ = socket.recv_fds(conn, _MAX_REQUEST, 3)
+        while not data.endswith(b"\n") and len(data) < _MAX_REQUEST:
+            more = conn.recv(_MAX_REQUEST)
+            if not more:
+                break
+            data += more
+        request = json.loads(data)
+        if len(fds) != 3:
+            raise ValueError(f"expected 3 file descriptors, got {len(fds)}")
+    except (OSError, ValueError) as exc:
+        print(f"warm-runs: refused a launcher: {exc}", file=sys.stderr, flush=True)
+        conn.close()
+        return None
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into the server's loop
+        code = 1
+        try:
+            signal.set_wakeup_fd(-1)
+            selector.close()
+            for sock in (*inherited, conn):
+                sock.close()
+            _become_the_run(request, fds)
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        except BaseException:  # noqa: BLE001 (printed, then the child's exit status says it failed)
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        sys.exit(code)  # a normal interpreter exit: Prefect's atexit hooks flush logs and events
+    for fd in fds:
+        os.close(fd)
+    conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+    return pid
+
+
+def _reap(children: dict[int, socket.socket], selector) -> None:  # noqa: ANN001
+    while children:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        conn = children.pop(pid, None)
+        if conn is None:
+            continue
+        try:
+            conn.sendall(json.dumps({"exit": _exit_status(status)}).encode() + b"\n")
+        except OSError:
+            pass
+        try:
+            selector.unregister(conn)
+        except (KeyError, ValueError):
+            pass
+        conn.close()
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 3 and sys.argv[1] == "serve":
+        serve(sys.argv[2], tuple(sys.argv[3].split(",")) if len(sys.argv) > 3 else PRELOAD)
+    else:
+        sys.exit(launch())

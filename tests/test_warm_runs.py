@@ -1,0 +1,101 @@
+"""Warm flow-run processes (``stack/warm_runs.py``): the launcher's run happens in a child forked from the server,
+with the launcher's streams, directory, environment and exit status; signals reach it; a dead launcher's child
+is ended; without a server the launcher runs the module itself. Servers are stopped by PID."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+PROBE = """
+import json, os, sys, time
+print(json.dumps({"cwd": os.getcwd(), "marker": os.environ.get("PROBE_MARKER"), "argv": sys.argv[1:],
+                  "pid": os.getpid(), "ppid": os.getppid(), "api": _api()}), flush=True)
+if os.environ.get("PROBE_MODE") == "sleep":
+    time.sleep(120)
+sys.exit(int(os.environ.get("PROBE_EXIT", "0")))
+"""
+API_PROBE = """
+def _api():
+    if "prefect.context" not in __import__("sys").modules:
+        return None
+    from prefect.settings import get_current_settings
+    return str(get_current_settings().api.url)
+"""
+LAUNCH = "import sys; from sam3d_pipeline.stack.warm_runs import launch; sys.exit(launch('probe_run'))"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A warm-runs server preloading Prefect; yields (socket path, server process)."""
+    (tmp_path / "probe_run.py").write_text(API_PROBE + PROBE)
+    path = str(tmp_path / "warm.sock")
+    env = os.environ | {"PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}", "PREFECT_API_URL": "http://server.invalid/api"}
+    proc = subprocess.Popen([sys.executable, "-m", "sam3d_pipeline.stack.warm_runs", "serve", path,
+                             "prefect,prefect.context"], env=env, stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        assert "ready on" in proc.stdout.readline()
+        yield path, proc
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        assert not os.path.exists(path)  # the server removed its socket
+
+
+def _launch(tmp_path: Path, path: str, **env: str) -> subprocess.Popen:
+    cwd = tmp_path / "work"
+    cwd.mkdir(exist_ok=True)
+    full = os.environ | {"SAM3D_WARM_RUNS_SOCKET": path, "PROBE_MARKER": "from-the-launcher",
+                         "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}",
+                         "PREFECT_API_URL": "http://launcher.invalid/api"} | env
+    return subprocess.Popen([sys.executable, "-c", LAUNCH], env=full, cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_the_run_is_a_warm_child_with_the_launchers_streams_directory_environment_and_status(server, tmp_path):
+    path, proc = server
+    launcher = _launch(tmp_path, path, PROBE_EXIT="7")
+    out, err = launcher.communicate(timeout=60)
+    assert launcher.returncode == 7, err
+    seen = json.loads(out.strip().splitlines()[-1])
+    assert seen["ppid"] == proc.pid  # forked from the server, not started by the launcher
+    assert seen["cwd"] == str(tmp_path / "work") and seen["marker"] == "from-the-launcher"
+    assert seen["api"] == "http://launcher.invalid/api"  # Prefect's settings read again from the run's environment
+
+
+def test_signals_reach_the_run_and_a_dead_launchers_run_is_ended(server, tmp_path):
+    path, _ = server
+    launcher = _launch(tmp_path, path, PROBE_MODE="sleep")
+    child = json.loads(launcher.stdout.readline())["pid"]
+    launcher.send_signal(signal.SIGTERM)  # Prefect cancels a run by signalling its infrastructure pid
+    assert launcher.wait(timeout=30) == 128 + signal.SIGTERM
+    assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
+
+    launcher = _launch(tmp_path, path, PROBE_MODE="sleep")
+    child = json.loads(launcher.stdout.readline())["pid"]
+    launcher.kill()  # the launcher dies without passing anything on
+    launcher.wait(timeout=30)
+    deadline = time.monotonic() + 15
+    while psutil.pid_exists(child) and psutil.Process(child).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the dead launcher's run is still running"
+        time.sleep(0.05)
+
+
+def test_without_a_server_the_launcher_runs_the_module_itself(tmp_path):
+    (tmp_path / "probe_run.py").write_text(API_PROBE + PROBE)
+    launcher = _launch(tmp_path, str(tmp_path / "no-server.sock"), PROBE_EXIT="3")
+    out, err = launcher.communicate(timeout=60)
+    assert launcher.returncode == 3, err
+    seen = json.loads(out.strip().splitlines()[-1])
+    assert seen["pid"] == launcher.pid  # exec'd in place: the worker's pid is the run's
+    assert seen["marker"] == "from-the-launcher"
