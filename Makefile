@@ -45,6 +45,7 @@ $(SAM3_STAMP): $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/sam3d-pipeline run "$$($(PY) -m sam3d_pipeline.samples coffee)" --prompt "coffee cup" --out outputs
 	@echo "Outputs are under ./outputs/ (open object.glb in any glTF viewer)"
+	@echo "The local Prefect API stays up for the next run and stops after 10 idle minutes (now: $(VENV)/bin/sam3d-pipeline local-api --stop)"
 
 $(GLTF_VALIDATOR): tools/gltf-validator/package.json tools/gltf-validator/package-lock.json
 	command -v npm >/dev/null || (apt-get update && apt-get install -y --no-install-recommends nodejs npm)

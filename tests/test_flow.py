@@ -233,3 +233,32 @@ def test_failed_run_has_a_markdown_artifact_with_the_reason(tmp_path):
         )
     [md] = [a for a in artifacts if a.type == "markdown"]
     assert "failed" in md.data and "InvalidImageError" in md.data and "the file is empty" in md.data
+
+
+def test_the_viewers_glb_is_written_first_and_the_result_last(tmp_path, monkeypatch):
+    """object.glb is published as soon as it is exported (after any earlier result.json is removed), before the
+    preview and the other files; result.json comes last; nothing is written twice; the clock adds up."""
+    from sam3d_pipeline.run.pipeline import RunOptions, run_plain
+    from sam3d_pipeline.storage import LocalStorage
+
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(encode(object_photo()[0]))
+    first = run_plain(str(photo), RunOptions(prompt="thing"), output_root=str(tmp_path / "out"))
+    assert first.status == "completed"
+
+    events: list[tuple[str, str]] = []
+    write, delete = LocalStorage.write_bytes, LocalStorage.delete
+    monkeypatch.setattr(LocalStorage, "write_bytes",
+                        lambda self, key, data, **kw: events.append(("write", key.split("/", 1)[-1]))
+                        or write(self, key, data, **kw))
+    monkeypatch.setattr(LocalStorage, "delete",
+                        lambda self, key: events.append(("delete", key.split("/", 1)[-1])) or delete(self, key))
+    again = run_plain(str(photo), RunOptions(prompt="thing"), output_root=str(tmp_path / "out"), force=True)
+    writes = [name for op, name in events if op == "write"]
+    assert writes[0] == "object.glb" and writes[-1] == "result.json"
+    assert events.index(("delete", "result.json")) < events.index(("write", "object.glb"))  # no stale pairing
+    assert len(writes) == len(set(writes)) and set(writes) == set(again.outputs)  # each file once, all listed
+    clock = again.clock
+    assert set(clock["render_s"]) == {"preview", "export"}
+    assert clock["render_s"]["preview"] + clock["render_s"]["export"] <= clock["steps_s"]["render"] + 1e-3
+    assert clock["queue_s"] == 0.0 and clock["gpu_s"] == 0  # created here, ran on the CPU

@@ -618,3 +618,28 @@ def test_bad_requests_get_their_4xx_with_a_reason_and_create_nothing(api):
     with pytest.raises(ApiError) as refused:
         api.client.submit_uri(f"s3://{api.stack.bucket}/no/such.png", "cup")
     assert refused.value.status == 422
+
+
+def test_early_outputs_are_this_runs_glb_while_it_publishes(tmp_path):
+    """A running job links object.glb once the run has written it and removed the prefix's old result.json; an
+    old run's files beside its result.json, or a job not running, link nothing early."""
+    from sam3d_pipeline.keys import RunKeys
+    from sam3d_pipeline.web.service import JobService
+
+    root = str(tmp_path / "out")
+    service = JobService(Settings(output_root=root))
+    keys, storage = RunKeys("photo-abc"), LocalStorage(root)
+    labels = {jobs.LABEL_OUTPUT_PREFIX: f"{root}/photo-abc"}
+    running = jobs.RunView(id="run-1", state_type="RUNNING", state_name="Running", state_message=None,
+                           created_at="", updated_at="", labels=labels)
+    assert service.job(running, "http://web")["early_outputs"] == {}  # nothing written yet
+    storage.write_bytes(keys.file("object.glb"), b"old glb")
+    storage.write_bytes(keys.result, b"{}")  # an earlier run's complete prefix: its files are not this run's
+    assert service.job(running, "http://web")["early_outputs"] == {}
+    storage.delete(keys.result)  # what a publishing run does before it writes its GLB
+    storage.write_bytes(keys.file("object.glb"), b"new glb")
+    job = service.job(running, "http://web")
+    assert job["early_outputs"] == {"object.glb": "http://web/v1/jobs/run-1/outputs/object.glb"}
+    assert job["outputs"] == {}  # the complete list comes with result.json
+    paused = jobs.RunView(**{**running.__dict__, "state_type": "PAUSED", "state_name": "Paused"})
+    assert service.job(paused, "http://web")["early_outputs"] == {}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -108,9 +108,16 @@ def ran(planned: dict[str, Any], part: Any) -> dict[str, Any]:
     return dict(planned) | (part.backend.as_dict() if part is not None else {})
 
 
-def render_outputs(record: RunRecord, settings: Settings | None = None) -> dict[str, bytes]:
+EARLY_FILES = ("object.glb",)  # what a viewer waits for: written as soon as it is encoded (``finish_run``)
+
+
+def render_outputs(record: RunRecord, settings: Settings | None = None,
+                   early: Callable[[dict[str, bytes]], None] | None = None) -> dict[str, bytes]:
     """Encode every output file except ``result.json``, in memory: overlay, mask, preview, every object's assets
-    (``objects/<i>/``), ``scene.glb``, the selected object's ``object.glb`` and splat at the root."""
+    (``objects/<i>/``), ``scene.glb``, the selected object's ``object.glb`` and splat at the root.
+
+    ``early`` is handed the ``EARLY_FILES`` as soon as the assets are exported, before the preview and the rest.
+    """
     s = settings or get_settings()
     image, seg, run_plan, recon = record.image, record.seg, record.run_plan, record.recon
     mask = seg.instances[record.selected].mask if seg is not None and record.selected is not None else None
@@ -119,9 +126,6 @@ def render_outputs(record: RunRecord, settings: Settings | None = None) -> dict[
     if mask is not None:
         files["mask.png"] = mask_to_png(mask)
     if recon is not None:
-        label = f"reconstructor: {backend_label(ran(run_plan.reconstructor_info, recon))}"
-        with timed(record, "preview"):
-            files["preview.png"] = encode_png(render_preview(recon.mesh, size_px=s.preview_size_px, label=label))
         with timed(record, "export"):
             record.exported = export_objects(
                 seg.instances, record.reconstructions(), record.selected, (image.width, image.height),
@@ -129,6 +133,11 @@ def render_outputs(record: RunRecord, settings: Settings | None = None) -> dict[
                 extras={"segmenter": f"{run_plan.segmenter_info.get('name')}@{run_plan.segmenter_info.get('version')}",
                         "reconstructor": recon.backend.key()})
         files.update(record.exported.files)  # objects/<i>/..., scene.glb and the selected object's object.glb
+        if early is not None:
+            early({name: files[name] for name in EARLY_FILES if name in files})
+        label = f"reconstructor: {backend_label(ran(run_plan.reconstructor_info, recon))}"
+        with timed(record, "preview"):
+            files["preview.png"] = encode_png(render_preview(recon.mesh, size_px=s.preview_size_px, label=label))
         if recon.splat_ply is not None:
             files["object.ply"] = recon.splat_ply
     if record.video is not None:
@@ -184,18 +193,21 @@ def build_result(record: RunRecord, status: str, error: BaseException | None = N
     )
 
 
-def publish(storage: Storage, prefix: str, files: dict[str, bytes], result: RunResult) -> RunResult:
+def publish(storage: Storage, prefix: str, files: dict[str, bytes], result: RunResult,
+            written: dict[str, str] | None = None) -> RunResult:
     """Write the files, then ``result.json`` last, so a prefix with a result is complete.
 
     An earlier ``result.json`` at the same prefix is removed first, so readers never pair a new file with an old
-    report. Returns the result with ``outputs`` filled in.
+    report. ``written``: files already written (name → URI, by ``write_early``). Returns the result with
+    ``outputs`` filled in.
     """
     keys = RunKeys(prefix)
     t = time.perf_counter()
     storage.delete(keys.result)
-    outputs = {}
+    outputs = dict(written or {})
     for name in sorted(files):
-        outputs[name] = storage.write_bytes(keys.file(name), files[name], content_type=content_type(name))
+        if name not in outputs:
+            outputs[name] = storage.write_bytes(keys.file(name), files[name], content_type=content_type(name))
     if result.clock:  # the files' writing; result.json itself comes after
         published = round(time.perf_counter() - t, 3)
         result.clock["steps_s"]["publish"] = published
@@ -228,14 +240,29 @@ def existing_result(storage: Storage, prefix: str, statuses: tuple[str, ...] = (
     return result if result.status in statuses else None
 
 
+def write_early(storage: Storage, prefix: str, written: dict[str, str]) -> Callable[[dict[str, bytes]], None]:
+    """``render_outputs``'s ``early``: write those files at once (after removing an earlier ``result.json``, so
+    no reader pairs them with an old report) and note their URIs in ``written``."""
+    keys = RunKeys(prefix)
+
+    def write(files: dict[str, bytes]) -> None:
+        storage.delete(keys.result)
+        for name, data in files.items():
+            written[name] = storage.write_bytes(keys.file(name), data, content_type=content_type(name))
+
+    return write
+
+
 def finish_run(storage: Storage, record: RunRecord, settings: Settings | None = None) -> RunResult:
-    """Render, build the result and publish it (``result.json`` last). Returns the published result."""
+    """Render, build the result and publish it (``result.json`` last; the viewer's GLB as soon as it is
+    exported). Returns the published result."""
     t = time.perf_counter()
-    files = render_outputs(record, settings)
+    written: dict[str, str] = {}
+    files = render_outputs(record, settings, early=write_early(storage, record.run_plan.prefix, written))
     record.timings["render"] = time.perf_counter() - t
     record.close_timings()
     t = time.perf_counter()
-    result = publish(storage, record.run_plan.prefix, files, build_result(record, record.status))
+    result = publish(storage, record.run_plan.prefix, files, build_result(record, record.status), written)
     result.timings_s["publish"] = round(time.perf_counter() - t, 3)
     return result
 

@@ -304,7 +304,8 @@ def result_summary(result: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def job_json(run: RunView, *, result: dict[str, Any] | None, output_prefix: str | None, outputs: dict[str, str],
-             status_url: str, review_url: str | None, attempts: list[dict[str, Any]]) -> dict[str, Any]:
+             status_url: str, review_url: str | None, attempts: list[dict[str, Any]],
+             early_outputs: dict[str, str] | None = None) -> dict[str, Any]:
     """The job as ``GET /v1/jobs/{id}`` answers it and the webhook sends it.
 
     Args:
@@ -315,6 +316,8 @@ def job_json(run: RunView, *, result: dict[str, Any] | None, output_prefix: str 
         status_url: this job's ``GET`` URL.
         review_url: the review page of this run; shown only while the job awaits review.
         attempts: the webhook's delivery attempts so far.
+        early_outputs: while the run publishes, the files a viewer waits for (``object.glb``), already written
+            before the rest and ``result.json``.
     """
     status = job_status(run.state_type, result)
     return {
@@ -327,6 +330,7 @@ def job_json(run: RunView, *, result: dict[str, Any] | None, output_prefix: str 
         "review": run.parameters.get("review", "none"),
         "output_prefix": output_prefix,
         "outputs": outputs if status in RESULT_STATUSES | {"failed"} else {},
+        "early_outputs": (early_outputs or {}) if status == "running" else {},
         "review_url": review_url if status == "awaiting_review" else None,
         "error": job_error(run, status, result),
         "state": {"type": run.state_type, "name": run.state_name, "message": run.state_message},

@@ -106,6 +106,23 @@ class JobService:
             return {out: storage.link(keys.file(out)) for out in result["outputs"]}
         return {out: f"{base_url}/v1/jobs/{run.id}/outputs/{out}" for out in result["outputs"]}
 
+    def early_links(self, run: RunView, prefix: str | None, base_url: str) -> dict[str, str]:
+        """While a running job publishes: links to the files a viewer waits for (``finish.EARLY_FILES``), written
+        before the rest. A run removes its prefix's ``result.json`` before it writes them, so those files without
+        a ``result.json`` are this run's, never an earlier run's."""
+        if prefix is None or run.state_type != "RUNNING":
+            return {}
+        from sam3d_pipeline.run.finish import EARLY_FILES
+
+        root, name = prefix.rsplit("/", 1)
+        storage, keys = self.storage(root), RunKeys(name)
+        ready = [out for out in EARLY_FILES if storage.exists(keys.file(out))]
+        if not ready or storage.exists(keys.result):
+            return {}
+        if isinstance(storage, S3Storage):
+            return {out: storage.link(keys.file(out)) for out in ready}
+        return {out: f"{base_url}/v1/jobs/{run.id}/outputs/{out}" for out in ready}
+
     def output_file(self, job_id: str, name: str) -> bytes:
         """An output's bytes, for local storage (S3 outputs are fetched through presigned links).
 
@@ -115,7 +132,8 @@ class JobService:
         run = self.run(job_id)
         prefix = self.output_prefix(run)
         result = self.result(run, prefix)
-        if prefix is None or not result or name not in result.get("outputs", {}):
+        published = set(result.get("outputs", {})) if result else set(self.early_links(run, prefix, ""))
+        if prefix is None or name not in published:
             raise JobNotFound(f"job {job_id} has no output {name!r}")
         root, folder = prefix.rsplit("/", 1)
         return self.storage(root).read_bytes(RunKeys(folder).file(name))
@@ -138,6 +156,7 @@ class JobService:
             attempts = prefect_jobs.read_attempts([run.id])[run.id] if run.webhook_url else []
         return jobs.job_json(run, result=result, output_prefix=prefix,
                              outputs=self.output_links(run, prefix, result, base_url),
+                             early_outputs={} if result else self.early_links(run, prefix, base_url),
                              status_url=f"{base_url}/v1/jobs/{run.id}",
                              review_url=f"{base_url}/runs/{run.id}", attempts=attempts)
 

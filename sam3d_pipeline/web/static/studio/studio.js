@@ -256,6 +256,13 @@ async function followJob(id) {
       resumedSeen = true;
       leaveReview();
     }
+    const early = job.early_outputs?.["object.glb"];
+    if (early && !studio.earlyGlb && !FINAL.has(job.status)) {
+      // The run writes object.glb before its other files: show it while the run finishes them.
+      mark("early-glb");
+      $("result").hidden = false;
+      studio.earlyGlb = showGlb(early).then(() => true, () => false);
+    }
     if (FINAL.has(job.status)) {
       mark("final-status");
       await showResult(job);
@@ -416,7 +423,8 @@ async function showResult(job) {
   document.body.dataset.summary = result ? "1" : "0";
   if (job.status === "completed" && outputs["object.glb"]) {
     try {
-      await showGlb(outputs["object.glb"]);
+      const shownEarly = studio.earlyGlb ? await studio.earlyGlb : false;
+      if (!shownEarly) await showGlb(outputs["object.glb"]);
     } catch (err) {
       showText("job-error", `The 3D viewer could not show object.glb: ${err.message}`);
     }
