@@ -1,7 +1,8 @@
 """One `image-to-3d` run on the 600x400 sample photo: wall time and peak memory, Prefect overhead vs backends.
 
 Runs each variant in a fresh Python process, so imports and the ephemeral Prefect API start are counted:
-  flow   - the image-to-3d flow on Prefect's ephemeral API (what `sam3d-pipeline run` does)
+  flow   - the image-to-3d flow on Prefect's temporary API server started in the process (what
+           `sam3d-pipeline run` does with SAM3D_LOCAL_API=per-run; `cli_run.py` times the reused local server)
   plain  - the same library steps in a plain Python call (`pipeline.run_plain`), no Prefect
 Prints a table and the overhead split. Usage: python bench/run_one.py [--repeat N]
 """
