@@ -19,10 +19,10 @@ from sam3d_pipeline.stack.local import (
     StackConfig,
     StackError,
     _alive,
-    _http_ok,
     _stop_group,
     _wait,
     default_project_dir,
+    prefect_healthy,
     read_stack,
 )
 
@@ -58,8 +58,8 @@ def restart(state_dir: Path, name: str, timeout_s: float = 180.0) -> int:
     proc = stack._spawn(name, entry["argv"], env, Path(entry["cwd"]) if entry.get("cwd") else None)
     log = Path(entry["log"])
     if name == "prefect-server":
-        health = f"http://127.0.0.1:{_port(entry['argv'])}/api/health"
-        _wait(name, lambda: _http_ok(health), timeout_s, log, proc)
+        api_url = f"http://127.0.0.1:{_port(entry['argv'])}/api"
+        _wait(name, lambda: prefect_healthy(api_url), timeout_s, log, proc)
     elif name in ("postgres", "moto"):
         port = _port(entry["argv"])
         _wait(name, lambda: _port_open(port), timeout_s, log, proc)
