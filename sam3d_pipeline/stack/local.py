@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sam3d_pipeline.project import project_dir
 from sam3d_pipeline.stack.unresponsive import LOCAL_HEARTBEAT_S, heartbeat_env, unresponsive_runs_automation
 
 STACK_FILE = "stack.json"
@@ -136,11 +137,6 @@ def local_gpu_env(prefect_home: Path, gpu_workers: int, env: dict[str, str]) -> 
         "SAM3D_RECONSTRUCTOR": env.get("SAM3D_RECONSTRUCTOR") or resolve("reconstructor", "auto", here).name,
         "PREFECT_LOCAL_STORAGE_PATH": env.get("PREFECT_LOCAL_STORAGE_PATH") or str(prefect_home / "storage"),
     }
-
-
-def default_project_dir() -> Path:
-    """The checkout this package was installed from (the folder holding ``prefect.yaml``)."""
-    return Path(__file__).resolve().parents[2]
 
 
 def _free_port(preferred: int) -> int:
@@ -595,7 +591,7 @@ def complete(recorded: dict[str, Any]) -> bool:
 
 def stop_leftovers(state_dir: Path) -> list[str]:
     """Stop what a stack that is not ``complete`` left running (by the PIDs it recorded). Returns what was done."""
-    return LocalStack(StackConfig(state_dir=state_dir, project_dir=default_project_dir())).down(quiet=True)
+    return LocalStack(StackConfig(state_dir=state_dir, project_dir=project_dir())).down(quiet=True)
 
 
 def running(state_dir: Path) -> dict[str, Any] | None:

@@ -14,6 +14,7 @@ import socket
 import time
 from pathlib import Path
 
+from sam3d_pipeline.project import project_dir
 from sam3d_pipeline.stack.local import (
     LocalStack,
     StackConfig,
@@ -21,7 +22,6 @@ from sam3d_pipeline.stack.local import (
     _alive,
     _stop_group,
     _wait,
-    default_project_dir,
     prefect_healthy,
     read_stack,
 )
@@ -52,7 +52,7 @@ def restart(state_dir: Path, name: str, timeout_s: float = 180.0) -> int:
         raise StackError(f"{name!r} is not a restartable part of this stack (parts: {', '.join(sorted(processes))})")
     if _alive(entry):
         _stop_group(entry["pid"])
-    stack = LocalStack(StackConfig(state_dir=state_dir, project_dir=default_project_dir(), timeout_s=timeout_s))
+    stack = LocalStack(StackConfig(state_dir=state_dir, project_dir=project_dir(), timeout_s=timeout_s))
     stack.processes = dict(processes)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "AWS_"))} | entry["env"]
     proc = stack._spawn(name, entry["argv"], env, Path(entry["cwd"]) if entry.get("cwd") else None)
