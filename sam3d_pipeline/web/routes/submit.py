@@ -140,7 +140,7 @@ def accept(submission: Submission, idempotency_key: str | None, service: JobServ
         key = jobs.check_idempotency_key(idempotency_key)
     except jobs.JobRequestError as exc:
         raise _refused(422, str(exc)) from None
-    if request.webhook_url and not settings.webhook_secret:
+    if request.webhook_url and not settings.webhook.secret:
         raise _refused(422, "webhook_url: this server signs webhooks with SAM3D_WEBHOOK_SECRET, which is not set")
     intake = check_image(submission, options, service, settings)
     try:
