@@ -34,12 +34,15 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
     PREFECT_HOME=/tmp/prefect \
-    SAM3D_PROJECT_DIR=/opt/sam3d-pipeline
+    SAM3D_PROJECT_DIR=/opt/sam3d-pipeline \
+    PYTHONPATH=/opt/sam3d-pipeline
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
 # The project is installed in editable mode from /opt/sam3d-pipeline: deployments pull from there
-# (set_working_directory), and the browser assets below sit next to the package as they do in a checkout.
+# (set_working_directory), and the browser assets below sit next to the package as they do in a checkout. The
+# package installs sam3d_pipeline only; flows/ and tasks/ are imported from the project folder (SAM3D_PROJECT_DIR,
+# on PYTHONPATH above).
 WORKDIR /opt/sam3d-pipeline
 COPY pyproject.toml README.md ./
 COPY sam3d_pipeline ./sam3d_pipeline

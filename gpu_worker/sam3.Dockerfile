@@ -67,8 +67,11 @@ RUN uv pip install ".[aws,sam3]" "prefect==${PREFECT_VERSION}" \
  && test "$(python -c 'import importlib.metadata as m; print(sum(1 for d in m.distributions() if d.metadata["Name"].lower().startswith("opencv")))')" = 1
 
 # Everything the model reads comes from /opt/checkpoints (this image's part: sam3/); the hubs are never asked at run
-# time. A session serves only the segment stage (SAM3D_GPU_WORKER_STAGES), so it has the whole GPU to itself.
-ENV SAM3D_CHECKPOINT_DIR=/opt/checkpoints \
+# time. A session serves only the segment stage (SAM3D_GPU_WORKER_STAGES), so it has the whole GPU to itself. The
+# package installs sam3d_pipeline only: flows/ and tasks/ are imported from the project folder, on PYTHONPATH.
+ENV SAM3D_PROJECT_DIR=/opt/sam3d-pipeline \
+    PYTHONPATH=/opt/sam3d-pipeline \
+    SAM3D_CHECKPOINT_DIR=/opt/checkpoints \
     SAM3D_CHECKPOINT_PARTS=sam3 \
     SAM3D_SAM3_CHECKPOINT=/opt/checkpoints/sam3/sam3.pt \
     TORCH_HOME=/opt/checkpoints/torch \

@@ -105,8 +105,10 @@ RUN export UV_EXTRA_INDEX_URL="https://download.pytorch.org/whl/${TORCH_CUDA}" U
 
 # Everything the models read comes from /opt/checkpoints (this image's parts: SAM 3D Objects, DINOv2 as torch.hub
 # caches it, MoGe as huggingface_hub caches it); the hubs are never asked at run time. A session serves only the
-# reconstruct stage (SAM3D_GPU_WORKER_STAGES), so SAM 3D Objects has the whole GPU to itself.
-ENV PYTHONPATH=/opt/sam-3d-objects/notebook \
+# reconstruct stage (SAM3D_GPU_WORKER_STAGES), so SAM 3D Objects has the whole GPU to itself. The package installs
+# sam3d_pipeline only: flows/ and tasks/ are imported from the project folder, on PYTHONPATH.
+ENV PYTHONPATH=/opt/sam-3d-objects/notebook:/opt/sam3d-pipeline \
+    SAM3D_PROJECT_DIR=/opt/sam3d-pipeline \
     SAM3D_CHECKPOINT_DIR=/opt/checkpoints \
     SAM3D_CHECKPOINT_PARTS=sam-3d-objects,torch,hf \
     SAM3D_SAM3D_CONFIG_PATH=/opt/checkpoints/sam-3d-objects/pipeline.yaml \

@@ -1,4 +1,7 @@
-"""The one settings object. Every field can be set from the environment with the ``SAM3D_`` prefix."""
+"""The one settings object. Every field can be set from the environment with the ``SAM3D_`` prefix.
+
+Settings of one concern are grouped in a model of their own, read from the same variables (``SAM3D_WEBHOOK_SECRET``
+is ``Settings().webhook.secret``). ``docs/settings.md`` lists every variable (``environment_variables``)."""
 
 from __future__ import annotations
 
@@ -7,10 +10,46 @@ from functools import lru_cache
 from typing import Literal
 
 from pydantic import Field, field_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SegmenterChoice = Literal["auto", "lite", "sam3"]
 ReconstructorChoice = Literal["auto", "lite", "sam3d"]
+
+
+class WebhookSettings(BaseSettings):
+    """The signed webhooks of the job API: the key, the delivery schedule, and where receivers may be
+    (``SAM3D_WEBHOOK_*``; ``Settings.webhook``)."""
+
+    model_config = SettingsConfigDict(env_prefix="SAM3D_WEBHOOK_", extra="ignore")
+
+    secret: str | None = Field(
+        None, description="Key of the webhooks' HMAC-SHA256 signatures; jobs asking for a webhook are refused "
+        "without it.")
+    max_attempts: int = Field(8, ge=1, le=50, description="Most delivery attempts of one webhook.")
+    backoff_s: float = Field(
+        1.0, ge=0, le=3600, description="Wait before the second delivery attempt; it doubles with each further "
+        "attempt (seconds).")
+    backoff_max_s: float = Field(600.0, ge=0, le=86400, description="Longest wait between attempts (s).")
+    timeout_s: float = Field(
+        10.0, gt=0, le=120, description="Deadline of one delivery attempt, all of it: resolving the host, "
+        "connecting, sending and reading the whole answer (s); a slower receiver failed.")
+    poll_s: float = Field(
+        2.0, gt=0, le=60, description="How often the web server looks for jobs that ended and webhooks due (s).")
+    allow_networks: str = Field(
+        "", description="Non-public networks webhook receivers may be in, as CIDRs separated by commas (e.g. "
+        "10.0.0.0/16 for receivers in the VPC; the local stack sets 127.0.0.0/8,::1/128). Empty: public addresses "
+        "only. The Prefect API, the S3 endpoint and this web server are refused whatever it says.")
+    allow_hosts: str = Field(
+        "", description="Host names, separated by commas, whose private or loopback addresses webhook receivers "
+        "may have (e.g. hooks.internal.example); link-local (metadata), multicast and unspecified addresses "
+        "still need SAM3D_WEBHOOK_ALLOW_NETWORKS.")
+    max_response_bytes: int = Field(
+        65536, ge=0, le=16 * 1024 * 1024, description="Most bytes of a receiver's answer body read; a longer body "
+        "fails the attempt.")
+    workers: int = Field(
+        8, ge=1, le=64, description="Delivery attempts at once (threads): a slow receiver holds one of them for "
+        "at most SAM3D_WEBHOOK_TIMEOUT_S, never the other jobs' webhooks.")
 
 
 class Settings(BaseSettings):
@@ -117,33 +156,9 @@ class Settings(BaseSettings):
     api_input_roots: str = Field(
         "", description="Local folders a JSON job submission may name its image in, separated by os.pathsep; "
         "empty: only uploads and s3:// URIs.")
-    webhook_secret: str | None = Field(
-        None, description="Key of the webhooks' HMAC-SHA256 signatures; jobs asking for a webhook are refused "
-        "without it.")
-    webhook_max_attempts: int = Field(8, ge=1, le=50, description="Most delivery attempts of one webhook.")
-    webhook_backoff_s: float = Field(
-        1.0, ge=0, le=3600, description="Wait before the second delivery attempt; it doubles with each further "
-        "attempt (seconds).")
-    webhook_backoff_max_s: float = Field(600.0, ge=0, le=86400, description="Longest wait between attempts (s).")
-    webhook_timeout_s: float = Field(
-        10.0, gt=0, le=120, description="Deadline of one delivery attempt, all of it: resolving the host, "
-        "connecting, sending and reading the whole answer (s); a slower receiver failed.")
-    webhook_poll_s: float = Field(
-        2.0, gt=0, le=60, description="How often the web server looks for jobs that ended and webhooks due (s).")
-    webhook_allow_networks: str = Field(
-        "", description="Non-public networks webhook receivers may be in, as CIDRs separated by commas (e.g. "
-        "10.0.0.0/16 for receivers in the VPC; the local stack sets 127.0.0.0/8,::1/128). Empty: public addresses "
-        "only. The Prefect API, the S3 endpoint and this web server are refused whatever it says.")
-    webhook_allow_hosts: str = Field(
-        "", description="Host names, separated by commas, whose private or loopback addresses webhook receivers "
-        "may have (e.g. hooks.internal.example); link-local (metadata), multicast and unspecified addresses "
-        "still need SAM3D_WEBHOOK_ALLOW_NETWORKS.")
-    webhook_max_response_bytes: int = Field(
-        65536, ge=0, le=16 * 1024 * 1024, description="Most bytes of a receiver's answer body read; a longer body "
-        "fails the attempt.")
-    webhook_workers: int = Field(
-        8, ge=1, le=64, description="Delivery attempts at once (threads): a slow receiver holds one of them for "
-        "at most SAM3D_WEBHOOK_TIMEOUT_S, never the other jobs' webhooks.")
+    webhook: WebhookSettings = Field(
+        default_factory=WebhookSettings,
+        description="The signed webhooks of the job API (SAM3D_WEBHOOK_*).")
 
     # SAM 3 (the ``sam3`` segmenter).
     sam3_checkpoint: str | None = Field(
@@ -316,6 +331,18 @@ class Settings(BaseSettings):
             raise ValueError("decode formats without 'mesh' make no GLB, and every object needs object.glb; "
                              "use gaussian,mesh")
         return formats
+
+
+def environment_variables(model: type[BaseSettings]) -> dict[str, FieldInfo]:
+    """Every environment variable ``model`` reads (its groups' too), with the field it sets."""
+    prefix = str(model.model_config.get("env_prefix", ""))
+    found: dict[str, FieldInfo] = {}
+    for name, info in model.model_fields.items():
+        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseSettings):
+            found |= environment_variables(info.annotation)
+        else:
+            found[(prefix + name).upper()] = info
+    return found
 
 
 @lru_cache(maxsize=1)

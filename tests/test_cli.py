@@ -116,3 +116,30 @@ def test_catalog_with_a_local_api_that_does_not_start_is_a_clear_error(tmp_path)
     assert "Prefect's local API server did not start" in proc.stderr and str(photos) in proc.stderr
     assert "PREFECT_API_URL" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_the_command_line_imports_flows_and_tasks_from_the_project_folder(tmp_path):
+    """flows/ and tasks/ are not installed with the package: the command line puts the project folder
+    (SAM3D_PROJECT_DIR, else the checkout above the package) first on the import path."""
+    root = Path(__file__).resolve().parents[1]
+    for name in ("flows", "tasks"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text("")
+    code = "import sam3d_pipeline.cli, flows, tasks; print(flows.__file__); print(tasks.__file__)"
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    chosen = subprocess.run([sys.executable, "-c", code], cwd=tmp_path.parent, capture_output=True, text=True,
+                            timeout=120, env=env | {"SAM3D_PROJECT_DIR": str(tmp_path)})
+    assert chosen.stdout.split() == [str(tmp_path / "flows" / "__init__.py"), str(tmp_path / "tasks" / "__init__.py")]
+    env.pop("SAM3D_PROJECT_DIR", None)
+    checkout = subprocess.run([sys.executable, "-c", code], cwd=tmp_path.parent, capture_output=True, text=True,
+                              timeout=120, env=env)
+    assert checkout.stdout.split() == [str(root / "flows" / "__init__.py"), str(root / "tasks" / "__init__.py")]
+
+
+def test_a_project_folder_without_flows_changes_nothing(tmp_path, monkeypatch):
+    from sam3d_pipeline import project
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setenv("SAM3D_PROJECT_DIR", str(tmp_path))  # an installed wheel with no project folder at hand
+    before = list(sys.path)
+    assert project.put_on_path() is None and sys.path == before

@@ -413,6 +413,33 @@ def test_aws_deployments_build_and_push_both_images_the_prefect_way(template):
         assert "id=aws,target=/root/.aws/credentials" in (ROOT / gpu["dockerfile"]).read_text()
 
 
+def test_flows_and_tasks_come_from_the_project_folder_not_from_site_packages():
+    """The wheel ships the library alone; every image holds flows/ and tasks/ in the folder the deployments pull
+    from, and names it (SAM3D_PROJECT_DIR, PYTHONPATH) for the command line and every other process."""
+    import tomllib
+
+    from setuptools import find_packages
+
+    from tests.gpu_image import dockerfile_env
+
+    found = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    packages = find_packages(str(ROOT), include=found["include"])
+    assert "sam3d_pipeline" in packages and all(p.split(".")[0] == "sam3d_pipeline" for p in packages), packages
+    directories = {yaml.safe_load(path.read_text())["pull"][0]["prefect.deployments.steps.set_working_directory"][
+        "directory"] for path in (ROOT / "prefect.yaml", ROOT / "deployments" / "prefect-aws.yaml")}
+    assert directories == {"{{ $SAM3D_PROJECT_DIR }}", "/opt/sam3d-pipeline"}
+    for dockerfile in ("deployments/service.Dockerfile", "gpu_worker/sam3.Dockerfile", "gpu_worker/sam3d.Dockerfile"):
+        text = (ROOT / dockerfile).read_text()
+        env = dockerfile_env(ROOT / dockerfile)
+        assert "COPY flows ./flows\n" in text and "COPY tasks ./tasks\n" in text, dockerfile
+        assert "WORKDIR /opt/sam3d-pipeline\n" in text and env["SAM3D_PROJECT_DIR"] == "/opt/sam3d-pipeline", dockerfile
+        assert "/opt/sam3d-pipeline" in env["PYTHONPATH"].split(":"), dockerfile
+    for path in (ROOT / "prefect.yaml", ROOT / "deployments" / "prefect-aws.yaml"):
+        for deployment in yaml.safe_load(path.read_text())["deployments"]:
+            file, _, name = deployment["entrypoint"].partition(":")
+            assert file.startswith("flows/") and f"def {name}(" in (ROOT / file).read_text(), deployment["entrypoint"]
+
+
 def _pyproject_extra(name: str) -> list[str]:
     import tomllib
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import threading
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from sam3d_pipeline.stack import local as localstack
 from sam3d_pipeline.stack.local import LocalStack, _alive, _start_time, complete, stop_leftovers
+from sam3d_pipeline.stack.unresponsive import unresponsive_runs_automation
 
 
 def _sleeper() -> subprocess.Popen:
@@ -80,20 +82,26 @@ def test_the_automation_is_created_through_a_server_that_answers_503_at_first(mo
         def log_message(self, *args) -> None:
             pass
 
-        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
-            self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            calls.append(("POST", self.path))
-            busy = len(calls) <= 2
-            self.send_response(503 if busy else 200)
-            body = b"" if busy else (b"[]" if self.path.endswith("/filter") else b"{}")
+        def answer(self, status: int, body: bytes) -> None:
+            self.send_response(status)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
 
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            self.answer(422, b'{"detail": "CSRF protection is disabled."}')  # as a Prefect server without CSRF
+
+        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            calls.append(("POST", self.path))
+            busy = len(calls) <= 2
+            body = b"" if busy else (b"[]" if self.path.endswith("/filter") else f'{{"id": "{uuid.uuid4()}"}}'.encode())
+            self.answer(503 if busy else 200, body)
+
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        LocalStack._replace_automation(f"http://127.0.0.1:{server.server_port}/api", {"name": "crash-unresponsive"})
+        LocalStack._replace_automation(f"http://127.0.0.1:{server.server_port}/api", unresponsive_runs_automation(30))
     finally:
         server.shutdown()
     assert calls[-1] == ("POST", "/api/automations/") and len(calls) == 4

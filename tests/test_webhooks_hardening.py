@@ -25,7 +25,7 @@ import tracemalloc
 
 import pytest
 
-from sam3d_pipeline.settings import Settings
+from sam3d_pipeline.settings import Settings, WebhookSettings
 from sam3d_pipeline.web import jobs, webhooks
 from sam3d_pipeline.web.webhook_targets import (
     InvalidTarget,
@@ -291,8 +291,8 @@ def test_the_servers_own_settings_refuse_the_metadata_endpoint_at_submission(mon
 def test_public_names_and_allow_listed_receivers_pass_and_the_servers_own_services_never_do():
     names = {"hooks.example": ["93.184.215.14", "2606:2800:21f:cb07:6820:80da:af6b:8b2c"],
              "hooks.internal": ["10.0.0.7"], "sneaky.internal": ["169.254.169.254"], "localhost": ["127.0.0.1"]}
-    settings = Settings(webhook_allow_networks="127.0.0.0/8, ::1/128", webhook_allow_hosts="hooks.internal,"
-                        "sneaky.internal", web_url="http://127.0.0.1:8765")
+    settings = Settings(webhook=WebhookSettings(allow_networks="127.0.0.0/8, ::1/128", allow_hosts="hooks.internal,"
+                                                "sneaky.internal"), web_url="http://127.0.0.1:8765")
     environ = {"AWS_ENDPOINT_URL": "http://127.0.0.1:5055", "PREFECT_API_URL": "http://localhost:4200/api"}
     policy = TargetPolicy.from_settings(settings, environ=environ, resolver=resolver(names))
     for url in ("https://hooks.example/a?b=c", "http://hooks.internal:9000/x", "http://127.0.0.1:9999/hook",
@@ -313,7 +313,7 @@ def test_public_names_and_allow_listed_receivers_pass_and_the_servers_own_servic
         with pytest.raises(TargetRefused, match=why):
             policy.check_url(url)
     with pytest.raises(ValueError, match="SAM3D_WEBHOOK_ALLOW_NETWORKS: 'ten.0.0.0/8' is not a network"):
-        TargetPolicy.from_settings(Settings(webhook_allow_networks="ten.0.0.0/8"), environ={})
+        TargetPolicy.from_settings(Settings(webhook=WebhookSettings(allow_networks="ten.0.0.0/8")), environ={})
 
 
 def test_delivery_refuses_a_non_public_address_without_connecting():
@@ -333,7 +333,7 @@ def test_delivery_refuses_a_non_public_address_without_connecting():
 def test_the_s3_endpoint_is_refused_even_with_loopback_allowed():
     """The local-stack incident: a webhook to moto's /moto-api/reset emptied every bucket."""
     with RawReceiver(answer(200)) as moto, RawReceiver(answer(200)) as receiver:
-        settings = Settings(webhook_allow_networks="127.0.0.0/8")
+        settings = Settings(webhook=WebhookSettings(allow_networks="127.0.0.0/8"))
         policy = TargetPolicy.from_settings(settings, environ={"AWS_ENDPOINT_URL": f"http://127.0.0.1:{moto.port}"})
         reset = f"http://127.0.0.1:{moto.port}/moto-api/reset"
         with pytest.raises(jobs.JobRequestError, match="own services"):
@@ -450,7 +450,7 @@ def test_an_ordinary_webhook_arrives_within_15_s_while_bad_receivers_are_in_play
     webhooks due first, as after a restart (each has failed attempts already, so they are retried at once);
     then an ordinary job ends, and its webhook must arrive within 15 s."""
     s = Settings()
-    schedule = webhooks.Schedule(s.webhook_max_attempts, s.webhook_backoff_s, s.webhook_backoff_max_s)
+    schedule = webhooks.Schedule(s.webhook.max_attempts, s.webhook.backoff_s, s.webhook.backoff_max_s)
     long_ago = [{"number": 1, "at_unix": time.time() - 3600, "ok": False, "error": "no answer within 10 s"}]
     with RawReceiver(drip_body(5.0)) as dripping, RawReceiver(drip_headers(5.0)) as dripping_headers, \
             RawReceiver(hang) as hanging, RawReceiver(huge(declared=False)) as hundred_mb, \
@@ -458,9 +458,9 @@ def test_an_ordinary_webhook_arrives_within_15_s_while_bad_receivers_are_in_play
         store = MemoryStore()
         for receiver in (dripping, dripping_headers, hanging, hundred_mb):
             store.add(f"bad-{receiver.port}", receiver.url, long_ago)
-        loop = webhooks.WebhookDeliverer(store, "k", schedule, timeout_s=s.webhook_timeout_s,
-                                         poll_s=s.webhook_poll_s, targets=TargetPolicy(allow_networks=LOOPBACK),
-                                         max_response_bytes=s.webhook_max_response_bytes, workers=s.webhook_workers)
+        loop = webhooks.WebhookDeliverer(store, "k", schedule, timeout_s=s.webhook.timeout_s,
+                                         poll_s=s.webhook.poll_s, targets=TargetPolicy(allow_networks=LOOPBACK),
+                                         max_response_bytes=s.webhook.max_response_bytes, workers=s.webhook.workers)
         loop.start()
         try:
             for receiver in (dripping, dripping_headers, hanging, hundred_mb):
@@ -574,7 +574,8 @@ def test_the_local_stack_writes_its_token_files_for_its_owner_only(tmp_path):
     assert stat.S_IMODE((stack.logs / "review-server.log").stat().st_mode) == 0o600
     assert stat.S_IMODE(stack.logs.stat().st_mode) == 0o700
     assert stat.S_IMODE((stack.state_dir / "stack.json").stat().st_mode) == 0o600
-    policy = TargetPolicy.from_settings(Settings(webhook_allow_networks=LOCAL_WEBHOOK_ALLOW_NETWORKS), environ={})
+    local = Settings(webhook=WebhookSettings(allow_networks=LOCAL_WEBHOOK_ALLOW_NETWORKS))
+    policy = TargetPolicy.from_settings(local, environ={})
     assert policy.check_url("http://127.0.0.1:9/hook") and policy.check_url("http://[::1]:9/hook")
 
 

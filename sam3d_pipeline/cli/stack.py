@@ -11,6 +11,8 @@ from typing import Annotated
 
 import typer
 
+from sam3d_pipeline.project import project_dir
+
 
 def events_bridge(
     queue_url: Annotated[str, typer.Option("--queue-url", help="SQS queue receiving the S3 notifications.")],
@@ -58,7 +60,6 @@ def up(
         StackConfig,
         StackError,
         complete,
-        default_project_dir,
         running,
         stop_leftovers,
     )
@@ -75,7 +76,7 @@ def up(
         stopped = [line for line in stop_leftovers(state_dir) if line.startswith("stopped")]
         print(f"found an incomplete stack in {state_dir.resolve()}; {', '.join(stopped) or 'nothing was running'}; "
               "starting it again", file=sys.stderr)
-    config = StackConfig(state_dir=state_dir, project_dir=default_project_dir(), bucket=bucket,
+    config = StackConfig(state_dir=state_dir, project_dir=project_dir(), bucket=bucket,
                          upload_prefix=upload_prefix, output_prefix=output_prefix, prefect_port=prefect_port,
                          moto_port=moto_port, worker_poll_s=worker_poll_s, gpu_workers=gpu_workers, db=db)
     from sam3d_pipeline.web.assets import ensure_browser_packages
@@ -101,12 +102,12 @@ def up(
 
 def down(state_dir: StateDir = Path(".sam3d")) -> None:
     """Stop exactly the processes `up` started (by PID)."""
-    from sam3d_pipeline.stack.local import LocalStack, StackConfig, default_project_dir, read_stack
+    from sam3d_pipeline.stack.local import LocalStack, StackConfig, read_stack
 
     if read_stack(state_dir) is None:
         print(f"nothing to stop: no stack recorded in {state_dir.resolve()}")
         return
-    LocalStack(StackConfig(state_dir=state_dir, project_dir=default_project_dir())).down()
+    LocalStack(StackConfig(state_dir=state_dir, project_dir=project_dir())).down()
 
 
 def restart(

@@ -35,13 +35,11 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sam3d_pipeline.backoff import backoff_s
+from sam3d_pipeline.project import project_dir
 from sam3d_pipeline.stack.unresponsive import LOCAL_HEARTBEAT_S, heartbeat_env, unresponsive_runs_automation
 
 STACK_FILE = "stack.json"
@@ -75,9 +73,6 @@ def write_env_file(path: Path, exported: dict[str, str]) -> None:
         out.write("# Written by `sam3d-pipeline up`; load with: set -a; . " + str(path) + "\n"
                   + "".join(f"{k}={shlex.quote(v)}\n" for k, v in exported.items()))
     tmp.replace(path)
-
-
-AUTOMATION_ATTEMPTS = 6  # a freshly started SQLite server answers 503 for a few seconds under load
 
 
 class StackError(RuntimeError):
@@ -144,11 +139,6 @@ def local_gpu_env(prefect_home: Path, gpu_workers: int, env: dict[str, str]) -> 
     }
 
 
-def default_project_dir() -> Path:
-    """The checkout this package was installed from (the folder holding ``prefect.yaml``)."""
-    return Path(__file__).resolve().parents[2]
-
-
 def _free_port(preferred: int) -> int:
     if preferred:
         with socket.socket() as sock:
@@ -187,11 +177,20 @@ def read_stack(state_dir: Path) -> dict[str, Any] | None:
 
 
 def _http_ok(url: str, timeout_s: float = 2.0) -> bool:
+    import httpx
+
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:
-            return 200 <= response.status < 300
-    except (urllib.error.URLError, OSError):
+        return httpx.get(url, timeout=timeout_s).is_success
+    except httpx.HTTPError:
         return False
+
+
+def prefect_healthy(api_url: str) -> bool:
+    """True when the Prefect server at ``api_url`` answers its health check."""
+    from prefect.client.orchestration import SyncPrefectClient
+
+    with SyncPrefectClient(api_url, httpx_settings={"timeout": 2.0}) as client:
+        return client.api_healthcheck() is None
 
 
 def _wait(what: str, check, timeout_s: float, log: Path, proc: subprocess.Popen | None = None) -> None:
@@ -273,62 +272,94 @@ class LocalStack:
             self.down(quiet=True)
             raise
 
+    # -- up: the steps ---------------------------------------------------------------------------------
+    @property
+    def prefect_home(self) -> Path:
+        return self.state_dir / "prefect"
+
+    @property
+    def output_root(self) -> str:
+        return f"s3://{self.config.bucket}/{self.config.output_prefix.strip('/')}"
+
+    @property
+    def marker_root(self) -> str:
+        return f"s3://{self.config.bucket}/_sam3d/events"
+
     def _up(self) -> dict[str, str]:
-        cfg = self.config
-        python = sys.executable
-        moto_port = _free_port(cfg.moto_port)
-        prefect_port = _free_port(cfg.prefect_port)
-        moto_url = f"http://127.0.0.1:{moto_port}"
-        api_url = f"http://127.0.0.1:{prefect_port}/api"
-        ui_url = f"http://127.0.0.1:{prefect_port}"
-        output_root = f"s3://{cfg.bucket}/{cfg.output_prefix.strip('/')}"
-        marker_root = f"s3://{cfg.bucket}/_sam3d/events"
         self._save(state_dir=str(self.state_dir))
-
-        # 1. moto: S3 + SQS, the bucket, the queue and the notification.
         env = self._base_env()
-        proc = self._spawn("moto", [python, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(moto_port)], env)
-        _wait("moto server", lambda: _http_ok(f"{moto_url}/moto-api/"), cfg.timeout_s, self.logs / "moto.log", proc)
-        queue_url = self._wire_bucket(moto_url)
+        moto_url, queue_url = self._start_moto(env)
+        api_url = self._start_prefect_server(env)
+        # Paused runs link to the review page of the web server started last.
+        web_port = _free_port(self.config.review_port)
+        web_url = f"http://127.0.0.1:{web_port}"
+        stack_env = self._stack_env(env, api_url, moto_url, web_url)
+        self._start_workers(stack_env, api_url)
+        self._start_bridge(stack_env, queue_url)
+        web_env = {
+            "SAM3D_API_TOKEN": secrets.token_urlsafe(24),
+            "SAM3D_WEBHOOK_SECRET": secrets.token_urlsafe(32),
+            "SAM3D_WEBHOOK_ALLOW_NETWORKS": env.get("SAM3D_WEBHOOK_ALLOW_NETWORKS") or LOCAL_WEBHOOK_ALLOW_NETWORKS,
+        }
+        self._start_web(stack_env | web_env, moto_url, web_port)
+        exported = self._exported(stack_env, web_env, queue_url)
+        env_file = self.state_dir / ENV_FILE
+        write_env_file(env_file, exported)
+        self._save(env=exported, env_file=str(env_file))
+        return exported
 
-        # 2. Prefect server (SQLite under the state dir, or its own PostgreSQL server).
-        prefect_home = self.state_dir / "prefect"
-        prefect_home.mkdir(parents=True, exist_ok=True)
-        database_url = f"sqlite+aiosqlite:///{prefect_home / 'prefect.db'}"
-        if cfg.db == "postgres":
+    def _start_moto(self, env: dict[str, str]) -> tuple[str, str]:
+        """1. moto: S3 + SQS, the bucket, the queue and the notification. Returns moto's URL and the queue's."""
+        port = _free_port(self.config.moto_port)
+        url = f"http://127.0.0.1:{port}"
+        proc = self._spawn("moto", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env)
+        _wait("moto server", lambda: _http_ok(f"{url}/moto-api/"), self.config.timeout_s, self.logs / "moto.log",
+              proc)
+        return url, self._wire_bucket(url)
+
+    def _start_prefect_server(self, env: dict[str, str]) -> str:
+        """2. The Prefect server (SQLite under the state dir, or its own PostgreSQL server). Returns its API URL."""
+        port = _free_port(self.config.prefect_port)
+        api_url = f"http://127.0.0.1:{port}/api"
+        self.prefect_home.mkdir(parents=True, exist_ok=True)
+        database_url = f"sqlite+aiosqlite:///{self.prefect_home / 'prefect.db'}"
+        if self.config.db == "postgres":
             database_url = self._start_postgres(env)
         server_env = env | {
-            "PREFECT_HOME": str(prefect_home),
+            "PREFECT_HOME": str(self.prefect_home),
             "PREFECT_API_DATABASE_CONNECTION_URL": database_url,
             "PREFECT_LOGGING_LEVEL": "WARNING",
         }
-        proc = self._spawn("prefect-server", [python, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                                              "--port", str(prefect_port)], server_env)
-        _wait("Prefect server", lambda: _http_ok(f"{api_url}/health"), cfg.timeout_s,
+        proc = self._spawn("prefect-server", [sys.executable, "-m", "prefect", "server", "start", "--host",
+                                              "127.0.0.1", "--port", str(port)], server_env)
+        _wait("Prefect server", lambda: prefect_healthy(api_url), self.config.timeout_s,
               self.logs / "prefect-server.log", proc)
+        return api_url
 
-        # 3. Work pool, deployments, worker (paused runs link to the review page of the web server started below).
-        web_port = _free_port(cfg.review_port)
-        web_url = f"http://127.0.0.1:{web_port}"
-        api_token = secrets.token_urlsafe(24)
-        webhook_secret = secrets.token_urlsafe(32)
+    def _stack_env(self, env: dict[str, str], api_url: str, moto_url: str, web_url: str) -> dict[str, str]:
+        """The environment of every process of the stack after the Prefect server."""
         stack_env = env | {
             "SAM3D_REVIEW_PAGE_URL": web_url,
             "SAM3D_WEB_URL": web_url,
-            "PREFECT_HOME": str(prefect_home),
+            "PREFECT_HOME": str(self.prefect_home),
             "PREFECT_API_URL": api_url,
             "AWS_ENDPOINT_URL": moto_url,
-            "SAM3D_OUTPUT_ROOT": output_root,
-            "SAM3D_UPLOAD_PREFIX": cfg.upload_prefix,
-            "SAM3D_EVENT_MARKER_ROOT": marker_root,
-            "SAM3D_PROJECT_DIR": str(cfg.project_dir),
+            "SAM3D_OUTPUT_ROOT": self.output_root,
+            "SAM3D_UPLOAD_PREFIX": self.config.upload_prefix,
+            "SAM3D_EVENT_MARKER_ROOT": self.marker_root,
+            "SAM3D_PROJECT_DIR": str(self.config.project_dir),
         }
-        stack_env |= local_gpu_env(prefect_home, cfg.gpu_workers, env)
+        return stack_env | local_gpu_env(self.prefect_home, self.config.gpu_workers, env)
+
+    def _start_workers(self, stack_env: dict[str, str], api_url: str) -> None:
+        """3. and 4. The work pools, their deployments and workers, the automation that crashes runs whose process
+        died, and the first warm GPU worker session."""
+        cfg, python = self.config, sys.executable
         worker_env = stack_env | {
             "PREFECT_WORKER_QUERY_SECONDS": str(cfg.worker_poll_s),
             "PREFECT_WORKER_PREFETCH_SECONDS": "5",
             # A person waits at the page for a paused run to see the answer: look every second, not every 5 s.
-            "SAM3D_REVIEW_POLL_INTERVAL_S": env.get("SAM3D_REVIEW_POLL_INTERVAL_S", "1"),
+            "SAM3D_REVIEW_POLL_INTERVAL_S": stack_env.get("SAM3D_REVIEW_POLL_INTERVAL_S", "1"),
             **heartbeat_env(self.heartbeat_s),
         }
         for pool, deployment, name in ((POOL_NAME, "image-to-3d", "worker"),
@@ -349,45 +380,44 @@ class LocalStack:
         self._run("first GPU worker session", [python, "-m", "prefect", "deployment", "run", GPU_WORKER_DEPLOYMENT],
                   stack_env)
 
-        # 4. The events bridge.
-        bridge_log = self.logs / "events-bridge.log"
-        proc = self._spawn("events-bridge", [python, "-m", "sam3d_pipeline.cli", "events-bridge",
+    def _start_bridge(self, stack_env: dict[str, str], queue_url: str) -> None:
+        """5. The events bridge (SQS → Prefect events)."""
+        log = self.logs / "events-bridge.log"
+        proc = self._spawn("events-bridge", [sys.executable, "-m", "sam3d_pipeline.cli", "events-bridge",
                                              "--queue-url", queue_url], stack_env | {"SAM3D_BRIDGE_WAIT_S": "10"})
-        _wait("events bridge", lambda: bridge_log.exists() and "events bridge:" in bridge_log.read_text(),
-              cfg.timeout_s, bridge_log, proc)
+        _wait("events bridge", lambda: log.exists() and "events bridge:" in log.read_text(), self.config.timeout_s,
+              log, proc)
 
-        # 5. The web server: studio, job API (webhooks signed with the secret), review page; one token for all.
-        webhook_networks = env.get("SAM3D_WEBHOOK_ALLOW_NETWORKS") or LOCAL_WEBHOOK_ALLOW_NETWORKS
+    def _start_web(self, web_env: dict[str, str], moto_url: str, web_port: int) -> None:
+        """5. The web server: studio, job API (webhooks signed with the secret), review page; one token for all."""
+        web_url = web_env["SAM3D_WEB_URL"]
         self._allow_page_origin(moto_url, web_url)
-        proc = self._spawn("review-server", [python, "-m", "sam3d_pipeline.cli", "web", "--port", str(web_port)],
-                           stack_env | {"SAM3D_API_TOKEN": api_token, "SAM3D_WEBHOOK_SECRET": webhook_secret,
-                                        "SAM3D_WEBHOOK_ALLOW_NETWORKS": webhook_networks})
-        _wait("web server", lambda: _http_ok(f"{web_url}/openapi.json"), cfg.timeout_s,
+        proc = self._spawn("review-server", [sys.executable, "-m", "sam3d_pipeline.cli", "web", "--port",
+                                             str(web_port)], web_env)
+        _wait("web server", lambda: _http_ok(f"{web_url}/openapi.json"), self.config.timeout_s,
               self.logs / "review-server.log", proc)
 
-        exported = {
-            "AWS_ENDPOINT_URL": moto_url,
+    def _exported(self, stack_env: dict[str, str], web_env: dict[str, str], queue_url: str) -> dict[str, str]:
+        """What ``local-stack.env`` exports: how a shell (``run``, ``catalog``, a client of the job API) reaches
+        the stack."""
+        cfg = self.config
+        return {
+            "AWS_ENDPOINT_URL": stack_env["AWS_ENDPOINT_URL"],
             **LOCAL_CREDENTIALS,
-            "PREFECT_API_URL": api_url,
-            "PREFECT_UI_URL": ui_url,
+            "PREFECT_API_URL": stack_env["PREFECT_API_URL"],
+            "PREFECT_UI_URL": stack_env["PREFECT_API_URL"].removesuffix("/api"),
             "SAM3D_BUCKET": cfg.bucket,
             "SAM3D_UPLOAD_PREFIX": cfg.upload_prefix,
             "SAM3D_OUTPUT_PREFIX": cfg.output_prefix,
-            "SAM3D_OUTPUT_ROOT": output_root,
+            "SAM3D_OUTPUT_ROOT": self.output_root,
             "SAM3D_QUEUE_URL": queue_url,
-            "SAM3D_EVENT_MARKER_ROOT": marker_root,
-            "SAM3D_WEB_URL": web_url,
-            "SAM3D_API_TOKEN": api_token,
-            "SAM3D_WEBHOOK_SECRET": webhook_secret,
-            "SAM3D_WEBHOOK_ALLOW_NETWORKS": webhook_networks,
-            "SAM3D_REVIEW_PAGE_URL": web_url,
-            "SAM3D_REVIEW_TOKEN": api_token,
+            "SAM3D_EVENT_MARKER_ROOT": self.marker_root,
+            "SAM3D_WEB_URL": stack_env["SAM3D_WEB_URL"],
+            **web_env,
+            "SAM3D_REVIEW_PAGE_URL": stack_env["SAM3D_REVIEW_PAGE_URL"],
+            "SAM3D_REVIEW_TOKEN": web_env["SAM3D_API_TOKEN"],
             **{k: stack_env[k] for k in GPU_ENV_KEYS},
         }
-        env_file = self.state_dir / ENV_FILE
-        write_env_file(env_file, exported)
-        self._save(env=exported, env_file=str(env_file))
-        return exported
 
     def _start_postgres(self, env: dict[str, str]) -> str:
         """Start the stack's PostgreSQL (``stack_db``) and return Prefect's connection URL for it."""
@@ -457,40 +487,34 @@ class LocalStack:
 
     @staticmethod
     def _replace_automation(api_url: str, automation: dict[str, Any]) -> None:
-        """Create ``automation``, replacing one of the same name (a state dir's server keeps its automations)."""
-        def call(method: str, path: str, body: Any = None) -> Any:
-            data = json.dumps(body).encode() if body is not None else None
-            request = urllib.request.Request(f"{api_url}{path}", data=data, method=method,
-                                             headers={"Content-Type": "application/json"})
-            with urllib.request.urlopen(request, timeout=30) as response:
-                text = response.read()
-            return json.loads(text) if text else None
+        """Create ``automation``, replacing one of the same name (a state dir's server keeps its automations).
 
-        for attempt in range(1, AUTOMATION_ATTEMPTS + 1):
-            try:
-                for existing in call("POST", "/automations/filter", {}):
-                    if existing.get("name") == automation["name"]:
-                        call("DELETE", f"/automations/{existing['id']}")
-                call("POST", "/automations/", automation)
-                return
-            except urllib.error.HTTPError as exc:  # the server busy starting (503) is worth another try
-                if exc.code not in (502, 503, 504) or attempt == AUTOMATION_ATTEMPTS:
-                    raise StackError(f"could not create the automation {automation['name']!r}: {exc}") from exc
-            except (urllib.error.URLError, OSError, ValueError) as exc:
-                if attempt == AUTOMATION_ATTEMPTS or isinstance(exc, ValueError):
-                    raise StackError(f"could not create the automation {automation['name']!r}: {exc}") from exc
-            time.sleep(backoff_s(attempt, 1.0, 8.0))
+        Prefect's client retries while the server is busy (a freshly started SQLite server answers 503 for a few
+        seconds under load)."""
+        import httpx
+        from prefect.client.orchestration import SyncPrefectClient
+        from prefect.events.schemas.automations import AutomationCore
+
+        try:
+            with SyncPrefectClient(api_url) as client:
+                for existing in client.read_automations_by_name(automation["name"]):
+                    client.delete_automation(existing.id)
+                client.create_automation(AutomationCore.model_validate(automation))
+        except (httpx.HTTPError, ValueError) as exc:
+            raise StackError(f"could not create the automation {automation['name']!r}: {exc}") from exc
 
     @staticmethod
     def _worker_online(api_url: str, pool: str = POOL_NAME) -> bool:
-        request = urllib.request.Request(f"{api_url}/work_pools/{pool}/workers/filter", data=b"{}",
-                                         headers={"Content-Type": "application/json"}, method="POST")
+        import httpx
+        from prefect.client.orchestration import SyncPrefectClient
+        from prefect.client.schemas.objects import WorkerStatus
+
         try:
-            with urllib.request.urlopen(request, timeout=2) as response:
-                workers = json.loads(response.read())
-        except (urllib.error.URLError, OSError, ValueError):
+            with SyncPrefectClient(api_url) as client:
+                workers = client.read_workers_for_work_pool(pool)
+        except (httpx.HTTPError, ValueError):
             return False
-        return any(w.get("status") == "ONLINE" for w in workers)
+        return any(w.status == WorkerStatus.ONLINE for w in workers)
 
     # -- down ------------------------------------------------------------------------------------------
     def down(self, quiet: bool = False) -> list[str]:
@@ -567,7 +591,7 @@ def complete(recorded: dict[str, Any]) -> bool:
 
 def stop_leftovers(state_dir: Path) -> list[str]:
     """Stop what a stack that is not ``complete`` left running (by the PIDs it recorded). Returns what was done."""
-    return LocalStack(StackConfig(state_dir=state_dir, project_dir=default_project_dir())).down(quiet=True)
+    return LocalStack(StackConfig(state_dir=state_dir, project_dir=project_dir())).down(quiet=True)
 
 
 def running(state_dir: Path) -> dict[str, Any] | None:

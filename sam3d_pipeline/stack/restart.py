@@ -14,15 +14,15 @@ import socket
 import time
 from pathlib import Path
 
+from sam3d_pipeline.project import project_dir
 from sam3d_pipeline.stack.local import (
     LocalStack,
     StackConfig,
     StackError,
     _alive,
-    _http_ok,
     _stop_group,
     _wait,
-    default_project_dir,
+    prefect_healthy,
     read_stack,
 )
 
@@ -52,14 +52,14 @@ def restart(state_dir: Path, name: str, timeout_s: float = 180.0) -> int:
         raise StackError(f"{name!r} is not a restartable part of this stack (parts: {', '.join(sorted(processes))})")
     if _alive(entry):
         _stop_group(entry["pid"])
-    stack = LocalStack(StackConfig(state_dir=state_dir, project_dir=default_project_dir(), timeout_s=timeout_s))
+    stack = LocalStack(StackConfig(state_dir=state_dir, project_dir=project_dir(), timeout_s=timeout_s))
     stack.processes = dict(processes)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "AWS_"))} | entry["env"]
     proc = stack._spawn(name, entry["argv"], env, Path(entry["cwd"]) if entry.get("cwd") else None)
     log = Path(entry["log"])
     if name == "prefect-server":
-        health = f"http://127.0.0.1:{_port(entry['argv'])}/api/health"
-        _wait(name, lambda: _http_ok(health), timeout_s, log, proc)
+        api_url = f"http://127.0.0.1:{_port(entry['argv'])}/api"
+        _wait(name, lambda: prefect_healthy(api_url), timeout_s, log, proc)
     elif name in ("postgres", "moto"):
         port = _port(entry["argv"])
         _wait(name, lambda: _port_open(port), timeout_s, log, proc)

@@ -248,14 +248,12 @@ class JobService:
         Raises:
             ValueError: a bad ``SAM3D_WEBHOOK_ALLOW_*`` entry (the server does not start).
         """
-        s = self.settings
-        if not s.webhook_secret:
+        hooks = self.settings.webhook
+        if not hooks.secret:
             return None
-        return WebhookDeliverer(self, s.webhook_secret,
-                                Schedule(s.webhook_max_attempts, s.webhook_backoff_s, s.webhook_backoff_max_s),
-                                timeout_s=s.webhook_timeout_s, poll_s=s.webhook_poll_s,
-                                targets=self.webhook_targets(), max_response_bytes=s.webhook_max_response_bytes,
-                                workers=s.webhook_workers)
+        return WebhookDeliverer(self, hooks.secret, Schedule(hooks.max_attempts, hooks.backoff_s, hooks.backoff_max_s),
+                                timeout_s=hooks.timeout_s, poll_s=hooks.poll_s, targets=self.webhook_targets(),
+                                max_response_bytes=hooks.max_response_bytes, workers=hooks.workers)
 
     def webhook_targets(self) -> TargetPolicy:
         """Where this server's webhooks may go (``SAM3D_WEBHOOK_ALLOW_*``; never its own services).

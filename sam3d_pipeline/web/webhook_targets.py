@@ -38,6 +38,8 @@ from typing import Any
 
 import httpcore
 
+from sam3d_pipeline.settings import Settings
+
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Resolver = Callable[[str, int, float], list[Address]]
@@ -237,9 +239,9 @@ class TargetPolicy:
     resolver: Resolver = field(default=resolve_host, compare=False, repr=False)
 
     @classmethod
-    def from_settings(cls, settings: Any, environ: Mapping[str, str] | None = None,
+    def from_settings(cls, settings: Settings, environ: Mapping[str, str] | None = None,
                       resolver: Resolver = resolve_host) -> TargetPolicy:
-        """The policy of ``settings`` (``webhook_allow_networks``, ``webhook_allow_hosts``), refusing the
+        """The policy of ``settings`` (``webhook.allow_networks``, ``webhook.allow_hosts``), refusing the
         services named by ``web_url``, ``review_page_url``, ``s3_endpoint_url`` and, from ``environ`` (the
         process environment by default), ``AWS_ENDPOINT_URL[_S3|_SQS]`` and ``PREFECT_API_URL`` / ``_UI_URL``.
 
@@ -247,14 +249,12 @@ class TargetPolicy:
             ValueError: an allow-list entry that is not a network or host name (names the setting).
         """
         env = os.environ if environ is None else environ
-        services = [getattr(settings, "web_url", None), getattr(settings, "review_page_url", None),
-                    getattr(settings, "s3_endpoint_url", None),
+        services = [settings.web_url, settings.review_page_url, settings.s3_endpoint_url,
                     *(env.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL_SQS",
                                            "PREFECT_API_URL", "PREFECT_UI_URL"))]
         if environ is None:
             services.append(_prefect_api_url())
-        return _policy(getattr(settings, "webhook_allow_networks", "") or "",
-                       getattr(settings, "webhook_allow_hosts", "") or "",
+        return _policy(settings.webhook.allow_networks, settings.webhook.allow_hosts,
                        tuple(sorted({u for u in services if u})), resolver)
 
     def refusal(self, target: Target, address: Address) -> str | None:
