@@ -78,6 +78,8 @@ def test_uploads_start_one_completed_run_each(stack):
         names = {o["Key"].rsplit("/", 1)[1] for o in
                  stack.s3.list_objects_v2(Bucket=stack.bucket, Prefix=prefix)["Contents"]}
         assert {"mask.png", "overlay.png", "object.glb", "preview.png", "result.json"} <= names
+        # Each run's process was forked from the stack's warm flow-run server (stack/warm_runs.py), not started.
+        assert f"flow run {run['id']} in pid " in (stack.state_dir / "logs" / "warm-runs.log").read_text()
     # The runs wrote PNGs under the output root; the bucket-wide notification sent them to the bridge too.
     stack.wait_log(f"under the pipeline's own prefix s3://{stack.bucket}/{stack.env['SAM3D_OUTPUT_PREFIX']}")
 

@@ -47,7 +47,8 @@ ENV_FILE = "local-stack.env"
 POOL_NAME = "sam3d-cpu"
 GPU_POOL_NAME = "sam3d-gpu"
 GPU_WORKER_DEPLOYMENT = "gpu-worker/gpu-worker"
-STOP_ORDER = ("events-bridge", "review-server", "gpu-worker", "worker", "prefect-server", "postgres", "moto")
+STOP_ORDER = ("events-bridge", "review-server", "gpu-worker", "worker", "warm-runs", "prefect-server", "postgres",
+              "moto")
 LOCAL_CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
@@ -369,8 +370,9 @@ class LocalStack:
             self._run(f"prefect deploy {deployment}", [python, "-m", "prefect", "--no-prompt", "deploy", "--name",
                                                        deployment], stack_env, cwd=cfg.project_dir)
             limit = ["--limit", str(cfg.cpu_runs)] if pool == POOL_NAME else []  # a burst waits as Scheduled runs
+            pool_env = worker_env | (self._start_warm_runs(worker_env, api_url) if pool == POOL_NAME else {})
             proc = self._spawn(name, [python, "-m", "prefect", "worker", "start", "--pool", pool, "--type",
-                                      "process", "--name", f"sam3d-local-{name}", *limit], worker_env,
+                                      "process", "--name", f"sam3d-local-{name}", *limit], pool_env,
                                cwd=cfg.project_dir)
             _wait(name, lambda pool=pool: self._worker_online(api_url, pool), cfg.timeout_s,
                   self.logs / f"{name}.log", proc)
@@ -379,6 +381,21 @@ class LocalStack:
         # One warm session from the start; the flows start more (up to --gpu-workers) when work queues up.
         self._run("first GPU worker session", [python, "-m", "prefect", "deployment", "run", GPU_WORKER_DEPLOYMENT],
                   stack_env)
+
+    def _start_warm_runs(self, worker_env: dict[str, str], api_url: str) -> dict[str, str]:
+        """3a. The warm flow-run server (``stack/warm_runs.py``): the CPU pool's runs fork from a process that has
+        imported Prefect and the flows, instead of starting an interpreter each. Sets the pool's ``command`` to
+        the launcher and returns what its worker needs in its environment."""
+        from sam3d_pipeline.stack import warm_runs
+
+        path = warm_runs.socket_path(self.state_dir)
+        log = self.logs / "warm-runs.log"
+        proc = self._spawn("warm-runs", [sys.executable, "-m", "sam3d_pipeline.stack.warm_runs", "serve", str(path)],
+                           worker_env, cwd=self.config.project_dir)
+        _wait("warm flow-run server", lambda: log.exists() and "ready on" in log.read_text(), self.config.timeout_s,
+              log, proc)
+        set_pool_command(api_url, POOL_NAME, warm_runs.launcher_command())
+        return {warm_runs.SOCKET_ENV: str(path)}
 
     def _start_bridge(self, stack_env: dict[str, str], queue_url: str) -> None:
         """5. The events bridge (SQS → Prefect events)."""
@@ -541,6 +558,17 @@ class LocalStack:
             for line in lines:
                 print(line)
         return lines
+
+
+def set_pool_command(api_url: str, pool: str, command: str) -> None:
+    """Make ``command`` the default command of the process work pool's flow runs (its base job template)."""
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.actions import WorkPoolUpdate
+
+    with SyncPrefectClient(api_url) as client:
+        template = client.read_work_pool(pool).base_job_template
+        template["variables"]["properties"]["command"]["default"] = command
+        client.update_work_pool(pool, WorkPoolUpdate(base_job_template=template))
 
 
 def _stop_group(pid: int, grace_s: float = 15.0) -> None:

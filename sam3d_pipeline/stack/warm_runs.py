@@ -28,6 +28,7 @@ import os
 import signal
 import socket
 import sys
+from pathlib import Path
 
 SOCKET_ENV = "SAM3D_WARM_RUNS_SOCKET"
 ENGINE = "prefect.engine"
@@ -35,6 +36,25 @@ ENGINE = "prefect.engine"
 PRELOAD = ("prefect", "prefect.engine", "prefect.flow_engine", "prefect.task_engine", "flows.image_to_3d",
            "flows.catalog_batch", "numpy", "PIL.Image", "cv2", "scipy.ndimage", "trimesh")
 _MAX_REQUEST = 1 << 20  # the request (environment + argv) in bytes
+
+
+def socket_path(state_dir: Path) -> Path:
+    """The server's socket in the stack's state folder, or under the temporary folder when that path is too long
+    for a UNIX socket (about 100 bytes)."""
+    path = Path(state_dir).resolve() / "warm-runs.sock"
+    if len(str(path).encode()) <= 100:
+        return path
+    import hashlib
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / f"sam3d-warm-{hashlib.sha256(str(path).encode()).hexdigest()[:16]}.sock"
+
+
+def launcher_command() -> str:
+    """The work pool's ``command``: this module as the launcher, with this interpreter."""
+    import shlex
+
+    return f"{shlex.quote(sys.executable)} -m sam3d_pipeline.stack.warm_runs"
 
 
 # --- the launcher (the work pool's command) -------------------------------------------------------------------
@@ -190,6 +210,7 @@ def _fork_for(conn: socket.socket, inherited: list[socket.socket], selector) -> 
     for fd in fds:
         os.close(fd)
     conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+    print(f"warm-runs: flow run {request['env'].get('PREFECT__FLOW_RUN_ID', '?')} in pid {pid}", flush=True)
     return pid
 
 
