@@ -223,7 +223,29 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=1000)
     parser.add_argument("--env-file", type=Path, help="use a running stack (its local-stack.env)")
     parser.add_argument("--timeout-s", type=float, default=120.0)
+    parser.add_argument("--compare-cold", action="store_true",
+                        help="also time the uploads on a stack started with --cold-runs (an interpreter per run)")
     args = parser.parse_args()
+    figures: dict = {}
+    if args.compare_cold and args.env_file is None and args.uploads:
+        with tempfile.TemporaryDirectory(prefix="sam3d-bench-cold-") as tmp:
+            cli = [sys.executable, "-m", "sam3d_pipeline.cli"]
+            subprocess.run([*cli, "up", "--state-dir", tmp, "--prefect-port", "0", "--moto-port", "0", "--cold-runs"],
+                           check=True)
+            cold_env = dict(line.split("=", 1) for line in (Path(tmp) / "local-stack.env").read_text().splitlines()
+                            if "=" in line and line[0] != "#")
+            cold_env = {k: v.strip("'") for k, v in cold_env.items()}
+            saved = dict(os.environ)
+            os.environ.update(cold_env)
+            try:
+                print("\n== cold runs (an interpreter per flow run) ==")
+                cold = latency_phase(cold_env, args.uploads, args.timeout_s, Path(tmp))
+            finally:
+                subprocess.run([*cli, "down", "--state-dir", tmp], check=False)
+                os.environ.clear()
+                os.environ.update(saved)
+        figures["cold_runs"] = cold
+        print("\n== warm runs (the stack's default) ==")
     with tempfile.TemporaryDirectory(prefix="sam3d-bench-") as tmp:
         state_dir = Path(tmp)
         cli = [sys.executable, "-m", "sam3d_pipeline.cli"]
@@ -235,7 +257,6 @@ def main() -> None:
         env = dict(line.split("=", 1) for line in env_file.read_text().splitlines() if "=" in line and line[0] != "#")
         env = {k: v.strip("'") for k, v in env.items()}
         os.environ.update(env)
-        figures: dict = {}
         try:
             if args.uploads:
                 figures |= latency_phase(env, args.uploads, args.timeout_s,
@@ -245,6 +266,13 @@ def main() -> None:
         finally:
             if args.env_file is None:
                 subprocess.run([*cli, "down", "--state-dir", tmp], check=False)
+        if "cold_runs" in figures and "put_to_running_p95_s" in figures:
+            cold = figures["cold_runs"]
+            for name in ("put_to_running_median_s", "put_to_running_p95_s", "stack_cpu_s_per_upload"):
+                if name in cold and name in figures:
+                    print(f"{name}: cold {cold[name]}, warm {figures[name]}")
+            if "clock" in cold and "clock" in figures:
+                print_side_by_side({"upload cold": cold["clock"]["upload"], "upload warm": figures["clock"]["upload"]})
         print("BENCH_JSON " + json.dumps({"event_latency": figures}))
 
 

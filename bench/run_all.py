@@ -26,7 +26,7 @@ BENCHES = [
     ("review page (lite fallback)", ["bench/review_latency.py", "--clicks", "20", "--segmenter", "lite"]),
     ("studio", ["bench/studio_latency.py", "--rounds", "5"]),
     ("catalog throughput", ["bench/catalog_throughput.py", "--items", "24", "--rounds", "2"]),
-    ("event latency", ["bench/event_latency.py", "--uploads", "20", "--events", "1000"]),
+    ("event latency", ["bench/event_latency.py", "--uploads", "20", "--events", "1000", "--compare-cold"]),
     ("warm gpu workers", ["bench/gpu_workers.py", "--photos", "3", "--burst", "20", "--workers", "1", "2"]),
     ("exported assets", ["bench/export.py"]),
     ("sam3 on this cpu", ["bench/sam3_cpu.py"]),

@@ -53,6 +53,9 @@ def up(
     gpu_workers: Annotated[int, typer.Option("--gpu-workers", min=1, help="Most GPU worker sessions at once.")] = 1,
     db: Annotated[str, typer.Option("--db", help="Prefect's database: sqlite (a file) or postgres (its own "
                                     "PostgreSQL server under the state dir).")] = "sqlite",
+    warm_runs: Annotated[bool, typer.Option(
+        "--warm-runs/--cold-runs", help="Fork the CPU pool's flow runs from a process that has imported Prefect "
+        "and the flows (default), or start an interpreter per run.")] = True,
 ) -> None:
     """Start the local stack in the background: moto S3+SQS, Prefect server, workers, events bridge, web server."""
     from sam3d_pipeline.stack.local import (
@@ -78,7 +81,8 @@ def up(
               "starting it again", file=sys.stderr)
     config = StackConfig(state_dir=state_dir, project_dir=project_dir(), bucket=bucket,
                          upload_prefix=upload_prefix, output_prefix=output_prefix, prefect_port=prefect_port,
-                         moto_port=moto_port, worker_poll_s=worker_poll_s, gpu_workers=gpu_workers, db=db)
+                         moto_port=moto_port, worker_poll_s=worker_poll_s, gpu_workers=gpu_workers, db=db,
+                         warm_runs=warm_runs)
     from sam3d_pipeline.web.assets import ensure_browser_packages
 
     for problem in ensure_browser_packages():  # before the web server starts: it serves them

@@ -99,6 +99,8 @@ class StackConfig:
         db: the Prefect server's database: ``sqlite`` (a file, the default) or ``postgres`` (``stack_db``).
         postgres_port: PostgreSQL's loopback port with ``db="postgres"``; 0 picks a free one.
         timeout_s: how long to wait for each part to answer.
+        warm_runs: the CPU pool's flow runs fork from the warm flow-run server (``stack/warm_runs.py``); False:
+            each starts its own interpreter (Prefect's default).
     """
 
     state_dir: Path
@@ -116,6 +118,7 @@ class StackConfig:
     db: str = "sqlite"
     postgres_port: int = 0
     timeout_s: float = 180.0
+    warm_runs: bool = True
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
@@ -370,7 +373,8 @@ class LocalStack:
             self._run(f"prefect deploy {deployment}", [python, "-m", "prefect", "--no-prompt", "deploy", "--name",
                                                        deployment], stack_env, cwd=cfg.project_dir)
             limit = ["--limit", str(cfg.cpu_runs)] if pool == POOL_NAME else []  # a burst waits as Scheduled runs
-            pool_env = worker_env | (self._start_warm_runs(worker_env, api_url) if pool == POOL_NAME else {})
+            warm = pool == POOL_NAME and cfg.warm_runs
+            pool_env = worker_env | (self._start_warm_runs(worker_env, api_url) if warm else {})
             proc = self._spawn(name, [python, "-m", "prefect", "worker", "start", "--pool", pool, "--type",
                                       "process", "--name", f"sam3d-local-{name}", *limit], pool_env,
                                cwd=cfg.project_dir)
