@@ -35,12 +35,12 @@ from sam3d_pipeline.export.frame import (
     pose_placement,
     transform_points,
 )
-from sam3d_pipeline.export.gltf import Part, read_glb, write_glb
+from sam3d_pipeline.export.gltf import Part, read_glb, read_textured_glb, write_glb
 from sam3d_pipeline.export.mesh import ExportMesh
 from sam3d_pipeline.export.texture import Textured
 
 __all__ = [
     "DEFAULT_FORMATS", "FORMATS", "PROFILES", "PROFILE_SPECS", "Asset", "Budgets", "ExportMesh", "Part", "Placement",
     "Profile", "ProfileName", "Textured", "asset_vertices", "export_asset", "image_placement", "on_floor",
-    "pose_placement", "profile_spec", "quantized", "read_glb", "transform_points", "write_glb",
+    "pose_placement", "profile_spec", "quantized", "read_glb", "read_textured_glb", "transform_points", "write_glb",
 ]

@@ -8,8 +8,9 @@ Profiles (``PROFILES``):
 - ``raw``: the reconstructor's mesh as it came (only moved and scaled onto the floor), float GLB; the budgets
   are reported, not enforced.
 - ``store``: what marketplaces take (``checks``): at most 100k triangles (fewer when the triangle budget says
-  so) and 10 MB a file (Google Merchant's recommendation, in place of the byte budget), a textured metallic-roughness GLB without vertex colours or extensions, and a square
-  power-of-two texture of 1024 px or more (up to the texture budget, at most 4096).
+  so) and 10 MB a file (Google Merchant's recommendation, in place of the byte budget), a textured
+  metallic-roughness GLB without vertex colours or extensions, and a square power-of-two texture of 1024 px or
+  more (up to the texture budget, at most 4096).
 
 USDZ and OBJ (every profile) and the ``store`` GLB carry the colour baked into a texture over xatlas UV charts
 (``texture.py``). When the GLB or the USDZ is over the byte budget the mesh is simplified further (up to four

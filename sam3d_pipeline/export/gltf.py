@@ -14,6 +14,7 @@ double-sided (glTF's default material is fully metallic).
 
 from __future__ import annotations
 
+import io
 import json
 import struct
 from dataclasses import dataclass
@@ -262,3 +263,32 @@ def read_glb(data: bytes) -> tuple[dict[str, Any], list[ExportMesh]]:
         faces = accessor(prim["indices"]).astype(np.int64).reshape(-1, 3)
         meshes.append(ExportMesh(vertices=pos, faces=faces, colours=colours))
     return gltf, meshes
+
+
+def read_textured_glb(data: bytes) -> list[Textured]:
+    """Every textured mesh of a GLB (node transforms applied), read with trimesh: positions, normals, texture
+    coordinates (origin bottom-left) and the base colour texture; used to check and compare ``store`` exports.
+
+    Raises:
+        ValueError: not a GLB, or a mesh without a base colour texture.
+    """
+    import trimesh
+
+    unpack(data)  # a clear error for what is not a GLB
+    scene = trimesh.load(io.BytesIO(data), file_type="glb", process=False)
+    if isinstance(scene, trimesh.Trimesh):
+        scene = trimesh.Scene(scene)
+    out = []
+    for node in scene.graph.nodes_geometry:
+        transform, name = scene.graph[node]
+        mesh = scene.geometry[name].copy()
+        mesh.apply_transform(transform)
+        texture = getattr(getattr(mesh.visual, "material", None), "baseColorTexture", None)
+        if getattr(mesh.visual, "uv", None) is None or texture is None:
+            raise ValueError(f"mesh {name!r} has no base colour texture")
+        count = len(mesh.vertices)
+        out.append(Textured(vertices=np.asarray(mesh.vertices, np.float64), faces=np.asarray(mesh.faces, np.int64),
+                            normals=np.asarray(mesh.vertex_normals, np.float64),
+                            uv=np.asarray(mesh.visual.uv, np.float32), image=np.asarray(texture.convert("RGB")),
+                            source="glb", charts=0, source_vertex=np.arange(count)))
+    return out
