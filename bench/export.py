@@ -1,12 +1,15 @@
-"""Exported assets on the test photos: bytes and triangles per format, raw vs web, export time, and the look.
+"""Exported assets on the test photos, per profile: bytes, triangles, vertices, texture size, export seconds, and
+the look.
 
 Photos: the demo photo (scikit-image's coffee, 600x400) and the other sample photos shipped with scikit-image
 (chelsea, rocket), each segmented and reconstructed with the lite backends at their default settings, plus a
-synthetic photo of three separate discs (``instances=all``). Per asset: the raw and web exports in glb, usdz and
-obj (bytes, triangles, export seconds), glTF-Validator errors of the web GLB, USD's ARKit check of the web USDZ,
-the lowest point (must be Y = 0), and how the web GLB's render compares with the raw mesh's (silhouette IoU and
-mean |ΔRGB| over the object's pixels, worst of three views: ``export.look``).
-Usage: python bench/export.py [--photos coffee chelsea rocket three]
+synthetic photo of three separate discs (``three``, box prompts) and one of five flat shapes on a plain
+background (``shapes``, ``instances=all``). Per asset and profile (raw, web, ar, store) in glb + usdz: bytes of
+each file, triangles, vertices of the GLB (of the cut mesh when it is textured), texture side, export seconds
+(including USD's ARKit check and the per-rule checks), whether every check passed, glTF-Validator errors of the
+GLB, and how the GLB read back looks next to the raw vertex-coloured mesh (silhouette IoU and mean |ΔRGB| over
+the object's pixels, worst of three views: ``export.look``).
+Usage: python bench/export.py [--photos coffee chelsea rocket three shapes] [--profiles raw web ar store]
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-FORMATS = ["glb", "usdz", "obj"]
+FORMATS = ["glb", "usdz"]
 
 
 def photo_objects(name: str):
@@ -37,7 +40,12 @@ def photo_objects(name: str):
     from sam3d_pipeline.types import Box, SegmentRequest
 
     settings = Settings()
-    if name == "three":
+    if name == "shapes":
+        from tests.photos import shapes_photo
+
+        rgb, _ = shapes_photo(2)
+        request = SegmentRequest(prompt="shapes")
+    elif name == "three":
         from tests.photos import three_objects_photo
 
         rgb, _, boxes = three_objects_photo()
@@ -47,7 +55,8 @@ def photo_objects(name: str):
         rgb = load_image(path.read_bytes(), source=str(path), max_pixels=settings.max_pixels).rgb
         request = SegmentRequest(prompt=SAMPLES[name][1])
     seg = LiteSegmenter(settings).segment(rgb, request)
-    indices = list(range(len(seg.instances))) if name == "three" else [int(np.argmax([i.score for i in seg.instances]))]
+    several = name in ("three", "shapes")
+    indices = list(range(len(seg.instances))) if several else [int(np.argmax([i.score for i in seg.instances]))]
     rec = LiteReconstructor(settings)
     return name, rgb, seg.instances, {i: rec.reconstruct(rgb, seg.instances[i].mask) for i in indices}
 
@@ -63,7 +72,8 @@ def validator_errors(glb: bytes) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--photos", nargs="+", default=["coffee", "chelsea", "rocket", "three"])
+    parser.add_argument("--photos", nargs="+", default=["coffee", "chelsea", "rocket", "three", "shapes"])
+    parser.add_argument("--profiles", nargs="+", default=["raw", "web", "ar", "store"])
     args = parser.parse_args()
     import numpy as np
 
@@ -74,53 +84,45 @@ def main() -> None:
 
     settings = Settings()
     budgets = export.Budgets(settings.export_max_triangles, settings.export_max_bytes, settings.export_texture_max_px)
-    rows, figures = [], []
+    figures = []
     for name in args.photos:
         label, rgb, instances, recons = photo_objects(name)
         where = objects.placements(instances, recons, (rgb.shape[1], rgb.shape[0]), settings)
         for i, recon in recons.items():
             raw_mesh = export.ExportMesh.from_trimesh(recon.mesh)
             placed = raw_mesh.with_vertices(export.asset_vertices(raw_mesh.vertices, where[i]))
-            out = {}
-            for profile in ("raw", "web"):
+            for profile in args.profiles:
                 t = time.perf_counter()
                 asset = export.export_asset(placed, profile=profile, formats=FORMATS, budgets=budgets)
-                out[profile] = (asset, time.perf_counter() - t)
-            web, web_s = out["web"]
-            raw, raw_s = out["raw"]
-            _, [back] = export.read_glb(web.files["object.glb"])
-            t = time.perf_counter()
-            measure = look.compare(placed, back)
-            look_s = time.perf_counter() - t
-            fig = {
-                "photo": label, "object": i, "triangles_raw": raw.report["triangles"],
-                "triangles_web": web.report["triangles"],
-                "bytes_raw": raw.report["bytes"], "bytes_web": web.report["bytes"],
-                "export_s_raw": round(raw_s, 2), "export_s_web": round(web_s, 2),
-                "web_budget_met": web.report["budget"]["met"], "validator_errors_web": validator_errors(
-                    web.files["object.glb"]), "usdz_arkit_passed_web": web.report["usdz_check"]["passed"],
-                "min_y_web": float(back.vertices[:, 1].min()), "look": {k: measure[k] for k in
-                                                                      ("silhouette_iou", "mean_abs_rgb")},
-                "look_s": round(look_s, 2), "size_m": [round(float(v), 3) for v in np.ptp(placed.vertices, 0)],
-            }
-            figures.append(fig)
-            for fmt, key in (("glb", "object.glb"), ("usdz", "object.usdz"), ("obj", "object.obj")):
-                extra = " (+ mtl, texture.png)" if fmt == "obj" else ""
-                rows.append(f"| {label}#{i} | {fmt}{extra} | {raw.report['triangles']:,} | "
-                            f"{raw.report['bytes'][key] / 1e6:.2f} MB | {web.report['triangles']:,} | "
-                            f"{web.report['bytes'][key] / 1e6:.2f} MB |")
-    print("| photo#object | format | raw triangles | raw bytes | web triangles | web bytes |")
-    print("|---|---|---|---|---|---|")
-    print("\n".join(rows))
-    print()
-    print("| photo#object | export s raw / web (glb+usdz+obj, ARKit check) | validator errors | ARKit | "
-          "min Y | silhouette IoU | mean abs RGB | size m |")
-    print("|---|---|---|---|---|---|---|---|")
+                seconds = time.perf_counter() - t
+                glb = asset.files["object.glb"]
+                if export.profile_spec(profile).textured_glb:
+                    [back] = export.read_textured_glb(glb)
+                    vertices = len(back.vertices)
+                else:
+                    _, [back] = export.read_glb(glb)
+                    vertices = len(back.vertices)
+                measure = look.compare(placed, back)
+                figures.append({
+                    "photo": label, "object": i, "profile": profile, "triangles": asset.report["triangles"],
+                    "vertices": vertices, "bytes": asset.report["bytes"],
+                    "texture_px": asset.report.get("texture", {}).get("side"),
+                    "texture_source": asset.report.get("texture", {}).get("source"),
+                    "export_s": round(seconds, 2), "checks_passed": asset.report["checks_passed"],
+                    "failed": [c["rule"] for c in asset.report["checks"] if not c["pass"]],
+                    "validator_errors": validator_errors(glb), "min_y": float(back.vertices[:, 1].min()),
+                    "look": {k: measure[k] for k in ("silhouette_iou", "mean_abs_rgb")},
+                    "size_m": [round(float(v), 3) for v in np.ptp(placed.vertices, 0)],
+                })
+    print("| photo#object | profile | GLB bytes | USDZ bytes | triangles | GLB vertices | texture px | export s | "
+          "checks | validator errors | silhouette IoU | mean abs RGB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for f in figures:
-        print(f"| {f['photo']}#{f['object']} | {f['export_s_raw']} / {f['export_s_web']} | "
-              f"{f['validator_errors_web']} | {'pass' if f['usdz_arkit_passed_web'] else 'FAIL'} | "
-              f"{f['min_y_web']:.1e} | {f['look']['silhouette_iou']:.3f} | {f['look']['mean_abs_rgb']:.1f} | "
-              f"{f['size_m']} |")
+        checks = "pass" if f["checks_passed"] else "FAIL " + ", ".join(f["failed"])
+        print(f"| {f['photo']}#{f['object']} | {f['profile']} | {f['bytes']['object.glb'] / 1e6:.2f} MB | "
+              f"{f['bytes']['object.usdz'] / 1e6:.2f} MB | {f['triangles']:,} | {f['vertices']:,} | "
+              f"{f['texture_px'] or '-'} | {f['export_s']} | {checks} | {f['validator_errors']} | "
+              f"{f['look']['silhouette_iou']:.3f} | {f['look']['mean_abs_rgb']:.1f} |")
     print("BENCH_JSON " + json.dumps({"assets": figures}))
 
 

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from prefect import flow
 
 from sam3d_pipeline.errors import PipelineError
+from sam3d_pipeline.export import ProfileName
 from sam3d_pipeline.masks import select_instance
 from sam3d_pipeline.run import clock, objects
 from sam3d_pipeline.run.finish import RunRecord, existing_result, timed
@@ -48,7 +49,7 @@ def image_to_3d(
     review_timeout_s: float = 3600.0,
     review_on_timeout: Literal["fail", "approve_if_confident"] = "fail",
     instances: Literal["best", "all"] | list[int] = "best",
-    profile: Literal["web", "ar", "raw"] = "web",
+    profile: ProfileName = "web",
     export: list[Literal["glb", "usdz", "obj", "ply"]] | None = None,
     video_frames: int = 1,
 ) -> dict[str, Any]:

@@ -75,3 +75,41 @@ def three_objects_photo(width: int = 360, height: int = 240) -> tuple[np.ndarray
         pad = 6
         boxes.append((int(x - rad - pad), int(y - rad - pad), int(x + rad + pad), int(y + rad + pad)))
     return out, masks, boxes
+
+
+SHAPE_SCENES = (  # (kind, centre x, centre y, size) as fractions of the width / height, and the colour
+    (("disc", 0.2, 0.3, 0.12, (200, 40, 40)), ("square", 0.62, 0.62, 0.16, (40, 90, 200)),
+     ("triangle", 0.85, 0.25, 0.12, (40, 160, 60))),
+    (("ellipse", 0.5, 0.5, 0.18, (230, 180, 30)), ("square", 0.08, 0.85, 0.14, (120, 50, 160))),
+    (("disc", 0.15, 0.2, 0.1, (30, 30, 30)), ("square", 0.45, 0.3, 0.1, (210, 90, 20)),
+     ("triangle", 0.8, 0.7, 0.14, (20, 140, 150)), ("ellipse", 0.3, 0.78, 0.12, (170, 30, 110)),
+     ("disc", 0.95, 0.15, 0.09, (60, 120, 40))),
+)
+
+
+def shapes_photo(scene: int = 0, width: int = 400, height: int = 300) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Flat shapes of different colours on a plain, slightly noisy light background (``SHAPE_SCENES[scene]``:
+    two to five shapes, some cut by the photo's border).
+
+    Returns:
+        ``(rgb, masks)``: the photo and each shape's ground-truth ``(H, W)`` bool mask, in scene order.
+    """
+    rng = np.random.default_rng(20 + scene)
+    yy, xx = np.mgrid[0:height, 0:width]
+    light = 225 + 10 * (yy / height)  # a soft fall-off, as on a paper backdrop
+    out = np.stack([light, light - 2, light - 6], axis=-1) + rng.normal(0, 2.5, (height, width, 1))
+    masks = []
+    side = min(width, height)
+    for kind, fx, fy, fs, colour in SHAPE_SCENES[scene]:
+        cx, cy, r = fx * width, fy * height, fs * side
+        if kind == "disc":
+            mask = np.hypot(xx - cx, yy - cy) <= r
+        elif kind == "ellipse":
+            mask = ((xx - cx) / (1.5 * r)) ** 2 + ((yy - cy) / (0.8 * r)) ** 2 <= 1
+        elif kind == "square":
+            mask = (np.abs(xx - cx) <= r) & (np.abs(yy - cy) <= r)
+        else:  # an upward triangle
+            mask = (yy <= cy + r) & (yy - (cy - r) >= 2 * np.abs(xx - cx))
+        out[mask] = np.asarray(colour, np.float64) + rng.normal(0, 3, (int(mask.sum()), 1))
+        masks.append(mask)
+    return np.clip(out, 0, 255).astype(np.uint8), masks

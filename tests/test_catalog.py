@@ -261,3 +261,15 @@ def test_gallery_offers_ar_and_every_objects_downloads():
     for name in ("scene.glb", "objects/0/object.usdz", "objects/2/object.obj", "objects/2/texture.png"):
         assert f'href="p-1/{name}" download' in page
     assert 'href="p-1/objects/0/mask.png"' not in page
+
+
+def test_gallery_shows_each_objects_export_checks():
+    rules = [{"rule": "glb triangles", "limit": 100000, "value": 2400, "pass": True, "by": "AR Quick Look"},
+             {"rule": "glb vertex colours", "limit": 0, "value": 1, "pass": False, "by": "stores"}]
+    index = catalog.build_index([catalog.CatalogEntry(
+        id="cup", line=2, image="x.png", prompt="cup", status="completed", result_status="completed",
+        prefix="p-1", files=["object.glb"], checks={"0": rules, "1": rules[:1]})], source="m.csv", output_root="/o")
+    page = render_gallery_html(index)
+    assert '<details class="checks" data-object="0"><summary>#0 checks: 1/2 pass</summary>' in page
+    assert "#1 checks: 1/1 pass" in page
+    assert "<td>glb vertex colours</td><td>0</td><td>1</td><td class=\"fail\">FAIL</td>" in page

@@ -13,7 +13,7 @@ from sam3d_pipeline.masks import iou
 from sam3d_pipeline.settings import Settings
 from sam3d_pipeline.types import Box, Point, SegmentRequest
 
-from .photos import object_photo, uniform_photo
+from .photos import SHAPE_SCENES, object_photo, shapes_photo, uniform_photo
 
 
 @pytest.fixture
@@ -146,3 +146,19 @@ def test_registry_resolution():
     with pytest.raises(BackendUnavailableError, match="unknown segmenter 'magic'"):
         backends.resolve("segmenter", "magic", s)
     assert backends.get_segmenter("lite", s) is backends.get_segmenter("lite", s)  # built once per process
+
+
+@pytest.mark.parametrize("scene", range(len(SHAPE_SCENES)))
+def test_every_shape_on_a_plain_background_is_found(segmenter, scene):
+    rgb, masks = shapes_photo(scene)
+    seg = segmenter.segment(rgb, SegmentRequest("shapes"))
+    assert len(seg.instances) == len(masks), [i.box for i in seg.instances]
+    for truth in masks:  # each shape, also those cut by the photo's edge, is one instance
+        assert max(iou(inst.mask, truth) for inst in seg.instances) > 0.95
+    assert any("plain background" in m for m in seg.messages)
+
+
+def test_a_textured_background_is_not_taken_for_a_plain_one(segmenter):
+    seg = segmenter.segment(object_photo()[0], SegmentRequest("x"))
+    assert not any("plain background" in m for m in seg.messages)
+    assert len(seg.instances) == 1

@@ -2,7 +2,10 @@
 
 It cannot read text. It finds the most distinct foreground region seeded by the box prompts, the click
 prompts, or (with neither) a centre prior, and scores each connected region by how well it stands out
-from its surroundings. The text prompt is recorded in reports but does not influence the result.
+from its surroundings. On a plain background (most of the photo's border one colour: a backdrop, a table)
+the seed without boxes is every pixel unlike that colour instead of the centre prior, so every object of the
+scene is found, also near or cut by the photo's edge. The text prompt is recorded in reports but does not
+influence the result.
 """
 
 from __future__ import annotations
@@ -30,7 +33,12 @@ GRABCUT_ITERATIONS = 5
 # to count as the same object (a sudden collapse or a spill into the background means the object was lost).
 TRACK_MIN_AREA_RATIO = 0.3
 TRACK_MAX_AREA_RATIO = 2.5
-
+# Plain background: at least this share of the border band lies within PLAIN_CLOSE_DE (CIELAB ΔE) of the border's
+# median colour; a pixel is probably an object beyond max(PLAIN_MIN_DE, PLAIN_SPREAD x the band's median ΔE).
+PLAIN_BORDER_SHARE = 0.75
+PLAIN_CLOSE_DE = 10.0
+PLAIN_MIN_DE = 12.0
+PLAIN_SPREAD = 3.0
 
 
 def describe(settings: Settings | None = None) -> BackendInfo:
@@ -82,7 +90,13 @@ class LiteSegmenter:
             fg = self._grabcut(bgr, self._prior_seed(prior, points))
             regions = self._components(fg, points)
         else:
-            fg = self._grabcut(bgr, self._centre_seed(small.shape[:2], points))
+            plain = plain_background_distance(lab)
+            if plain is not None:
+                messages.append("plain background: every region unlike it is a candidate object")
+                seed = self._plain_seed(*plain, points)
+            else:
+                seed = self._centre_seed(small.shape[:2], points)
+            fg = self._grabcut(bgr, seed)
             regions = self._components(fg, points)
 
         instances = []
@@ -221,6 +235,13 @@ class LiteSegmenter:
         self._apply_points(seed, points)
         return seed
 
+    def _plain_seed(self, distance: np.ndarray, threshold: float, points: list[Point]) -> np.ndarray:
+        """Plain background: pixels far from its colour are probable foreground, near ones sure background."""
+        seed = np.where(distance > threshold, cv2.GC_PR_FGD, cv2.GC_PR_BGD).astype(np.uint8)
+        seed[distance < threshold / 2] = cv2.GC_BGD
+        self._apply_points(seed, points)
+        return seed
+
     def _prior_seed(self, prior: np.ndarray, points: list[Point]) -> np.ndarray:
         """Refinement: the earlier mask is probable foreground, the rest probable background, clicks are sure."""
         seed = np.where(prior, cv2.GC_PR_FGD, cv2.GC_PR_BGD).astype(np.uint8)
@@ -284,6 +305,26 @@ def _by_colour(rgb: np.ndarray, mean: np.ndarray, std: np.ndarray, area: int) ->
         return None
     best = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
     return labels == best if stats[best, cv2.CC_STAT_AREA] >= max(8, area // 10) else None
+
+
+def plain_background_distance(lab: np.ndarray) -> tuple[np.ndarray, float] | None:
+    """When the photo's background is plain, ``(each pixel's CIELAB ΔE from it (H, W), the ΔE beyond which a
+    pixel is probably an object)``; None otherwise.
+
+    Plain: at least ``PLAIN_BORDER_SHARE`` of a border band 3% of the short side wide lies within
+    ``PLAIN_CLOSE_DE`` of the band's median colour (objects cut by the edge may take the rest).
+    """
+    h, w = lab.shape[:2]
+    band = max(2, round(min(h, w) * 0.03))
+    border = np.ones((h, w), bool)
+    border[band:-band, band:-band] = False
+    colour = np.median(lab[border], axis=0)
+    distance = np.linalg.norm(lab - colour, axis=-1)
+    near = distance[border]
+    close = near < PLAIN_CLOSE_DE
+    if close.mean() < PLAIN_BORDER_SHARE:
+        return None
+    return distance, max(PLAIN_MIN_DE, PLAIN_SPREAD * float(np.median(near[close])))
 
 
 def region_score(lab: np.ndarray, gradient: np.ndarray, region: np.ndarray) -> float:

@@ -56,6 +56,9 @@ class CatalogEntry(BaseModel):
     gpu_batch: int | None = Field(None, description="index of the reconstruction batch the item ran in")
     review_requested: bool = False
     duplicate_of: str | None = Field(None, description="for a duplicate: the id of the row that does the work")
+    checks: dict[str, list[dict[str, Any]]] = Field(
+        default_factory=dict, description="per object index: its export's per-rule checks (rule, limit, value, "
+        "pass, by)")
     error: dict[str, str] | None = None
 
     @property
@@ -104,6 +107,7 @@ def resolve_duplicates(entries: Sequence[CatalogEntry]) -> None:
                                else primary.result_status or "failed")
         entry.prefix, entry.output_prefix = primary.prefix, primary.output_prefix
         entry.files, entry.score, entry.scores = list(primary.files), primary.score, list(primary.scores)
+        entry.checks = dict(primary.checks)
         entry.instances, entry.segmenter, entry.reconstructor = (primary.instances, primary.segmenter,
                                                                  primary.reconstructor)
 

@@ -347,6 +347,8 @@ def entry_from_result(item: CatalogItem, result: RunResult, *, status: EntryStat
         segmenter=(result.segmenter or {}).get("name"),
         reconstructor=(result.reconstructor or {}).get("name"),
         gpu_batch=gpu_batch,
+        checks={str(obj["index"]): list(obj.get("export", {}).get("checks", [])) for obj in result.objects
+                if "index" in obj},
         review_requested=item.review,
         error=result.error,
     )

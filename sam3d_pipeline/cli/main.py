@@ -93,7 +93,8 @@ def run(
     force: Annotated[bool, typer.Option("--force", help="Recompute even if a completed result exists.")] = False,
     instances: Annotated[str, typer.Option(
         "--instances", help="Objects to reconstruct: best, all, or instance indices like 0,2.")] = "best",
-    profile: Annotated[str, typer.Option("--profile", help="web|ar|raw (web: simplified, quantised GLB).")] = "web",
+    profile: Annotated[str, typer.Option("--profile", help="web|ar|raw|store (web: simplified, quantised "
+                                                     "GLB; store: textured PBR checked against store rules).")] = "web",
     export: Annotated[str, typer.Option("--export", help="Formats per object: glb,usdz,obj,ply.")] = "glb,usdz",
     video_frames: Annotated[int, typer.Option(
         "--video-frames", min=1, max=8, help="Video: reconstruct from the best tracked frame (1) or the K best.")] = 1,
@@ -111,10 +112,11 @@ def run(
     boxes = [parse_box(b) for b in box or []]
     points = [parse_point(p) for p in point or []]
     from sam3d_pipeline.errors import InputError
+    from sam3d_pipeline.export import PROFILES
     from sam3d_pipeline.run.objects import parse_formats, parse_instances
 
-    if profile not in ("web", "ar", "raw"):
-        raise typer.BadParameter(f"{profile!r}: choose web, ar or raw", param_hint="--profile")
+    if profile not in PROFILES:
+        raise typer.BadParameter(f"{profile!r}: choose {', '.join(PROFILES)}", param_hint="--profile")
     try:
         instances_spec = parse_instances(instances)
     except InputError as exc:

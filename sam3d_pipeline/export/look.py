@@ -1,8 +1,9 @@
 """Does an export keep the look? Render two meshes from the same cameras and compare the pictures.
 
-The renderer is a small z-buffered rasteriser (orthographic, Gouraud-interpolated vertex colours, Lambert
-shading with interpolated vertex normals), so a simplified mesh is drawn as a viewer draws it. The measure:
-per view, the silhouette IoU and the mean absolute RGB difference (0-255) over the pixels either render covers.
+The renderer is ``raster``'s (orthographic, z-buffered): per pixel the colour is the interpolated vertex colour,
+or for a textured mesh its texture sampled bilinearly at the interpolated texture coordinates, Lambert-shaded
+with the interpolated normal; so a simplified or textured mesh is drawn as a viewer draws it. The measure: per
+view, the silhouette IoU and the mean absolute RGB difference (0-255) over the pixels either render covers.
 """
 
 from __future__ import annotations
@@ -12,71 +13,50 @@ from typing import Any
 import numpy as np
 
 from sam3d_pipeline.export.mesh import ExportMesh
+from sam3d_pipeline.export.raster import lambert, rasterize, rotation, sample
+from sam3d_pipeline.export.texture import Textured
 
 VIEWS = ((0.0, 10.0), (-35.0, 20.0), (90.0, 10.0))  # (yaw, pitch) degrees: front, three-quarter, side
-LIGHT = np.array([-0.4, 0.5, 0.77]) / np.linalg.norm([-0.4, 0.5, 0.77])
+Surface = ExportMesh | Textured
 
 
-def _rotation(yaw_deg: float, pitch_deg: float) -> np.ndarray:
-    yaw, pitch = np.radians(yaw_deg), np.radians(pitch_deg)
-    ry = np.array([[np.cos(yaw), 0, np.sin(yaw)], [0, 1, 0], [-np.sin(yaw), 0, np.cos(yaw)]])
-    rx = np.array([[1, 0, 0], [0, np.cos(pitch), -np.sin(pitch)], [0, np.sin(pitch), np.cos(pitch)]])
-    return rx @ ry
+def draw(surface: Surface, rot: np.ndarray, *, size_px: int, centre: np.ndarray,
+         scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(pixel (P,) flat indices, rgb (P, 3) float 0-255)`` of the visible, shaded surface: view rotation
+    ``rot``, ``centre`` (metres) at the image centre, ``scale`` pixels per metre."""
+    normals = surface.normals if isinstance(surface, Textured) else surface.vertex_normals()
+    v = (surface.vertices - centre) @ rot.T
+    xy = np.stack([size_px / 2 + v[:, 0] * scale, size_px / 2 - v[:, 1] * scale], axis=1)
+    frags = rasterize(xy, surface.faces, (size_px, size_px), depth=v[:, 2])
+    if isinstance(surface, Textured):
+        colour = sample(surface.image, frags.interpolate(surface.faces, surface.uv))
+    else:
+        colour = frags.interpolate(surface.faces, surface.colours)
+    shade = lambert(frags.interpolate(surface.faces, normals @ rot.T))
+    return frags.pixel, colour * shade[:, None]
 
 
-def render(mesh: ExportMesh, *, yaw_deg: float, pitch_deg: float, size_px: int, centre: np.ndarray,
+def render(surface: Surface, *, yaw_deg: float, pitch_deg: float, size_px: int, centre: np.ndarray,
            radius: float) -> tuple[np.ndarray, np.ndarray]:
-    """``(image (S, S, 3) uint8, coverage (S, S) bool)`` of ``mesh`` seen from ``(yaw, pitch)``; ``centre`` and
-    ``radius`` (metres) frame the view, so two meshes rendered with the same values line up."""
-    rot = _rotation(yaw_deg, pitch_deg)
-    v = (mesh.vertices - centre) @ rot.T
-    n = mesh.vertex_normals() @ rot.T
-    scale = 0.45 * size_px / radius
-    sx, sy = size_px / 2 + v[:, 0] * scale, size_px / 2 - v[:, 1] * scale
-    shade = 0.35 + 0.65 * np.clip(n @ LIGHT, 0.0, 1.0)
-    lit = mesh.colours.astype(np.float64) * shade[:, None]
-    f = mesh.faces
-    x, y, z = sx[f], sy[f], v[:, 2][f]  # (F, 3)
-    x0, x1 = np.floor(x.min(1)).astype(np.int64), np.ceil(x.max(1)).astype(np.int64)
-    y0, y1 = np.floor(y.min(1)).astype(np.int64), np.ceil(y.max(1)).astype(np.int64)
-    x0, y0 = np.clip(x0, 0, size_px - 1), np.clip(y0, 0, size_px - 1)
-    x1, y1 = np.clip(x1, 0, size_px - 1), np.clip(y1, 0, size_px - 1)
-    w, h = x1 - x0 + 1, y1 - y0 + 1
-    area = (x[:, 1] - x[:, 0]) * (y[:, 2] - y[:, 0]) - (x[:, 2] - x[:, 0]) * (y[:, 1] - y[:, 0])
-    keep = np.abs(area) > 1e-12
-    counts = np.where(keep, w * h, 0)
-    tri = np.repeat(np.arange(len(f)), counts)
-    local = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-    px = x0[tri] + local % w[tri]
-    py = y0[tri] + local // w[tri]
-    cx, cy = px + 0.5, py + 0.5
-    xa, ya = x[tri], y[tri]
-    a = area[tri]
-    b1 = ((cx - xa[:, 0]) * (ya[:, 2] - ya[:, 0]) - (xa[:, 2] - xa[:, 0]) * (cy - ya[:, 0])) / a
-    b2 = ((xa[:, 1] - xa[:, 0]) * (cy - ya[:, 0]) - (cx - xa[:, 0]) * (ya[:, 1] - ya[:, 0])) / a
-    b0 = 1.0 - b1 - b2
-    inside = (b0 >= -1e-9) & (b1 >= -1e-9) & (b2 >= -1e-9)
-    tri, px, py, b = tri[inside], px[inside], py[inside], np.stack([b0, b1, b2], 1)[inside]
-    depth = (b * z[tri]).sum(1)
-    pixel = py * size_px + px
-    order = np.lexsort((-depth, pixel))  # nearest (largest z) first per pixel
-    first = order[np.unique(pixel[order], return_index=True)[1]]
-    colour = np.einsum("pk,pkc->pc", b[first], lit[f[tri[first]]])
+    """``(image (S, S, 3) uint8 on white, coverage (S, S) bool)`` of ``surface`` seen from ``(yaw, pitch)``;
+    ``centre`` and ``radius`` (metres) frame the view, so two meshes rendered with the same values line up."""
+    pixel, rgb = draw(surface, rotation(yaw_deg, pitch_deg), size_px=size_px, centre=centre,
+                      scale=0.45 * size_px / radius)
     image = np.full((size_px * size_px, 3), 255.0)
-    image[pixel[first]] = colour
+    image[pixel] = rgb
     coverage = np.zeros(size_px * size_px, bool)
-    coverage[pixel[first]] = True
+    coverage[pixel] = True
     shape = (size_px, size_px)
     return np.clip(np.round(image), 0, 255).astype(np.uint8).reshape(*shape, 3), coverage.reshape(shape)
 
 
-def compare(reference: ExportMesh, candidate: ExportMesh, *, size_px: int = 256) -> dict[str, Any]:
+def compare(reference: Surface, candidate: Surface, *, size_px: int = 256) -> dict[str, Any]:
     """How close ``candidate`` looks to ``reference`` over :data:`VIEWS`.
 
     Returns:
         ``{"silhouette_iou": worst view, "mean_abs_rgb": worst view (0-255), "views": [...]}``.
     """
-    lo, hi = reference.bounds()
+    lo, hi = reference.vertices.min(0), reference.vertices.max(0)
     centre = (lo + hi) / 2
     radius = float(np.linalg.norm(hi - lo) / 2) or 1.0
     views = []

@@ -7,6 +7,10 @@ from typing import Any
 
 import numpy as np
 
+# Where an ExportMesh's colours came from: the reconstructor's vertex colours (lite, SAM 3D Objects' GLB), a
+# textured mesh's texture sampled at its vertices, or nothing (uniform grey).
+COLOUR_SOURCES = ("vertex-colours", "mesh-texture-at-vertices", "none-grey")
+
 
 @dataclass
 class ExportMesh:
@@ -16,29 +20,32 @@ class ExportMesh:
         vertices: ``(N, 3)`` float64, metres in the world frame (Y up, facing +Z) once placed.
         faces: ``(F, 3)`` int64 vertex indices, counter-clockwise seen from outside.
         colours: ``(N, 3)`` uint8 sRGB.
+        colour_source: where the colours came from (``COLOUR_SOURCES``); a baked texture reports it.
     """
 
     vertices: np.ndarray
     faces: np.ndarray
     colours: np.ndarray
+    colour_source: str = "vertex-colours"
 
     @classmethod
     def from_trimesh(cls, mesh: Any) -> ExportMesh:
         """From a ``trimesh.Trimesh`` with vertex colours (grey when it has none)."""
         vertices = np.asarray(mesh.vertices, dtype=np.float64)
-        colours = None
+        colours, source = None, "vertex-colours"
         visual = getattr(mesh, "visual", None)
         if visual is not None and getattr(visual, "kind", None) == "vertex":
             colours = np.asarray(visual.vertex_colors)[:, :3]
         elif visual is not None and getattr(visual, "kind", None) is not None:
-            colours = np.asarray(visual.to_color().vertex_colors)[:, :3]
+            colours, source = np.asarray(visual.to_color().vertex_colors)[:, :3], "mesh-texture-at-vertices"
         if colours is None or len(colours) != len(vertices):
-            colours = np.full((len(vertices), 3), 180, np.uint8)
+            colours, source = np.full((len(vertices), 3), 180, np.uint8), "none-grey"
         return cls(vertices=vertices, faces=np.asarray(mesh.faces, dtype=np.int64),
-                   colours=np.ascontiguousarray(colours, dtype=np.uint8))
+                   colours=np.ascontiguousarray(colours, dtype=np.uint8), colour_source=source)
 
     def with_vertices(self, vertices: np.ndarray) -> ExportMesh:
-        return ExportMesh(vertices=np.asarray(vertices, dtype=np.float64), faces=self.faces, colours=self.colours)
+        return ExportMesh(vertices=np.asarray(vertices, dtype=np.float64), faces=self.faces, colours=self.colours,
+                          colour_source=self.colour_source)
 
     @property
     def triangles(self) -> int:

@@ -41,4 +41,4 @@ def simplify(mesh: ExportMesh, max_triangles: int) -> ExportMesh:
     points, faces = points[used], remap[faces]
     faces = faces[(faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2]) & (faces[:, 0] != faces[:, 2])]
     _, nearest = cKDTree(mesh.vertices).query(points)
-    return ExportMesh(vertices=points, faces=faces, colours=mesh.colours[nearest])
+    return ExportMesh(vertices=points, faces=faces, colours=mesh.colours[nearest], colour_source=mesh.colour_source)

@@ -16,19 +16,19 @@ from typing import Any
 
 import numpy as np
 
-from sam3d_pipeline.export.mesh import ExportMesh
-from sam3d_pipeline.export.texture import Baked, png_bytes
+from sam3d_pipeline.export.texture import Textured, png_bytes
 
 TEXTURE_NAME = "texture.png"
 
 
-def write_usdz(mesh: ExportMesh, baked: Baked, *, name: str = "object") -> bytes:
-    """USDZ bytes of ``mesh`` with its baked texture (vertices in metres, Y up)."""
+def write_usdz(mesh: Textured, *, name: str = "object", roughness: float = 0.85) -> bytes:
+    """USDZ bytes of ``mesh`` with its baked texture (vertices in metres, Y up); ``st`` is per vertex (the mesh is
+    cut along its UV seams)."""
     from pxr import Gf, Kind, Sdf, Usd, UsdGeom, UsdShade, Vt
 
     with tempfile.TemporaryDirectory(prefix="sam3d-usdz-") as tmp:
         folder = Path(tmp)
-        (folder / TEXTURE_NAME).write_bytes(png_bytes(baked.image))
+        (folder / TEXTURE_NAME).write_bytes(png_bytes(mesh.image))
         layer_path = folder / f"{name}.usdc"
         stage = Usd.Stage.CreateNew(str(layer_path))
         UsdGeom.SetStageUpAxis(stage, UsdGeom.Tokens.y)
@@ -44,18 +44,18 @@ def write_usdz(mesh: ExportMesh, baked: Baked, *, name: str = "object") -> bytes
         geom.CreateFaceVertexIndicesAttr(Vt.IntArray.FromNumpy(mesh.faces.reshape(-1).astype(np.int32)))
         geom.CreateSubdivisionSchemeAttr(UsdGeom.Tokens.none)
         geom.CreateDoubleSidedAttr(True)
-        geom.CreateNormalsAttr(Vt.Vec3fArray.FromNumpy(mesh.vertex_normals().astype(np.float32)))
+        geom.CreateNormalsAttr(Vt.Vec3fArray.FromNumpy(mesh.normals.astype(np.float32)))
         geom.SetNormalsInterpolation(UsdGeom.Tokens.vertex)
         lo, hi = points.min(0), points.max(0)
         geom.CreateExtentAttr(Vt.Vec3fArray([Gf.Vec3f(*map(float, lo)), Gf.Vec3f(*map(float, hi))]))
         st = UsdGeom.PrimvarsAPI(geom).CreatePrimvar("st", Sdf.ValueTypeNames.TexCoord2fArray,
-                                                      UsdGeom.Tokens.faceVarying)
-        st.Set(Vt.Vec2fArray.FromNumpy(baked.uv.reshape(-1, 2).astype(np.float32)))
+                                                      UsdGeom.Tokens.vertex)
+        st.Set(Vt.Vec2fArray.FromNumpy(mesh.uv.astype(np.float32)))
 
         material = UsdShade.Material.Define(stage, "/Object/Material")
         surface = UsdShade.Shader.Define(stage, "/Object/Material/Surface")
         surface.CreateIdAttr("UsdPreviewSurface")
-        surface.CreateInput("roughness", Sdf.ValueTypeNames.Float).Set(0.85)
+        surface.CreateInput("roughness", Sdf.ValueTypeNames.Float).Set(float(roughness))
         surface.CreateInput("metallic", Sdf.ValueTypeNames.Float).Set(0.0)
         reader = UsdShade.Shader.Define(stage, "/Object/Material/ST")
         reader.CreateIdAttr("UsdPrimvarReader_float2")

@@ -44,6 +44,9 @@ h1{font-size:1.3rem;margin:0 0 .3rem} .counts span{margin-right:1rem}
 .status{font-weight:600;padding:0 .4rem;border-radius:4px}
 .completed{background:#d7f5dd}.skipped{background:#dde8f7}.no_object{background:#fbeec8}.failed{background:#f8d4d4}.duplicate{background:#eee}
 .error{color:#a00;word-break:break-word} button{margin-top:.4rem;cursor:pointer}
+table.checks{border-collapse:collapse;font-size:.75rem;margin-top:.3rem}
+table.checks td,table.checks th{border-bottom:1px solid #ddd;padding:.1rem .3rem;text-align:left}
+.pass{color:#176b2c}.fail{color:#a00;font-weight:600}
 dialog{width:min(90vw,800px);border:none;border-radius:8px;padding:.8rem}
 model-viewer{width:100%;height:60vh;background:#20232a}
 """
@@ -99,6 +102,20 @@ def _downloads(files: set[str]) -> list[tuple[str, str]]:
     return out
 
 
+def _checks_table(index: str, rules: list[dict[str, Any]]) -> str:
+    """Object ``index``'s export checks: a summary line that opens a rule / limit / value / verdict table."""
+    e = html.escape
+    ok = sum(bool(r.get("pass")) for r in rules)
+    rows = "".join(
+        f'<tr><td>{e(str(r.get("rule")))}</td><td>{e(json.dumps(r.get("limit")))}</td>'
+        f'<td>{e(json.dumps(r.get("value")))}</td>'
+        f'<td class="{"pass" if r.get("pass") else "fail"}">{"pass" if r.get("pass") else "FAIL"}</td></tr>'
+        for r in rules)
+    return (f'<details class="checks" data-object="{e(index)}"><summary>#{e(index)} checks: {ok}/{len(rules)} '
+            f'pass</summary><table class="checks"><tr><th>rule</th><th>limit</th><th>value</th><th></th></tr>'
+            f"{rows}</table></details>")
+
+
 def _card(item: dict[str, Any]) -> str:
     e = html.escape
     files = set(item.get("files") or [])
@@ -127,6 +144,9 @@ def _card(item: dict[str, Any]) -> str:
     if "object.glb" in files:
         lines.append(f'<button type="button" data-open="{e(item["id"])}">View 3D / AR</button> '
                      f'<a href="{e(prefix)}/object.glb" download>GLB</a>')
+    for index, rules in sorted((item.get("checks") or {}).items(), key=lambda kv: int(kv[0])):
+        if rules:
+            lines.append(_checks_table(index, rules))
     downloads = _downloads(files)
     if downloads:
         links = " ".join(f'<a href="{e(prefix)}/{e(name)}" download>{e(label)}</a>' for label, name in downloads)

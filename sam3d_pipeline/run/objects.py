@@ -135,7 +135,8 @@ def export_objects(instances: list[Instance], recons: dict[int, Reconstruction],
     where = placements(instances, recons, image_size, settings)
     out = ObjectsExport(export={"profile": profile, "formats": list(formats),
                                 "max_triangles": budgets.max_triangles, "max_bytes": budgets.max_bytes})
-    parts: list[tuple[int, export.ExportMesh, np.ndarray]] = []
+    textured_glb = export.profile_spec(profile).textured_glb
+    parts: list[tuple[int, export.Part]] = []
     for i in sorted(recons):
         recon, placement = recons[i], where[i]
         raw = export.ExportMesh.from_trimesh(recon.mesh)
@@ -148,12 +149,13 @@ def export_objects(instances: list[Instance], recons: dict[int, Reconstruction],
         for name, data in asset.files.items():
             out.files[object_file(i, name)] = data
         out.files[object_file(i, "mask.png")] = mask_to_png(instances[i].mask)
+        part = export.Part("object", asset.mesh, textured=asset.textured if textured_glb else None)
         if i == primary:
             out.files["object.glb"] = asset.files.get("object.glb") or export.write_glb(
-                [export.Part("object", asset.mesh)], quantize=export.quantized(profile), extras=extras)
+                [part], quantize=export.quantized(profile), extras=extras)
         # The asset sits on the floor at the origin; in the scene it goes back where the placement put it.
-        position = placement.matrix[:3, 3] - offset
-        parts.append((i, asset.mesh, position))
+        part.translation = tuple(float(v) for v in placement.matrix[:3, 3] - offset)
+        parts.append((i, part))
         out.objects.append(instances[i].summary(i) | {
             "selected": i == primary,
             "pose": recon.pose,
@@ -167,20 +169,21 @@ def export_objects(instances: list[Instance], recons: dict[int, Reconstruction],
     return out
 
 
-def _scene(parts: list[tuple[int, export.ExportMesh, np.ndarray]], where: dict[int, export.Placement],
+def _scene(parts: list[tuple[int, export.Part]], where: dict[int, export.Placement],
            profile: str, extras: dict[str, Any] | None, files: dict[str, bytes]) -> dict[str, Any]:
     t = time.perf_counter()
-    lo = np.min([mesh.vertices.min(0) + pos for _, mesh, pos in parts], axis=0)
-    hi = np.max([mesh.vertices.max(0) + pos for _, mesh, pos in parts], axis=0)
+    lo = np.min([p.mesh.vertices.min(0) + p.translation for _, p in parts], axis=0)
+    hi = np.max([p.mesh.vertices.max(0) + p.translation for _, p in parts], axis=0)
     shift = np.array([-(lo[0] + hi[0]) / 2, -lo[1], -(lo[2] + hi[2]) / 2])
     layout = where[parts[0][0]].layout
-    glb = export.write_glb([export.Part(f"object-{i}", mesh, tuple(float(v) for v in pos + shift))
-                            for i, mesh, pos in parts], quantize=export.quantized(profile),
-                           extras={"layout": layout, **(extras or {})})
+    placed = [(i, export.Part(f"object-{i}", p.mesh, tuple(float(v) for v in p.translation + shift), p.textured))
+              for i, p in parts]
+    glb = export.write_glb([p for _, p in placed], quantize=export.quantized(profile), roughness=export.profile_spec(
+        profile).roughness, extras={"layout": layout, **(extras or {})})
     files[SCENE_FILE] = glb
     note = ("objects placed by the reconstructor's pose (the photo's camera frame)" if layout == "reconstructor-pose"
             else "objects side by side at their image positions: this reconstructor gives no pose")
-    return {"layout": layout, "note": note, "objects": [i for i, _, _ in parts],
-            "positions_m": {str(i): [round(float(v), 4) for v in pos + shift] for i, _, pos in parts},
-            "triangles": int(sum(mesh.triangles for _, mesh, _ in parts)), "bytes": len(glb),
+    return {"layout": layout, "note": note, "objects": [i for i, _ in placed],
+            "positions_m": {str(i): [round(v, 4) for v in p.translation] for i, p in placed},
+            "triangles": int(sum(p.mesh.triangles for _, p in placed)), "bytes": len(glb),
             "export_s": round(time.perf_counter() - t, 3)}

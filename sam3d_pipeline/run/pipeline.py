@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from sam3d_pipeline import backends, video
 from sam3d_pipeline.errors import BackendUnavailableError, InputError, PipelineError
+from sam3d_pipeline.export import ProfileName
 from sam3d_pipeline.gpu import stages as gpu_stages
 from sam3d_pipeline.images import LoadedImage, load_image
 from sam3d_pipeline.keys import output_prefix_name
@@ -53,9 +54,10 @@ class RunOptions(BaseModel):
         "keep the one the reconstructor scores highest (when it scores its output; else the best view).")
     instances: Literal["best", "all"] | list[Annotated[int, Field(ge=0)]] = Field(
         "best", description="Objects to reconstruct: best (the selected instance), all, or instance indices.")
-    profile: Literal["web", "ar", "raw"] = Field(
+    profile: ProfileName = Field(
         "web", description="web: simplified to the triangle budget, quantised GLB; ar: simplified, plain GLB; "
-        "raw: the reconstructor's mesh as it came.")
+        "raw: the reconstructor's mesh as it came; store: textured PBR GLB and USDZ checked against the "
+        "marketplaces' rules.")
     export: list[Literal["glb", "usdz", "obj", "ply"]] = Field(
         default_factory=lambda: ["glb", "usdz"], min_length=1,
         description="Formats of every object: glb, usdz (AR Quick Look), obj (+ mtl, texture), ply (the splat).")

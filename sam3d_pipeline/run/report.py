@@ -35,7 +35,8 @@ class RunResult(BaseModel):
         description="one per reconstructed object (instances: best / all / indices), the selected one first: index, "
         "score, box, area, selected, outputs (file name → URI under objects/<index>/), pose, units (m), "
         "scale_source (sam3d-pose | default), size_m, mesh (reconstructor's stats), export (profile, triangles_in, "
-        "triangles, bytes per file, budget met / reasons, usdz_check, export_s)",
+        "triangles, bytes per file, budget met / reasons, texture (source, side, charts, vertices, in), usdz_check, "
+        "checks (per rule: rule, limit, value, pass, by), checks_passed, export_s)",
     )
     scene: dict[str, Any] | None = Field(
         None, description="scene.glb: layout (reconstructor-pose | image-positions), note, objects, positions_m, "

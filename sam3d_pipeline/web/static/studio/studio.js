@@ -373,6 +373,22 @@ function showDownloads(outputs, result) {
   }
 }
 
+// An exported asset's per-rule checks (rule, limit, value, pass): one row each, failures marked.
+function checksTable(checks) {
+  const table = document.createElement("table");
+  table.className = "checks";
+  const passed = checks.filter((c) => c.pass).length;
+  table.createCaption().textContent = `${passed}/${checks.length} pass`;
+  for (const c of checks) {
+    const row = table.insertRow();
+    for (const value of [c.rule, JSON.stringify(c.limit), JSON.stringify(c.value), c.pass ? "pass" : "FAIL"]) {
+      row.insertCell().textContent = value;
+    }
+    row.className = c.pass ? "pass" : "fail";
+  }
+  return table;
+}
+
 function showSummary(result) {
   const summary = $("summary");
   summary.replaceChildren();
@@ -400,6 +416,10 @@ function showSummary(result) {
     const parts = [r.mode && `mode ${r.mode}`, r.outcome, r.edited_mask && "mask refined by clicks",
       r.waited_s !== undefined && `waited ${Number(r.waited_s).toFixed(0)} s`];
     term(summary, "review", parts.filter(Boolean).join(", ") || r.reason || "");
+  }
+  for (const obj of result.objects || []) {
+    const checks = obj.export?.checks || [];
+    if (checks.length) term(summary, `#${obj.index} checks (${obj.export.profile})`, checksTable(checks));
   }
   const timings = Object.entries(result.timings_s || {});
   if (timings.length) term(summary, "timings", timings.map(([k, v]) => `${k} ${Number(v).toFixed(1)} s`).join(", "));
