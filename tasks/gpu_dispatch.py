@@ -284,7 +284,7 @@ def _wait(future: Any, run_id: str, storage: Storage, settings: Settings, kind: 
     """Wait for the task run to end, or its worker to be lost. Returns ``(kind, message)``."""
     deadline = time.monotonic() + settings.gpu_stage_timeout_s
     queued_until = time.monotonic() + settings.gpu_lease_s
-    last_scaled, undelivered, unrecorded = float("-inf"), 0, 0
+    last_scaled, undelivered, looks = float("-inf"), 0, 0
     with get_client(sync_client=True) as client:
         while True:
             # The state can read as None for a moment (the server records task run states from events).
@@ -324,11 +324,14 @@ def _wait(future: Any, run_id: str, storage: Storage, settings: Settings, kind: 
                 message = f"no result within SAM3D_GPU_STAGE_TIMEOUT_S={settings.gpu_stage_timeout_s:g}"
                 client.set_task_run_state(run_id, Crashed(message=message), force=True)
                 return "timeout", message
+            # Look again soon at first, then every gpu_poll_s: a warm stage often ends within a second, and the
+            # end event can come before the waiter has subscribed to it (then only the next look sees it).
+            look_again_s = min(settings.gpu_poll_s, 0.1 * 2 ** looks)
+            looks += 1
             try:
-                future.wait(timeout=settings.gpu_poll_s)  # returns at once when the run ends (an event)
+                future.wait(timeout=look_again_s)  # returns at once when the run ends (an event)
             except RuntimeError:  # its state is not recorded yet: usually a matter of milliseconds
-                time.sleep(min(settings.gpu_poll_s, 0.05 * 2 ** unrecorded))
-                unrecorded += 1
+                time.sleep(look_again_s)
 
 
 def _free_session_waiting(client: SyncPrefectClient, kind: str) -> bool:

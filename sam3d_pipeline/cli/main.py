@@ -99,18 +99,59 @@ def run(
     video_frames: Annotated[int, typer.Option(
         "--video-frames", min=1, max=8, help="Video: reconstruct from the best tracked frame (1) or the K best.")] = 1,
 ) -> None:
-    """Run image-to-3d on one photo (embedded default: in-process, Prefect's ephemeral API).
+    """Run image-to-3d on one photo (embedded default: the reused local Prefect API, see `local-api`).
 
     Exit code 0 completed, 1 failed (one line naming the input and the reason), 2 bad usage (before Prefect
     starts), 3 no object found.
     """
     debug = debug_requested(ctx)
+    params = _run_parameters(image=image, prompt=prompt, output_root=out, boxes=box, points=point,
+                             instance_index=instance, segmenter=segmenter, reconstructor=reconstructor, seed=seed,
+                             force=force, instances=instances, profile=profile, export=export,
+                             video_frames=video_frames)
+    say("image-to-3d", f"{image} prompt={prompt!r}", style="bold")
+    from sam3d_pipeline.settings import local_prefect_defaults
+
+    local_prefect_defaults()
+    started = time.perf_counter()
+    from flows.image_to_3d import image_to_3d
+    from sam3d_pipeline.cli.local import LocalApiDidNotStart, cli_run_settings
+    from sam3d_pipeline.run.report import RunResult
+
+    try:
+        with cli_run_settings(debug=debug):
+            state = image_to_3d(**params, return_state=True)
+    except LocalApiDidNotStart as exc:
+        say("error:", f"{image}: {exc}")
+        raise typer.Exit(EXIT_FAILED) from None
+    except Exception as exc:  # noqa: BLE001 (a bug or an unreachable Prefect API: one line unless --debug)
+        if debug:
+            raise
+        say_unexpected(image, exc)
+        raise typer.Exit(EXIT_FAILED) from None
+    wall = time.perf_counter() - started
+    if not state.is_completed():
+        report_failure(state, image, debug)
+        raise typer.Exit(EXIT_FAILED)
+    result = RunResult.model_validate(state.result())
+    _print_result(result, wall)
+    if result.status == "no_object":
+        raise typer.Exit(EXIT_NO_OBJECT)
+    if result.status != "completed":
+        raise typer.Exit(EXIT_FAILED)
+
+
+def _run_parameters(*, image: str, prompt: str, boxes: list[str] | None, points: list[str] | None,
+                    segmenter: str, reconstructor: str, instances: str, profile: str, export: str,
+                    output_root: str | None, **rest: object) -> dict[str, object]:
+    """The flow's parameters from the command's options, checked before Prefect starts (``typer.BadParameter``
+    names the option; a missing local input exits 1)."""
     if segmenter not in ("auto", "lite", "sam3"):
         raise typer.BadParameter(f"{segmenter!r}: choose auto, lite or sam3", param_hint="--segmenter")
     if reconstructor not in ("auto", "lite", "sam3d"):
         raise typer.BadParameter(f"{reconstructor!r}: choose auto, lite or sam3d", param_hint="--reconstructor")
-    boxes = [parse_box(b) for b in box or []]
-    points = [parse_point(p) for p in point or []]
+    parsed_boxes = [parse_box(b) for b in boxes or []]
+    parsed_points = [parse_point(p) for p in points or []]
     from sam3d_pipeline.errors import InputError
     from sam3d_pipeline.export import PROFILES
     from sam3d_pipeline.run.objects import parse_formats, parse_instances
@@ -125,55 +166,22 @@ def run(
         formats = parse_formats(export)
     except InputError as exc:
         raise typer.BadParameter(str(exc), param_hint="--export") from None
-    run_options(prompt=prompt, boxes=boxes, points=points, instance_index=instance, segmenter=segmenter,
-                reconstructor=reconstructor, seed=seed, instances=instances_spec, profile=profile, export=formats,
-                video_frames=video_frames)
-    check_output_root(out)
+    run_options(prompt=prompt, boxes=parsed_boxes, points=parsed_points, instance_index=rest["instance_index"],
+                segmenter=segmenter, reconstructor=reconstructor, seed=rest["seed"], instances=instances_spec,
+                profile=profile, export=formats, video_frames=rest["video_frames"])
+    check_output_root(output_root)
     if not image.startswith("s3://") and not os.path.exists(image):
         say("error:", f"{image}: no such file")
         raise typer.Exit(EXIT_FAILED)
+    return {"image": image, "prompt": prompt, "output_root": output_root, "boxes": parsed_boxes,
+            "points": parsed_points, "segmenter": segmenter, "reconstructor": reconstructor,
+            "instances": instances_spec, "profile": profile, "export": formats, **rest}
 
-    say("image-to-3d", f"{image} prompt={prompt!r}", style="bold")
-    from sam3d_pipeline.settings import local_prefect_defaults
 
-    local_prefect_defaults()
-    started = time.perf_counter()
-    from flows.image_to_3d import image_to_3d
-    from sam3d_pipeline.cli.local import LocalApiDidNotStart, cli_run_settings
-    from sam3d_pipeline.run.report import RunResult, summary_line
+def _print_result(result: object, wall: float) -> None:
+    """Where the outputs are, the one-line summary, and each object's size."""
+    from sam3d_pipeline.run.report import summary_line
 
-    try:
-        with cli_run_settings(debug=debug):
-            state = image_to_3d(
-                image=image,
-                prompt=prompt,
-                output_root=out,
-                boxes=boxes,
-                points=points,
-                instance_index=instance,
-                segmenter=segmenter,
-                reconstructor=reconstructor,
-                seed=seed,
-                force=force,
-                instances=instances_spec,
-                profile=profile,
-                export=formats,
-                video_frames=video_frames,
-                return_state=True,
-            )
-    except LocalApiDidNotStart as exc:
-        say("error:", f"{image}: {exc}")
-        raise typer.Exit(EXIT_FAILED) from None
-    except Exception as exc:  # noqa: BLE001 (a bug or an unreachable Prefect API: one line unless --debug)
-        if debug:
-            raise
-        say_unexpected(image, exc)
-        raise typer.Exit(EXIT_FAILED) from None
-    wall = time.perf_counter() - started
-    if not state.is_completed():
-        report_failure(state, image, debug)
-        raise typer.Exit(EXIT_FAILED)
-    result = RunResult.model_validate(state.result())
     print(f"output: {result.output_prefix}")
     print(summary_line(result) + f" (wall {wall:.1f} s)")
     for obj in result.objects:
@@ -181,10 +189,6 @@ def run(
         sizes = ", ".join(f"{name} {n / 1e6:.2f} MB" for name, n in exp.get("bytes", {}).items())
         print(f"object {obj['index']}: {exp.get('triangles', 0):,} triangles ({exp.get('profile')}), {sizes}"
               + ("" if exp.get("budget", {}).get("met", True) else " OVER BUDGET"))
-    if result.status == "no_object":
-        raise typer.Exit(EXIT_NO_OBJECT)
-    if result.status != "completed":
-        raise typer.Exit(EXIT_FAILED)
 
 
 def serve_web(command: str, host: str, port: int, token: str | None) -> None:

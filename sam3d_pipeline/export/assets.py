@@ -12,10 +12,11 @@ Profiles (``PROFILES``):
   metallic-roughness GLB without vertex colours or extensions, and a square power-of-two texture of 1024 px or
   more (up to the texture budget, at most 4096).
 
-USDZ and OBJ (every profile) and the ``store`` GLB carry the colour baked into a texture over xatlas UV charts
-(``texture.py``). When the GLB or the USDZ is over the byte budget the mesh is simplified further (up to four
-times); an asset that still does not fit says so in its report (``budget.met`` false, with the reasons), and
-every asset's report lists its per-rule ``checks``.
+USDZ and OBJ (every profile) and the ``store`` GLB carry the colour baked into a texture (``texture.py``): over
+xatlas UV charts for ``store``, in per-triangle cells (fast, no unwrap) for the others. When the GLB or the USDZ
+is over the byte budget the mesh is simplified further (up to four times); an asset that still does not fit says
+so in its report (``budget.met`` false, with the reasons), and every asset's report lists its per-rule
+``checks``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from sam3d_pipeline.export.checks import Limits, check_files, passed
 from sam3d_pipeline.export.gltf import Part, write_glb
 from sam3d_pipeline.export.mesh import ExportMesh
 from sam3d_pipeline.export.simplify import simplify
-from sam3d_pipeline.export.texture import Textured, bake, texture_side
+from sam3d_pipeline.export.texture import Textured, bake, bake_cells, texture_side
 
 ProfileName = Literal["web", "ar", "raw", "store"]
 Format = Literal["glb", "usdz", "obj", "ply"]
@@ -52,6 +53,8 @@ class Profile:
         max_bytes: the byte limit of each budgeted file instead of the budget's (None: the budget's).
         texture_min_px, texture_max_px: the baked texture's side range (the max also capped by the budget's).
         roughness: the material's roughness (metallic is always 0).
+        uv_charts: bake over real UV charts (an xatlas unwrap: seconds to tens of seconds); False: the fast
+            per-triangle cells (``texture.bake_cells``).
     """
 
     name: str
@@ -64,6 +67,7 @@ class Profile:
     texture_min_px: int = 256
     texture_max_px: int = 4096
     roughness: float = 0.85
+    uv_charts: bool = False
     summary: str = ""
 
     def limits(self, budgets: Budgets) -> Limits:
@@ -79,8 +83,8 @@ PROFILE_SPECS: dict[str, Profile] = {p.name: p for p in (
     Profile("ar", simplify=True, quantize=False, summary="simplified, plain vertex-coloured GLB"),
     Profile("raw", simplify=False, quantize=False, summary="the reconstructor's mesh as it came"),
     Profile("store", simplify=True, quantize=False, textured_glb=True, store=True, max_triangles=100_000,
-            max_bytes=10_000_000, texture_min_px=1024, summary="textured PBR GLB and USDZ checked against "
-            "the marketplaces' rules"),
+            max_bytes=10_000_000, texture_min_px=1024, uv_charts=True,
+            summary="textured PBR GLB and USDZ checked against the marketplaces' rules"),
 )}
 PROFILES: tuple[str, ...] = get_args(ProfileName)
 assert PROFILES == tuple(PROFILE_SPECS), "every profile name has its spec"
@@ -211,7 +215,8 @@ def _write(mesh: ExportMesh, spec: Profile, formats: tuple[str, ...] | list[str]
     wants_glb = "glb" in formats
     textured = None
     if "usdz" in formats or "obj" in formats or (wants_glb and spec.textured_glb):
-        textured = bake(mesh, texture_side(mesh.triangles, limits.texture_min_px, limits.texture_max_px))
+        textured = (bake(mesh, texture_side(mesh.triangles, limits.texture_min_px, limits.texture_max_px))
+                    if spec.uv_charts else bake_cells(mesh, limits.texture_min_px, limits.texture_max_px))
     files: dict[str, bytes] = {}
     if wants_glb:
         files["object.glb"] = write_glb([Part("object", mesh, textured=textured if spec.textured_glb else None)],

@@ -132,6 +132,61 @@ def bake(mesh: ExportMesh, side: int) -> Textured:
                     charts=charts, source_vertex=source_vertex)
 
 
+def cell_side(triangles: int, min_px: int, max_px: int) -> tuple[int, int]:
+    """``(texture side, cell side)`` of :func:`bake_cells`: the smallest power-of-two side in ``[min_px, max_px]``
+    holding every triangle in half of a 4-texel cell, or of a 2-texel cell when even ``max_px`` cannot.
+
+    Raises:
+        ValueError: too many triangles for a ``max_px`` texture even with 2-texel cells.
+    """
+    for cell in (4, 2):
+        side = max(min_px, cell)
+        while side <= max_px:
+            if 2 * (side // cell) ** 2 >= triangles:
+                return side, cell
+            side *= 2
+    raise ValueError(f"{triangles} triangles do not fit a {max_px}px texture (simplify first)")
+
+
+def bake_cells(mesh: ExportMesh, min_px: int, max_px: int) -> Textured:
+    """The fast bake, without an unwrap: every triangle gets half of a small square cell of the texture (two
+    triangles per cell, laid out in face order), each texel the colour the triangle's vertex colours interpolate
+    to there. Every triangle is its own chart (three vertices each), so coarse mip levels mix neighbouring cells:
+    what the ``web`` and ``ar`` USDZ and OBJ carry (an xatlas unwrap takes tens of seconds at 100k triangles
+    here: ``bench/export.py``); the ``store`` profile bakes over real charts (:func:`bake`)."""
+    side, cell = cell_side(mesh.triangles, min_px, max_px)
+    per_row, n = side // cell, mesh.triangles
+    f = np.arange(n)
+    upper = (f % 2).astype(bool)
+    origin = np.stack([(f // 2 % per_row) * cell, (f // 2 // per_row) * cell], axis=1).astype(np.float64)
+    c = float(cell)
+    # Corner texel positions (x right, y down): lower triangle (0,0) (c,0) (0,c), upper (c,c) (0,c) (c,0).
+    corners = np.where(upper[:, None, None], np.array([[c, c], [0.0, c], [c, 0.0]])[None],
+                       np.array([[0.0, 0.0], [c, 0.0], [0.0, c]])[None]) + origin[:, None, :]
+    t = (np.arange(cell) + 0.5) / cell
+    tx, ty = np.meshgrid(t, t)  # (cell, cell): x across, y down
+    colours = mesh.colours.astype(np.float32)[mesh.faces]  # (F, 3 corners, 3 rgb)
+    tiles = np.zeros((per_row * per_row, cell, cell, 3), np.float32)
+    for is_upper in (False, True):
+        faces = f[upper == is_upper]
+        u, v = (1.0 - tx, 1.0 - ty) if is_upper else (tx, ty)
+        w = np.stack([1.0 - u - v, u, v], axis=-1).clip(0.0, 1.0)
+        w /= w.sum(-1, keepdims=True)
+        texels = np.einsum("hwk,fkc->fhwc", w, colours[faces])
+        region = (tx + ty > 1.0) if is_upper else (tx + ty <= 1.0)
+        if not is_upper:  # a cell without a second triangle repeats the first one's colours everywhere
+            region = np.broadcast_to(region, (len(faces), cell, cell)).copy()
+            region[faces + 1 >= n] = True
+        tiles[faces // 2] = np.where(region[..., None], texels, tiles[faces // 2])
+    image = tiles.reshape(per_row, per_row, cell, cell, 3).transpose(0, 2, 1, 3, 4).reshape(side, side, 3)
+    corner_vertex = mesh.faces.reshape(-1).astype(np.int64)
+    uv = np.stack([corners[..., 0] / side, 1.0 - corners[..., 1] / side], axis=-1).reshape(-1, 2)
+    return Textured(vertices=mesh.vertices[corner_vertex], faces=np.arange(3 * n, dtype=np.int64).reshape(n, 3),
+                    normals=mesh.vertex_normals()[corner_vertex], uv=uv.astype(np.float32),
+                    image=np.clip(np.round(image), 0, 255).astype(np.uint8), source=mesh.colour_source, charts=n,
+                    source_vertex=corner_vertex)
+
+
 def png_bytes(image: np.ndarray) -> bytes:
     from PIL import Image
 

@@ -21,9 +21,28 @@ from sam3d_pipeline.export.texture import Textured, png_bytes
 TEXTURE_NAME = "texture.png"
 
 
+def _layout(mesh: Textured) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]:
+    """(points, normals, face vertex indices, st values, st interpolation), the smaller of two layouts:
+
+    - ``vertex``: the cut mesh as it is (a point per UV-chart vertex, ``st`` per point): small when the charts are
+      real (about 0.6 vertices a triangle);
+    - ``faceVarying``: the source mesh's shared points and ``st`` per face corner: small when every triangle is
+      its own chart (three cut vertices a triangle, ``texture.bake_cells``).
+    """
+    shared, first, inverse = np.unique(mesh.source_vertex, return_index=True, return_inverse=True)
+    per_vertex = len(mesh.vertices) * 32
+    face_varying = len(shared) * 24 + mesh.triangles * 3 * 8
+    if per_vertex <= face_varying:
+        return (mesh.vertices.astype(np.float32), mesh.normals.astype(np.float32),
+                mesh.faces.reshape(-1).astype(np.int32), mesh.uv.astype(np.float32), "vertex")
+    return (mesh.vertices[first].astype(np.float32), mesh.normals[first].astype(np.float32),
+            inverse[mesh.faces].reshape(-1).astype(np.int32), mesh.uv[mesh.faces].reshape(-1, 2).astype(np.float32),
+            "faceVarying")
+
+
 def write_usdz(mesh: Textured, *, name: str = "object", roughness: float = 0.85) -> bytes:
-    """USDZ bytes of ``mesh`` with its baked texture (vertices in metres, Y up); ``st`` is per vertex (the mesh is
-    cut along its UV seams)."""
+    """USDZ bytes of ``mesh`` with its baked texture (vertices in metres, Y up), in the smaller layout
+    (:func:`_layout`)."""
     from pxr import Gf, Kind, Sdf, Usd, UsdGeom, UsdShade, Vt
 
     with tempfile.TemporaryDirectory(prefix="sam3d-usdz-") as tmp:
@@ -38,19 +57,18 @@ def write_usdz(mesh: Textured, *, name: str = "object", roughness: float = 0.85)
         stage.SetDefaultPrim(root.GetPrim())
 
         geom = UsdGeom.Mesh.Define(stage, "/Object/Mesh")
-        points = mesh.vertices.astype(np.float32)
+        points, normals, faces, st_values, st_mode = _layout(mesh)
         geom.CreatePointsAttr(Vt.Vec3fArray.FromNumpy(points))
         geom.CreateFaceVertexCountsAttr(Vt.IntArray.FromNumpy(np.full(mesh.triangles, 3, np.int32)))
-        geom.CreateFaceVertexIndicesAttr(Vt.IntArray.FromNumpy(mesh.faces.reshape(-1).astype(np.int32)))
+        geom.CreateFaceVertexIndicesAttr(Vt.IntArray.FromNumpy(faces))
         geom.CreateSubdivisionSchemeAttr(UsdGeom.Tokens.none)
         geom.CreateDoubleSidedAttr(True)
-        geom.CreateNormalsAttr(Vt.Vec3fArray.FromNumpy(mesh.normals.astype(np.float32)))
+        geom.CreateNormalsAttr(Vt.Vec3fArray.FromNumpy(normals))
         geom.SetNormalsInterpolation(UsdGeom.Tokens.vertex)
         lo, hi = points.min(0), points.max(0)
         geom.CreateExtentAttr(Vt.Vec3fArray([Gf.Vec3f(*map(float, lo)), Gf.Vec3f(*map(float, hi))]))
-        st = UsdGeom.PrimvarsAPI(geom).CreatePrimvar("st", Sdf.ValueTypeNames.TexCoord2fArray,
-                                                      UsdGeom.Tokens.vertex)
-        st.Set(Vt.Vec2fArray.FromNumpy(mesh.uv.astype(np.float32)))
+        st = UsdGeom.PrimvarsAPI(geom).CreatePrimvar("st", Sdf.ValueTypeNames.TexCoord2fArray, st_mode)
+        st.Set(Vt.Vec2fArray.FromNumpy(st_values))
 
         material = UsdShade.Material.Define(stage, "/Object/Material")
         surface = UsdShade.Shader.Define(stage, "/Object/Material/Surface")
