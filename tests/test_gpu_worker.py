@@ -115,7 +115,9 @@ def test_sam3_image_is_what_sam3_asks_for_at_the_pyproject_pins():
     assert env["SAM3D_CHECKPOINT_DIR"] == "/opt/checkpoints" and env["SAM3D_CHECKPOINT_PARTS"] == "sam3"
     assert env["SAM3D_SEGMENTER"] == "sam3" and env["SAM3D_GPU_WORKER_STAGES"] == "segment"
     assert env["HF_HUB_OFFLINE"] == "1"
-    assert "SAM3D_RECONSTRUCTOR" not in env and "PYTHONPATH" not in env
+    assert "SAM3D_RECONSTRUCTOR" not in env
+    # flows/ and tasks/ are not in the wheel: the image imports them from the project folder, and only from there.
+    assert env["PYTHONPATH"] == env["SAM3D_PROJECT_DIR"] == "/opt/sam3d-pipeline"
     # One cv2: nothing in this image asks for opencv-python beside the project's headless one.
     assert "opencv-python" not in pins
 
@@ -150,7 +152,9 @@ def test_sam3d_image_keeps_upstreams_pins_and_builds_the_cuda_packages_without_i
     assert "cudaLaunchKernel" in installs  # the build fails when pytorch3d's CUDA ops are missing
     assert "uv pip install --no-deps ." in installs and '".[aws]"' not in text
     # The environment a session runs with.
-    assert env["PYTHONPATH"] == "/opt/sam-3d-objects/notebook" and env["HF_HUB_OFFLINE"] == "1"
+    # Upstream's notebook/inference.py, then the project folder (flows/ and tasks/ are not in the wheel).
+    assert env["PYTHONPATH"] == f"/opt/sam-3d-objects/notebook:{env['SAM3D_PROJECT_DIR']}"
+    assert env["SAM3D_PROJECT_DIR"] == "/opt/sam3d-pipeline" and env["HF_HUB_OFFLINE"] == "1"
     assert env["SAM3D_CHECKPOINT_DIR"] == "/opt/checkpoints"
     assert env["SAM3D_CHECKPOINT_PARTS"] == "sam-3d-objects,torch,hf"
     assert env["SAM3D_SAM3D_CONFIG_PATH"] == "/opt/checkpoints/sam-3d-objects/pipeline.yaml"

@@ -93,6 +93,11 @@ def usdz_facts(data: bytes) -> dict[str, Any]:
     return {"triangles": triangles, "textures": textures}
 
 
+def _size_rules(kind: str, triangles: int, size: int, limits: Limits, tri_by: str, byte_by: str) -> list[dict]:
+    return [_rule(f"{kind} triangles", limits.max_triangles, triangles, triangles <= limits.max_triangles, tri_by),
+            _rule(f"{kind} bytes", limits.max_bytes, size, size <= limits.max_bytes, byte_by)]
+
+
 def check_files(files: dict[str, bytes], limits: Limits, usdz_check: dict[str, Any] | None = None) -> list[dict]:
     """Per-rule results for the asset ``files`` (``object.glb``, ``object.usdz``; others are not checked).
 
@@ -106,10 +111,7 @@ def check_files(files: dict[str, bytes], limits: Limits, usdz_check: dict[str, A
     byte_by = "Google Merchant 10 MB recommended, Shopify 15 MB" if limits.store else "byte budget"
     if "object.glb" in files:
         glb = glb_facts(files["object.glb"])
-        out.append(_rule("glb triangles", limits.max_triangles, glb["triangles"],
-                         glb["triangles"] <= limits.max_triangles, tri_by))
-        out.append(_rule("glb bytes", limits.max_bytes, len(files["object.glb"]),
-                         len(files["object.glb"]) <= limits.max_bytes, byte_by))
+        out += _size_rules("glb", glb["triangles"], len(files["object.glb"]), limits, tri_by, byte_by)
         if limits.store:
             outside = [e for e in glb["extensions"] if e not in STORE_EXTENSIONS]
             out.append(_rule("glb extensions", list(STORE_EXTENSIONS), glb["extensions"], not outside,
@@ -122,10 +124,7 @@ def check_files(files: dict[str, bytes], limits: Limits, usdz_check: dict[str, A
             out += _texture_rules("glb", glb["textures"], limits)
     if "object.usdz" in files:
         usdz = usdz_facts(files["object.usdz"])
-        out.append(_rule("usdz triangles", limits.max_triangles, usdz["triangles"],
-                         usdz["triangles"] <= limits.max_triangles, tri_by))
-        out.append(_rule("usdz bytes", limits.max_bytes, len(files["object.usdz"]),
-                         len(files["object.usdz"]) <= limits.max_bytes, byte_by))
+        out += _size_rules("usdz", usdz["triangles"], len(files["object.usdz"]), limits, tri_by, byte_by)
         side = max((max(w, h) for w, h, _ in usdz["textures"]), default=0)
         out.append(_rule("usdz texture side max", AR_QUICK_LOOK_TEXTURE_PX, side,
                          0 < side <= AR_QUICK_LOOK_TEXTURE_PX, "AR Quick Look"))
