@@ -424,19 +424,27 @@ def selected_jobs(job: SegmentJob | TrackJob, row: dict[str, Any]) -> list[Recon
     ``object_reconstruct_dir(i)`` with the photo as their ``photo_id`` (one point map). A clip's object is its best
     view's frame and mask (``row["view"]``). Nothing for a failed row or one without an object.
     """
-    if "error" in row or row.get("selected") is None:
-        return []
-    keys = RunKeys(job.prefix)
+    outputs = object_outputs(job.prefix, row)
     if isinstance(job, TrackJob):
         view = row["view"]
-        return [ReconstructJobParam(image=view["image"], mask=view["mask"], output=keys.reconstruct_dir,
-                                    seed=job.seed)]
+        return [ReconstructJobParam(image=view["image"], mask=view["mask"], output=output, seed=job.seed)
+                for output in outputs.values()]
+    keys = RunKeys(job.prefix)
+    return [ReconstructJobParam(image=job.image, mask=keys.stage_mask(i), output=output, seed=job.seed,
+                                photo_id=job.image if len(outputs) > 1 else None) for i, output in outputs.items()]
+
+
+def object_outputs(prefix: str, row: dict[str, Any]) -> dict[int, str]:
+    """Where each object of a segmented photo or tracked clip (its result ``row``) is reconstructed, by instance
+    index, the selected one first: ``reconstruct_dir`` for one object, ``object_reconstruct_dir(i)`` for several.
+    Empty for a failed row or one without an object."""
+    if "error" in row or row.get("selected") is None:
+        return {}
+    keys = RunKeys(prefix)
     found = row.get("objects") or [row["selected"]]
     if len(found) == 1:
-        return [ReconstructJobParam(image=job.image, mask=keys.stage_mask(found[0]), output=keys.reconstruct_dir,
-                                    seed=job.seed)]
-    return [ReconstructJobParam(image=job.image, mask=keys.stage_mask(i), output=keys.object_reconstruct_dir(i),
-                                seed=job.seed, photo_id=job.image) for i in found]
+        return {found[0]: keys.reconstruct_dir}
+    return {i: keys.object_reconstruct_dir(i) for i in found}
 
 
 def track_clip(job: TrackJob, segmenter: str, settings: Settings, expected_version: str | None = None,
