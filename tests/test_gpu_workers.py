@@ -19,7 +19,6 @@ import pytest
 from PIL import Image
 
 from sam3d_pipeline import backends
-from sam3d_pipeline.backends.lite_segmenter import LiteSegmenter
 from sam3d_pipeline.gpu.stages import (
     GpuBatch,
     ReconstructJobParam,
@@ -46,7 +45,6 @@ from sam3d_pipeline.gpu.workers import (
 from sam3d_pipeline.keys import RunKeys
 from sam3d_pipeline.masks import iou
 from sam3d_pipeline.settings import Settings
-from sam3d_pipeline.types import SegmentRequest
 from sam3d_pipeline.video import load_video, sampling
 
 from .clips import audio_only, moving_object
@@ -209,10 +207,10 @@ def test_gpu_batch_tracks_a_clip_by_its_uri_and_reconstructs_its_best_view(tmp_p
     frames = [f.index for f in sample.frames]
     assert row["video"]["frames"] == frames == list(range(0, 60, 2))  # the submitter's stride, not the worker's
     track = load_track(str(out), "spin-x", frames)
-    here = LiteSegmenter(Settings()).track([f.rgb for f in sample.frames], SegmentRequest("red disc"))
-    assert len(track.masks) == 30 and track.backend == here.backend  # what tracking here gives (GrabCut's k-means
-    assert track.scores == pytest.approx(here.scores, abs=0.05)    # starts from OpenCV's global random state)
-    assert min(iou(a, b) if a.any() or b.any() else 1.0 for a, b in zip(track.masks, here.masks, strict=True)) > 0.9
+    assert len(track.masks) == 30 and track.backend.name == "lite" and track.scores == row["scores"]
+    whole = [iou(track.masks[p], clip.truth[i]) for p, i in enumerate(frames) if clip.whole(i)]
+    assert float(np.median(whole)) > 0.75  # the disc, tracked on the frames the submitter keeps
+    assert not any(track.masks[p].any() for p, i in enumerate(frames) if clip.absent(i))
     view = row["view"]
     assert row["selected"] == 0 and clip.whole(view["index"]) and frames[view["position"]] == view["index"]
     assert iou(track.masks[view["position"]], clip.truth[view["index"]]) > 0.8
