@@ -213,7 +213,8 @@ def catalog_batch(works: list[catalog.ItemWork], batch_index: int, output_root: 
     batch = catalog.gpu_batch_request(works, output_root, settings)
     if batch is None:
         return works
-    logger.info("GPU batch %d: %d item(s) to the GPU workers", batch_index, len(batch.segment))
+    logger.info("GPU batch %d: %d photo(s) and %d clip(s) to the GPU workers", batch_index, len(batch.segment),
+                len(batch.track))
     result, _ = run_on_workers(batch, settings)
     return catalog.apply_gpu_result(works, result, batch_index, output_root, settings)
 
@@ -259,8 +260,8 @@ def run_on_workers(batch: GpuBatch, settings: Settings, *,
     rest = gpu_stages.reconstruct_part(batch, segmented)
     reconstructed = None
     if rest is not None:
-        _logger().info("GPU batch: %d object(s) of %d photo(s) to the reconstruct workers", len(rest.reconstruct),
-                       len(batch.segment))
+        _logger().info("GPU batch: %d object(s) of %d photo(s) and clip(s) to the reconstruct workers",
+                       len(rest.reconstruct), len(batch.segment) + len(batch.track))
         reconstructed, more = _run_task(rest, "reconstruct", settings, sleep)
         attempts = attempts + more
     return gpu_stages.merge_results(segmented, reconstructed), attempts

@@ -194,7 +194,6 @@ def decode_item(work: ItemWork, settings: Settings | None = None) -> ItemWork:
             raise InputError(f"{work.item.image}: the file changed while the batch ran; the next run picks it up")
         if video.is_video_uri(work.item.image):
             work.clip = pipeline.decode_video(data, work.item.image, s)
-            work.messages.extend(work.clip.notes)
         else:
             work.image = pipeline.decode(data, work.item.image, s)
     except PipelineError as exc:
