@@ -1,8 +1,9 @@
-"""The ``catalog-batch`` flow: a manifest or prefix of photos → 3D assets, idempotent and resumable.
+"""The ``catalog-batch`` flow: a manifest or prefix of photos and videos → 3D assets, idempotent and resumable.
 
 Stages: load the source → plan the items in chunks (read bytes, compute the prefix ``image-to-3d`` would use,
 skip items with a finished ``result.json``; no decoding, no model) → group the rest into GPU batches → per
-batch: decode, segment and reconstruct while holding one GPU slot (each model loaded once per process),
+batch: decode, segment (a clip: track and choose its best view) and reconstruct every object a row asks for
+(``instances``) while holding one GPU slot, or on the GPU workers (each model loaded once per process),
 publish each item (``result.json`` last) → ``catalog.json`` and ``index.html`` at the output root.
 
 The flow's Prefect footprint grows per chunk and per batch, not per row: one task run plans ``chunk_size``
@@ -54,11 +55,13 @@ def catalog_batch(
     force: bool = False,
     chunk_size: int = 500,
 ) -> dict[str, Any]:
-    """Turn every photo of a manifest or prefix into 3D assets; skip what is done; index and gallery at the end.
+    """Turn every photo and video of a manifest or prefix into 3D assets; skip what is done; index and gallery at
+    the end.
 
     Args:
-        source: manifest (``.csv`` with a header / ``.jsonl``; fields image, prompt, box, points, review, id;
-            local or ``s3://``), an ``s3://bucket/prefix`` or a local folder of photos.
+        source: manifest (``.csv`` with a header / ``.jsonl``; fields image, prompt, box, points, review, id,
+            instances; local or ``s3://``), an ``s3://bucket/prefix`` or a local folder of photos and videos
+            (MP4 / MOV / WebM).
         output_root: local directory or ``s3://bucket/prefix``; default ``SAM3D_OUTPUT_ROOT``.
         default_prompt: prompt for rows without one (required for a prefix or folder).
         concurrency: items planned, and GPU batches processed, at the same time (>= 1).

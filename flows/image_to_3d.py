@@ -27,7 +27,6 @@ from tasks.intake import decode_image, decode_video, fetch_input, plan_run
 from tasks.publish import current_run_facts, finish_outputs, record_failure
 from tasks.retry import retry_options
 from tasks.review_pause import review_run, segment_or_reuse
-from tasks.segment import track_in_process
 
 clock.mark_imported()
 
@@ -98,7 +97,7 @@ def image_to_3d(
             if clip is None:
                 record.image = decode_image(data, image, settings)
         with timed(record, "segment"):
-            record.seg = (track_in_process(record, clip, settings) if clip is not None else
+            record.seg = (gpu_dispatch.track(record, clip, settings, storage.root) if clip is not None else
                           gpu_dispatch.segment(record.image, options, record.run_plan, settings, storage.root)
                           if review == "none" else  # a resumed review re-executes the flow: reuse round 1
                           segment_or_reuse(record.image, options, record.run_plan, settings, storage, 1))

@@ -53,6 +53,11 @@ def run_hash(
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def content_id(data: bytes) -> str:
+    """An input's identity in output keys: ``sha256:<hex>`` of its bytes (of the manifest, for a folder of frames)."""
+    return f"sha256:{hashlib.sha256(data).hexdigest()}"
+
+
 def output_prefix_name(uri: str, **hash_inputs: Any) -> str:
     """``<stem>-<hash>``: the folder under the output root that holds one run's files."""
     return f"{image_stem(uri)}-{run_hash(**hash_inputs)}"
@@ -71,6 +76,7 @@ REVIEW_DIR = "review"
 OBJECTS_DIR = "objects"
 SCENE_FILE = "scene.glb"
 SEGMENT_STAGE_DIR = "stages/segment"
+TRACK_STAGE_DIR = "stages/track"
 RECONSTRUCT_STAGE_DIR = "stages/reconstruct"
 DECODERS_DIR = "_decoders"
 WORKERS_DIR = "_workers"
@@ -108,7 +114,10 @@ class RunKeys:
         objects/<i>/{mask.png, object.glb, object.usdz, object.obj, object.mtl, texture.png, object.ply}
                                                                                     one asset per object
         stages/segment/segmentation.json, stages/segment/mask-<i>.png               segment stage (GPU side)
-        stages/reconstruct/{input-mask.png, object.glb, object.ply, reconstruction.json}  reconstruct stage
+        stages/track/track.json, stages/track/masks.npz                             a video's track (GPU side)
+        stages/track/frame-<n>.png, stages/track/mask-<n>.png                       a frame sent to reconstruct
+        stages/reconstruct/{input-mask.png, input-image.png, object.glb, object.ply, reconstruction.json}
+                                                                                    reconstruct stage
         review/image.jpg, review/overlay-r<n>.png, review/r<n>-<name>              review rounds
         review/embeddings.bin, review/final-<id>.png                               review page files
     """
@@ -152,10 +161,37 @@ class RunKeys:
     def stage_mask(self, index: int) -> str:
         return f"{self.segment_dir}/mask-{index}.png"
 
+    # a video's track (the segment stage of a clip)
+    @property
+    def track_dir(self) -> str:
+        return self.file(TRACK_STAGE_DIR)
+
+    @property
+    def track_summary(self) -> str:
+        """Frame indices, scores, backend and messages of the track (written last)."""
+        return f"{self.track_dir}/track.json"
+
+    @property
+    def track_masks(self) -> str:
+        """Every sampled frame's mask, bit-packed in one compressed NumPy archive."""
+        return f"{self.track_dir}/masks.npz"
+
+    def track_frame(self, index: int) -> str:
+        """Source frame ``index`` as a PNG (the photo a reconstruct job reads)."""
+        return f"{self.track_dir}/frame-{int(index)}.png"
+
+    def track_mask(self, index: int) -> str:
+        return f"{self.track_dir}/mask-{int(index)}.png"
+
     # reconstruct stage
     @property
     def reconstruct_dir(self) -> str:
         return self.file(RECONSTRUCT_STAGE_DIR)
+
+    @property
+    def reconstruct_input_image(self) -> str:
+        """The photo sent to the GPU workers to reconstruct when the run's input is not one (a video's frame)."""
+        return f"{self.reconstruct_dir}/input-image.png"
 
     @property
     def reconstruct_input_mask(self) -> str:

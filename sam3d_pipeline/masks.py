@@ -10,6 +10,7 @@ import struct
 import warnings
 import zlib
 from dataclasses import dataclass
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -270,3 +271,38 @@ def select_instance(instances: list[Instance], index: int | None) -> int | None:
     if not 0 <= index < len(instances):
         raise InputError(f"instance index {index} is out of range: {len(instances)} instance(s) found")
     return index
+
+
+InstancesSpec = Literal["best", "all"] | list[int]
+
+
+def choose_objects(instances: list[Instance], spec: InstancesSpec, selected: int | None) -> list[int]:
+    """The instance indices that become objects (``instances``: best, all or indices), the selected one first.
+
+    Args:
+        instances: what the segmenter found, best first.
+        spec: ``best``, ``all`` or indices.
+        selected: the selected instance (``select_instance``), None when nothing was found.
+
+    Raises:
+        InputError: an index in ``spec`` that does not exist.
+    """
+    if selected is None or not instances:
+        return []
+    if spec == "best":
+        return [selected]
+    if spec == "all":
+        wanted = list(range(len(instances)))
+    else:
+        bad = [i for i in spec if not 0 <= i < len(instances)]
+        if bad:
+            raise InputError(f"instances {bad} out of range: {len(instances)} instance(s) found")
+        wanted = list(spec)
+    return [selected] + [i for i in wanted if i != selected]
+
+
+def primary_object(spec: InstancesSpec, selected: int | None, instance_index: int | None) -> int | None:
+    """With a list of indices and no explicit ``instance_index``, the first listed one is the selected object."""
+    if isinstance(spec, list) and instance_index is None and spec and selected is not None:
+        return spec[0]
+    return selected

@@ -100,7 +100,7 @@ def process_gpu_batch(works: list[ItemWork], batch_index: int, gpu_limit: str, o
     works = catalog.decode_batch(works, settings)
     if done := catalog.recheck_finished(works, storage):
         logger.info("GPU batch %d: %d item(s) finished by another run meanwhile; skipped", batch_index, done)
-    ready = [w for w in works if w.error is None and w.image is not None and w.finished is None]
+    ready = [w for w in works if w.decoded]
     if ready and settings.gpu_stages == "workers":
         works = gpu_dispatch.catalog_batch(works, batch_index, output_root, settings)
     elif ready:

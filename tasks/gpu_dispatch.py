@@ -7,8 +7,8 @@ deployment (``flows/gpu_worker.py``: SAM 3 sessions, SAM 3D Objects sessions, or
 starts sessions when the queue needs them, and waits,
 watching the task's lease: a worker lost mid-task (spot interruption, out of memory, SIGKILL) gets its task run
 marked Crashed and the batch submitted again, after an out-of-memory loss with the low-memory settings. A
-permanent input error raised by the stage is not retried. ``image-to-3d``, ``catalog-batch`` and the review's
-re-segment all come through here.
+permanent input error raised by the stage is not retried. ``image-to-3d`` (photos and clips: a clip is tracked
+as the segment stage), ``catalog-batch`` and the review's re-segment all come through here.
 """
 
 from __future__ import annotations
@@ -37,12 +37,12 @@ from prefect.exceptions import MissingContextError, ObjectNotFound
 from prefect.logging import get_logger
 from prefect.states import Cancelled, Crashed
 
-from sam3d_pipeline import catalog
+from sam3d_pipeline import catalog, video
 from sam3d_pipeline.backoff import backoff_s
 from sam3d_pipeline.errors import InputNotFoundError, TransientError, error_from_record
 from sam3d_pipeline.gpu import stages as gpu_stages
 from sam3d_pipeline.gpu.failures import GpuStageError, StageAttempt, classify, next_low_memory, should_retry
-from sam3d_pipeline.gpu.stages import GpuBatch, ReconstructJobParam, SegmentJob, SegmentParams
+from sam3d_pipeline.gpu.stages import GpuBatch, ReconstructJobParam, SegmentJob, SegmentParams, TrackJob
 from sam3d_pipeline.gpu.workers import (
     TASK_NAMES,
     Lease,
@@ -54,7 +54,7 @@ from sam3d_pipeline.gpu.workers import (
     stage_deployment,
     task_kind,
 )
-from sam3d_pipeline.images import LoadedImage
+from sam3d_pipeline.images import LoadedImage, encode_png
 from sam3d_pipeline.keys import RunKeys
 from sam3d_pipeline.masks import mask_to_png
 from sam3d_pipeline.run import objects, pipeline
@@ -64,7 +64,7 @@ from sam3d_pipeline.storage import Storage, open_storage
 from sam3d_pipeline.types import Reconstruction, Segmentation
 from tasks.embeddings import store_review_assets
 from tasks.reconstruct import reconstruct_in_process, reconstruct_objects_in_process
-from tasks.segment import segment_in_process
+from tasks.segment import log_track, segment_in_process, track_in_process
 
 ACTIVE_SESSION_STATES = [StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING]
 
@@ -92,6 +92,29 @@ def segment(image: LoadedImage, options: pipeline.RunOptions, run_plan: pipeline
     return seg
 
 
+def track(record: RunRecord, clip: video.LoadedVideo, settings: Settings, output_root: str) -> Segmentation:
+    """Track a clip's object (the segment stage of a video), where ``SAM3D_GPU_STAGES`` says the segmenter runs;
+    the chosen frame becomes ``record.image`` and its mask ``record.seg`` (``pipeline.start_from_video``).
+
+    On the workers the clip goes by its URI with this process's sampling settings; the worker writes the masks and
+    scores of every sampled frame, and the views are scored and chosen here, on the frames this process decoded.
+    """
+    if settings.gpu_stages == "inline":
+        return track_in_process(record, clip, settings)
+    options, run_plan = record.options, record.run_plan
+    pipeline.segment_request(options, clip.width, clip.height)  # bad boxes/points fail here, before a GPU
+    job = TrackJob(video=run_plan.input_uri, sha256=clip.sha256, prefix=run_plan.prefix,
+                   params=SegmentParams(prompt=options.prompt, boxes=options.boxes, points=options.points),
+                   sampling=video.sampling(settings))
+    timing, attempts = _one_job(GpuBatch(output_root=output_root, segmenter=run_plan.segmenter.name, track=[job]),
+                                "segment", settings)
+    tracked = gpu_stages.load_track(output_root, run_plan.prefix, [f.index for f in clip.frames], settings)
+    pipeline.start_from_video(record, pipeline.choose_views(clip, tracked, options.video_frames, timing))
+    record.seg.messages.extend(f"gpu-stage {a.line()}" for a in attempts if len(attempts) > 1)
+    log_track(record)
+    return record.seg
+
+
 def reconstruct_run(record: RunRecord, settings: Settings, output_root: str) -> None:
     """Reconstruct a run's chosen objects onto ``record``: several together (one point map per photo), or the one
     selected; for a video, the reconstructor may also try the other best views (``pipeline.try_other_views``)."""
@@ -115,9 +138,9 @@ def reconstruct(image: LoadedImage, seg: Segmentation, selected: int, options: p
         return reconstruct_in_process(image, mask, options, run_plan, settings)
     # The mask goes to the workers as it is here: a stage mask, a reviewer's edit or a persisted round's.
     keys = RunKeys(run_plan.prefix)
-    open_storage(output_root, settings).write_bytes(keys.reconstruct_input_mask, mask_to_png(mask),
-                                                    content_type="image/png")
-    job = ReconstructJobParam(image=run_plan.input_uri, mask=keys.reconstruct_input_mask,
+    storage = open_storage(output_root, settings)
+    storage.write_bytes(keys.reconstruct_input_mask, mask_to_png(mask), content_type="image/png")
+    job = ReconstructJobParam(image=_photo_uri(image, run_plan, storage), mask=keys.reconstruct_input_mask,
                               output=keys.reconstruct_dir, seed=options.seed)
     timing, attempts = _one_job(GpuBatch(output_root=output_root, reconstructor=run_plan.reconstructor.name,
                                          reconstruct=[job]), "reconstruct", settings)
@@ -137,11 +160,12 @@ def reconstruct_objects(image: LoadedImage, seg: Segmentation, indices: list[int
         return reconstruct_objects_in_process(image, seg, indices, options, run_plan, settings)
     keys = RunKeys(run_plan.prefix)
     storage = open_storage(output_root, settings)
+    photo = _photo_uri(image, run_plan, storage)
     jobs = []
     for i in indices:
         storage.write_bytes(keys.object_reconstruct_input_mask(i), mask_to_png(seg.instances[i].mask),
                             content_type="image/png")
-        jobs.append(ReconstructJobParam(image=run_plan.input_uri, mask=keys.object_reconstruct_input_mask(i),
+        jobs.append(ReconstructJobParam(image=photo, mask=keys.object_reconstruct_input_mask(i),
                                         output=keys.object_reconstruct_dir(i), seed=options.seed,
                                         photo_id=run_plan.input_uri))
     result, attempts = run_on_workers(GpuBatch(output_root=output_root, reconstructor=run_plan.reconstructor.name,
@@ -156,6 +180,15 @@ def reconstruct_objects(image: LoadedImage, seg: Segmentation, indices: list[int
         recons[i] = recon
     seg.messages.extend(f"gpu-stage {a.line()}" for a in attempts if len(attempts) > 1)
     return recons
+
+
+def _photo_uri(image: LoadedImage, run_plan: pipeline.RunPlan, storage: Storage) -> str:
+    """Where a reconstruct worker reads the photo: the run's input, or for a clip its chosen frame, written as a PNG
+    under the run's prefix (the frame goes by key, like the mask)."""
+    if not video.is_video_uri(run_plan.input_uri):
+        return run_plan.input_uri
+    return storage.write_bytes(RunKeys(run_plan.prefix).reconstruct_input_image, encode_png(image.rgb),
+                               content_type="image/png")
 
 
 def _one_job(batch: GpuBatch, stage: str, settings: Settings) -> tuple[dict[str, Any], list[StageAttempt]]:
@@ -180,7 +213,8 @@ def catalog_batch(works: list[catalog.ItemWork], batch_index: int, output_root: 
     batch = catalog.gpu_batch_request(works, output_root, settings)
     if batch is None:
         return works
-    logger.info("GPU batch %d: %d item(s) to the GPU workers", batch_index, len(batch.segment))
+    logger.info("GPU batch %d: %d photo(s) and %d clip(s) to the GPU workers", batch_index, len(batch.segment),
+                len(batch.track))
     result, _ = run_on_workers(batch, settings)
     return catalog.apply_gpu_result(works, result, batch_index, output_root, settings)
 
@@ -226,8 +260,8 @@ def run_on_workers(batch: GpuBatch, settings: Settings, *,
     rest = gpu_stages.reconstruct_part(batch, segmented)
     reconstructed = None
     if rest is not None:
-        _logger().info("GPU batch: %d object(s) of %d photo(s) to the reconstruct workers", len(rest.reconstruct),
-                       len(batch.segment))
+        _logger().info("GPU batch: %d object(s) of %d photo(s) and clip(s) to the reconstruct workers",
+                       len(rest.reconstruct), len(batch.segment) + len(batch.track))
         reconstructed, more = _run_task(rest, "reconstruct", settings, sleep)
         attempts = attempts + more
     return gpu_stages.merge_results(segmented, reconstructed), attempts

@@ -32,17 +32,23 @@ def segment_in_process(
 
 @task(name="track-video", cache_policy=NO_CACHE)
 def track_in_process(record: RunRecord, clip: LoadedVideo, settings: Settings) -> Segmentation:
-    """Track the object through the clip; the chosen frame becomes ``record.image``, its mask ``record.seg``."""
-    logger = get_run_logger()
+    """Track the object through the clip in this process; the chosen frame becomes ``record.image``, its mask
+    ``record.seg``."""
     info = record.run_plan.segmenter_info
-    logger.info("tracker %s %s on %s through %d sampled frame(s)", info["name"], info["version"], info["device"],
-                len(clip.frames))
-    pipeline.start_from_video(record, clip, settings)
+    get_run_logger().info("tracker %s %s on %s through %d sampled frame(s)", info["name"], info["version"],
+                          info["device"], len(clip.frames))
+    pipeline.start_from_video(record, pipeline.track_video(clip, record.options, record.run_plan, settings))
+    log_track(record)
+    return record.seg
+
+
+def log_track(record: RunRecord) -> None:
+    """What the tracker did and which frame was chosen, wherever it ran."""
+    logger = get_run_logger()
     run = record.video
     for message in run.track.messages:
         logger.info(message)
     chosen = run.chosen
-    logger.info("tracked in %d of %d frame(s); %s", run.track.tracked, len(clip.frames),
+    logger.info("tracked in %d of %d frame(s); %s", run.track.tracked, len(run.video.frames),
                 f"chose frame {chosen.index} ({chosen.time_s:.2f} s, view score {chosen.view_score:.3f})"
                 if chosen else "the object was never found")
-    return record.seg

@@ -80,6 +80,37 @@ def test_load_source_folder_skips_output_root_and_needs_prompt(tmp_path):
         catalog.load_source(str(tmp_path / "nowhere"), default_prompt="x")
 
 
+def test_a_listing_takes_videos_and_the_plain_loop_runs_them_with_every_object(tmp_path):
+    """A folder with a photo of three objects and two clips: the listing takes both kinds; a clip is tracked and
+    reconstructed from its best view, a row repeating it is its duplicate; instances=all gives one object per disc;
+    the catalog entries list every object and the clip's chosen frame."""
+    from .clips import encode as encode_clip
+    from .clips import moving_object
+    from .photos import three_objects_photo
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "spin.mp4").write_bytes(encode_clip(moving_object(45).frames, "mp4"))
+    (folder / "turn.MOV").write_bytes(encode_clip(moving_object(30, seed=3).frames, "mov"))
+    (folder / "three.png").write_bytes(encode(three_objects_photo()[0]))
+    (folder / "clip.avi").write_bytes(b"not taken")
+    rows = catalog.load_source(str(folder), default_prompt="disc")
+    assert [r.item.id for r in rows] == ["spin", "three", "turn"]
+    rows = [r if r.item.id != "three" else catalog.ManifestRow(r.line, r.item.model_copy(update={"instances": "all"}))
+            for r in rows]
+    rows.append(catalog.ManifestRow(9, rows[0].item.model_copy(update={"id": "spin-again", "line": 9})))
+    storage = LocalStorage(tmp_path / "out")
+    entries = {e.id: e for e in catalog.run_catalog_plain(rows, storage, segmenter="lite", reconstructor="lite")}
+    assert {k: e.status for k, e in entries.items()} == {"spin": "completed", "spin-again": "duplicate",
+                                                          "three": "completed", "turn": "completed"}
+    clip = entries["spin"]
+    assert clip.video["frames_sampled"] == 45 and entries["turn"].video["frames_sampled"] == 30
+    assert {"frame.png", "track.webp", "object.glb"} <= set(clip.files) and len(clip.objects) == 1
+    three = entries["three"]
+    assert sorted(o["index"] for o in three.objects) == [0, 1, 2] and three.objects[0]["selected"]
+    assert all(f"objects/{o['index']}/object.glb" in o["files"] for o in three.objects)
+
+
 @pytest.mark.slow
 def test_load_source_s3_prefix_and_manifest(s3):
     client, bucket = s3

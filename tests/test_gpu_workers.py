@@ -24,7 +24,9 @@ from sam3d_pipeline.gpu.stages import (
     ReconstructJobParam,
     SegmentJob,
     SegmentParams,
+    TrackJob,
     batch_stages,
+    load_track,
     merge_results,
     reconstruct_part,
     run_gpu_batch,
@@ -42,9 +44,13 @@ from sam3d_pipeline.gpu.workers import (
 )
 from sam3d_pipeline.keys import RunKeys
 from sam3d_pipeline.masks import iou
+from sam3d_pipeline.settings import Settings
+from sam3d_pipeline.video import load_video, sampling
 
+from .clips import audio_only, moving_object
+from .clips import encode as encode_clip
 from .doubles import DOUBLE_DIR, double_config
-from .photos import encode, object_photo
+from .photos import encode, object_photo, three_objects_photo
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -173,6 +179,87 @@ def test_a_catalog_batch_split_in_two_gives_what_one_batch_gives(tmp_path):
     # Nothing selected anywhere: no reconstruct half at all.
     assert reconstruct_part(split, {"segment": [{"prefix": "p1-x", "selected": None}]}) is None
     assert merge_results(segmented, None)["reconstruct"] == []
+
+
+def _clip_job(tmp_path: Path, frames: int = 60, name: str = "spin.mp4") -> tuple[TrackJob, object, object]:
+    """A clip on disk and the job that tracks it with this process's sampling settings."""
+
+    clip = moving_object(frames)
+    path = tmp_path / name
+    path.write_bytes(encode_clip(clip.frames, "mp4"))
+    settings = Settings(video_stride=2)
+    sample = load_video(path.read_bytes(), source=str(path), settings=settings)
+    job = TrackJob(video=str(path), sha256=sample.sha256, prefix="spin-x", params=SegmentParams(prompt="red disc"),
+                   sampling=sampling(settings), seed=3)
+    return job, clip, sample
+
+
+def test_gpu_batch_tracks_a_clip_by_its_uri_and_reconstructs_its_best_view(tmp_path):
+    """The clip goes by URI with the submitter's sampling (every 2nd frame): the worker keeps the same frames,
+    writes every frame's mask and score, chooses the best view and reconstructs it; split in two halves the batch
+    gives the same jobs; a clip that changed since planning, or a sample this process did not keep, is refused."""
+    job, clip, sample = _clip_job(tmp_path)
+    out = tmp_path / "out"
+    batch = GpuBatch(output_root=str(out), track=[job], reconstruct_selected=True)
+    assert batch_stages(batch) == ("segment", "reconstruct") and "track 1 clip(s)" in batch.describe()
+    result = run_gpu_batch(batch)
+    [row] = result["segment"]
+    frames = [f.index for f in sample.frames]
+    assert row["video"]["frames"] == frames == list(range(0, 60, 2))  # the submitter's stride, not the worker's
+    track = load_track(str(out), "spin-x", frames)
+    assert len(track.masks) == 30 and track.backend.name == "lite" and track.scores == row["scores"]
+    whole = [iou(track.masks[p], clip.truth[i]) for p, i in enumerate(frames) if clip.whole(i)]
+    assert float(np.median(whole)) > 0.75  # the disc, tracked on the frames the submitter keeps
+    assert not any(track.masks[p].any() for p, i in enumerate(frames) if clip.absent(i))
+    view = row["view"]
+    assert row["selected"] == 0 and clip.whole(view["index"]) and frames[view["position"]] == view["index"]
+    assert iou(track.masks[view["position"]], clip.truth[view["index"]]) > 0.8
+    assert Path(view["image"]) == out / RunKeys("spin-x").track_frame(view["index"])
+    assert np.array_equal(np.asarray(Image.open(view["image"])), sample.frames[view["position"]].rgb)
+    [recon] = result["reconstruct"]
+    assert recon["output"] == RunKeys("spin-x").reconstruct_dir and recon["stats"]["faces"] > 0
+    assert set(result["timing"]) == {"segment", "reconstruct"}
+
+    halves = batch.model_copy(update={"output_root": str(tmp_path / "two")})
+    segmented = run_gpu_batch(segment_part(halves))
+    assert segmented["reconstruct"] == [] and segmented["segment"][0]["view"]["index"] == view["index"]
+    [again] = reconstruct_part(halves, segmented).reconstruct
+    assert (again.mask, again.output, again.seed) == (view["mask"], recon["output"], 3)
+
+    with pytest.raises(Exception, match="sampled 30 frame"):
+        load_track(str(out), "spin-x", frames[:-1])
+    (tmp_path / "spin.mp4").write_bytes(encode_clip(clip.frames[:40], "mp4"))
+    [changed] = run_gpu_batch(GpuBatch(output_root=str(out), track=[job]))["segment"]
+    assert changed["error"]["type"] == "InputError" and "changed since the run was planned" in \
+        changed["error"]["message"]
+    (tmp_path / "spin.mp4").write_bytes(audio_only())
+    [refused] = run_gpu_batch(GpuBatch(output_root=str(out), track=[job]))["segment"]
+    assert refused["error"]["code"] == "invalid_video" and "audio only" in refused["error"]["message"]
+
+
+def test_gpu_batch_reconstructs_every_object_a_row_asks_for_with_one_point_map(tmp_path):
+    """instances=all: every object of the photo is reconstructed in the same call under its own folder, all with
+    the photo as their point-map identity; in two halves the reconstruct half gets the same jobs."""
+    rgb, truths, _ = three_objects_photo()
+    photo = tmp_path / "three.png"
+    photo.write_bytes(encode(rgb))
+    job = SegmentJob(image=str(photo), prefix="three-x", params=SegmentParams(prompt="discs"), instances="all")
+    out = tmp_path / "out"
+    result = run_gpu_batch(GpuBatch(output_root=str(out), segment=[job], reconstruct_selected=True))
+    [row] = result["segment"]
+    assert len(row["instances"]) == 3 and row["objects"][0] == row["selected"] and sorted(row["objects"]) == [0, 1, 2]
+    keys = RunKeys("three-x")
+    assert [r["output"] for r in result["reconstruct"]] == [keys.object_reconstruct_dir(i) for i in row["objects"]]
+    for i in row["objects"]:
+        assert (out / keys.object_reconstruct_dir(i) / "reconstruction.json").is_file()
+    split = GpuBatch(output_root=str(out), segment=[job], reconstruct_selected=True)
+    jobs = reconstruct_part(split, run_gpu_batch(segment_part(split))).reconstruct
+    assert [(j.mask, j.output) for j in jobs] == [(keys.stage_mask(i), keys.object_reconstruct_dir(i))
+                                                  for i in row["objects"]]
+    assert {j.photo_id for j in jobs} == {str(photo)}  # one point map for the photo
+    bad = job.model_copy(update={"instances": [0, 7]})
+    [refused] = run_gpu_batch(GpuBatch(output_root=str(out), segment=[bad], reconstruct_selected=True))["segment"]
+    assert "instances [7] out of range: 3 instance(s) found" in refused["error"]["message"]
 
 
 def test_gpu_batch_refuses_a_mask_of_another_size(tmp_path):
@@ -566,3 +653,116 @@ def test_a_heartbeat_that_fails_to_write_is_logged_and_written_again_before_the_
     text = "\n".join(lines)
     assert "heartbeat not written (TransientStorageError" in text and "written again after 3" in text
     assert not storage.exists(lease_key("run-1"))
+
+
+# -- videos and several objects on the workers ------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_clip_is_tracked_and_reconstructed_on_a_worker(workers_mode, tmp_path):
+    """image-to-3d on a clip with SAM3D_GPU_STAGES=workers: the worker tracks it (a gpu-segment task, the clip by
+    its URI) and reconstructs the chosen frame (a gpu-reconstruct task, the frame by key); the flow's process builds
+    no model, and result.json has the video section and both stages on the worker session."""
+    from flows.image_to_3d import image_to_3d
+
+    clip = moving_object(90)
+    path = tmp_path / "turntable.mp4"
+    path.write_bytes(encode_clip(clip.frames, "mp4"))
+    worker = WorkerSession(tmp_path).start()
+    try:
+        state = image_to_3d(image=str(path), prompt="red disc", output_root=str(tmp_path / "out"), segmenter="lite",
+                            reconstructor="lite", export=["glb"], video_frames=2, return_state=True)
+    finally:
+        worker.stop()
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result["status"] == "completed" and result["video"]["frames_sampled"] == 90
+    assert {name: stage["worker"] for name, stage in result["stages"].items()} == {
+        "segment": worker.session, "reconstruct": worker.session}
+    chosen = result["video"]["chosen"]
+    assert clip.whole(chosen["index"]) and len(result["video"]["candidates"]) == 2
+    assert {"frame.png", "track.webp", "object.glb"} <= set(result["outputs"])
+    prefix = Path(result["output_prefix"])
+    assert iou(np.asarray(Image.open(prefix / "mask.png")) > 127, clip.truth[chosen["index"]]) > 0.8
+    assert (prefix / "stages/track/track.json").is_file() and (prefix / "stages/reconstruct/input-image.png").is_file()
+    assert not backends._CACHE, "a model was built in the flow's process"
+    log = worker.text()
+    assert "track 1 clip(s) with lite" in log and "Task run 'gpu-reconstruct" in log
+
+
+@pytest.mark.slow
+def test_bad_videos_are_refused_on_the_workers_path_as_inline(workers_mode, tmp_path, monkeypatch):
+    """A truncated clip, an audio-only file, a clip over the length limit and a box outside the frame: refused
+    before any GPU work, with the same error (type, code, message) on the workers path as on the embedded default.
+    No worker serves here: a clip that reached the GPU queue would wait until SAM3D_GPU_STAGE_TIMEOUT_S."""
+    from flows.image_to_3d import image_to_3d
+
+    monkeypatch.setenv("SAM3D_GPU_STAGE_TIMEOUT_S", "30")
+    monkeypatch.setenv("SAM3D_VIDEO_MAX_SECONDS", "2")
+    mp4 = encode_clip(moving_object(30).frames, "mp4")
+    bad = {"cut.mp4": (mp4[: len(mp4) // 2], {}), "sound.mp4": (audio_only(), {}),
+           "long.mp4": (encode_clip(moving_object(90).frames, "mp4"), {}),
+           "boxed.mp4": (mp4, {"boxes": [[200, 10, 220, 40]]})}
+    for name, (data, _) in bad.items():
+        (tmp_path / name).write_bytes(data)
+    errors = {}
+    for mode in ("inline", "workers"):
+        monkeypatch.setenv("SAM3D_GPU_STAGES", mode)
+        for name, (_, extra) in bad.items():
+            out = tmp_path / f"out-{mode}"
+            started = time.monotonic()
+            state = image_to_3d(image=str(tmp_path / name), prompt="red disc", output_root=str(out),
+                                segmenter="lite", reconstructor="lite", return_state=True, **extra)
+            assert state.is_failed() and time.monotonic() - started < 25, (mode, name, state.message)
+            [written] = [json.loads(p.read_text()) for p in out.glob(f"{name.split('.')[0]}-*/result.json")]
+            errors[mode, name] = (written["status"], written["error"]["type"], written["error"]["code"],
+                                  written["error"]["message"])
+    for name in bad:
+        assert errors["workers", name] == errors["inline", name], name
+    assert errors["workers", "cut.mp4"][2] == "invalid_video" and "truncated" in errors["workers", "cut.mp4"][3]
+    assert "audio only" in errors["workers", "sound.mp4"][3]
+    assert errors["workers", "long.mp4"][2] == "video_too_large"
+    assert "lies outside the 96x72 image" in errors["workers", "boxed.mp4"][3]
+    assert not (tmp_path / "out-workers" / "_workers").exists() or not any((tmp_path / "out-workers" /
+                                                                           "_workers").rglob("*.json"))
+
+
+@pytest.mark.slow
+def test_a_catalog_with_a_clip_and_every_object_runs_on_the_workers(workers_mode, tmp_path):
+    """A manifest with a video row, an instances=all row and a plain photo: one GPU batch on a worker; the clip is
+    tracked and reconstructed from its best view, the photo gets one object folder per object found, reconstructed
+    in one call; catalog.json and the gallery list every object."""
+    from flows.catalog_batch import catalog_batch
+
+    clip = moving_object(60)
+    (tmp_path / "spin.mp4").write_bytes(encode_clip(clip.frames, "mp4"))
+    (tmp_path / "three.png").write_bytes(encode(three_objects_photo()[0]))
+    _photo(tmp_path, "one.png", seed=70)
+    (tmp_path / "items.csv").write_text("image,prompt,instances\nspin.mp4,red disc,\nthree.png,discs,all\n"
+                                        "one.png,thing,\nspin.mp4,red disc,\n")
+    worker = WorkerSession(tmp_path).start()
+    try:
+        summary = catalog_batch(source=str(tmp_path / "items.csv"), output_root=str(tmp_path / "out"),
+                                segmenter="lite", reconstructor="lite")
+    finally:
+        worker.stop()
+    assert summary["counts"]["completed"] == 3 and summary["counts"]["duplicate"] == 1, summary["summary"]
+    items = {item["id"]: item for item in summary["items"]}
+    spin = json.loads((Path(items["spin"]["output_prefix"]) / "result.json").read_text())
+    three = json.loads((Path(items["three"]["output_prefix"]) / "result.json").read_text())
+    for result in (spin, three):
+        assert {s["worker"] for s in result["stages"].values()} == {worker.session}
+    assert spin["video"]["frames_sampled"] == 60 and clip.whole(spin["video"]["chosen"]["index"])
+    assert {"frame.png", "track.webp"} <= set(spin["outputs"])
+    assert items["spin"]["video"]["chosen"] == spin["video"]["chosen"]
+    found = len(three["instances"])
+    assert found == 3 and sorted(o["index"] for o in three["objects"]) == [0, 1, 2]
+    assert sorted(p.name for p in (Path(items["three"]["output_prefix"]) / "objects").iterdir()) == ["0", "1", "2"]
+    assert three["stages"]["reconstruct"]["objects"] == 3  # the three went in one reconstruction call
+    catalog = json.loads((tmp_path / "out" / "catalog.json").read_text())
+    listed = {item["id"]: item for item in catalog["items"]}
+    assert [o["index"] for o in listed["three"]["objects"]] == [o["index"] for o in three["objects"]]
+    assert all(f"objects/{o['index']}/object.glb" in o["files"] for o in listed["three"]["objects"])
+    assert len(listed["one"]["objects"]) == 1 and listed["spin-5"]["video"] == listed["spin"]["video"]
+    gallery = (tmp_path / "out" / "index.html").read_text()
+    assert "3 object(s)" in gallery and f"video: frame {spin['video']['chosen']['index']}" in gallery
+    assert not backends._CACHE, "a model was built in the flow's process"
+    assert worker.text().count("Task run 'gpu-stage") and "track 1 clip(s)" in worker.text()

@@ -44,7 +44,7 @@ from sam3d_pipeline.catalog.items import (
     segment_batch,
     split_duplicates,
 )
-from sam3d_pipeline.catalog.listing import IMAGE_SUFFIXES, list_images, listing_id
+from sam3d_pipeline.catalog.listing import IMAGE_SUFFIXES, INPUT_SUFFIXES, list_inputs, listing_id
 from sam3d_pipeline.catalog.manifest import (
     MANIFEST_SUFFIXES,
     CatalogItem,
@@ -63,6 +63,7 @@ __all__ = [
     "run_record",
     "FINISHED_STATUSES",
     "IMAGE_SUFFIXES",
+    "INPUT_SUFFIXES",
     "MANIFEST_SUFFIXES",
     "CatalogEntry",
     "CatalogItem",
@@ -86,7 +87,7 @@ __all__ = [
     "finish_item",
     "finished_result",
     "gpu_batches",
-    "list_images",
+    "list_inputs",
     "listing_id",
     "load_source",
     "manifest_format",

@@ -50,6 +50,11 @@ class CatalogEntry(BaseModel):
     score: float | None = Field(None, description="score of the selected instance")
     scores: list[float] = Field(default_factory=list, description="scores of every instance found")
     instances: int = 0
+    objects: list[dict[str, Any]] = Field(
+        default_factory=list, description="every reconstructed object, the selected one first: index, score, "
+        "selected, files (its output file names under the prefix, objects/<index>/...)")
+    video: dict[str, Any] | None = Field(
+        None, description="a video item: chosen (index, time_s, view_score), frames_sampled, frames_tracked")
     timings_s: dict[str, float] = Field(default_factory=dict)
     segmenter: str | None = None
     reconstructor: str | None = None
@@ -110,6 +115,7 @@ def resolve_duplicates(entries: Sequence[CatalogEntry]) -> None:
         entry.checks = dict(primary.checks)
         entry.instances, entry.segmenter, entry.reconstructor = (primary.instances, primary.segmenter,
                                                                  primary.reconstructor)
+        entry.objects, entry.video = [dict(o) for o in primary.objects], primary.video
 
 
 def all_succeeded(entries: Iterable[CatalogEntry]) -> bool:

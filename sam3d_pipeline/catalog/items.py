@@ -1,7 +1,9 @@
 """A catalog item's stages: plan (skip when finished), decode, segment and reconstruct per GPU batch, publish.
 
 The ``catalog-batch`` flow wraps each stage in a task; ``run_catalog_plain`` chains them in a plain loop. Each
-item lands at the prefix ``image-to-3d`` would use for the same photo, prompt and options.
+item lands at the prefix ``image-to-3d`` would use for the same photo (or clip), prompt and options. A clip is
+tracked and reconstructed from its best view, as ``image-to-3d`` does; a row's ``instances`` choose the objects
+of a photo, reconstructed together (one point map per photo), in this process or on the GPU workers.
 """
 
 from __future__ import annotations
@@ -11,13 +13,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from sam3d_pipeline import video
 from sam3d_pipeline.catalog.index import FINISHED_STATUSES, CatalogEntry, EntryStatus, duplicate_entry
 from sam3d_pipeline.catalog.manifest import CatalogItem
 from sam3d_pipeline.errors import InputError, PipelineError, error_from_record, is_transient
 from sam3d_pipeline.gpu import stages as gpu_stages
-from sam3d_pipeline.gpu.stages import GpuBatch, SegmentJob, SegmentParams
+from sam3d_pipeline.gpu.stages import GpuBatch, SegmentJob, SegmentParams, TrackJob
 from sam3d_pipeline.images import LoadedImage
-from sam3d_pipeline.keys import RunKeys
+from sam3d_pipeline.keys import object_file
 from sam3d_pipeline.masks import select_instance
 from sam3d_pipeline.run import finish, objects, pipeline
 from sam3d_pipeline.run.pipeline import RunOptions, RunPlan
@@ -25,6 +28,7 @@ from sam3d_pipeline.run.report import RunResult
 from sam3d_pipeline.settings import Settings, get_settings
 from sam3d_pipeline.storage import Storage
 from sam3d_pipeline.types import Reconstruction, Segmentation
+from sam3d_pipeline.video.views import VideoRun
 
 
 @dataclass
@@ -35,7 +39,9 @@ class ItemWork:
     options: RunOptions
     run_plan: RunPlan | None = None
     input_id: str = ""
-    image: LoadedImage | None = None
+    image: LoadedImage | None = None  # the photo; for a clip, its chosen frame once tracked
+    clip: video.LoadedVideo | None = None  # a video item's decoded sample
+    video: VideoRun | None = None  # a video item's track and chosen view
     seg: Segmentation | None = None
     selected: int | None = None
     recon: Reconstruction | None = None
@@ -44,6 +50,12 @@ class ItemWork:
     timings: dict[str, float] = field(default_factory=dict)
     error: BaseException | None = None
     finished: CatalogEntry | None = None  # another run finished it while this one waited: report, do not run
+    messages: list[str] = field(default_factory=list)  # for result.json (e.g. the frame a clip was reconstructed from)
+
+    @property
+    def decoded(self) -> bool:
+        """Ready for the model stages: decoded, not failed, not finished by another run."""
+        return self.error is None and self.finished is None and (self.image is not None or self.clip is not None)
 
 
 def finished_result(storage: Storage, prefix: str) -> RunResult | None:
@@ -166,9 +178,11 @@ def recheck_finished(works: Sequence[ItemWork], storage: Storage) -> int:
 
 
 def decode_item(work: ItemWork, settings: Settings | None = None) -> ItemWork:
-    """Re-read and decode the photo (bytes are not held between planning and its batch).
+    """Re-read and decode the photo, or the clip's sample of frames (bytes are not held between planning and its
+    batch).
 
-    A photo whose content changed since planning fails with a clear reason (its prefix would differ).
+    An input whose content changed since planning fails with a clear reason (its prefix would differ); a clip is
+    refused for the reasons ``image-to-3d`` refuses it (``video.load_video``).
     """
     if work.error is not None or work.run_plan is None or work.finished is not None:
         return work
@@ -178,7 +192,10 @@ def decode_item(work: ItemWork, settings: Settings | None = None) -> ItemWork:
         data = pipeline.read_bytes(work.item.image, s)
         if pipeline.content_id(data) != work.input_id:
             raise InputError(f"{work.item.image}: the file changed while the batch ran; the next run picks it up")
-        work.image = pipeline.decode(data, work.item.image, s)
+        if video.is_video_uri(work.item.image):
+            work.clip = pipeline.decode_video(data, work.item.image, s)
+        else:
+            work.image = pipeline.decode(data, work.item.image, s)
     except PipelineError as exc:
         work.error = exc
     work.timings["intake"] = work.timings.get("plan", 0.0) + time.perf_counter() - t
@@ -186,18 +203,22 @@ def decode_item(work: ItemWork, settings: Settings | None = None) -> ItemWork:
 
 
 def segment_batch(works: Sequence[ItemWork], settings: Settings | None = None) -> list[ItemWork]:
-    """Segment and select an instance for every decodable item, one segmenter for the whole batch.
+    """Segment (a clip: track, and choose its best view) and select an instance for every decodable item, one
+    segmenter for the whole batch.
 
     Per-item failures (a box outside the image, an instance index out of range) are recorded on the item;
     the others go on.
     """
     s = settings or get_settings()
     for work in works:
-        if work.error is not None or work.image is None or work.finished is not None:
+        if not work.decoded:
             continue
         t = time.perf_counter()
         try:
-            work.seg = pipeline.segment(work.image, work.options, work.run_plan, s)
+            if work.clip is not None:
+                pipeline.start_from_video(work, pipeline.track_video(work.clip, work.options, work.run_plan, s))
+            else:
+                work.seg = pipeline.segment(work.image, work.options, work.run_plan, s)
             work.selected = objects.primary_of(work.options.instances, select_instance(
                 work.seg.instances, work.options.instance_index), work.options.instance_index)
         except PipelineError as exc:
@@ -234,7 +255,8 @@ def run_record(work: ItemWork, flow_run_id: str | None = None) -> finish.RunReco
     return finish.RunRecord(
         input_uri=work.item.image, options=work.options, run_plan=work.run_plan, image=work.image, seg=work.seg,
         selected=work.selected, recon=work.recon, recons=work.recons, timings=work.timings, total_from_steps=True,
-        flow_run_id=flow_run_id, messages=[f"catalog item {work.item.id!r} (line {work.item.line})"],
+        flow_run_id=flow_run_id, messages=[f"catalog item {work.item.id!r} (line {work.item.line})", *work.messages],
+        video=work.video,
     )
 
 
@@ -271,34 +293,42 @@ def fail_item(work: ItemWork, storage: Storage | None, flow_run_id: str | None =
 
 
 def gpu_batch_request(works: Sequence[ItemWork], output_root: str, settings: Settings) -> GpuBatch | None:
-    """One ``GpuBatch`` that segments, selects and reconstructs every decodable item of a catalog batch.
+    """One ``GpuBatch`` that segments (a clip: tracks), selects and reconstructs every decodable item of a catalog
+    batch: each photo's objects (its row's ``instances``, together: one point map per photo), each clip's best view.
 
-    Prompts that do not fit the photo (a box outside it) fail their item here, before any GPU work. None when
-    no item is left to send.
+    Prompts that do not fit the photo or the clip's frames (a box outside them) fail their item here, before any
+    GPU work. None when no item is left to send.
     """
-    jobs, segmenter, reconstructor = [], None, None
+    photos, clips, segmenter, reconstructor = [], [], None, None
     for work in works:
-        if work.error is not None or work.image is None or work.finished is not None:
+        if not work.decoded:
             continue
+        width, height = (work.clip.width, work.clip.height) if work.clip is not None else (work.image.width,
+                                                                                            work.image.height)
         try:
-            pipeline.segment_request(work.options, work.image.width, work.image.height)
+            pipeline.segment_request(work.options, width, height)
         except PipelineError as exc:
             work.error = exc
             continue
         segmenter, reconstructor = work.run_plan.segmenter.name, work.run_plan.reconstructor.name
-        jobs.append(SegmentJob(image=work.item.image, prefix=work.run_plan.prefix, seed=work.options.seed,
-                               instance_index=work.options.instance_index, score_threshold=settings.score_threshold,
-                               params=SegmentParams(prompt=work.options.prompt, boxes=work.options.boxes,
-                                                    points=work.options.points)))
-    if not jobs:
+        params = SegmentParams(prompt=work.options.prompt, boxes=work.options.boxes, points=work.options.points)
+        if work.clip is not None:
+            clips.append(TrackJob(video=work.item.image, sha256=work.clip.sha256, prefix=work.run_plan.prefix,
+                                  params=params, sampling=video.sampling(settings), seed=work.options.seed))
+        else:
+            photos.append(SegmentJob(image=work.item.image, prefix=work.run_plan.prefix, seed=work.options.seed,
+                                     instance_index=work.options.instance_index, instances=work.options.instances,
+                                     score_threshold=settings.score_threshold, params=params))
+    if not photos and not clips:
         return None
-    return GpuBatch(output_root=output_root, segmenter=segmenter, reconstructor=reconstructor, segment=jobs,
-                    reconstruct_selected=True)
+    return GpuBatch(output_root=output_root, segmenter=segmenter, reconstructor=reconstructor, segment=photos,
+                    track=clips, reconstruct_selected=True)
 
 
 def apply_gpu_result(works: Sequence[ItemWork], result: dict[str, Any], batch_index: int, output_root: str,
                      settings: Settings) -> list[ItemWork]:
-    """Load what the workers wrote for each item (masks, mesh) back onto it, or record its error."""
+    """Load what the workers wrote for each item (masks or a clip's track, meshes) back onto it, or record its
+    error. A clip keeps the view the workers reconstructed as its chosen one."""
     segmented = {r["prefix"]: r for r in result["segment"]}
     reconstructed = {r["output"]: r for r in result["reconstruct"]}
     timing = result["timing"]
@@ -309,20 +339,38 @@ def apply_gpu_result(works: Sequence[ItemWork], result: dict[str, Any], batch_in
         if "error" in done:
             work.error = error_from_record(done["error"])
             continue
-        work.seg = gpu_stages.load_segmentation(output_root, work.run_plan.prefix, settings)
-        work.seg.stage = timing.get("segment", {})
+        try:
+            if work.clip is not None:
+                track = gpu_stages.load_track(output_root, work.run_plan.prefix, [f.index for f in work.clip.frames],
+                                              settings)
+                view = done.get("view")
+                pipeline.start_from_video(work, pipeline.choose_views(
+                    work.clip, track, work.options.video_frames, timing.get("segment", {}),
+                    chosen_position=view["position"] if view else None))
+            else:
+                work.seg = gpu_stages.load_segmentation(output_root, work.run_plan.prefix, settings)
+                work.seg.stage = timing.get("segment", {})
+        except PipelineError as exc:
+            work.error = exc
+            continue
         work.selected = done["selected"]
         work.timings["segment"] = timing["segment"]["run_s"] / max(1, len(segmented))
-        recon = reconstructed.get(RunKeys(work.run_plan.prefix).reconstruct_dir)
-        if work.selected is None or recon is None:
+        outputs = gpu_stages.object_outputs(work.run_plan.prefix, done)
+        rows = [reconstructed.get(output) for output in outputs.values()]
+        if not outputs or any(row is None for row in rows):
             continue
         work.gpu_batch = batch_index
-        if "error" in recon:
-            work.error = error_from_record(recon["error"])
+        failed = next((row for row in rows if "error" in row), None)
+        if failed is not None:
+            work.error = error_from_record(failed["error"])
             continue
-        work.recon = gpu_stages.load_reconstruction(output_root, recon["output"], settings)
-        work.recon.stage = timing.get("reconstruct", {})
-        work.timings["reconstruct"] = timing["reconstruct"]["run_s"] / max(1, len(reconstructed))
+        recons = {}
+        for i, output in outputs.items():
+            recons[i] = gpu_stages.load_reconstruction(output_root, output, settings)
+            recons[i].stage = timing.get("reconstruct", {}) | ({"objects": len(outputs)} if len(outputs) > 1 else {})
+        work.recon = recons[work.selected]
+        work.recons = recons if len(recons) > 1 else {}
+        work.timings["reconstruct"] = timing["reconstruct"]["run_s"] * len(outputs) / max(1, len(reconstructed))
     return list(works)
 
 
@@ -330,6 +378,10 @@ def entry_from_result(item: CatalogItem, result: RunResult, *, status: EntryStat
                       gpu_batch: int | None = None) -> CatalogEntry:
     """A catalog entry from an item's ``result.json`` (this run's or an earlier one's)."""
     scores = [float(inst.get("score", 0.0)) for inst in result.instances]
+    objects = [{"index": obj["index"], "score": obj.get("score"), "selected": bool(obj.get("selected")),
+                "files": sorted(name for name in result.outputs if name.startswith(object_file(obj["index"], "")))}
+               for obj in result.objects]
+    clip = result.video
     return CatalogEntry(
         id=item.id,
         line=item.line,
@@ -343,6 +395,9 @@ def entry_from_result(item: CatalogItem, result: RunResult, *, status: EntryStat
         score=scores[result.selected] if result.selected is not None and result.selected < len(scores) else None,
         scores=scores,
         instances=len(result.instances),
+        objects=objects,
+        video={"chosen": clip.get("chosen"), "frames_sampled": clip.get("frames_sampled"),
+               "frames_tracked": clip.get("frames_tracked")} if clip else None,
         timings_s=dict(result.timings_s),
         segmenter=(result.segmenter or {}).get("name"),
         reconstructor=(result.reconstructor or {}).get("name"),

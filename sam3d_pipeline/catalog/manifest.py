@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from sam3d_pipeline import jsonsafe
-from sam3d_pipeline.catalog.listing import IMAGE_SUFFIXES, list_images, listing_id
+from sam3d_pipeline.catalog.listing import INPUT_SUFFIXES, list_inputs, listing_id
 from sam3d_pipeline.errors import InputError
 from sam3d_pipeline.keys import image_stem
 from sam3d_pipeline.run.pipeline import RunOptions
@@ -30,11 +30,12 @@ MANIFEST_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 
 
 class CatalogItem(BaseModel):
-    """One manifest row: a photo and how to segment it.
+    """One manifest row: a photo (or a video) and how to segment it.
 
     Attributes:
         id: unique within the manifest; default ``<image stem>`` (``-<line>`` appended when repeated).
-        image: local path or ``s3://bucket/key`` (relative paths resolve against the manifest's folder).
+        image: local path or ``s3://bucket/key`` of a photo, or of a video: an MP4 / MOV / WebM file, or a folder /
+            ``s3://…/`` prefix of frames (relative paths resolve against the manifest's folder).
         prompt: what to segment.
         box: optional box prompt, xyxy in image pixels.
         points: optional clicks in image pixels (label 1 = object, 0 = background).
@@ -190,7 +191,7 @@ def _resolve_image(image: str, base: str, roots: Sequence[Path] = ()) -> str:
                              "prefix, never a local path")
         if ".." in key.parts:
             raise ValueError(f"image {image!r}: '..' is not allowed in a key relative to the manifest")
-        return f"{base.rstrip('/')}/{key}"
+        return f"{base.rstrip('/')}/{key}" + ("/" if image.endswith("/") else "")  # a prefix of frames stays one
     path = Path(image).expanduser()
     path = path if path.is_absolute() else Path(base) / path
     try:
@@ -336,7 +337,7 @@ def load_source(source: str, *, default_prompt: str | None = None, output_root: 
 
     Args:
         source: a manifest (``.csv`` / ``.jsonl`` / ``.ndjson``, local or ``s3://``), an ``s3://bucket/prefix``
-            or a local folder (every image file under it, sorted by key).
+            or a local folder (every photo and video file under it, ``listing.INPUT_SUFFIXES``, sorted by key).
         default_prompt: prompt for manifest rows without one; required for a prefix or folder.
         output_root: skipped when listing a prefix or folder (the pipeline never reads its own outputs).
         settings: storage settings.
@@ -365,9 +366,9 @@ def load_source(source: str, *, default_prompt: str | None = None, output_root: 
                               roots=roots)
     if not default_prompt or not clean_prompt(default_prompt):
         raise InputError(f"{source}: listing a prefix or folder needs a default prompt (--prompt)")
-    uris = list_images(source, output_root=output_root, settings=s)
+    uris = list_inputs(source, output_root=output_root, settings=s)
     if not uris:
-        raise InputError(f"{source}: no image files ({', '.join(IMAGE_SUFFIXES)}) found")
+        raise InputError(f"{source}: no photo or video files ({', '.join(INPUT_SUFFIXES)}) found")
     base = "" if is_s3_uri(source) else str(Path(source).expanduser().resolve())
     roots = allowed_roots(base, s) if base else []
     rows = [_make_row(i, {"image": uri, "prompt": default_prompt, "id": listing_id(uri, source)}, base, None, roots)

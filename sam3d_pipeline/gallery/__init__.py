@@ -1,6 +1,7 @@
 """The catalog's static gallery: ``index.html`` at the output root, one card per item.
 
-Each card shows the item's overlay and status and links every asset (scene, each object's GLB / USDZ / OBJ);
+Each card shows the item's overlay and status, every object reconstructed from it (index, score, which one is
+selected), the chosen frame of a video, and links every asset (scene, each object's GLB / USDZ / OBJ);
 items with a mesh open their ``object.glb`` in Google's ``<model-viewer>`` with its AR button (WebXR, Android
 Scene Viewer, and iOS AR Quick Look through ``ios-src`` = the object's USDZ), installed from npm into
 ``sam3d_pipeline/gallery/node_modules`` by ``make install`` and copied next to ``index.html`` (nothing is
@@ -135,6 +136,14 @@ def _card(item: dict[str, Any]) -> str:
     ]
     if item.get("score") is not None:
         lines.append(f"<div>score {item['score']:.2f} · {item.get('instances', 0)} instance(s)</div>")
+    if item.get("objects"):
+        listed = ", ".join(f"#{o['index']}" + (f" {o['score']:.2f}" if o.get("score") is not None else "")
+                           + (" (selected)" if o.get("selected") else "") for o in item["objects"])
+        lines.append(f'<div class="objects">{len(item["objects"])} object(s): {e(listed)}</div>')
+    chosen = (item.get("video") or {}).get("chosen")
+    if chosen:
+        lines.append(f'<div class="video">video: frame {int(chosen["index"])} at {float(chosen["time_s"]):.2f} s of '
+                     f'{int(item["video"].get("frames_sampled") or 0)} sampled</div>')
     if item.get("segmenter"):
         rec = item.get("reconstructor") or "-"
         lines.append(f"<div>segmenter {e(item['segmenter'])} · reconstructor {e(rec)}</div>")

@@ -1,12 +1,16 @@
 """The GPU stages as plain functions: what runs where the models are, talking through storage keys.
 
-One request type, ``GpuBatch``, covers every use: ``image-to-3d`` sends one photo to segment, later one mask
-to reconstruct; a catalog GPU batch segments several photos, selects an instance of each and reconstructs
-them, all in one call. ``run_gpu_batch`` reads the photos from their URIs and masks from storage and writes
-its results under each run's deterministic prefix (``keys.RunKeys``)::
+One request type, ``GpuBatch``, covers every use: ``image-to-3d`` sends one photo to segment (or one clip to
+track), later one mask to reconstruct; a catalog GPU batch segments several photos and tracks several clips,
+selects the objects of each (``instances``; a clip's best view) and reconstructs them, all in one call.
+``run_gpu_batch`` reads the photos and clips from their URIs and masks from storage and writes its results under
+each run's deterministic prefix (``keys.RunKeys``)::
 
     <prefix>/stages/segment/segmentation.json       instances (score, box, area, mask key), backend, messages
     <prefix>/stages/segment/mask-<i>.png            one PNG per instance
+    <prefix>/stages/track/masks.npz                 a clip's mask on every sampled frame (bit-packed)
+    <prefix>/stages/track/track.json                frame indices, scores, backend, messages (written last)
+    <prefix>/stages/track/frame-<n>.png, mask-<n>.png  the best view, when the batch reconstructs it
     <prefix>/stages/reconstruct/object.glb           mesh (vertex colours)
     <prefix>/stages/reconstruct/object.ply           Gaussian splat, when the backend makes one
     <prefix>/stages/reconstruct/reconstruction.json  pose, stats, backend (written last)
@@ -15,24 +19,40 @@ Each JSON is written after the files it describes, so a stage's output is comple
 the orchestrator reads them back with ``load_segmentation`` / ``load_reconstruction``. Models stay loaded
 in the process between calls (``backends`` caches them), which is what makes a GPU worker warm: each call
 reports ``model_load_s`` (0.0 when the model was already in memory) and ``run_s`` per stage.
+
+A clip goes to the worker by its URI, never as pixels: the worker reads and decodes it with the submitter's
+sampling settings (``video.SAMPLING_SETTINGS``), checks it is the clip that was planned (its content id), and
+tracks it as the segment stage (the segmenter's tracker: lite's, or SAM 3's video predictor). SAM 3's video
+predictor is built on a session's first clip and then stays in the process beside the image model
+(``backends.sam3.video``), so later clips in the session pay no load; a session that has served both photos and
+clips holds both models in memory.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, Field
 
-from sam3d_pipeline import backends
+from sam3d_pipeline import backends, video
 from sam3d_pipeline.backends.sam3 import clickdecoder
 from sam3d_pipeline.errors import BackendUnavailableError, InputError, PipelineError, error_record
 from sam3d_pipeline.export.glb import glb_to_mesh, mesh_to_glb
-from sam3d_pipeline.images import LoadedImage, load_image
+from sam3d_pipeline.images import LoadedImage, encode_png, load_image
 from sam3d_pipeline.keys import RunKeys, reconstruction_json
-from sam3d_pipeline.masks import mask_from_png, mask_to_png, select_instance
+from sam3d_pipeline.masks import (
+    InstancesSpec,
+    choose_objects,
+    mask_from_png,
+    mask_to_png,
+    primary_object,
+    select_instance,
+)
 from sam3d_pipeline.settings import Settings, get_settings
 from sam3d_pipeline.storage import Storage, open_storage, read_input
 from sam3d_pipeline.types import (
@@ -46,6 +66,7 @@ from sam3d_pipeline.types import (
     SegmentRequest,
     Track,
 )
+from sam3d_pipeline.video.views import best_views, score_views
 
 
 class SegmentParams(BaseModel):
@@ -67,6 +88,8 @@ class SegmentJob(BaseModel):
         prefix: the run's output prefix name (``<stem>-<hash>``), relative to the batch's output root.
         params: prompt, boxes (xyxy px), points (px).
         instance_index: which instance a catalog batch reconstructs (None: the highest score).
+        instances: the objects a catalog batch reconstructs: ``best`` (the selected instance), ``all``, or indices;
+            several are reconstructed together (one point map for the photo).
         seed: sampling seed of that reconstruction.
         review_assets: also store the review page's click-decoder files while the features are at hand.
         score_threshold: override ``SAM3D_SCORE_THRESHOLD`` (a reviewer's re-prompt).
@@ -76,9 +99,31 @@ class SegmentJob(BaseModel):
     prefix: str
     params: SegmentParams
     instance_index: int | None = Field(None, ge=0)
+    instances: InstancesSpec = "best"
     seed: int = Field(0, ge=0)
     review_assets: bool = False
     score_threshold: float | None = Field(None, ge=0.0, le=1.0)
+
+
+class TrackJob(BaseModel):
+    """One clip to track: the segment stage of a video.
+
+    Attributes:
+        video: URI of the clip, or of a folder / S3 prefix of frames.
+        sha256: the decoded clip's digest when the run was planned (``LoadedVideo.sha256``: of the clip's bytes, or
+            of a folder's manifest); a clip that changed since is refused.
+        prefix: the run's output prefix name, relative to the batch's output root.
+        params: prompt, boxes and clicks on the first frame (validated against the frame size by the caller).
+        sampling: the submitter's ``video.SAMPLING_SETTINGS``, so the worker keeps the frames the submitter keeps.
+        seed: sampling seed of the best view's reconstruction (a catalog batch).
+    """
+
+    video: str
+    sha256: str
+    prefix: str
+    params: SegmentParams
+    sampling: dict[str, float] = Field(default_factory=dict)
+    seed: int = Field(0, ge=0)
 
 
 class ReconstructJobParam(BaseModel):
@@ -106,8 +151,12 @@ class GpuBatch(BaseModel):
         output_root: local directory or ``s3://bucket/prefix`` every key is relative to.
         segmenter, reconstructor: resolved backend names (never ``auto``).
         segment: photos to segment.
+        track: clips to track (the segment stage of a video).
         reconstruct: masks to reconstruct.
-        reconstruct_selected: after segmenting, also reconstruct each photo's selected instance.
+        reconstruct_selected: after segmenting, also reconstruct each photo's objects (its ``instances``) and each
+            clip's best view.
+        choose_selected: choose (and for a clip write) what ``reconstruct_selected`` would reconstruct, without
+            reconstructing it: the segment half of a batch whose reconstruct half runs elsewhere.
         low_memory: override ``SAM3D_SAM3D_LOW_MEMORY`` (set after an out-of-memory crash).
         segmenter_version, reconstructor_version: the backend identities the submitter named the output prefixes
             by (``BackendInfo.version``, from the identity the pool declares); a worker whose loaded model is
@@ -118,8 +167,10 @@ class GpuBatch(BaseModel):
     segmenter: str = "lite"
     reconstructor: str = "lite"
     segment: list[SegmentJob] = Field(default_factory=list)
+    track: list[TrackJob] = Field(default_factory=list)
     reconstruct: list[ReconstructJobParam] = Field(default_factory=list)
     reconstruct_selected: bool = False
+    choose_selected: bool = False
     low_memory: bool | None = None
     segmenter_version: str | None = None
     reconstructor_version: str | None = None
@@ -128,6 +179,8 @@ class GpuBatch(BaseModel):
         parts = []
         if self.segment:
             parts.append(f"segment {len(self.segment)} photo(s) with {self.segmenter}")
+        if self.track:
+            parts.append(f"track {len(self.track)} clip(s) with {self.segmenter}")
         if self.reconstruct or self.reconstruct_selected:
             parts.append(f"reconstruct with {self.reconstructor}")
         return ", ".join(parts) or "nothing"
@@ -193,13 +246,13 @@ def segment_photo(image: LoadedImage, request: SegmentRequest, segmenter: str,
 
 
 def track_frames(frames: Sequence[Any], request: SegmentRequest, segmenter: str,
-                 settings: Settings) -> tuple[Track, dict[str, float]]:
+                 settings: Settings, expected_version: str | None = None) -> tuple[Track, dict[str, float]]:
     """Follow the requested object through ``frames`` (each ``(H, W, 3)`` uint8) with the segmenter's tracker.
 
     Returns the track and ``{"model_load_s", "run_s"}``.
 
     Raises:
-        BackendUnavailableError: the segmenter cannot track.
+        BackendUnavailableError: the segmenter cannot track, or is not ``expected_version`` (``check_identity``).
     """
     tracker = backends.get_segmenter(segmenter, settings)  # a tracker has a model of its own (sam3: the video one)
     if not hasattr(tracker, "track"):
@@ -207,6 +260,7 @@ def track_frames(frames: Sequence[Any], request: SegmentRequest, segmenter: str,
     t = time.perf_counter()
     loader = getattr(tracker, "load_tracker", None)
     load_s = time.perf_counter() - t if callable(loader) and loader() else 0.0
+    check_identity("segmenter", expected_version, tracker.info())
     t = time.perf_counter()
     track = tracker.track(frames, request)
     return track, {"model_load_s": load_s, "run_s": time.perf_counter() - t}
@@ -249,8 +303,11 @@ def run_gpu_batch(batch: GpuBatch, settings: Settings | None = None) -> dict[str
 
     Returns:
         ``{"segment": [...], "reconstruct": [...], "timing": {"segment": {...}, "reconstruct": {...}}}``: per
-        segment job the contents of its ``segmentation.json`` plus ``selected`` (or ``{"error": ...}``); per
-        reconstruction the contents of its ``reconstruction.json`` plus ``prefix`` (or ``{"error": ...}``).
+        segment job the contents of its ``segmentation.json`` plus ``selected`` (and ``objects`` when the batch
+        reconstructs them), then per track job (the segment stage of a clip) the contents of its ``track.json``
+        (plus ``selected``, ``objects`` and the best ``view`` when the batch reconstructs it), each row named by
+        its ``prefix`` (or ``{"prefix", "error"}``); per reconstruction the contents of its ``reconstruction.json``
+        (or ``{"output", "error"}``). A clip's tracking counts in the segment stage's timing.
     """
     s = stage_settings(settings or get_settings(), low_memory=batch.low_memory)
     storage = open_storage(batch.output_root, s)
@@ -258,6 +315,7 @@ def run_gpu_batch(batch: GpuBatch, settings: Settings | None = None) -> dict[str
     out: dict[str, Any] = {"segment": [], "reconstruct": [], "timing": {}}
     recon_jobs = list(batch.reconstruct)
     load_s = run_s = 0.0
+    choosing = batch.reconstruct_selected or batch.choose_selected
     for job in batch.segment:
         try:
             photo = photos.get(job.image) or read_photo(job.image, s)
@@ -271,16 +329,33 @@ def run_gpu_batch(batch: GpuBatch, settings: Settings | None = None) -> dict[str
                 summary["review_assets"] = clickdecoder.publish_review_assets(
                     backends.get_segmenter(batch.segmenter, seg_settings), photo.rgb, storage, job.prefix,
                     s.review_decoder_weights)
-            selected = select_instance(seg.instances, job.instance_index)
-            out["segment"].append(summary | {"selected": selected})
-            if batch.reconstruct_selected and selected is not None:
-                recon_jobs.append(ReconstructJobParam(image=job.image, mask=RunKeys(job.prefix).stage_mask(selected),
-                                                      output=RunKeys(job.prefix).reconstruct_dir, seed=job.seed))
+            selected = primary_object(job.instances, select_instance(seg.instances, job.instance_index),
+                                      job.instance_index)
+            row = summary | {"selected": selected}
+            if choosing:
+                row["objects"] = choose_objects(seg.instances, job.instances, selected)
+            if batch.reconstruct_selected:
+                recon_jobs.extend(selected_jobs(job, row))
+            out["segment"].append(row)
         except PipelineError as exc:
             if exc.transient:
                 raise
             out["segment"].append({"prefix": job.prefix, "error": error_record(exc)})
-    if batch.segment:
+    for track_job in batch.track:
+        try:
+            clip, track, timing = track_clip(track_job, batch.segmenter, s, batch.segmenter_version)
+            load_s, run_s = load_s + timing["model_load_s"], run_s + timing["run_s"]
+            row = write_track(storage, track_job, clip, track)
+            if choosing:
+                row |= write_best_view(storage, track_job, clip, track, photos)
+            if batch.reconstruct_selected:
+                recon_jobs.extend(selected_jobs(track_job, row))
+            out["segment"].append(row)
+        except PipelineError as exc:
+            if exc.transient:
+                raise
+            out["segment"].append({"prefix": track_job.prefix, "error": error_record(exc)})
+    if batch.segment or batch.track:
         out["timing"]["segment"] = {"model_load_s": load_s, "run_s": run_s}
     if recon_jobs:
         out["reconstruct"], out["timing"]["reconstruct"] = _reconstruct_jobs(recon_jobs, batch.reconstructor,
@@ -341,6 +416,123 @@ def write_segmentation(storage: Storage, job: SegmentJob, photo: LoadedImage, se
     return summary
 
 
+def selected_jobs(job: SegmentJob | TrackJob, row: dict[str, Any]) -> list[ReconstructJobParam]:
+    """The reconstruct jobs of one segmented photo or tracked clip (its result ``row``), in one place for a batch run
+    in one task and for its reconstruct half (``reconstruct_part``).
+
+    One object goes to ``RunKeys(prefix).reconstruct_dir``; several objects of a photo each go to
+    ``object_reconstruct_dir(i)`` with the photo as their ``photo_id`` (one point map). A clip's object is its best
+    view's frame and mask (``row["view"]``). Nothing for a failed row or one without an object.
+    """
+    outputs = object_outputs(job.prefix, row)
+    if isinstance(job, TrackJob):
+        view = row["view"]
+        return [ReconstructJobParam(image=view["image"], mask=view["mask"], output=output, seed=job.seed)
+                for output in outputs.values()]
+    keys = RunKeys(job.prefix)
+    return [ReconstructJobParam(image=job.image, mask=keys.stage_mask(i), output=output, seed=job.seed,
+                                photo_id=job.image if len(outputs) > 1 else None) for i, output in outputs.items()]
+
+
+def object_outputs(prefix: str, row: dict[str, Any]) -> dict[int, str]:
+    """Where each object of a segmented photo or tracked clip (its result ``row``) is reconstructed, by instance
+    index, the selected one first: ``reconstruct_dir`` for one object, ``object_reconstruct_dir(i)`` for several.
+    Empty for a failed row or one without an object."""
+    if "error" in row or row.get("selected") is None:
+        return {}
+    keys = RunKeys(prefix)
+    found = row.get("objects") or [row["selected"]]
+    if len(found) == 1:
+        return {found[0]: keys.reconstruct_dir}
+    return {i: keys.object_reconstruct_dir(i) for i in found}
+
+
+def track_clip(job: TrackJob, segmenter: str, settings: Settings, expected_version: str | None = None,
+               ) -> tuple[video.LoadedVideo, Track, dict[str, float]]:
+    """Read, decode and sample the clip as the submitter did, and track its object (the segment stage of a video).
+
+    Raises:
+        InputError: the clip changed since it was planned, or any of ``video.load_video``'s refusals.
+        BackendUnavailableError: the segmenter cannot track, or is not ``expected_version``.
+    """
+    clip = video.load_video(video.read_clip(job.video, settings), source=job.video,
+                            settings=video.with_sampling(settings, job.sampling))
+    if clip.sha256 != job.sha256:
+        raise InputError(f"{job.video}: the clip changed since the run was planned (sha256 {job.sha256[:12]}…, now "
+                         f"{clip.sha256[:12]}…); run it again")
+    track, timing = track_frames([f.rgb for f in clip.frames], job.params.request(), segmenter, settings,
+                                 expected_version)
+    return clip, track, timing
+
+
+def write_track(storage: Storage, job: TrackJob, clip: video.LoadedVideo, track: Track) -> dict[str, Any]:
+    """Write every sampled frame's mask (``masks.npz``, bit-packed), then ``track.json`` (last). Returns its
+    contents."""
+    keys = RunKeys(job.prefix)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, masks=np.packbits(np.stack(track.masks).astype(bool), axis=-1))
+    storage.write_bytes(keys.track_masks, buf.getvalue(), content_type="application/octet-stream")
+    summary = {
+        "prefix": job.prefix,
+        "video": {"uri": job.video, "width": clip.width, "height": clip.height,
+                  "frames": [f.index for f in clip.frames]},
+        "masks": keys.track_masks,
+        "scores": [float(v) for v in track.scores],
+        "found_at": track.found_at,
+        "used_text_prompt": track.used_text_prompt,
+        "messages": list(track.messages),
+        "backend": track.backend.as_dict(),
+    }
+    storage.write_bytes(keys.track_summary, json.dumps(summary, indent=2).encode(), content_type="application/json")
+    return summary
+
+
+def write_best_view(storage: Storage, job: TrackJob, clip: video.LoadedVideo, track: Track,
+                    photos: dict[str, LoadedImage]) -> dict[str, Any]:
+    """Choose the clip's best view (``video.views``) and write its frame and mask for the reconstruct stage.
+
+    Returns ``selected`` (0, or None when the object was never found), ``objects`` and ``view`` (``position``,
+    ``index``, ``image``: the frame's URI, ``mask``: its key); the frame is also left in ``photos``.
+    """
+    best = best_views(score_views(clip, track), 1)
+    if not best:
+        return {"selected": None, "objects": []}
+    view, keys = best[0], RunKeys(job.prefix)
+    frame = clip.frame_image(view.position)
+    uri = storage.write_bytes(keys.track_frame(view.index), encode_png(frame.rgb), content_type="image/png")
+    storage.write_bytes(keys.track_mask(view.index), mask_to_png(track.masks[view.position]),
+                        content_type="image/png")
+    photos[uri] = frame
+    return {"selected": 0, "objects": [0],
+            "view": {"position": view.position, "index": view.index, "image": uri, "mask": keys.track_mask(view.index)}}
+
+
+def load_track(output_root: str, prefix: str, frames: Sequence[int], settings: Settings | None = None) -> Track:
+    """Read back what the track stage wrote, checked against the submitter's own sample (``frames``: the source
+    indices of the frames it kept).
+
+    Raises:
+        BackendUnavailableError: the worker kept other frames (a decoder that reads the clip differently).
+    """
+    s = settings or get_settings()
+    storage = open_storage(output_root, s)
+    summary = json.loads(storage.read_bytes(RunKeys(prefix).track_summary))
+    if summary["video"]["frames"] != list(frames):
+        raise BackendUnavailableError(
+            f"{summary['video']['uri']}: the GPU worker sampled {len(summary['video']['frames'])} frame(s), this "
+            f"process {len(frames)} (or other ones): the two decode the clip differently; run both from one image")
+    with np.load(io.BytesIO(storage.read_bytes(summary["masks"])), allow_pickle=False) as archive:
+        packed = archive["masks"]
+    width, height = summary["video"]["width"], summary["video"]["height"]
+    masks = np.unpackbits(packed, axis=-1, count=width).astype(bool)
+    if masks.shape != (len(frames), height, width):
+        raise BackendUnavailableError(f"{summary['masks']}: masks of shape {masks.shape}, expected "
+                                      f"{(len(frames), height, width)}")
+    return Track(masks=list(masks), scores=[float(v) for v in summary["scores"]],
+                 backend=backend_from_dict(summary["backend"]), used_text_prompt=bool(summary["used_text_prompt"]),
+                 found_at=summary["found_at"], messages=list(summary["messages"]))
+
+
 def backend_from_dict(info: dict[str, Any]) -> BackendInfo:
     """A ``BackendInfo`` from its ``as_dict`` (what the worker that ran a stage reported)."""
     return BackendInfo(name=info["name"], version=info["version"], device=info.get("device", "cpu"),
@@ -396,38 +588,37 @@ GPU_STAGES = ("segment", "reconstruct")
 
 
 def batch_stages(batch: GpuBatch) -> tuple[str, ...]:
-    """The stages ``batch`` runs, in order: ``("segment",)``, ``("reconstruct",)`` or both (a catalog batch)."""
+    """The stages ``batch`` runs, in order: ``("segment",)``, ``("reconstruct",)`` or both (a catalog batch).
+    Tracking a clip is the segment stage (the segmenter's model tracks)."""
     stages = []
-    if batch.segment:
+    if batch.segment or batch.track:
         stages.append("segment")
-    if batch.reconstruct or (batch.reconstruct_selected and batch.segment):
+    if batch.reconstruct or (batch.reconstruct_selected and (batch.segment or batch.track)):
         stages.append("reconstruct")
     return tuple(stages)
 
 
 def segment_part(batch: GpuBatch) -> GpuBatch:
-    """The segment half of a two-stage batch: the same photos and selection, nothing reconstructed."""
-    return batch.model_copy(update={"reconstruct": [], "reconstruct_selected": False})
+    """The segment half of a two-stage batch: the same photos, clips and selection, nothing reconstructed (what is
+    to be reconstructed is still chosen, and a clip's best view written, for the other half)."""
+    return batch.model_copy(update={"reconstruct": [], "reconstruct_selected": False,
+                                    "choose_selected": batch.reconstruct_selected})
 
 
 def reconstruct_part(batch: GpuBatch, segment_result: dict[str, Any]) -> GpuBatch | None:
     """The reconstruct half of a two-stage batch, built from what its segment half returned.
 
-    The batch's own reconstruct jobs come first, then (``reconstruct_selected``) each photo's selected instance,
-    exactly as ``run_gpu_batch`` builds them inline: mask ``RunKeys(prefix).stage_mask(selected)``, output
-    ``RunKeys(prefix).reconstruct_dir``, the segment job's seed. Photos that failed or have no instance are left
-    out. None when nothing is left to reconstruct.
+    The batch's own reconstruct jobs come first, then (``reconstruct_selected``) each photo's objects and each
+    clip's best view, exactly as ``run_gpu_batch`` builds them in one task (``selected_jobs``). Photos and clips
+    that failed or have no object are left out. None when nothing is left to reconstruct.
     """
     jobs = list(batch.reconstruct)
     if batch.reconstruct_selected:
         done = {r["prefix"]: r for r in segment_result.get("segment", [])}
-        for job in batch.segment:
+        for job in [*batch.segment, *batch.track]:
             row = done.get(job.prefix)
-            if row is None or "error" in row or row.get("selected") is None:
-                continue
-            keys = RunKeys(job.prefix)
-            jobs.append(ReconstructJobParam(image=job.image, mask=keys.stage_mask(row["selected"]),
-                                            output=keys.reconstruct_dir, seed=job.seed))
+            if row is not None:
+                jobs.extend(selected_jobs(job, row))
     if not jobs:
         return None
     return GpuBatch(output_root=batch.output_root, segmenter=batch.segmenter, reconstructor=batch.reconstructor,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -18,11 +18,9 @@ from sam3d_pipeline import export
 from sam3d_pipeline.errors import InputError
 from sam3d_pipeline.gpu import stages as gpu_stages
 from sam3d_pipeline.keys import SCENE_FILE, object_file
-from sam3d_pipeline.masks import mask_to_png
+from sam3d_pipeline.masks import InstancesSpec, choose_objects, mask_to_png, primary_object
 from sam3d_pipeline.settings import Settings
 from sam3d_pipeline.types import Instance, Reconstruction
-
-InstancesSpec = Literal["best", "all"] | list[int]
 
 
 def parse_instances(text: str) -> InstancesSpec:
@@ -56,36 +54,9 @@ def parse_formats(text: str) -> list[str]:
     return list(dict.fromkeys(formats))
 
 
-def choose(instances: list[Instance], spec: InstancesSpec, selected: int | None) -> list[int]:
-    """The instance indices that become objects, the selected one first.
-
-    Args:
-        instances: what the segmenter found, best first.
-        spec: ``best``, ``all`` or indices.
-        selected: the selected instance (``masks.select_instance``), None when nothing was found.
-
-    Raises:
-        InputError: an index in ``spec`` that does not exist.
-    """
-    if selected is None or not instances:
-        return []
-    if spec == "best":
-        return [selected]
-    if spec == "all":
-        wanted = list(range(len(instances)))
-    else:
-        bad = [i for i in spec if not 0 <= i < len(instances)]
-        if bad:
-            raise InputError(f"instances {bad} out of range: {len(instances)} instance(s) found")
-        wanted = list(spec)
-    return [selected] + [i for i in wanted if i != selected]
-
-
-def primary_of(spec: InstancesSpec, selected: int | None, instance_index: int | None) -> int | None:
-    """With a list of indices and no explicit ``instance_index``, the first listed one is the selected object."""
-    if isinstance(spec, list) and instance_index is None and spec and selected is not None:
-        return spec[0]
-    return selected
+# Which instances become objects is the segmentation's decision (``masks``); a run's steps call it by these names.
+choose = choose_objects
+primary_of = primary_object
 
 
 def reconstruct_together(photo: Any, masks: dict[int, np.ndarray], seed: int, photo_id: str, reconstructor: str,

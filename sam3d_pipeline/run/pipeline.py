@@ -6,7 +6,6 @@ reconstruct → render outputs → publish (files first, ``result.json`` last).
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,16 +15,16 @@ import numpy as np
 from pydantic import BaseModel, Field, field_validator
 
 from sam3d_pipeline import backends, video
-from sam3d_pipeline.errors import BackendUnavailableError, InputError, PipelineError
+from sam3d_pipeline.errors import InputError, PipelineError
 from sam3d_pipeline.export import ProfileName
 from sam3d_pipeline.gpu import stages as gpu_stages
 from sam3d_pipeline.images import LoadedImage, load_image
-from sam3d_pipeline.keys import output_prefix_name
+from sam3d_pipeline.keys import content_id, output_prefix_name
 from sam3d_pipeline.masks import select_instance
 from sam3d_pipeline.run import finish, objects
 from sam3d_pipeline.run.report import RunResult
 from sam3d_pipeline.settings import Settings, get_settings
-from sam3d_pipeline.storage import open_storage, read_input
+from sam3d_pipeline.storage import open_storage
 from sam3d_pipeline.types import (
     PROMPT_MAX_CHARS,
     Box,
@@ -34,6 +33,7 @@ from sam3d_pipeline.types import (
     Reconstruction,
     Segmentation,
     SegmentRequest,
+    Track,
     clean_prompt,
 )
 from sam3d_pipeline.video.views import VideoRun, best_views, score_views
@@ -111,20 +111,13 @@ class RunPlan:
 
 def read_bytes(uri: str, settings: Settings | None = None) -> bytes:
     """Step 1: the input's bytes (local path or s3:// URI); for a folder / prefix of video frames, the manifest
-    that names them (``video.read_frame_folder``)."""
-    if video.is_frame_folder(uri):
-        return video.read_frame_folder(uri, settings)
-    return read_input(uri, settings)
+    that names them (``video.read_clip``)."""
+    return video.read_clip(uri, settings)
 
 
 def decode(data: bytes, uri: str, settings: Settings | None = None) -> LoadedImage:
     """Step 3: decode and validate the photo."""
     return load_image(data, source=uri, max_pixels=(settings or get_settings()).max_pixels)
-
-
-def content_id(data: bytes) -> str:
-    """The input's identity in output keys: ``sha256:<hex>`` of its bytes."""
-    return f"sha256:{hashlib.sha256(data).hexdigest()}"
 
 
 def plan(input_uri: str, input_id: str, options: RunOptions, output_root: str,
@@ -250,34 +243,42 @@ def decode_video(data: bytes, uri: str, settings: Settings | None = None) -> vid
 
 def track_video(clip: video.LoadedVideo, options: RunOptions, run_plan: RunPlan,
                 settings: Settings | None = None) -> VideoRun:
-    """Step 4 for a clip: follow the object through the sampled frames, score every frame, choose the view(s).
+    """Step 4 for a clip, in this process: follow the object through the sampled frames, then ``choose_views``.
 
     Raises:
         InputError: a box or click outside the first frame.
-        BackendUnavailableError: the model stages run on GPU workers (they take photos only), or the segmenter
-            cannot track.
+        BackendUnavailableError: the segmenter cannot track.
     """
     s = settings or get_settings()
-    if s.gpu_stages != "inline":
-        raise BackendUnavailableError(
-            f"{clip.source}: video input runs its tracker in the flow's process; the GPU workers take photos only "
-            "(set SAM3D_GPU_STAGES=inline for videos)")
     request = segment_request(options, clip.width, clip.height)
     track, timing = gpu_stages.track_frames([f.rgb for f in clip.frames], request, run_plan.segmenter.name, s)
+    return choose_views(clip, track, options.video_frames, in_process_stage(timing))
+
+
+def choose_views(clip: video.LoadedVideo, track: Track, count: int, stage: dict[str, Any],
+                 chosen_position: int | None = None) -> VideoRun:
+    """Score every tracked frame and choose the ``count`` best views (wherever the track was made: ``stage``).
+
+    ``chosen_position``: the view already reconstructed (a GPU batch chose it), kept as the chosen one.
+    """
     views = score_views(clip, track)
-    return VideoRun(clip, track, views, best_views(views, options.video_frames), stage=in_process_stage(timing))
+    candidates = best_views(views, count)
+    if chosen_position is not None:
+        candidates = [views[chosen_position]] + [v for v in candidates if v.position != chosen_position]
+    return VideoRun(clip, track, views, candidates[:max(count, 1)], stage=stage)
 
 
-def start_from_video(record: finish.RunRecord, clip: video.LoadedVideo, settings: Settings | None = None) -> None:
-    """Track ``clip``; its chosen frame becomes the run's photo and the tracked mask there its segmentation (no
-    instance when the object was never found)."""
-    record.video = track_video(clip, record.options, record.run_plan, settings)
-    chosen = record.video.chosen
-    record.image = clip.frame_image(chosen.position if chosen else 0)
-    record.seg = record.video.view_segmentation()
+def start_from_video(record: Any, run: VideoRun) -> None:
+    """The chosen frame of a tracked clip becomes the run's photo and the tracked mask there its segmentation (no
+    instance when the object was never found). ``record``: a ``finish.RunRecord`` or a catalog item's work (any
+    object with ``video``, ``image``, ``seg`` and ``messages``)."""
+    record.video = run
+    chosen = run.chosen
+    record.image = run.video.frame_image(chosen.position if chosen else 0)
+    record.seg = run.view_segmentation()
     if chosen is not None:
         record.messages.append(f"video: reconstructed from frame {chosen.index} ({chosen.time_s:.2f} s), the best of "
-                               f"{record.video.track.tracked} tracked frames (view score {chosen.view_score:.3f})")
+                               f"{run.track.tracked} tracked frames (view score {chosen.view_score:.3f})")
 
 
 def try_other_views(record: finish.RunRecord,
@@ -320,7 +321,7 @@ def run_plain(image_uri: str, options: RunOptions, output_root: str | None = Non
         clip = decode_video(data, image_uri, s)
         record.timings["intake"] = time.perf_counter() - t
         t = time.perf_counter()
-        start_from_video(record, clip, s)
+        start_from_video(record, track_video(clip, options, record.run_plan, s))
     else:
         record.image = decode(data, image_uri, s)
         record.timings["intake"] = time.perf_counter() - t
@@ -346,4 +347,4 @@ def run_plain(image_uri: str, options: RunOptions, output_root: str | None = Non
     return finish.finish_run(storage, record, s)
 
 
-__all__ = ["PipelineError", "RunOptions", "RunPlan", "run_plain"]
+__all__ = ["PipelineError", "RunOptions", "RunPlan", "content_id", "run_plain"]

@@ -4,6 +4,7 @@ draw what was tracked (``track.webp``, ``frame.png``: ``outputs``)."""
 
 from sam3d_pipeline.video.intake import (
            FRAME_SUFFIXES,
+           SAMPLING_SETTINGS,
            VIDEO_SUFFIXES,
            LoadedVideo,
            VideoFrame,
@@ -11,8 +12,12 @@ from sam3d_pipeline.video.intake import (
            is_frame_manifest,
            is_video_uri,
            load_video,
+           read_clip,
            read_frame_folder,
+           sampling,
+           with_sampling,
 )
 
-__all__ = ["FRAME_SUFFIXES", "VIDEO_SUFFIXES", "LoadedVideo", "VideoFrame", "is_frame_folder", "is_frame_manifest",
-           "is_video_uri", "load_video", "read_frame_folder"]
+__all__ = ["FRAME_SUFFIXES", "SAMPLING_SETTINGS", "VIDEO_SUFFIXES", "LoadedVideo", "VideoFrame", "is_frame_folder",
+           "is_frame_manifest", "is_video_uri", "load_video", "read_clip", "read_frame_folder", "sampling",
+           "with_sampling"]

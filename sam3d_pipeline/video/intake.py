@@ -36,6 +36,8 @@ FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 # The frames kept from one clip never take more than this (the stride grows instead): 1 GiB of RGB pixels.
 FRAME_MEMORY_BUDGET_BYTES = 1 << 30
 FRAME_MANIFEST_MAGIC = b"sam3d-frame-folder/1\n"
+# The settings that decide which frames of a clip are kept: a GPU worker decodes a clip with the submitter's.
+SAMPLING_SETTINGS = ("video_stride", "video_max_frames", "video_max_seconds", "video_max_pixels", "video_folder_fps")
 _MP4_BRANDS = (b"ftyp",)
 _EBML_MAGIC = b"\x1a\x45\xdf\xa3"  # Matroska / WebM
 
@@ -163,6 +165,30 @@ def read_frame_folder(uri: str, settings: Settings | None = None) -> bytes:
             f"{uri}: {len(frames):,} frames = {seconds:,.1f} s at {s.video_folder_fps:g} fps (SAM3D_VIDEO_FOLDER_FPS) "
             f"exceeds the limit of {s.video_max_seconds:g} s (SAM3D_VIDEO_MAX_SECONDS); refused before decoding")
     return FRAME_MANIFEST_MAGIC + json.dumps({"folder": uri, "frames": frames}, separators=(",", ":")).encode()
+
+
+def read_clip(uri: str, settings: Settings | None = None) -> bytes:
+    """A clip's bytes, or for a folder / S3 prefix of frames the manifest that names them (``read_frame_folder``);
+    any other input's bytes as they are."""
+    return read_frame_folder(uri, settings) if is_frame_folder(uri) else read_input(uri, settings)
+
+
+def sampling(settings: Settings) -> dict[str, float]:
+    """The ``SAMPLING_SETTINGS`` of ``settings`` (what a worker needs to keep the same frames)."""
+    return {name: getattr(settings, name) for name in SAMPLING_SETTINGS}
+
+
+def with_sampling(settings: Settings, values: dict[str, float]) -> Settings:
+    """``settings`` with a submitter's ``sampling`` values.
+
+    Raises:
+        InputError: a name that is not one of ``SAMPLING_SETTINGS``.
+    """
+    unknown = sorted(set(values) - set(SAMPLING_SETTINGS))
+    if unknown:
+        raise InputError(f"video sampling: unknown setting(s) {', '.join(unknown)} (known: "
+                         f"{', '.join(SAMPLING_SETTINGS)})")
+    return settings.model_copy(update=values) if any(getattr(settings, k) != v for k, v in values.items()) else settings
 
 
 def _file_sha256(path: Path) -> str:
