@@ -29,6 +29,7 @@ LIMITS = (
     "again by its last seen colours only (a similar-coloured thing elsewhere can be taken for it)",
 )
 GRABCUT_ITERATIONS = 5
+GRABCUT_SEED = 0x5A3D  # OpenCV's random generator before each GrabCut (see _grabcut)
 # Tracking: a frame's mask must keep at least this share of the previous frame's area, and at most this multiple,
 # to count as the same object (a sudden collapse or a spill into the background means the object was lost).
 TRACK_MIN_AREA_RATIO = 0.3
@@ -261,6 +262,9 @@ class LiteSegmenter:
         mask = seed.copy()
         bgd_model = np.zeros((1, 65), np.float64)
         fgd_model = np.zeros((1, 65), np.float64)
+        # GrabCut seeds its colour models with k-means on OpenCV's per-thread random generator: seed it, so the
+        # same photo and prompt give the same mask whatever ran before in this process (deterministic outputs).
+        cv2.setRNGSeed(GRABCUT_SEED)
         cv2.grabCut(bgr, mask, None, bgd_model, fgd_model, GRABCUT_ITERATIONS, cv2.GC_INIT_WITH_MASK)
         return np.isin(mask, (cv2.GC_FGD, cv2.GC_PR_FGD))
 

@@ -15,8 +15,9 @@ upload and every studio job. Here:
   the new environment and runs ``prefect.engine`` as ``__main__``, as the worker's own command would.
 - The launcher is the process the worker knows (its pid is the run's infrastructure pid): SIGTERM and SIGINT
   to it are passed to the child (Prefect's cancellation), and it exits with the child's exit status. If the
-  launcher dies, the server ends its child; if the server cannot be reached, the launcher runs
-  ``python -m prefect.engine`` itself (``exec``), so a run never depends on the server being up.
+  launcher dies (SIGKILL), the server kills its child, as if the run's own process had been killed; if the
+  server cannot be reached, the launcher runs ``python -m prefect.engine`` itself (``exec``), so a run never
+  depends on the server being up.
 
 The code a child runs is what the server imported when it started: restart the stack after changing the flows.
 """
@@ -156,12 +157,12 @@ def serve(path: str, preload: tuple[str, ...] = PRELOAD) -> None:
                 if child:
                     children[child] = conn
                     selector.register(conn, selectors.EVENT_READ)
-            else:  # a launcher's connection: readable only when it closed (the launcher died)
+            else:  # a launcher's connection: readable only when it closed (the launcher died, e.g. SIGKILL)
                 conn = key.fileobj
                 selector.unregister(conn)
                 for pid, owner in children.items():
-                    if owner is conn:
-                        _signal(pid, signal.SIGTERM)
+                    if owner is conn:  # as if the run's own process had been killed: the worker reports it
+                        _signal(pid, signal.SIGKILL)
         _reap(children, selector)
     for pid in children:
         _signal(pid, signal.SIGTERM)
