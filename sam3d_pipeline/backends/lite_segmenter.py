@@ -29,7 +29,7 @@ LIMITS = (
     "again by its last seen colours only (a similar-coloured thing elsewhere can be taken for it)",
 )
 GRABCUT_ITERATIONS = 5
-GRABCUT_SEED = 0x5A3D  # OpenCV's random generator before each GrabCut (see _grabcut)
+GRABCUT_SEED = 0  # OpenCV's generator before each GrabCut: 0 is its default state, as in a fresh process
 # Tracking: a frame's mask must keep at least this share of the previous frame's area, and at most this multiple,
 # to count as the same object (a sudden collapse or a spill into the background means the object was lost).
 TRACK_MIN_AREA_RATIO = 0.3
