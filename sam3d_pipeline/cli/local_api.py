@@ -27,7 +27,6 @@ import fcntl
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -100,14 +99,12 @@ def _write_record(folder: Path, record: ServerRecord) -> None:
 
 
 def process_alive(pid: int, create_time: float) -> bool:
-    """``pid`` is running and is the process that started at ``create_time`` (not a reused pid)."""
-    import psutil
+    """``pid`` is running and is the process that started at ``create_time`` (not a reused pid; the time as
+    recorded, or rounded to milliseconds in a client's file name)."""
+    from sam3d_pipeline.stack.local import _is_zombie, _start_time
 
-    try:
-        proc = psutil.Process(pid)
-        return abs(proc.create_time() - create_time) < 0.01 and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
+    started = _start_time(pid)
+    return started is not None and abs(started - create_time) < 0.01 and not _is_zombie(pid)
 
 
 def healthy(url: str, timeout_s: float = 2.0) -> bool:
@@ -143,12 +140,6 @@ def _locked(folder: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def stop(folder: Path, timeout_s: float = 10.0) -> ServerRecord | None:
     """Stop the recorded server (SIGTERM, then SIGKILL); returns its record, None when none was running."""
     record = read_record(folder)
@@ -171,7 +162,9 @@ def _start(folder: Path, idle: float, timeout_s: float, drop_env: tuple[str, ...
     import psutil
     from prefect.settings import get_current_settings
 
-    port = _free_port()
+    from sam3d_pipeline.stack.local import _free_port
+
+    port = _free_port(0)
     env = {k: v for k, v in os.environ.items() if k not in drop_env and k != "PREFECT_API_URL"}
     env |= get_current_settings().to_environment_variables(exclude_unset=True) | _SERVER_ENV | {OUTLIVES_ENV: "1"}
     env.pop("PREFECT_API_URL", None)
