@@ -51,8 +51,11 @@ class Stack:
 
     def put(self, key: str, seed: int, prompt: str | None = None) -> str:
         rgb, _ = object_photo(160, 120, seed=seed)
+        return self.put_bytes(key, encode(rgb), prompt)
+
+    def put_bytes(self, key: str, body: bytes, prompt: str | None = None) -> str:
         metadata = {"prompt": prompt} if prompt else {}
-        self.s3.put_object(Bucket=self.bucket, Key=key, Body=encode(rgb), Metadata=metadata)
+        self.s3.put_object(Bucket=self.bucket, Key=key, Body=body, Metadata=metadata)
         return f"s3://{self.bucket}/{key}"
 
     def runs(self, image: str) -> list[dict]:

@@ -24,7 +24,9 @@ import pytest
 from sam3d_pipeline.keys import image_stem
 from sam3d_pipeline.stack.local import read_stack
 
-from .photos import encode, object_photo
+from .clips import encode as encode_clip
+from .clips import moving_object
+from .photos import encode, object_photo, three_objects_photo
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,22 +110,63 @@ def test_a_burst_of_uploads_shares_the_warm_gpu_worker(stack):
     assert loads and all(n <= 1 for n in loads.values()), loads
 
 
-def test_catalog_with_the_stack_env_runs_its_batches_on_the_gpu_workers(stack, tmp_path):
-    for i in range(3):
+def test_a_catalog_with_a_clip_and_every_object_runs_on_the_stacks_gpu_workers(stack, tmp_path):
+    """A manifest with a video row, an instances=all row and plain photos, through ``up``'s workers: every item's
+    stages ran on a worker session, the clip has its video section, the three-object photo one object folder per
+    object found."""
+    clip = moving_object(40)
+    (tmp_path / "spin.mp4").write_bytes(encode_clip(clip.frames, "mp4"))
+    (tmp_path / "three.png").write_bytes(encode(three_objects_photo()[0]))
+    for i in range(2):
         (tmp_path / f"item {i}.png").write_bytes(encode(object_photo(160, 120, seed=300 + i)[0]))
+    (tmp_path / "items.csv").write_text("image,prompt,instances\nspin.mp4,red disc,\nthree.png,discs,all\n"
+                                        "item 0.png,item,\nitem 1.png,item,\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "PREFECT_", "SAM3D_"))} | stack.env
     out = f"s3://{stack.bucket}/catalog-{uuid.uuid4().hex[:6]}"
-    done = subprocess.run([*CLI, "catalog", str(tmp_path), "--prompt", "item", "--out", out, "--batch-size", "2"],
+    done = subprocess.run([*CLI, "catalog", str(tmp_path / "items.csv"), "--out", out, "--batch-size", "2"],
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     bucket_prefix = out.split("/", 3)[3]
     index = json.loads(stack.s3.get_object(Bucket=stack.bucket, Key=f"{bucket_prefix}/catalog.json")["Body"].read())
-    assert index["counts"]["completed"] == 3
+    assert index["counts"]["completed"] == 4, index["counts"]
+    results = {}
     for item in index["items"]:
         key = f"{item['output_prefix'].split('/', 3)[3]}/result.json"
-        result = json.loads(stack.s3.get_object(Bucket=stack.bucket, Key=key)["Body"].read())
-        assert {info["worker"] for info in result["stages"].values()} - {"inline"}, result["stages"]
-        assert "inline" not in {info["worker"] for info in result["stages"].values()}
+        results[item["id"]] = result = json.loads(stack.s3.get_object(Bucket=stack.bucket, Key=key)["Body"].read())
+        assert set(result["stages"]) == {"segment", "reconstruct"}
+        assert "inline" not in {info["worker"] for info in result["stages"].values()}, result["stages"]
+    spin, three = results["spin"], results["three"]
+    assert spin["video"]["frames_sampled"] == 40 and clip.whole(spin["video"]["chosen"]["index"])
+    assert {"frame.png", "track.webp", "object.glb"} <= set(spin["outputs"])
+    assert sorted(o["index"] for o in three["objects"]) == [0, 1, 2]
+    three_prefix = next(i["output_prefix"] for i in index["items"] if i["id"] == "three").split("/", 3)[3]
+    folders = {o["Key"][len(three_prefix):].split("/")[2] for o in stack.s3.list_objects_v2(
+        Bucket=stack.bucket, Prefix=f"{three_prefix}/objects/")["Contents"]}
+    assert folders == {"0", "1", "2"}
+
+
+def test_an_uploaded_clip_is_tracked_and_reconstructed_on_the_stacks_gpu_workers(stack):
+    """A clip PUT into the bucket: one run, the clip tracked on a GPU worker session (the segment stage) and its
+    chosen frame reconstructed there, ``result.json`` with its ``video`` section, the track and the chosen frame
+    published; a truncated clip fails at once with the reason in the run's state, and is not retried."""
+    tag = uuid.uuid4().hex[:6]
+    clip = moving_object(45)
+    good = stack.put_bytes(f"clips-{tag}/turntable.mp4", encode_clip(clip.frames, "mp4"), prompt="red disc")
+    broken = stack.put_bytes(f"clips-{tag}/broken.mp4", encode_clip(clip.frames, "mp4")[:3000], prompt="red disc")
+    finished = stack.wait_finished([good, broken], timeout_s=400)
+    (run,) = finished[good]
+    assert run["state_type"] == "COMPLETED", (run["state_name"], (run.get("state") or {}).get("message"))
+    prefix, result = stack.result(run)
+    assert result["status"] == "completed" and result["input"]["uri"] == good
+    assert result["video"]["frames_sampled"] == 45 and clip.whole(result["video"]["chosen"]["index"])
+    assert set(result["stages"]) == {"segment", "reconstruct"}
+    assert "inline" not in {info["worker"] for info in result["stages"].values()}, result["stages"]
+    names = {o["Key"].rsplit("/", 1)[1] for o in
+             stack.s3.list_objects_v2(Bucket=stack.bucket, Prefix=prefix)["Contents"]}
+    assert {"frame.png", "track.webp", "object.glb", "mask.png", "result.json"} <= names
+    (bad,) = finished[broken]
+    assert bad["state_type"] == "FAILED" and bad["run_count"] == 1, bad
+    assert "video" in bad["state"]["message"].lower(), bad["state"]["message"]
 
 
 def test_redelivery_and_reupload_of_same_bytes_start_one_run(stack):
