@@ -227,7 +227,7 @@ def test_a_clip_is_stored_once_and_runs_to_a_job_with_its_track_and_chosen_frame
     assert facts["frames_read"] == 45 and facts["duration_s"] == pytest.approx(1.5, abs=0.05)
     assert accepted["output_prefix"].startswith(f"{api.stack.env['SAM3D_OUTPUT_ROOT']}/turn-table-")
     # The same clip again (another prompt): the same content-addressed object, stored once.
-    again = api.submit(clip, "other name.webm", prompt="red disc")
+    again = api.submit(clip, "turn table.mp4", prompt="red disc")
     assert again.status_code == 202, again.text
     stored = api.stack.s3.list_objects_v2(Bucket=api.stack.bucket,
                                           Prefix=f"{api.stack.env['SAM3D_OUTPUT_PREFIX']}_uploads/{digest}/")
