@@ -427,7 +427,8 @@ function showSummary(result) {
   const count = (n) => Number(n || 0).toLocaleString();
   term(summary, "status", result.status);
   if (result.segmenter) {
-    let text = `${backendText(result.segmenter)}: made the mask and overlay`;
+    let text = `${backendText(result.segmenter)}: made the mask and overlay`
+      + `${result.video ? ", the track and the chosen frame" : ""}`;
     if (result.prompt_used_by_segmenter === false) {
       text += `; it cannot read text, so the prompt “${result.prompt}” was recorded, not used`;
     }
