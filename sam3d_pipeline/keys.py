@@ -87,6 +87,10 @@ CONTENT_TYPES = {
     ".png": "image/png",
     ".jpg": "image/jpeg",
     ".webp": "image/webp",
+    ".mp4": "video/mp4",
+    ".m4v": "video/x-m4v",
+    ".mov": "video/quicktime",
+    ".webm": "video/webm",
     ".glb": "model/gltf-binary",
     ".usdz": "model/vnd.usdz+zip",
     ".obj": "model/obj",
@@ -249,7 +253,7 @@ def decoder_key(segmenter_version: str, weights: str = "uint8") -> str:
 
 
 def upload_key(sha256_hex: str, filename: str, extension: str) -> str:
-    """Where the job API keeps an uploaded photo, relative to the output root: ``_uploads/<sha256>/<stem><ext>``.
+    """Where the job API keeps an upload (photo or clip) under the output root: ``_uploads/<sha256>/<stem><ext>``.
 
     Content-addressed, so a re-sent upload lands on the same key; under the output root, which no S3 trigger acts
     on, so an upload starts exactly the one run the job API creates. The stem keeps the file's name in the run's

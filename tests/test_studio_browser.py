@@ -252,3 +252,56 @@ def test_studio_shows_refusals_as_text_and_creates_no_job(stack, browser, tmp_pa
     assert job_ids(stack) == before
     studio.close()
     wrong.close()
+
+
+def test_studio_uploads_a_clip_and_shows_its_track_and_chosen_frame(stack, browser, tmp_path):
+    from .clips import encode as encode_clip
+    from .clips import moving_object
+
+    clip = encode_clip(moving_object(240, seed=23).frames[:90:2], "webm")  # 1.5 s, 96x72: the lite tracker follows it
+    prompt = f"red disc {uuid.uuid4().hex[:6]}"
+    studio = StudioPage(browser.new_page(viewport=VIEWPORT), stack.web, stack.token, tmp_path / "studio-screenshots")
+    studio.open()
+    try:
+        studio.fill(clip, prompt, "none", name="turntable.webm", mime="video/webm")
+        assert studio.page.is_visible("#video-preview") and not studio.page.is_visible("#photo-preview")
+        assert studio.page.get_attribute("body", "data-chosen") == "video"
+        studio.page.fill("#video-frames", "2")
+        studio.shot("video-1-clip-and-prompt")
+        job_id = studio.submit()
+        studio.page.wait_for_selector("body[data-track-shown='1'], #job-error:not([hidden])", timeout=240_000)
+        assert studio.page.get_attribute("body", "data-track-shown") == "1", studio.page.inner_text("#job-error")
+        assert studio.page.get_attribute("body", "data-job-status") == "completed"
+        studio.shot("video-2-track-and-frame")
+        final = job(stack, job_id)
+        video = final["result"]["video"]
+        chosen = video["chosen"]
+        assert final["input"]["kind"] == "video" and len(video["candidates"]) == 2
+        info = studio.page.inner_text("#video-info")
+        assert f"frame {chosen['index']} at {chosen['time_s']:.2f} s, view score {chosen['view_score']:.2f}" in info
+        assert f"{video['frames_tracked']} of {video['frames_sampled']} sampled frames" in info
+        assert f"frame {chosen['index']} at" in studio.page.inner_text("#frame-caption")
+        sizes = studio.page.evaluate("['track-image', 'frame-image'].map((id) => document.getElementById(id))"
+                                     ".map((img) => [img.naturalWidth, img.complete])")
+        assert all(width > 0 and complete for width, complete in sizes), sizes
+        details = studio.page.inner_text("#job-details")
+        assert "video (WEBM" in details and "45 frames" in details, details
+        links = studio.page.eval_on_selector_all("#downloads a", "as => as.map(a => a.textContent)")
+        assert {"track.webp", "frame.png"} <= set(links)
+        assert not studio.errors, studio.errors
+    except Exception:
+        studio.shot("video-failed-here")
+        raise
+    finally:
+        studio.close()
+    # A clip the run would refuse is refused at upload, with the API's reason, and no job is made.
+    before = job_ids(stack)
+    refused = StudioPage(browser.new_page(viewport=VIEWPORT), stack.web, stack.token)
+    refused.open()
+    refused.fill(clip[: len(clip) // 2], "red disc", "none", name="cut.webm", mime="video/webm")
+    refused.page.click("#submit")
+    refused.page.wait_for_selector("#form-error:not([hidden])", timeout=30_000)
+    error = refused.page.inner_text("#form-error")
+    assert error.startswith("The job was not created: 422") and "cut.webm: truncated" in error, error
+    assert job_ids(stack) == before
+    refused.close()

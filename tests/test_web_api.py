@@ -447,7 +447,8 @@ def test_submit_poll_completed_signed_webhook_and_idempotent_replay(api):
                            webhook_url=receiver.url)
         assert first.status_code == 202, first.text
         accepted = first.json()
-        assert set(accepted) == {"id", "status", "status_url", "output_prefix"}
+        assert set(accepted) == {"id", "status", "status_url", "output_prefix", "input"}
+        assert accepted["input"] == {"kind": "photo", "width": 160, "height": 120}
         assert accepted["status"] == "queued" and first.headers["Location"] == accepted["status_url"]
         assert accepted["output_prefix"].startswith(f"{api.stack.env['SAM3D_OUTPUT_ROOT']}/red-chair-")
         seen = []

@@ -212,13 +212,16 @@ def sample_stride(frame_count: int, width: int, height: int, settings: Settings)
     return stride, most
 
 
-def load_video(data: bytes, *, source: str, settings: Settings | None = None) -> LoadedVideo:
+def load_video(data: bytes, *, source: str, settings: Settings | None = None, keep_pixels: bool = True) -> LoadedVideo:
     """Decode and validate a clip (or the frames a folder manifest names), keeping a bounded sample.
 
     Args:
         data: the file's bytes, or a manifest from ``read_frame_folder``.
         source: path or URI, named in every error message.
         settings: the ``video_*`` limits.
+        keep_pixels: False to check only: every frame is decoded and checked exactly as for a run (the same
+            sample, the same refusals), but each sampled frame's pixels are dropped once checked; its ``rgb`` is
+            then a read-only zero-stride placeholder of the same shape, so memory stays at about one frame.
 
     Returns:
         A ``LoadedVideo`` with at least one frame.
@@ -233,11 +236,16 @@ def load_video(data: bytes, *, source: str, settings: Settings | None = None) ->
     if not data:
         raise InvalidVideoError(f"{source}: the file is empty (0 bytes)")
     if is_frame_manifest(data):
-        return _load_frames(data, source, s)
-    return _decode_container(data, source, s)
+        return _load_frames(data, source, s, keep_pixels)
+    return _decode_container(data, source, s, keep_pixels)
 
 
-def _decode_container(data: bytes, source: str, s: Settings) -> LoadedVideo:
+def _no_pixels(rgb: np.ndarray) -> np.ndarray:
+    """A placeholder with ``rgb``'s shape that holds no pixels (a zero-stride view of one zero byte)."""
+    return np.broadcast_to(np.zeros(1, np.uint8), rgb.shape)
+
+
+def _decode_container(data: bytes, source: str, s: Settings, keep_pixels: bool = True) -> LoadedVideo:
     import av
 
     try:
@@ -305,7 +313,7 @@ def _decode_container(data: bytes, source: str, s: Settings) -> LoadedVideo:
                                 f"metadata ({rotation}°), the first frame {shape[1]}x{shape[0]}; every frame needs "
                                 "one size")
                         rotations.add(rotation)
-                        kept.append(VideoFrame(read, time_s, rgb))
+                        kept.append(VideoFrame(read, time_s, rgb if keep_pixels else _no_pixels(rgb)))
                 read += 1
                 last_time = time_s
         except (av.FFmpegError, EOFError) as exc:
@@ -374,7 +382,7 @@ def _frame_rgb(frame: Any) -> tuple[np.ndarray, int]:
     return rgb, rotation
 
 
-def _load_frames(data: bytes, source: str, s: Settings) -> LoadedVideo:
+def _load_frames(data: bytes, source: str, s: Settings, keep_pixels: bool = True) -> LoadedVideo:
     manifest = json.loads(data[len(FRAME_MANIFEST_MAGIC):])
     frames = manifest["frames"]
     first = _read_frame(frames[0], s)
@@ -385,7 +393,7 @@ def _load_frames(data: bytes, source: str, s: Settings) -> LoadedVideo:
         if (image.width, image.height) != (first.width, first.height):
             raise InvalidVideoError(f"{source}: frame {frames[index]['uri']} is {image.width}x{image.height}, the "
                                     f"first frame is {first.width}x{first.height}; every frame needs one size")
-        kept.append(VideoFrame(index, index / s.video_folder_fps, image.rgb))
+        kept.append(VideoFrame(index, index / s.video_folder_fps, image.rgb if keep_pixels else _no_pixels(image.rgb)))
         if len(kept) >= most:
             break
     notes = [f"{source}: folder of {len(frames)} {first.format} frames at an assumed {s.video_folder_fps:g} fps; kept "

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sam3d_pipeline import jsonsafe
 from sam3d_pipeline.run.pipeline import RunOptions
 from sam3d_pipeline.types import BoxList, PointList
+from sam3d_pipeline.video import is_video_uri
 from sam3d_pipeline.web.webhook_targets import InvalidTarget, TargetPolicy, TargetRefused, TargetUnresolved, parse_url
 
 Status = Literal["queued", "running", "awaiting_review", "completed", "no_object", "rejected", "failed", "cancelled"]
@@ -48,6 +49,9 @@ LABEL_OUTPUT_PREFIX = "sam3d.output_prefix"
 LABEL_WEBHOOK_URL = "sam3d.webhook_url"
 LABEL_SEGMENTER = "sam3d.segmenter"
 LABEL_RECONSTRUCTOR = "sam3d.reconstructor"
+LABEL_INPUT = "sam3d.input."  # + a fact of the checked input: kind (photo, video), width, height, a clip's length...
+INPUT_FACTS = ("kind", "container", "format", "codec", "width", "height", "fps", "duration_s", "frames_read",
+               "frames_sampled", "stride")
 
 IDEMPOTENCY_KEY_MAX_CHARS = 200
 WEBHOOK_URL_MAX_CHARS = 2000
@@ -74,6 +78,10 @@ class JobRequest(BaseModel):
     webhook_url: str | None = Field(
         None, max_length=WEBHOOK_URL_MAX_CHARS, description="http(s) URL that gets the job JSON, signed, when the "
         "job ends (any final status).")
+    video_frames: int = Field(  # bounded by the flow's own RunOptions (options())
+        1, description="A video only: reconstruct from the best tracked frame (1), or try the K best (at most "
+        f"{next(m.le for m in RunOptions.model_fields['video_frames'].metadata if hasattr(m, 'le'))}) and keep the "
+        "one the reconstructor scores highest.")
 
     @field_validator("webhook_url")
     @classmethod
@@ -88,7 +96,7 @@ class JobRequest(BaseModel):
 
     def options(self) -> RunOptions:
         """The run's options, checked by the flow's own model (prompt length and blankness, finite coordinates)."""
-        return RunOptions(prompt=self.prompt, boxes=self.boxes, points=self.points)
+        return RunOptions(prompt=self.prompt, boxes=self.boxes, points=self.points, video_frames=self.video_frames)
 
 
 def parse_request(fields: dict[str, Any], targets: TargetPolicy | None = None) -> tuple[JobRequest, RunOptions]:
@@ -166,7 +174,8 @@ def prefect_idempotency_key(key: str) -> str:
 
 def fingerprint(request: JobRequest, image: str, content_id: str) -> str:
     """sha256 hex over everything that makes two submissions the same request: the image (its location and the
-    sha256 of its bytes), prompt, boxes, points, review mode and webhook URL."""
+    sha256 of its bytes), prompt, boxes, points, review mode, webhook URL, and a video's ``video_frames`` (when not
+    1, so that a photo's fingerprint stays what it was)."""
     options = request.options()
     payload = {
         "image": image,
@@ -176,6 +185,8 @@ def fingerprint(request: JobRequest, image: str, content_id: str) -> str:
         "review": request.review,
         "webhook_url": request.webhook_url,
     }
+    if options.video_frames != 1:
+        payload["video_frames"] = options.video_frames
     return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -188,7 +199,23 @@ def flow_parameters(request: JobRequest, image: str, output_root: str) -> dict[s
         params["boxes"] = [list(b) for b in options.boxes]
     if options.points:
         params["points"] = [p.as_dict() for p in options.points]
+    if options.video_frames != 1:
+        params["video_frames"] = options.video_frames
     return params
+
+
+def input_labels(facts: dict[str, Any]) -> dict[str, Any]:
+    """The run's labels of its checked input (``uploads.Intake.describe()``): one per fact of ``INPUT_FACTS``."""
+    return {f"{LABEL_INPUT}{k}": facts[k] for k in INPUT_FACTS if isinstance(facts.get(k), (str, int, float))}
+
+
+def input_summary(run: RunView) -> dict[str, Any]:
+    """What the job says of its input: the facts the submission's check labelled the run with; for a run started
+    otherwise, only its ``kind`` (``video`` when the run takes its input for one: ``is_video_uri``)."""
+    facts = {k[len(LABEL_INPUT):]: v for k, v in run.labels.items() if k.startswith(LABEL_INPUT)}
+    if "kind" not in facts:
+        facts["kind"] = "video" if is_video_uri(str(run.parameters.get("image") or "")) else "photo"
+    return {k: facts[k] for k in INPUT_FACTS if k in facts}
 
 
 def run_options_of(parameters: dict[str, Any]) -> RunOptions:
@@ -327,6 +354,7 @@ def job_json(run: RunView, *, result: dict[str, Any] | None, output_prefix: str 
         "updated_at": run.updated_at,
         "prompt": run.parameters.get("prompt"),
         "image": run.parameters.get("image"),
+        "input": input_summary(run),
         "review": run.parameters.get("review", "none"),
         "output_prefix": output_prefix,
         "outputs": outputs if status in RESULT_STATUSES | {"failed"} else {},
@@ -342,5 +370,6 @@ def job_json(run: RunView, *, result: dict[str, Any] | None, output_prefix: str 
 
 
 def accepted_json(job: dict[str, Any]) -> dict[str, Any]:
-    """The answer to a submission (202 for a new job, 200 for an idempotent replay)."""
-    return {k: job[k] for k in ("id", "status", "status_url", "output_prefix")}
+    """The answer to a submission (202 for a new job, 200 for an idempotent replay): its id, status, links, and
+    what the check found of its input (``kind`` photo or video; a clip's size, length and frames)."""
+    return {k: job[k] for k in ("id", "status", "status_url", "output_prefix", "input")}

@@ -180,7 +180,7 @@ class JobService:
                                                                self.settings)
         labels = {jobs.LABEL_FINGERPRINT: fingerprint, jobs.LABEL_REQUEST_ID: uuid.uuid4().hex,
                   jobs.LABEL_OUTPUT_PREFIX: prefix, jobs.LABEL_SEGMENTER: segmenter,
-                  jobs.LABEL_RECONSTRUCTOR: reconstructor}
+                  jobs.LABEL_RECONSTRUCTOR: reconstructor} | jobs.input_labels(intake.describe())
         tags = [jobs.JOB_TAG]
         if request.webhook_url:
             labels[jobs.LABEL_WEBHOOK_URL] = request.webhook_url

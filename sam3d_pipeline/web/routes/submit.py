@@ -1,4 +1,5 @@
-"""Submitting a job (``POST /v1/jobs``): a multipart form with an ``image`` file part, or JSON naming the image.
+"""Submitting a job (``POST /v1/jobs``): a multipart form with an ``image`` file part (a photo or a clip), or JSON
+naming the image or clip.
 
 The route reads the body (``read_form``, ``read_json``); ``accept`` checks the request and the image, then
 ``JobService.submit`` creates the run. Nothing is created when the request is refused.
@@ -33,24 +34,31 @@ SUBMIT_BODY = {
             "multipart/form-data": {"schema": {
                 "type": "object", "required": ["image", "prompt"],
                 "properties": {
-                    "image": {"type": "string", "format": "binary", "description": "The photo."},
+                    "image": {"type": "string", "format": "binary", "description": "The photo (JPEG, PNG, WebP, "
+                              "TIFF, BMP, GIF), or a clip (MP4, MOV, M4V, WebM) within SAM3D_VIDEO_MAX_SECONDS and "
+                              "SAM3D_VIDEO_MAX_PIXELS; either within SAM3D_MAX_INPUT_BYTES."},
                     "prompt": {"type": "string"},
                     "review": {"type": "string", "enum": ["none", "auto", "required"]},
                     "boxes": {"type": "string", "description": "JSON: [[x0, y0, x1, y1], ...] in pixels."},
                     "points": {"type": "string", "description": 'JSON: [{"x": .., "y": .., "label": 1}, ...].'},
                     "webhook_url": {"type": "string"},
+                    "video_frames": {"type": "integer", "minimum": 1, "maximum": 8,
+                                     "description": _JOB_FIELDS["properties"]["video_frames"]["description"]},
                 }}},
             "application/json": {"schema": {
                 "type": "object", "required": ["image", "prompt"], "$defs": _JOB_FIELDS.get("$defs", {}),
                 "properties": {"image": {"type": "string", "description": "s3://bucket/key, or a local path under "
-                                         "SAM3D_API_INPUT_ROOTS."}} | _JOB_FIELDS["properties"]}},
+                                         "SAM3D_API_INPUT_ROOTS; a clip by its suffix (.mp4, .mov, .m4v, .webm), "
+                                         "or a folder / s3://…/ prefix of frames."}} | _JOB_FIELDS["properties"]}},
         },
     },
 }
-JOB_ANSWER = {"description": "The job: id, status, status_url, output_prefix (202 new; 200 an idempotent replay)."}
+JOB_ANSWER = {"description": "The job: id, status, status_url, output_prefix, input (kind photo or video, and "
+              "what the check found: a clip's size, length, frames) (202 new; 200 an idempotent replay)."}
 ANSWERS = {200: JOB_ANSWER, 202: JOB_ANSWER, 409: {"description": "Idempotency-Key reused for a different request"},
            413: {"description": "Too large"},
-           422: {"description": "Not an image, or a field is missing or wrong (the detail says which)"}}
+           422: {"description": "Not an image or a readable clip (truncated, audio only, too long, frames too "
+                 "large), or a field is missing or wrong (the detail says which)"}}
 IdempotencyKey = Annotated[str | None, Header(
     alias="Idempotency-Key", description="Same key and same request: the same job (200); same key, different "
     "request: 409.")]
@@ -86,7 +94,7 @@ async def read_form(request: Request, max_input_bytes: int) -> Submission:
                 raise _refused(422, f"{name}: expected a form field, got a file")
             fields[name] = value
         if not isinstance(image, UploadFile):
-            raise _refused(422, "image: required (a file part named 'image' holding the photo)")
+            raise _refused(422, "image: required (a file part named 'image' holding the photo or clip)")
         if image.size is not None and image.size > max_input_bytes:
             raise _refused(413, f"{image.filename or 'image'}: {image.size:,} bytes exceeds "
                                 f"SAM3D_MAX_INPUT_BYTES={max_input_bytes:,}")
@@ -115,7 +123,9 @@ async def read_json(request: Request) -> Submission:
 
 def check_image(submission: Submission, options: RunOptions, service: JobService,
                 settings: Settings) -> uploads.Intake:
-    """The photo, checked (size, format, whether the server may read it) against the request's prompts."""
+    """The photo or clip, checked (size, format, a clip's length and frames, whether the server may read it) against
+    the request's prompts. Over the byte limit (or a photo over the pixel limit) is 413; every other refusal,
+    a clip too long or with frames too large included, is 422 with the reason."""
     try:
         if submission.upload is not None:
             intake = uploads.check_upload(submission.upload, submission.filename or "upload", service.storage(),

@@ -1,4 +1,4 @@
-// The studio: submit a photo and a prompt as a job, follow it, review its mask, look at the 3D result.
+// The studio: submit a photo (or a short video) and a prompt as a job, follow it, review its mask, look at the 3D result.
 //
 // Every call goes to the job API (/v1/jobs) with the bearer token from the URL fragment (/#token=...), kept in
 // this tab's session storage and sent only as "Authorization: Bearer". A job waiting for review is reviewed
@@ -119,19 +119,34 @@ function term(list, name, value) {
 
 // -- the form -------------------------------------------------------------------------------------------------
 
-function choosePhoto(file) {
-  const preview = $("photo-preview");
-  if (preview.src) URL.revokeObjectURL(preview.src);
-  if (!file) { preview.hidden = true; $("drop-text").textContent = "Drop a photo here, or choose one"; return; }
+// The containers the pipeline reads (the server tells them apart by their bytes; this only picks the preview).
+const VIDEO_NAME = /\.(mp4|mov|m4v|webm)$/i;
+const isVideo = (file) => file.type.startsWith("video/") || VIDEO_NAME.test(file.name);
+
+// A photo is previewed as an image, a clip as a muted looping <video>; the video-only field shows for a clip.
+function chooseFile(file) {
+  const photo = $("photo-preview");
+  const video = $("video-preview");
+  for (const preview of [photo, video]) {
+    if (preview.src) URL.revokeObjectURL(preview.src);
+    preview.removeAttribute("src");
+    preview.hidden = true;
+  }
+  const kind = file ? (isVideo(file) ? "video" : "photo") : "";
+  document.body.dataset.chosen = kind;
+  $("video-frames-field").hidden = kind !== "video";
+  if (!file) { $("drop-text").textContent = "Drop a photo or a short video here, or choose one"; return; }
+  const preview = kind === "video" ? video : photo;
   preview.src = URL.createObjectURL(file);
   preview.hidden = false;
-  $("drop-text").textContent = `${file.name} (${Math.ceil(file.size / 1024)} KiB): drop or choose another`;
+  $("drop-text").textContent = `${kind === "video" ? "video " : ""}${file.name} `
+    + `(${Math.ceil(file.size / 1024)} KiB): drop or choose another`;
 }
 
 function bindForm() {
   const drop = $("drop");
   const input = $("image");
-  input.addEventListener("change", () => choosePhoto(input.files[0]));
+  input.addEventListener("change", () => chooseFile(input.files[0]));
   drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
   drop.addEventListener("dragleave", () => drop.classList.remove("over"));
   drop.addEventListener("drop", (e) => {
@@ -139,7 +154,7 @@ function bindForm() {
     drop.classList.remove("over");
     if (!e.dataTransfer.files.length) return;
     input.files = e.dataTransfer.files;
-    choosePhoto(input.files[0]);
+    chooseFile(input.files[0]);
   });
   $("job-form").addEventListener("submit", submit);
 }
@@ -149,12 +164,13 @@ async function submit(event) {
   showText("form-error", "");
   const file = $("image").files[0];
   const prompt = $("job-prompt").value.trim();
-  if (!file) { showText("form-error", "Choose or drop a photo first."); return; }
+  if (!file) { showText("form-error", "Choose or drop a photo or a video first."); return; }
   if (!prompt) { showText("form-error", "Type what to reconstruct (the prompt)."); $("job-prompt").focus(); return; }
   const body = new FormData();
   body.append("image", file, file.name);
   body.append("prompt", prompt);
   body.append("review", $("review-mode").value);
+  if (isVideo(file)) body.append("video_frames", $("video-frames").value);
   const button = $("submit");
   button.disabled = true;
   button.textContent = "Uploading…";
@@ -178,6 +194,7 @@ function renderJob(job) {
   const details = $("job-details");
   details.replaceChildren();
   term(details, "prompt", job.prompt ?? "");
+  if (job.input?.kind) term(details, "input", inputText(job.input));
   if (job.created_at) term(details, "submitted", new Date(job.created_at).toLocaleString());
   if (job.updated_at) term(details, "updated", new Date(job.updated_at).toLocaleString());
   if (job.output_prefix) term(details, "outputs under", job.output_prefix);
@@ -188,6 +205,20 @@ function renderJob(job) {
   const error = job.error ? `${job.error.code ? `${job.error.code}: ` : ""}${job.error.message || ""}` : "";
   showText("job-error", error);
   showPreviews(job.outputs || {});
+}
+
+// What the submission's check found: a photo's size, or a clip's size, length and frames.
+function inputText(input) {
+  const size = input.width && input.height ? ` ${input.width}×${input.height}` : "";
+  if (input.kind !== "video") return `photo${size}`;
+  const parts = [`video${input.container ? ` (${input.container.toUpperCase()}` : ""}`
+    + `${input.codec ? `, ${input.codec}` : ""}${input.container ? ")" : ""}${size}`];
+  if (input.duration_s !== undefined) parts.push(`${Number(input.duration_s).toFixed(2)} s`);
+  if (input.frames_read !== undefined) {
+    parts.push(`${input.frames_read} frames${input.fps ? ` at ${Number(input.fps).toFixed(3).replace(/\.?0+$/, "")} fps`
+      : ""}`);
+  }
+  return parts.join(", ");
 }
 
 // The overlay and mask appear as soon as the job lists them (fetched with the token, shown from object URLs).
@@ -396,7 +427,8 @@ function showSummary(result) {
   const count = (n) => Number(n || 0).toLocaleString();
   term(summary, "status", result.status);
   if (result.segmenter) {
-    let text = `${backendText(result.segmenter)}: made the mask and overlay`;
+    let text = `${backendText(result.segmenter)}: made the mask and overlay`
+      + `${result.video ? ", the track and the chosen frame" : ""}`;
     if (result.prompt_used_by_segmenter === false) {
       text += `; it cannot read text, so the prompt “${result.prompt}” was recorded, not used`;
     }
@@ -434,12 +466,61 @@ async function readResult(job) {
   try { return await (await fetchFile(url)).json(); } catch (err) { return null; }
 }
 
+// A video job: the track (the mask over the sampled frames, animated), the frame chosen for 3D, and the figures
+// from result.json's video section (which frame, when, its view score, how many frames were tracked).
+async function showTrack(outputs, result) {
+  const video = result?.video;
+  if (!video && !outputs["track.webp"] && !outputs["frame.png"]) return;
+  $("track").hidden = false;
+  const info = $("video-info");
+  info.replaceChildren();
+  const chosen = video?.chosen;
+  if (chosen) {
+    const text = `frame ${chosen.index} at ${Number(chosen.time_s).toFixed(2)} s, `
+      + `view score ${Number(chosen.view_score).toFixed(2)}`;
+    term(info, "chosen frame", text);
+    $("frame-caption").textContent = `frame.png: ${text}, the frame reconstructed`;
+  }
+  if (video) {
+    term(info, "frames tracked", `${video.frames_tracked} of ${video.frames_sampled} sampled frames `
+      + `(${video.frames_read} read, every ${video.stride})`);
+    if (video.found_at_index !== null && video.found_at_index !== undefined) {
+      term(info, "object found at", `frame ${video.found_at_index}`);
+    }
+    term(info, "clip", `${video.width}×${video.height}, ${Number(video.duration_s).toFixed(2)} s at `
+      + `${Number(video.fps).toFixed(3).replace(/\.?0+$/, "")} fps (${video.format} ${video.codec})`);
+    const candidates = video.candidates || [];
+    if (candidates.length > 1) {
+      term(info, "frames tried", candidates.map((c) => `${c.index} (view ${Number(c.view_score).toFixed(2)}`
+        + `${c.reconstructor_score !== undefined ? `, 3D ${Number(c.reconstructor_score).toFixed(2)}` : ""})`)
+        .join(", "));
+    }
+    if (video.tracker) term(info, "tracker", video.tracker);
+  }
+  const shown = [];
+  for (const [name, id] of [["track.webp", "track-image"], ["frame.png", "frame-image"]]) {
+    const img = $(id);
+    if (!outputs[name]) { img.closest("figure").hidden = true; continue; }
+    shown.push(fetchFile(outputs[name]).then((r) => r.blob()).then((blob) => {
+      img.src = URL.createObjectURL(blob);
+      return img.decode();
+    }));
+  }
+  try {
+    await Promise.all(shown);
+    document.body.dataset.trackShown = "1";
+  } catch (err) {
+    showText("job-error", `The video's track could not be shown: ${err.message}`);
+  }
+}
+
 async function showResult(job) {
   const outputs = job.outputs || {};
   const result = await readResult(job);
   $("result").hidden = false;
   showDownloads(outputs, result);
   showSummary(result);
+  await showTrack(outputs, result);
   document.body.dataset.summary = result ? "1" : "0";
   if (job.status === "completed" && outputs["object.glb"]) {
     try {
