@@ -236,9 +236,8 @@ def test_a_clip_is_stored_once_and_runs_to_a_job_with_its_track_and_chosen_frame
     assert head["ContentType"] == "video/webm" and head["ContentLength"] == len(clip)
     # The stored clip named by its URI is a video job too.
     uri = f"s3://{api.stack.bucket}/{stored['Contents'][0]['Key']}"
-    by_uri = requests.post(f"{api.base}/v1/jobs", headers=api.auth, json={"prompt": "red disc", "image": uri},
-                           timeout=60)
-    assert by_uri.status_code == 202 and by_uri.json()["input"]["frames_read"] == 45, by_uri.text
+    by_uri = api.client.submit_uri(uri, "red disc", video_frames=3)  # the Python client, as a user would
+    assert by_uri["input"]["frames_read"] == 45, by_uri
 
     job = api.client.wait(accepted["id"], timeout_s=240, poll_s=0.5)
     assert job["status"] == "completed", job
@@ -257,8 +256,9 @@ def test_a_clip_is_stored_once_and_runs_to_a_job_with_its_track_and_chosen_frame
     frame = requests.get(job["outputs"]["frame.png"], timeout=30)
     assert frame.headers["Content-Type"] == "image/png"
     assert Image.open(io.BytesIO(frame.content)).text["frame_index"] == str(chosen["index"])
-    for other in (again.json()["id"], by_uri.json()["id"]):
-        assert api.client.wait(other, timeout_s=240, poll_s=0.5)["status"] == "completed"
+    assert api.client.wait(again.json()["id"], timeout_s=240, poll_s=0.5)["status"] == "completed"
+    named = api.client.wait(by_uri["id"], timeout_s=240, poll_s=0.5)
+    assert named["status"] == "completed" and len(named["result"]["video"]["candidates"]) == 3
 
 
 @pytest.mark.slow

@@ -73,16 +73,17 @@ class JobClient:
 
     def submit(self, image: str | Path, prompt: str, *, review: str = "none", boxes: list | None = None,
                points: list | None = None, webhook_url: str | None = None,
-               idempotency_key: str | None = None) -> dict[str, Any]:
-        """Submit a job for a local photo (uploaded) or an ``s3://`` URI (named; the run reads it).
+               idempotency_key: str | None = None, video_frames: int = 1) -> dict[str, Any]:
+        """Submit a job for a local photo or clip (uploaded) or an ``s3://`` URI (named; the run reads it).
 
         Args:
-            image: a local file, or ``s3://bucket/key``.
+            image: a local file (a photo, or an MP4 / MOV / M4V / WebM clip), or ``s3://bucket/key``.
             prompt: what to segment.
             review: ``none``, ``auto`` or ``required``.
             boxes: ``[[x0, y0, x1, y1], ...]`` in pixels; points: ``[{"x", "y", "label"}, ...]``.
             webhook_url: gets the signed job JSON when the job ends.
             idempotency_key: a repeat with the same key and request returns the first job.
+            video_frames: for a clip, how many of its best tracked frames to try (1: the best only).
 
         Returns:
             ``{"id", "status", "status_url", "output_prefix"}``.
@@ -92,8 +93,8 @@ class JobClient:
         """
         if str(image).startswith("s3://"):
             return self.submit_uri(str(image), prompt, review=review, boxes=boxes, points=points,
-                                   webhook_url=webhook_url, idempotency_key=idempotency_key)
-        form = self._fields(prompt, review, webhook_url)
+                                   webhook_url=webhook_url, idempotency_key=idempotency_key, video_frames=video_frames)
+        form = self._fields(prompt, review, webhook_url, video_frames)
         form |= ({"boxes": json.dumps(boxes)} if boxes else {}) | ({"points": json.dumps(points)} if points else {})
         path = Path(image)
         with path.open("rb") as fh:
@@ -103,16 +104,17 @@ class JobClient:
 
     def submit_uri(self, uri: str, prompt: str, *, review: str = "none", boxes: list | None = None,
                    points: list | None = None, webhook_url: str | None = None,
-                   idempotency_key: str | None = None) -> dict[str, Any]:
-        """Submit a job for an image the server reads itself: ``s3://bucket/key``, or a path on the server under
-        its ``SAM3D_API_INPUT_ROOTS`` (arguments as :meth:`submit`)."""
-        body = self._fields(prompt, review, webhook_url) | {"image": uri}
+                   idempotency_key: str | None = None, video_frames: int = 1) -> dict[str, Any]:
+        """Submit a job for a photo or clip the server reads itself: ``s3://bucket/key``, or a path on the server
+        under its ``SAM3D_API_INPUT_ROOTS`` (arguments as :meth:`submit`)."""
+        body = self._fields(prompt, review, webhook_url, video_frames) | {"image": uri}
         body |= ({"boxes": boxes} if boxes else {}) | ({"points": points} if points else {})
         return self._check(self.http.post("/v1/jobs", json=body, headers=self._key(idempotency_key))).json()
 
     @staticmethod
-    def _fields(prompt: str, review: str, webhook_url: str | None) -> dict[str, Any]:
-        return {"prompt": prompt, "review": review} | ({"webhook_url": webhook_url} if webhook_url else {})
+    def _fields(prompt: str, review: str, webhook_url: str | None, video_frames: int = 1) -> dict[str, Any]:
+        return ({"prompt": prompt, "review": review} | ({"webhook_url": webhook_url} if webhook_url else {})
+                | ({"video_frames": video_frames} if video_frames != 1 else {}))
 
     @staticmethod
     def _key(idempotency_key: str | None) -> dict[str, str]:
