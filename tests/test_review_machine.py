@@ -298,7 +298,8 @@ def test_a_frame_not_offered_is_refused_and_the_review_asks_again():
     assert "outcome" not in machine.record and "outcome" not in photo.record
 
 
-@pytest.mark.parametrize("answer", [Answer(frame=12, mask_key="review/final-a.png"), Answer(frame=12, instance_index=0)])
+@pytest.mark.parametrize("answer", [Answer(frame=12, mask_key="review/final-a.png"),
+                                    Answer(frame=12, instance_index=0)])
 def test_an_edit_of_the_shown_frame_with_another_frame_is_refused(answer):
     machine = _video_machine()
     step = machine.answer(answer, elapsed_s=1)
