@@ -44,7 +44,7 @@ def assert_reconstructed_from(run: PausedRun, clip: Clip, k: int) -> dict:
     """The run completed from source frame ``k``, picked by the reviewer: result.json, frame.png and the mask say so."""
     state = run.finish()
     assert state.is_completed(), state.message
-    result = state.result()
+    result = run.result  # read in the run's thread (a browser driver's event loop would make it a coroutine here)
     assert result["status"] == "completed" and result["review"]["frame"] == k
     assert result["video"]["chosen"]["index"] == k and result["video"]["chosen"]["chosen_by"] == "reviewer"
     assert Image.open(run.prefix / "frame.png").text["frame_index"] == str(k)
