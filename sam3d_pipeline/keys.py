@@ -124,6 +124,7 @@ class RunKeys:
                                                                                     reconstruct stage
         review/image.jpg, review/overlay-r<n>.png, review/r<n>-<name>              review rounds
         review/embeddings.bin, review/final-<id>.png                               review page files
+        review/frame-<n>.png                                                        a video's best frames
     """
 
     def __init__(self, prefix: str):
@@ -222,6 +223,11 @@ class RunKeys:
 
     def review_round(self, round_number: int, name: str) -> str:
         return self.review(f"r{round_number}-{name}")
+
+    def review_frame(self, index: int) -> str:
+        """A video's tracked frame ``index`` (its index in the source) with its mask, small: one of the frames the
+        reviewer may pick to reconstruct from."""
+        return self.review(f"frame-{int(index)}.png")
 
     @property
     def embeddings(self) -> str:

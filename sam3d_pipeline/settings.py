@@ -142,6 +142,10 @@ class Settings(BaseSettings):
         description="Weights of the review page's in-browser click decoder: uint8 (4.7 MB, faster per click) or "
         "float32 (16.5 MB, the model's own numbers). Downloaded once per model version and cached by the browser.",
     )
+    review_video_frames: int = Field(
+        4, ge=1, le=12, description="A video run's review shows this many of its best tracked frames (by view "
+        "score, each with its mask, mask score and view score); the reviewer may pick the one to reconstruct from.",
+    )
     review_page_url: str | None = Field(
         None, description="Base URL of the review server, linked from paused runs (e.g. http://127.0.0.1:8765)."
     )

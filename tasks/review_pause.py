@@ -1,8 +1,9 @@
 """Pause ``image-to-3d`` for a person to approve, reject, re-prompt or refine the mask (typed ``RunInput``).
 
 The pause happens in the orchestrating flow between segmentation and reconstruction, so no GPU is held while
-a person decides. The input model is built per round with the image's and the instances' bounds, so the
-Prefect server itself refuses an out-of-range instance or a box outside the image and the run keeps waiting.
+a person decides. The input model is built per round with the image's and the instances' bounds (and, for a
+video, the frames offered to pick from), so the Prefect server itself refuses an out-of-range instance, a box
+outside the image or a frame not offered, and the run keeps waiting.
 What an answer leads to is decided by ``sam3d_pipeline.review.machine``; this module publishes each round,
 waits (paused in process, or suspended for long reviews of deployed runs) and performs the steps the machine
 asks for: re-segmenting through ``tasks.gpu_dispatch`` and reading an edited mask from storage.
@@ -11,6 +12,7 @@ asks for: re-segmenting through ``tasks.gpu_dispatch`` and reading an edited mas
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -45,10 +47,16 @@ from sam3d_pipeline.run import finish, pipeline
 from sam3d_pipeline.settings import Settings
 from sam3d_pipeline.storage import Storage
 from sam3d_pipeline.types import PointList, Segmentation, bounded_point_model
+from sam3d_pipeline.video.outputs import view_overlay_png
+from sam3d_pipeline.video.views import FrameView, VideoRun
 from tasks import gpu_dispatch
 
 __all__ = ["ReviewConfig", "ReviewInput", "ReviewOutcome", "bounded_input", "decoder_files", "review_loop",
            "round_request", "segment_or_reuse", "should_suspend"]
+
+
+FRAME_HELP = ("Video: the source frame index to reconstruct from, one of the frames shown (approve; default the "
+              "shown one).")
 
 
 class ReviewInput(RunInput):
@@ -64,10 +72,16 @@ class ReviewInput(RunInput):
         None, pattern=keys.REVIEW_UPLOAD_PATTERN, description="A mask PNG uploaded by the review page (approve)."
     )
     comment: str | None = Field(None, max_length=1000)
+    frame: int | None = Field(None, ge=0, description=FRAME_HELP)
 
 
-def bounded_input(n_instances: int, width: int, height: int, default_index: int | None = None) -> type[ReviewInput]:
+def bounded_input(n_instances: int, width: int, height: int, default_index: int | None = None,
+                  frames: Sequence[int] = ()) -> type[ReviewInput]:
     """``ReviewInput`` whose JSON schema carries this round's bounds (validated by the Prefect server).
+
+    ``frames``: a video's source frame indices offered this round, the only values ``frame`` takes (an enum in
+    the schema); a photo offers none and ``frame`` must be null. A video's ``instance_index`` has no default (an
+    answer picking another frame leaves it unset).
 
     Defaults are set here rather than with ``with_initial_data(**kwargs)``, which would rebuild the fields
     from their bare annotations and drop the bounds.
@@ -75,13 +89,28 @@ def bounded_input(n_instances: int, width: int, height: int, default_index: int 
     x = Annotated[float, Field(ge=0, le=width)]
     y = Annotated[float, Field(ge=0, le=height)]
     point = bounded_point_model(width, height)
+    frame = Literal[tuple(int(f) for f in frames)] | None if frames else None
     return create_model(
         "ReviewInput",
         __base__=ReviewInput,
-        instance_index=(Annotated[int | None, Field(ge=0, le=n_instances - 1)], default_index),
+        instance_index=(Annotated[int | None, Field(ge=0, le=n_instances - 1)], None if frames else default_index),
         boxes=(list[tuple[x, y, x, y]], []),
         points=(list[point], []),
+        frame=(Annotated[frame, Field(description=FRAME_HELP)], None),
     )
+
+
+def _publish_frames(storage: Storage, prefix: str, video: VideoRun | None,
+                    views: list[FrameView]) -> list[dict[str, Any]]:
+    """Write a video's offered frames (small, with their tracked masks); what ``ReviewContext.frames`` lists."""
+    run_keys, frames = keys.RunKeys(prefix), []
+    for view in views:
+        key = run_keys.review_frame(view.index)
+        storage.write_bytes(key, view_overlay_png(video, view), content_type="image/png")
+        frames.append({"index": view.index, "time_s": round(view.time_s, 3), "score": round(view.score, 4),
+                       "view_score": round(view.view_score, 4), "overlay_key": key,
+                       "chosen": view == video.chosen})
+    return frames
 
 
 def _publish_round(storage: Storage, prefix: str, round_number: int, image: LoadedImage, seg: Segmentation,
@@ -164,8 +193,10 @@ class _ReviewRun:
     """Performs the machine's steps for one run: publish and wait, re-segment, read an edited mask."""
 
     def __init__(self, machine: ReviewMachine, image: LoadedImage, run_plan: pipeline.RunPlan, storage: Storage,
-                 settings: Settings, page_url: str | None):
+                 settings: Settings, page_url: str | None, video: VideoRun | None = None,
+                 views: list[FrameView] | None = None):
         self.machine, self.image, self.run_plan = machine, image, run_plan
+        self.video, self.views = video, views or []
         self.storage, self.settings, self.page_url = storage, settings, page_url
         self.started = time.monotonic()
 
@@ -178,20 +209,22 @@ class _ReviewRun:
         seg, selected, options = machine.seg, machine.selected, machine.options
         label = f"review round {n}: segmenter {finish.backend_label(self.run_plan.segmenter_info)}"
         overlay_key = _publish_round(self.storage, self.run_plan.prefix, n, image, seg, selected, options, label)
+        frames = _publish_frames(self.storage, self.run_plan.prefix, self.video, self.views)
         instances = [inst.summary(i) for i, inst in enumerate(seg.instances)]
         description = review_markdown(
             input_uri=image.source, prompt=options.prompt, instances=instances, selected=selected,
             overlay_link=self.storage.link(overlay_key),
             page_link=f"{self.page_url.rstrip('/')}/runs/{flow_run.get_id()}" if self.page_url else None,
-            round_number=n, reason=machine.config.reason, note=step.note,
+            round_number=n, reason=machine.config.reason, note=step.note, frames=frames,
         )
         _save_context(f"{CONTEXT_KEY}-r{n}", ReviewContext(
             output_root=self.storage.root, prefix=self.run_plan.prefix, round=n, input_uri=image.source,
             prompt=options.prompt, width=image.width, height=image.height, instances=instances, selected=selected,
-            segmenter=self.run_plan.segmenter_info["name"], **decoder_files(self.storage, self.run_plan, self.settings),
+            segmenter=self.run_plan.segmenter_info["name"], frames=frames,
+            **decoder_files(self.storage, self.run_plan, self.settings),
         ))
-        form = bounded_input(len(seg.instances), image.width, image.height, selected).with_initial_data(
-            description=description)
+        form = bounded_input(len(seg.instances), image.width, image.height, selected,
+                             machine.frames).with_initial_data(description=description)
         remaining_s = machine.wait_s(self.elapsed_s())
         suspend = should_suspend(machine.config.timeout_s, self.settings)
         logger.info("waiting for review (round %d, up to %.0f s, %s)", n, remaining_s,
@@ -251,7 +284,7 @@ class _ReviewRun:
 def review_run(record: finish.RunRecord, mode: str, auto_approve_score: float, timeout_s: float, on_timeout: str,
                storage: Storage, settings: Settings) -> None:
     """Decide whether a person reviews this run's mask (``needs_review``) and, when so, wait for the answer and
-    apply it to ``record`` (approved, refined, re-segmented or rejected)."""
+    apply it to ``record`` (approved, refined, re-segmented, rejected, or for a video another frame picked)."""
     wait, why = needs_review(mode, record.seg.instances, auto_approve_score)
     record.review = {"mode": mode, "reason": why}
     if not wait:
@@ -260,7 +293,7 @@ def review_run(record: finish.RunRecord, mode: str, auto_approve_score: float, t
         apply_review(record, review_loop(
             config=ReviewConfig(mode, why, auto_approve_score, timeout_s, on_timeout), image=record.image,
             options=record.options, run_plan=record.run_plan, seg=record.seg, selected=record.selected,
-            storage=storage, settings=settings, page_url=settings.review_page_url))
+            storage=storage, settings=settings, page_url=settings.review_page_url, video=record.video))
 
 
 def review_loop(
@@ -274,14 +307,19 @@ def review_loop(
     storage: Storage,
     settings: Settings,
     page_url: str | None = None,
+    video: VideoRun | None = None,
 ) -> ReviewOutcome:
-    """Pause until a person decides; re-segment and pause again on re-prompt.
+    """Pause until a person decides; re-segment and pause again on re-prompt. For a ``video`` (``image`` is its
+    chosen frame), each round also offers its ``review_video_frames`` best views to pick from.
 
     Raises:
         ReviewTimeoutError: the review timed out and the policy says fail.
     """
-    machine = ReviewMachine(config, seg=seg, selected=selected, options=options)
-    run = _ReviewRun(machine, image, run_plan, storage, settings, page_url)
+    views = video.review_views(settings.review_video_frames) if video is not None and video.chosen else []
+    machine = ReviewMachine(config, seg=seg, selected=selected, options=options,
+                            frames=tuple(v.index for v in views),
+                            shown_frame=video.chosen.index if views else None)
+    run = _ReviewRun(machine, image, run_plan, storage, settings, page_url, video, views)
     step: Step = machine.start()
     while True:
         match step:

@@ -689,6 +689,28 @@ def test_a_clip_is_tracked_and_reconstructed_on_a_worker(workers_mode, tmp_path)
 
 
 @pytest.mark.slow
+def test_a_review_picking_another_frame_reconstructs_that_frame_on_a_worker(workers_mode, tmp_path, monkeypatch):
+    """A clip tracked on a worker, reviewed here: the reviewer picks the third best frame, and the worker
+    reconstructs from that frame (sent by key) with its tracked mask."""
+    from .test_review_video import assert_reconstructed_from, offered_frames, paused_clip
+
+    monkeypatch.setenv("SAM3D_REVIEW_POLL_INTERVAL_S", "0.2")
+    worker = WorkerSession(tmp_path).start()
+    try:
+        clip, run = paused_clip(tmp_path)
+        k = offered_frames(run)[2]["index"]
+        run.resume(action="approve", frame=k)
+        result = assert_reconstructed_from(run, clip, k)
+    finally:
+        worker.stop()
+    assert {name: stage["worker"] for name, stage in result["stages"].items()} == {
+        "segment": worker.session, "reconstruct": worker.session}
+    sent = np.asarray(Image.open(run.prefix / "stages/reconstruct/input-image.png"))
+    assert np.array_equal(sent, np.asarray(Image.open(run.prefix / "frame.png")))
+    assert not backends._CACHE, "a model was built in the flow's process"
+
+
+@pytest.mark.slow
 def test_bad_videos_are_refused_on_the_workers_path_as_inline(workers_mode, tmp_path, monkeypatch):
     """A truncated clip, an audio-only file, a clip over the length limit and a box outside the frame: refused
     before any GPU work, with the same error (type, code, message) on the workers path as on the embedded default.

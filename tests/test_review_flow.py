@@ -37,17 +37,19 @@ def _schema_saved(client, run) -> bool:
 
 
 class PausedRun:
-    """Runs image-to-3d in a thread and gives access to its paused flow run."""
+    """Runs image-to-3d in a thread and gives access to its paused flow run: on ``rgb`` as a photo, or on the file
+    ``source`` (a clip) when given."""
 
-    def __init__(self, tmp_path: Path, rgb: np.ndarray, output_root: str | None = None, prompt: str = "thing",
-                 **params):
+    def __init__(self, tmp_path: Path, rgb: np.ndarray | None, output_root: str | None = None, prompt: str = "thing",
+                 source: Path | None = None, **params):
         from prefect import tags
 
         from flows.image_to_3d import image_to_3d
 
         self.out = tmp_path / "out"
-        photo = tmp_path / "photo.png"
-        photo.write_bytes(encode(rgb))
+        photo = source or tmp_path / "photo.png"
+        if source is None:
+            photo.write_bytes(encode(rgb))
         self.tag = f"t-{uuid.uuid4().hex[:10]}"
         self.state = None
 
@@ -133,6 +135,8 @@ def test_invalid_input_is_refused_and_the_run_keeps_waiting(tmp_path):
         run.resume(action="maybe")
     with pytest.raises(RuntimeError):
         run.resume(action="reprompt", boxes=[[0, 0, 5000, 10]])  # outside the 320x240 image
+    with pytest.raises(RuntimeError, match="frame"):
+        run.resume(action="approve", frame=0)  # a photo offers no frame to pick
     run.wait_paused()  # still paused in round 1
     run.resume(action="approve", instance_index=0)
     assert run.finish().result()["status"] == "completed"

@@ -265,3 +265,61 @@ def test_apply_review_marks_a_rejection():
     apply_review(record, _machine().answer(Answer(action="reject"), elapsed_s=1))
     assert record.rejected and record.status == "rejected" and record.review["outcome"] == "rejected"
     assert record.selected == 0 and len(record.seg.instances) == 2
+
+
+# -- a video: the frames offered and the one shown ----------------------------------------------------------------
+def _video_machine(seg: Segmentation = TWO) -> ReviewMachine:
+    config = ReviewConfig("required", "review required", 0.5, 600.0, "fail")
+    return ReviewMachine(config, seg=seg, selected=0, options=pipeline.RunOptions(prompt="thing"),
+                         frames=(40, 12, 77), shown_frame=40)
+
+
+def test_approving_another_offered_frame_carries_the_pick():
+    machine = _video_machine()
+    outcome = machine.answer(Answer(frame=77), elapsed_s=2)
+    assert isinstance(outcome, ReviewOutcome) and (outcome.status, outcome.frame) == ("approved", 77)
+    assert outcome.record["frame"] == 77 and outcome.record["rounds"][0]["frame"] == 77
+
+
+def test_approving_the_shown_frame_is_a_plain_approval_that_records_the_frame():
+    for answer in (Answer(), Answer(frame=40), Answer(frame=40, instance_index=1)):
+        outcome = _video_machine().answer(answer, elapsed_s=1)
+        assert isinstance(outcome, ReviewOutcome) and outcome.frame is None
+        assert outcome.selected == (answer.instance_index or 0) and outcome.record["frame"] == 40
+
+
+def test_a_frame_not_offered_is_refused_and_the_review_asks_again():
+    machine = _video_machine()
+    step = machine.answer(Answer(frame=41), elapsed_s=1)
+    assert step == Ask(2, "frame 41 was not offered (frames: 40, 12, 77); still waiting")
+    photo = _machine()  # a photo offers no frame at all
+    assert photo.answer(Answer(frame=0), elapsed_s=1) == Ask(2, "frame 0 was not offered (frames: none: not a video); "
+                                                                "still waiting")
+    assert "outcome" not in machine.record and "outcome" not in photo.record
+
+
+@pytest.mark.parametrize("answer", [Answer(frame=12, mask_key="review/final-a.png"),
+                                    Answer(frame=12, instance_index=0)])
+def test_an_edit_of_the_shown_frame_with_another_frame_is_refused(answer):
+    machine = _video_machine()
+    step = machine.answer(answer, elapsed_s=1)
+    assert isinstance(step, Ask) and step.round_number == 2
+    assert "applies to the shown frame 40 only" in step.note and "approve frame 12 as tracked" in step.note
+    outcome = machine.answer(Answer(frame=12), elapsed_s=2)  # round 2: the pick alone is approved
+    assert outcome.frame == 12 and [r["round"] for r in outcome.record["rounds"]] == [1, 2]
+
+
+def test_a_reprompt_segments_the_shown_frame_and_a_later_pick_still_works():
+    machine = _video_machine()
+    step = machine.answer(Answer(action="reprompt", prompt="cup", frame=12), elapsed_s=1)
+    assert isinstance(step, Ask) and "segments the shown frame 40 only" in step.note
+    step = machine.answer(Answer(action="reprompt", prompt="cup"), elapsed_s=2)
+    assert isinstance(step, Resegment) and step.options.prompt == "cup"
+    machine.segmented(_seg(_instance(1, 1, 9, 9, 0.9)))
+    outcome = machine.answer(Answer(frame=77), elapsed_s=3)
+    assert outcome.frame == 77 and outcome.options.prompt == "cup"
+
+
+def test_a_rejection_ignores_the_frame():
+    outcome = _video_machine().answer(Answer(action="reject", frame=12), elapsed_s=1)
+    assert outcome.status == "rejected" and outcome.frame is None and "frame" not in outcome.record

@@ -177,3 +177,37 @@ def test_page_reads_s3_files_through_presigned_urls(tmp_path, s3, review_server,
     mask = np.asarray(Image.open(io.BytesIO(client.get_object(Bucket=bucket, Key=f"{prefix}/mask.png")["Body"].read())))
     assert int((mask > 127).sum()) == shown_pixels
     assert not errors, errors
+
+
+def test_a_video_review_shows_the_best_frames_and_a_clicked_frame_is_reconstructed(tmp_path, review_server, browser):
+    from .test_review_video import assert_reconstructed_from, offered_frames, paused_clip
+
+    clip, run = paused_clip(tmp_path)
+    offered = [f["index"] for f in offered_frames(run)]
+    base, auth = f"{review_server}/api/runs/{run.run_id}", {"Authorization": f"Bearer {TOKEN}"}
+    not_offered = next(i for i in range(len(clip.frames)) if i not in offered)
+    assert requests.get(f"{base}/frames/{offered[1]}", timeout=10).status_code == 401
+    thumb = requests.get(f"{base}/frames/{offered[1]}", headers=auth, timeout=10)
+    assert thumb.status_code == 200 and Image.open(io.BytesIO(thumb.content)).size == (96, 72)
+    assert requests.get(f"{base}/frames/{not_offered}", headers=auth, timeout=10).status_code == 404
+    refused = requests.post(f"{base}/approve", headers=auth, json={"frame": not_offered}, timeout=10)
+    assert refused.status_code == 422 and "frame" in refused.text  # the Prefect server's bound
+    run.wait_paused()
+    page = browser.new_page()
+    errors = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(f"{review_server}/runs/{run.run_id}#token={TOKEN}")
+    page.wait_for_selector("body[data-ready='1']", timeout=30_000)
+    frames = page.locator("#frames .frame")
+    assert frames.count() == 4 and page.is_visible("#frames")
+    assert [int(frames.nth(i).get_attribute("data-frame-index")) for i in range(4)] == offered
+    first = frames.nth(0).inner_text()
+    assert first.startswith(f"#{offered[0]} ·") and "view" in first and first.endswith("shown")
+    page.wait_for_function("[...document.querySelectorAll('#frames img')].every(i => i.complete && i.naturalWidth)")
+    frames.nth(2).click()
+    assert [frames.nth(i).get_attribute("aria-pressed") for i in range(4)] == ["false", "false", "true", "false"]
+    assert f"frame {offered[2]} picked" in page.inner_text("#status")
+    page.click("#approve")
+    page.wait_for_selector("body[data-resumed='approve']", timeout=10_000)
+    assert_reconstructed_from(run, clip, offered[2])
+    assert not errors, errors

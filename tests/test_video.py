@@ -278,3 +278,29 @@ def test_sam3_random_init_tracks_a_two_frame_clip_through_the_video_predictor(tm
     [loaded] = sam3_video._PREDICTORS.values()
     assert loaded.predictor._ALL_INFERENCE_STATES == {}  # the session was closed
     assert set(Path(tempfile.gettempdir()).glob("sam3d-frames-*")) == leftovers  # the JPEG folder is gone
+
+
+def test_a_reviewer_pick_becomes_the_photo_and_its_tracked_mask(tracked):
+    from sam3d_pipeline.review.machine import ReviewOutcome, apply_review
+    from sam3d_pipeline.run import finish
+    from sam3d_pipeline.video.outputs import frame_png, view_overlay_png
+
+    video, track = tracked
+    views = score_views(video, track)
+    run = VideoRun(video, track, views, best_views(views, 2))
+    record = finish.RunRecord(input_uri="clip.mp4", options=_options(video_frames=2))
+    pipeline.start_from_video(record, run)
+    offered = run.review_views(3)
+    assert offered == best_views(views, 3) and offered[0] == run.chosen
+    picked = offered[2]
+    apply_review(record, ReviewOutcome("approved", record.seg, None, record.options, frame=picked.index))
+    assert (run.chosen, run.chosen_by, record.selected) == (picked, "reviewer", 0)
+    assert np.array_equal(record.image.rgb, video.frames[picked.position].rgb)
+    assert np.array_equal(record.seg.instances[0].mask, track.masks[picked.position])
+    assert run.section()["chosen"] == {"index": picked.index, "time_s": round(picked.time_s, 3),
+                                      "view_score": round(picked.view_score, 4), "chosen_by": "reviewer"}
+    assert Image.open(io.BytesIO(frame_png(run))).text["frame_index"] == str(picked.index)
+    assert record.messages[-1].startswith(f"video: the reviewer picked frame {picked.index} ")
+    assert Image.open(io.BytesIO(view_overlay_png(run, picked, max_side_px=48))).size == (48, 36)
+    worst = min((v for v in views if v.area), key=lambda v: v.view_score)
+    assert VideoRun(video, track, views, [worst]).review_views(3)[-1] == worst  # the shown frame is always offered

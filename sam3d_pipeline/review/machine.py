@@ -1,9 +1,9 @@
 """The decisions of a review, as a state machine: a person's answer (or a timeout) → the next step.
 
 One :class:`ReviewMachine` follows one review from its first round to its outcome. It holds the round's
-segmentation, selected instance and options, and writes every round into ``record`` (the ``review``
-section of ``result.json``). It reads no storage, runs no model and knows no clock: the caller performs
-the steps it returns and reports back::
+segmentation, selected instance and options (for a video: the frames offered and the one shown), and writes
+every round into ``record`` (the ``review`` section of ``result.json``). It reads no storage, runs no model and
+knows no clock: the caller performs the steps it returns and reports back::
 
     Ask(round_number, note)        publish round ``round_number`` (with ``note``) and wait for an answer:
                                    ``answer(...)``, or ``timeout(...)`` when none came in time
@@ -27,7 +27,7 @@ import numpy as np
 
 from sam3d_pipeline.masks import box_from_mask, select_instance
 from sam3d_pipeline.review.policy import TimeoutPolicy, edited_instance, timeout_action
-from sam3d_pipeline.run.pipeline import RunOptions
+from sam3d_pipeline.run.pipeline import RunOptions, pick_view
 from sam3d_pipeline.types import Point, Segmentation
 
 Action = Literal["approve", "reject", "reprompt"]
@@ -56,6 +56,8 @@ class ReviewOutcome:
         options: the options of the last round's segmentation (``instance_index`` None after a re-prompt).
         edited_mask: the reviewer's own mask, ``(H, W)`` bool at image size, when one was approved.
         record: the ``review`` section of ``result.json``.
+        frame: a video's source frame index the reviewer picked to reconstruct from, when it is not the shown one
+            (``apply_review`` then makes it the run's photo, with its tracked mask).
     """
 
     status: str
@@ -64,6 +66,7 @@ class ReviewOutcome:
     options: RunOptions
     edited_mask: np.ndarray | None = None
     record: dict[str, Any] = field(default_factory=dict)
+    frame: int | None = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,8 @@ class Answer:
         score_threshold: a new score threshold in [0, 1] for the re-segmentation (reprompt).
         mask_key: a mask PNG the review page uploaded, relative to the run's prefix (approve).
         comment: free text, recorded only.
+        frame: a video's source frame index (``FrameView.index``) to reconstruct from, one of the frames the round
+            offered (approve; None: the shown frame). An edited mask or instance applies to the shown frame only.
     """
 
     action: Action = "approve"
@@ -89,6 +94,7 @@ class Answer:
     score_threshold: float | None = None
     mask_key: str | None = None
     comment: str | None = None
+    frame: int | None = None
 
     @classmethod
     def from_form(cls, form: Mapping[str, Any]) -> Answer:
@@ -102,6 +108,7 @@ class Answer:
             score_threshold=form.get("score_threshold"),
             mask_key=form.get("mask_key"),
             comment=form.get("comment"),
+            frame=form.get("frame"),
         )
 
     def entry(self) -> dict[str, Any]:
@@ -110,6 +117,7 @@ class Answer:
             "action": self.action, "instance_index": self.instance_index, "prompt": self.prompt,
             "boxes": [list(b) for b in self.boxes], "points": [p.as_dict() for p in self.points],
             "score_threshold": self.score_threshold, "mask_key": self.mask_key, "comment": self.comment,
+            "frame": self.frame,
         }
         return {k: v for k, v in values.items() if v is not None}
 
@@ -157,10 +165,14 @@ class ReviewMachine:
         seg: the segmentation the first round shows.
         selected: the instance selected in it, or None when nothing was found.
         options: the options ``seg`` was made for.
+        frames: a video's source frame indices the reviewer may pick from (empty for a photo).
+        shown_frame: the video's frame ``seg`` was made on (None for a photo).
     """
 
-    def __init__(self, config: ReviewConfig, *, seg: Segmentation, selected: int | None, options: RunOptions):
+    def __init__(self, config: ReviewConfig, *, seg: Segmentation, selected: int | None, options: RunOptions,
+                 frames: tuple[int, ...] = (), shown_frame: int | None = None):
         self.config = config
+        self.frames, self.shown_frame = tuple(frames), shown_frame
         self.seg = seg
         self.selected = selected
         self.options = options
@@ -185,15 +197,27 @@ class ReviewMachine:
         self._answered_s = elapsed_s
         if answer.action == "reject":
             return self._done("rejected", self.selected)
+        picked = answer.frame if answer.frame is not None and answer.frame != self.shown_frame else None
+        if picked is not None and picked not in self.frames:
+            offered = ", ".join(map(str, self.frames)) or "none: not a video"
+            return self._ask(f"frame {picked} was not offered (frames: {offered}); still waiting")
         if answer.action == "reprompt":
+            if picked is not None:
+                return self._ask(f"a re-prompt segments the shown frame {self.shown_frame} only, not frame {picked}; "
+                                 "still waiting")
             return self._reprompt(answer)
+        if picked is not None:
+            if answer.mask_key or answer.instance_index is not None:
+                return self._ask(f"an edited mask or instance applies to the shown frame {self.shown_frame} only: "
+                                 f"approve frame {picked} as tracked, or edit frame {self.shown_frame}; still waiting")
+            return self._done("approved", None, {"frame": picked}, frame=picked)
         if answer.mask_key:
             self._approval = answer
             return ReadMask(answer.mask_key)
         chosen = answer.instance_index if answer.instance_index is not None else self.selected
         if chosen is None:
             return self._ask("nothing to approve: no instance found; re-prompt or reject")
-        return self._done("approved", chosen)
+        return self._done("approved", chosen, self._frame_entry())
 
     def timeout(self, elapsed_s: float) -> ReviewOutcome | ReviewFailed:
         """The step when no answer came in time: approve or fail, as ``config.on_timeout`` says.
@@ -227,8 +251,8 @@ class ReviewMachine:
         if answer is None:
             raise RuntimeError("mask_read() without an approval that asked for a mask")
         base = answer.instance_index if answer.instance_index is not None else self.selected
-        return self._done("approved", base, {"edited_mask": answer.mask_key,
-                                             "edited_mask_box": list(box_from_mask(mask))}, edited_mask=mask)
+        return self._done("approved", base, {"edited_mask": answer.mask_key, "edited_mask_box":
+                                             list(box_from_mask(mask))} | self._frame_entry(), edited_mask=mask)
 
     def mask_refused(self, error: Exception) -> Ask:
         """The edited mask could not be read, or does not fit the photo: ask again."""
@@ -249,22 +273,31 @@ class ReviewMachine:
         self._resegment = Resegment(options, answer.score_threshold, self.round_number + 1)
         return self._resegment
 
+    def _frame_entry(self) -> dict[str, Any]:
+        """A video's approval of the shown frame records it (``frame``); a photo's records nothing."""
+        return {"frame": self.shown_frame} if self.shown_frame is not None else {}
+
     def _ask(self, note: str) -> Ask:
         self.round_number += 1
         return Ask(self.round_number, note)
 
     def _done(self, status: str, selected: int | None, extra: dict[str, Any] | None = None,
-              edited_mask: np.ndarray | None = None) -> ReviewOutcome:
+              edited_mask: np.ndarray | None = None, frame: int | None = None) -> ReviewOutcome:
         self.record |= {"outcome": status, **(extra or {}), "waited_s": round(self._answered_s, 1)}
-        return ReviewOutcome(status, self.seg, selected, self.options, edited_mask=edited_mask, record=self.record)
+        return ReviewOutcome(status, self.seg, selected, self.options, edited_mask=edited_mask, record=self.record,
+                             frame=frame)
 
 
 def apply_review(record: Any, outcome: ReviewOutcome) -> None:
     """Carry a review's decision into the run's ``finish.RunRecord``: the last round's segmentation and options,
-    the chosen instance (a reviewer's edited mask becomes a new instance, selected), the review record."""
+    the chosen instance (a reviewer's edited mask becomes a new instance, selected), the review record; a video
+    frame the reviewer picked becomes the run's photo, with its tracked mask (``pipeline.pick_view``)."""
     record.seg, record.selected, record.options = outcome.seg, outcome.selected, outcome.options
     record.review = outcome.record
     record.rejected = outcome.status == "rejected"
+    if outcome.frame is not None and not record.rejected:
+        pick_view(record, outcome.frame)
+        return
     if outcome.edited_mask is not None:
         base = record.seg.instances[record.selected] if record.selected is not None else None
         record.seg.instances.append(edited_instance(outcome.edited_mask, base))

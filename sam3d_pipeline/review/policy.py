@@ -22,7 +22,8 @@ class ReviewContext(BaseModel):
     """What the review page needs to show a paused run (stored as a flow run input, one per round).
 
     Files live under ``<output_root>/<prefix>/review/``: ``image.jpg`` (the EXIF-corrected photo),
-    ``overlay-r<round>.png`` and ``r<round>-mask-<i>.png`` (one per instance, same size as the photo).
+    ``overlay-r<round>.png`` and ``r<round>-mask-<i>.png`` (one per instance, same size as the photo); for a
+    video, ``image.jpg`` is the shown frame and ``frame-<index>.png`` each frame offered to pick from.
     """
 
     output_root: str
@@ -39,6 +40,10 @@ class ReviewContext(BaseModel):
     # ``output_root``; None when the segmenter has no click decoder (the page then refines on the server).
     embeddings_key: str | None = None
     decoder_key: str | None = None
+    # A video's best tracked frames, best view first, the reviewer may pick from (empty for a photo): each
+    # {"index" (source frame), "time_s", "score" (mask), "view_score", "overlay_key" (the frame with its mask,
+    # small; relative to ``output_root``), "chosen" (the frame shown, which ``instances`` were made on)}.
+    frames: list[dict[str, Any]] = []
 
 
 def needs_review(mode: ReviewMode, instances: list[Instance], auto_approve_score: float) -> tuple[bool, str]:
@@ -78,6 +83,7 @@ def review_markdown(
     round_number: int,
     reason: str,
     note: str | None = None,
+    frames: list[dict[str, Any]] | None = None,
 ) -> str:
     """The description shown with the paused run in the Prefect UI."""
     lines = [
@@ -97,6 +103,13 @@ def review_markdown(
             lines.append(f"| {inst['index']}{mark} | {inst['score']:.2f} | {inst['box']} | {inst['area']:,} |")
     else:
         lines.append("No instances found: re-prompt (new prompt, boxes or clicks) or reject.")
+    if frames:
+        lines += ["", "Video: the masks above are on the shown frame; approve with `frame` to reconstruct from "
+                  "another of these tracked frames (as tracked).", "",
+                  "| frame | time (s) | mask score | view score |", "|---|---|---|---|"]
+        for f in frames:
+            mark = " (shown)" if f["chosen"] else ""
+            lines.append(f"| {f['index']}{mark} | {f['time_s']:.2f} | {f['score']:.2f} | {f['view_score']:.3f} |")
     lines += [
         "",
         "Choose **approve** (optionally another `instance_index`), **reject**, or **reprompt** with a new "

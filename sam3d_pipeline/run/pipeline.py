@@ -281,12 +281,38 @@ def start_from_video(record: Any, run: VideoRun) -> None:
                                f"{run.track.tracked} tracked frames (view score {chosen.view_score:.3f})")
 
 
+def pick_view(record: Any, index: int) -> None:
+    """The reviewer picked source frame ``index`` of a tracked clip: it becomes the run's photo and the tracked mask
+    there its segmentation (its one instance selected), instead of the view chosen by score. ``record``: a
+    ``finish.RunRecord`` with ``video``.
+
+    Raises:
+        KeyError: the clip has no sampled frame ``index``.
+    """
+    run = record.video
+    view, before = run.view_at(index), run.chosen
+    if view == before:
+        return
+    run.chosen, run.chosen_by = view, "reviewer"
+    record.image = run.video.frame_image(view.position)
+    record.seg = run.view_segmentation(view)
+    record.selected = select_instance(record.seg.instances, None)
+    record.messages.append(
+        f"video: the reviewer picked frame {view.index} ({view.time_s:.2f} s, view score {view.view_score:.3f}) "
+        f"instead of frame {before.index if before else None}: reconstructed from frame {view.index}")
+
+
 def try_other_views(record: finish.RunRecord,
                     reconstruct_view: Callable[[LoadedImage, Segmentation], Reconstruction]) -> None:
     """``video_frames`` > 1: reconstruct the other candidate views too and keep the one the reconstructor scores
-    highest (``stats["score"]``). A reconstructor that does not score its output keeps the best view, untried."""
+    highest (``stats["score"]``). A reconstructor that does not score its output keeps the best view, untried; a
+    frame the reviewer picked is kept as it is."""
     run = record.video
     if run is None or len(run.candidates) < 2 or record.recon is None or run.chosen is None:
+        return
+    if run.chosen_by == "reviewer":
+        record.messages.append(f"video: {len(run.candidates)} candidate views, but the reviewer picked frame "
+                               f"{run.chosen.index}: the others were not reconstructed")
         return
     if not isinstance(record.recon.stats.get("score"), int | float):
         record.messages.append(f"video: {len(run.candidates)} candidate views, but the reconstructor does not score "
@@ -303,6 +329,8 @@ def try_other_views(record: finish.RunRecord,
         run.candidate_scores[view.position] = score
         if score > best[0]:
             best = (score, view, image, seg, recon)
+    if best[1] != run.chosen:
+        run.chosen_by = "reconstructor_score"
     _, run.chosen, record.image, record.seg, record.recon = best
 
 

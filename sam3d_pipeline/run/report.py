@@ -44,7 +44,8 @@ class RunResult(BaseModel):
     export: dict[str, Any] = Field(default_factory=dict, description="profile, formats, max_triangles, max_bytes")
     video: dict[str, Any] | None = Field(
         None, description="when the input is a video: format, codec, width, height, fps, duration_s, frames_read, "
-        "frames_sampled, stride, frames_tracked, found_at_index, tracker, chosen (index, time_s, view_score), "
+        "frames_sampled, stride, frames_tracked, found_at_index, tracker, chosen (index, time_s, view_score, "
+        "chosen_by: view_score | reconstructor_score | reviewer), "
         "candidates and frames (per sampled frame: index, time_s, score, area, border, touches_border, sharpness, "
         "view_score)")
     stages: dict[str, dict[str, Any]] = Field(

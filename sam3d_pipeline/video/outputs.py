@@ -1,5 +1,5 @@
 """The video run's own output files: ``frame.png`` (the chosen frame, its index and time in PNG text chunks) and
-``track.webp`` (the mask over the sampled frames, animated, small)."""
+``track.webp`` (the mask over the sampled frames, animated, small); and the small frames a reviewer picks from."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ from PIL import Image, PngImagePlugin
 
 from sam3d_pipeline.images import draw_label
 from sam3d_pipeline.masks import overlay
-from sam3d_pipeline.video.views import VideoRun
+from sam3d_pipeline.video.views import FrameView, VideoRun
 
 TRACK_MAX_FRAMES = 120  # track.webp shows at most this many of the sampled frames, evenly spread
 TRACK_MAX_SIDE_PX = 320
 TRACK_QUALITY = 70
+REVIEW_FRAME_MAX_SIDE_PX = 240  # the review's frame thumbnails
 
 
 def frame_png(run: VideoRun) -> bytes:
@@ -56,4 +57,19 @@ def track_webp(run: VideoRun, *, max_frames: int = TRACK_MAX_FRAMES, max_side_px
     buf = io.BytesIO()
     images[0].save(buf, format="WEBP", save_all=True, append_images=images[1:], duration=step_ms, loop=0,
                    quality=TRACK_QUALITY, method=4)
+    return buf.getvalue()
+
+
+def view_overlay_png(run: VideoRun, view: FrameView, *, max_side_px: int = REVIEW_FRAME_MAX_SIDE_PX) -> bytes:
+    """One tracked frame with its mask, long side at most ``max_side_px``, as PNG: a thumbnail the review shows."""
+    frame, mask = run.video.frames[view.position], run.track.masks[view.position]
+    height, width = mask.shape
+    scale = min(1.0, max_side_px / max(height, width))
+    rgb = frame.rgb
+    if scale < 1.0:
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+        mask = cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST) > 0
+    buf = io.BytesIO()
+    Image.fromarray(overlay(rgb, mask)).save(buf, format="PNG")
     return buf.getvalue()

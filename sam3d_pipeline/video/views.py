@@ -105,6 +105,8 @@ class VideoRun:
     Attributes:
         video: the decoded sample; ``track`` the tracker's masks; ``views`` one per sampled frame.
         candidates: the best views (``video_frames`` of them), best first; ``chosen`` the one reconstructed.
+        chosen_by: who chose it: ``view_score`` (the best view), ``reconstructor_score`` (the best of the candidates
+            the reconstructor tried) or ``reviewer`` (picked at review).
         stage: where the tracker ran (``worker``, ``model_load_s``, ``queue_wait_s``, ``run_s``).
         candidate_scores: the reconstructor's own score per candidate position, when it gives one.
     """
@@ -114,12 +116,32 @@ class VideoRun:
     views: list[FrameView]
     candidates: list[FrameView]
     chosen: FrameView | None = None
+    chosen_by: str = "view_score"
     stage: dict[str, Any] = field(default_factory=dict)
     candidate_scores: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.chosen is None and self.candidates:
             self.chosen = self.candidates[0]
+
+    def view_at(self, index: int) -> FrameView:
+        """The view of source frame ``index``.
+
+        Raises:
+            KeyError: no sampled frame has that index.
+        """
+        for view in self.views:
+            if view.index == index:
+                return view
+        raise KeyError(f"frame {index} is not one of the {len(self.views)} sampled frames")
+
+    def review_views(self, count: int) -> list[FrameView]:
+        """The views a reviewer may pick from: the ``count`` best by view score, best first, the chosen one always
+        among them (in its place, or last when it is not one of the best)."""
+        views = best_views(self.views, count)
+        if self.chosen is not None and self.chosen not in views:
+            views = views[:max(count - 1, 0)] + [self.chosen]
+        return views
 
     def view_segmentation(self, view: FrameView | None = None) -> Segmentation:
         """The tracked object in one frame (default: the chosen one) as a one-instance segmentation; no
@@ -143,7 +165,7 @@ class VideoRun:
             "found_at_index": self.video.frames[self.track.found_at].index if self.track.found_at is not None else None,
             "tracker": self.track.backend.key(),
             "chosen": ({"index": chosen.index, "time_s": round(chosen.time_s, 3), "view_score":
-                        round(chosen.view_score, 4)} if chosen else None),
+                        round(chosen.view_score, 4), "chosen_by": self.chosen_by} if chosen else None),
             "candidates": [v.as_dict() | ({"reconstructor_score": round(self.candidate_scores[v.position], 4)}
                                           if v.position in self.candidate_scores else {}) for v in self.candidates],
             "frames": [v.as_dict() for v in self.views],

@@ -37,6 +37,7 @@ class RefineIn(BaseModel):
 class ApproveIn(BaseModel):
     instance_index: int | None = Field(None, ge=0)
     mask_png_base64: str | None = Field(None, max_length=MAX_BODY_BYTES)
+    frame: int | None = Field(None, ge=0, description="Video: the offered frame (source index) to reconstruct from.")
 
 
 class RejectIn(BaseModel):
@@ -129,6 +130,8 @@ def approve(run_id: UUID, body: ApproveIn, settings: AppSettings) -> dict:
     answer: dict = {"action": "approve"}
     if body.instance_index is not None:
         answer["instance_index"] = body.instance_index
+    if body.frame is not None:  # the run's input schema accepts only the frames this round offers
+        answer["frame"] = body.frame
     pixels = None
     if body.mask_png_base64:
         answer["mask_key"], pixels = store_mask(ctx, body.mask_png_base64, settings)

@@ -1,5 +1,5 @@
-"""The paused runs (``/api/runs``), one run's review context, and its files: the photo, the candidate masks, and,
-for a segmenter with a click decoder, the decoder and the photo's embeddings."""
+"""The paused runs (``/api/runs``), one run's review context, and its files: the photo, the candidate masks, a
+video's frames to pick from, and, for a segmenter with a click decoder, the decoder and the photo's embeddings."""
 
 from __future__ import annotations
 
@@ -69,6 +69,7 @@ def run(run_id: UUID, settings: AppSettings) -> dict:
     files = {
         "image": url("image", f"{review}/image.jpg"),
         "masks": [url(f"masks/{i}", f"{review}/r{ctx.round}-mask-{i}.png") for i in range(len(ctx.instances))],
+        "frames": [url(f"frames/{f['index']}", RunKeys(ctx.prefix).review_frame(f["index"])) for f in ctx.frames],
     }
     return ctx.model_dump() | {"id": str(run_id), "files": files} | decoder_fields(ctx, url)
 
@@ -101,3 +102,12 @@ def candidate_mask(run_id: UUID, index: int, settings: AppSettings) -> Response:
         raise HTTPException(status_code=404, detail=f"instance {index} out of range ({len(ctx.instances)})")
     return serve_key(storage_for(ctx, settings), RunKeys(ctx.prefix).review_round(ctx.round, f"mask-{index}.png"),
                      "image/png")
+
+
+@router.get("/{run_id}/frames/{index}")
+def frame(run_id: UUID, index: int, settings: AppSettings) -> Response:
+    """A video's tracked frame ``index`` (source index) with its mask, small: only a frame this round offers."""
+    ctx = review_context(run_id)
+    if index not in {f["index"] for f in ctx.frames}:
+        raise HTTPException(status_code=404, detail=f"frame {index} is not offered in this round")
+    return serve_key(storage_for(ctx, settings), RunKeys(ctx.prefix).review_frame(index), "image/png")

@@ -1,7 +1,7 @@
 // The review page: shows a paused run's photo and masks, refines with clicks, and resumes the run.
 const $ = (id) => document.getElementById(id);
 const state = { token: null, run: null, photo: null, mask: null, points: [], box: null, instance: null, edited: false,
-  decoder: null, decoderLoading: null, busy: false, pending: false };
+  decoder: null, decoderLoading: null, busy: false, pending: false, frame: null };
 // Per click: {decoder: "onnx-web" | "lite-server", decodeMs, totalMs} (read by the benchmarks and tests).
 window.reviewClicks = [];
 window.reviewState = state;
@@ -231,6 +231,46 @@ function bindCanvas() {
   });
 }
 
+// A video: its best tracked frames (thumbnail with the tracked mask, index, time, mask and view scores), the shown
+// one marked. A click picks the frame to reconstruct from (state.frame; null: the shown one). The masks, clicks and
+// edits above are on the shown frame only, so approving another frame sends just the frame: its tracked mask is used.
+function showFrames(run) {
+  const strip = $("frames");
+  state.frame = null;
+  const frames = run.frames || [];
+  document.body.dataset.frames = frames.length;
+  if (!strip) return;
+  strip.replaceChildren();
+  strip.hidden = !frames.length;
+  frames.forEach((f, i) => {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = f.chosen ? "frame shown" : "frame";
+    button.dataset.frameIndex = f.index;
+    button.setAttribute("aria-pressed", String(f.chosen));
+    const img = document.createElement("img");
+    img.alt = `frame ${f.index} with its tracked mask`;
+    const caption = document.createElement("span");
+    caption.textContent = `#${f.index} · ${f.time_s.toFixed(2)} s · mask ${f.score.toFixed(2)} · `
+      + `view ${f.view_score.toFixed(2)}${f.chosen ? " · shown" : ""}`;
+    button.append(img, caption);
+    button.addEventListener("click", () => pickFrame(f));
+    strip.append(button);
+    fetchFile(run.files.frames[i]).then((r) => r.blob()).then((blob) => { img.src = URL.createObjectURL(blob); })
+      .catch((err) => { caption.textContent += ` (no thumbnail: ${err.message})`; });
+  });
+}
+
+function pickFrame(f) {
+  state.frame = f.chosen ? null : f.index;
+  for (const button of $("frames").children) {
+    button.setAttribute("aria-pressed", String(Number(button.dataset.frameIndex) === f.index));
+  }
+  status(f.chosen ? `frame ${f.index} (shown): approving reconstructs from it with the mask above`
+    : `frame ${f.index} picked: approving reconstructs from it with its tracked mask (clicks and edits apply to `
+      + "the shown frame only)");
+}
+
 async function resume(kind, body) {
   status(`${kind}…`);
   const result = await (await api(`/api/runs/${state.run.id}/${kind}`, { method: "POST", body: JSON.stringify(body) })).json();
@@ -255,6 +295,7 @@ async function openRun(id) {
     label.querySelector("input").addEventListener("change", () => selectInstance(inst.index));
     list.append(label);
   });
+  showFrames(run);
   if (run.selected !== null && run.selected !== undefined) await selectInstance(run.selected); else draw();
   // The decoder loads once the first mask is on screen (it would compete with it for the CPU); a click
   // before it is ready waits for it. rAF then a task: the frame with the mask has been painted.
@@ -277,9 +318,9 @@ async function openRun(id) {
 
   bindCanvas();
   $("approve").onclick = async () => {
-    const body = state.edited && state.mask
-      ? { mask_png_base64: await maskToPngBase64(state.mask, run.width, run.height) }
-      : { instance_index: state.instance };
+    const body = state.frame !== null ? { frame: state.frame }
+      : state.edited && state.mask ? { mask_png_base64: await maskToPngBase64(state.mask, run.width, run.height) }
+        : { instance_index: state.instance };
     try { await resume("approve", body); } catch (err) { status(`approve refused: ${err.message}`); }
   };
   $("reject").onclick = async () => { try { await resume("reject", {}); } catch (err) { status(err.message); } };
