@@ -209,7 +209,8 @@ class _ReviewRun:
         seg, selected, options = machine.seg, machine.selected, machine.options
         label = f"review round {n}: segmenter {finish.backend_label(self.run_plan.segmenter_info)}"
         overlay_key = _publish_round(self.storage, self.run_plan.prefix, n, image, seg, selected, options, label)
-        frames = _publish_frames(self.storage, self.run_plan.prefix, self.video, self.views)
+        frames = _publish_frames(self.storage, self.run_plan.prefix, self.video,
+                                 [v for v in self.views if v.index in machine.frames])
         instances = [inst.summary(i) for i, inst in enumerate(seg.instances)]
         description = review_markdown(
             input_uri=image.source, prompt=options.prompt, instances=instances, selected=selected,

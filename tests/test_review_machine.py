@@ -309,15 +309,20 @@ def test_an_edit_of_the_shown_frame_with_another_frame_is_refused(answer):
     assert outcome.frame == 12 and [r["round"] for r in outcome.record["rounds"]] == [1, 2]
 
 
-def test_a_reprompt_segments_the_shown_frame_and_a_later_pick_still_works():
+def test_a_reprompt_segments_the_shown_frame_and_then_offers_only_that_frame():
+    """After a re-prompt the other frames' tracked masks belong to the earlier prompt: only the shown frame (with
+    the new segmentation) is offered, so the run never reconstructs an old-prompt mask under the new prompt."""
     machine = _video_machine()
     step = machine.answer(Answer(action="reprompt", prompt="cup", frame=12), elapsed_s=1)
     assert isinstance(step, Ask) and "segments the shown frame 40 only" in step.note
     step = machine.answer(Answer(action="reprompt", prompt="cup"), elapsed_s=2)
     assert isinstance(step, Resegment) and step.options.prompt == "cup"
     machine.segmented(_seg(_instance(1, 1, 9, 9, 0.9)))
-    outcome = machine.answer(Answer(frame=77), elapsed_s=3)
-    assert outcome.frame == 77 and outcome.options.prompt == "cup"
+    assert machine.frames == (40,)
+    step = machine.answer(Answer(frame=77), elapsed_s=3)
+    assert isinstance(step, Ask) and "frame 77 was not offered (frames: 40)" in step.note
+    outcome = machine.answer(Answer(frame=40), elapsed_s=4)
+    assert outcome.frame is None and outcome.options.prompt == "cup" and outcome.record["frame"] == 40
 
 
 def test_a_rejection_ignores_the_frame():

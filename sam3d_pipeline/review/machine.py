@@ -238,6 +238,8 @@ class ReviewMachine:
             raise RuntimeError("segmented() without a re-prompt that asked for it")
         self.seg, self.options = seg, step.options
         self.selected = select_instance(seg.instances, None)
+        if self.shown_frame is not None:  # the other frames' tracked masks were made for the earlier prompt
+            self.frames = (self.shown_frame,)
         return self._ask(f"re-segmented for prompt {self.options.prompt!r}: {len(seg.instances)} instance(s)")
 
     def segment_refused(self, error: Exception) -> Ask:
