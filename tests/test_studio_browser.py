@@ -263,20 +263,32 @@ def test_studio_uploads_a_clip_and_shows_its_track_and_chosen_frame(stack, brows
     studio = StudioPage(browser.new_page(viewport=VIEWPORT), stack.web, stack.token, tmp_path / "studio-screenshots")
     studio.open()
     try:
-        studio.fill(clip, prompt, "none", name="turntable.webm", mime="video/webm")
+        studio.fill(clip, prompt, "required", name="turntable.webm", mime="video/webm")
         assert studio.page.is_visible("#video-preview") and not studio.page.is_visible("#photo-preview")
         assert studio.page.get_attribute("body", "data-chosen") == "video"
         studio.page.fill("#video-frames", "2")
         studio.shot("video-1-clip-and-prompt")
         job_id = studio.submit()
+        # The review offers the best tracked frames; the reviewer picks another than the one shown.
+        studio.wait_first_mask(timeout_s=240)
+        frames = studio.page.locator("#frames .frame")
+        assert studio.page.is_visible("#frames") and frames.count() >= 2
+        studio.page.wait_for_function("[...document.querySelectorAll('#frames img')].every(i => i.complete && "
+                                      "i.naturalWidth)")
+        picked = int(frames.nth(1).get_attribute("data-frame-index"))
+        frames.nth(1).click()
+        assert f"frame {picked} picked" in studio.page.inner_text("#status")
+        studio.shot("video-2-review-frames")
+        studio.confirm(timeout_s=240)
         studio.page.wait_for_selector("body[data-track-shown='1'], #job-error:not([hidden])", timeout=240_000)
         assert studio.page.get_attribute("body", "data-track-shown") == "1", studio.page.inner_text("#job-error")
         assert studio.page.get_attribute("body", "data-job-status") == "completed"
-        studio.shot("video-2-track-and-frame")
+        studio.shot("video-3-track-and-frame")
         final = job(stack, job_id)
         video = final["result"]["video"]
         chosen = video["chosen"]
-        assert final["input"]["kind"] == "video" and len(video["candidates"]) == 2
+        assert final["input"]["kind"] == "video" and final["result"]["review"]["frame"] == picked
+        assert chosen["index"] == picked and chosen["chosen_by"] == "reviewer", chosen
         info = studio.page.inner_text("#video-info")
         assert f"frame {chosen['index']} at {chosen['time_s']:.2f} s, view score {chosen['view_score']:.2f}" in info
         assert f"{video['frames_tracked']} of {video['frames_sampled']} sampled frames" in info
