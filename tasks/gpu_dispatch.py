@@ -67,6 +67,7 @@ from tasks.reconstruct import reconstruct_in_process, reconstruct_objects_in_pro
 from tasks.segment import log_track, segment_in_process, track_in_process
 
 ACTIVE_SESSION_STATES = [StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING]
+SCALE_AFTER_S = 1.0  # a GPU task still queued this long after its submission may need another session
 
 
 def segment(image: LoadedImage, options: pipeline.RunOptions, run_plan: pipeline.RunPlan, settings: Settings,
@@ -318,7 +319,10 @@ def _wait(future: Any, run_id: str, storage: Storage, settings: Settings, kind: 
     """Wait for the task run to end, or its worker to be lost. Returns ``(kind, message)``."""
     deadline = time.monotonic() + settings.gpu_stage_timeout_s
     queued_until = time.monotonic() + settings.gpu_lease_s
-    last_scaled, undelivered, looks = float("-inf"), 0, 0
+    # A free session takes the task within tenths of a second: scale only for a task still queued after
+    # SCALE_AFTER_S (counting the queue and the sessions is ~0.25 s of API calls on the stage's critical path).
+    last_scaled = time.monotonic() + SCALE_AFTER_S - max(2.0, settings.gpu_poll_s)
+    undelivered, looks = 0, 0
     with get_client(sync_client=True) as client:
         while True:
             # The state can read as None for a moment (the server records task run states from events).

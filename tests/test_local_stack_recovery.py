@@ -105,3 +105,22 @@ def test_the_automation_is_created_through_a_server_that_answers_503_at_first(mo
     finally:
         server.shutdown()
     assert calls[-1] == ("POST", "/api/automations/") and len(calls) == 4
+
+
+def test_the_stack_database_auto_is_postgres_where_installed_unless_the_state_dir_has_sqlite(tmp_path, monkeypatch):
+    from sam3d_pipeline.stack import db
+    from sam3d_pipeline.stack.local import StackConfig
+
+    def stack(name: str, **kw) -> LocalStack:
+        return LocalStack(StackConfig(state_dir=tmp_path / name, project_dir=tmp_path, **kw))
+
+    monkeypatch.setattr(db, "installed", lambda: True)
+    assert stack("new").database == "postgres"
+    assert stack("chosen", db="sqlite").database == "sqlite"
+    old = stack("old")
+    old.prefect_home.mkdir(parents=True)
+    (old.prefect_home / "prefect.db").touch()  # an earlier `up` on SQLite: its runs stay where they are
+    assert old.database == "sqlite"
+    monkeypatch.setattr(db, "installed", lambda: False)
+    assert stack("bare").database == "sqlite"
+    assert stack("asked", db="postgres").database == "postgres"  # asked for: its start says what is missing

@@ -36,3 +36,19 @@ def test_a_rendered_object_covers_its_middle_without_holes():
     middle = image[30:66, 30:66].reshape(-1, 3).astype(int)
     background = np.abs(middle - BACKGROUND_TOP.astype(int)).max(1) < 20
     assert not background.any()  # every pixel of the object's middle is covered by a face
+
+
+def test_the_rasterizer_keeps_the_nearest_fragment_and_of_equal_depths_the_first_triangle():
+    from sam3d_pipeline.export.raster import rasterize
+
+    # Two squares over the same pixels, each of two triangles: the far one (depth 0) first, then the near one
+    # (depth 1); then the same two squares at equal depth.
+    square = np.array([[0.0, 0.0], [8.0, 0.0], [8.0, 8.0], [0.0, 8.0]])
+    xy = np.concatenate([square, square])
+    faces = np.array([[0, 1, 2], [0, 2, 3], [4, 5, 6], [4, 6, 7]])
+    near = rasterize(xy, faces, (8, 8), depth=np.array([0.0] * 4 + [1.0] * 4))
+    assert len(near.pixel) == 64 and set(near.face.tolist()) == {2, 3}
+    tied = rasterize(xy, faces, (8, 8), depth=np.zeros(8))
+    assert len(tied.pixel) == 64 and set(tied.face.tolist()) == {0, 1}
+    np.testing.assert_allclose(near.bary.sum(1), 1.0)
+    np.testing.assert_array_equal(near.bary, tied.bary)  # the same corners' weights, whichever square won

@@ -99,3 +99,13 @@ def test_without_a_server_the_launcher_runs_the_module_itself(tmp_path):
     seen = json.loads(out.strip().splitlines()[-1])
     assert seen["pid"] == launcher.pid  # exec'd in place: the worker's pid is the run's
     assert seen["marker"] == "from-the-launcher"
+
+
+def test_the_preloaded_modules_import_and_start_no_python_thread():
+    # The server forks after importing them: a thread started by an import would be missing from every run.
+    code = ("import importlib, threading; from sam3d_pipeline.stack.warm_runs import PRELOAD\n"
+            "[importlib.import_module(name) for name in PRELOAD]\n"
+            "print(threading.active_count())")
+    out = subprocess.run([sys.executable, "-c", code], env=os.environ | {"PYTHONPATH": str(ROOT)}, cwd=ROOT,
+                         capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip() == "1"

@@ -49,10 +49,14 @@ def up(
     output_prefix: Annotated[str, typer.Option("--output-prefix")] = "outputs/",
     prefect_port: Annotated[int, typer.Option("--prefect-port", help="0 picks a free port.")] = 4200,
     moto_port: Annotated[int, typer.Option("--moto-port", help="0 picks a free port.")] = 5055,
-    worker_poll_s: Annotated[float, typer.Option("--worker-poll-s", min=0.1, help="Work pool poll interval.")] = 0.5,
+    worker_poll_s: Annotated[float, typer.Option("--worker-poll-s", min=0.1,
+                                                 help="The CPU work pool's poll interval.")] = 0.5,
+    gpu_worker_poll_s: Annotated[float, typer.Option(
+        "--gpu-worker-poll-s", min=0.1, help="The GPU work pool's poll interval (it starts worker sessions).")] = 2.0,
     gpu_workers: Annotated[int, typer.Option("--gpu-workers", min=1, help="Most GPU worker sessions at once.")] = 1,
-    db: Annotated[str, typer.Option("--db", help="Prefect's database: sqlite (a file) or postgres (its own "
-                                    "PostgreSQL server under the state dir).")] = "sqlite",
+    db: Annotated[str, typer.Option("--db", help="Prefect's database: sqlite (a file), postgres (its own "
+                                    "PostgreSQL server under the state dir) or auto (PostgreSQL where it is "
+                                    "installed, unless the state dir already has SQLite's).")] = "auto",
     warm_runs: Annotated[bool, typer.Option(
         "--warm-runs/--cold-runs", help="Fork the CPU pool's flow runs from a process that has imported Prefect "
         "and the flows (default), or start an interpreter per run.")] = True,
@@ -67,8 +71,8 @@ def up(
         stop_leftovers,
     )
 
-    if db not in ("sqlite", "postgres"):
-        raise typer.BadParameter(f"{db!r}: choose sqlite or postgres", param_hint="--db")
+    if db not in ("auto", "sqlite", "postgres"):
+        raise typer.BadParameter(f"{db!r}: choose auto, sqlite or postgres", param_hint="--db")
     existing = running(state_dir)
     if existing and complete(existing):
         print(f"already running (state in {state_dir.resolve()}); nothing started. `sam3d-pipeline down` stops it.")
@@ -81,7 +85,8 @@ def up(
               "starting it again", file=sys.stderr)
     config = StackConfig(state_dir=state_dir, project_dir=project_dir(), bucket=bucket,
                          upload_prefix=upload_prefix, output_prefix=output_prefix, prefect_port=prefect_port,
-                         moto_port=moto_port, worker_poll_s=worker_poll_s, gpu_workers=gpu_workers, db=db,
+                         moto_port=moto_port, worker_poll_s=worker_poll_s, gpu_worker_poll_s=gpu_worker_poll_s,
+                         gpu_workers=gpu_workers, db=db,
                          warm_runs=warm_runs)
     from sam3d_pipeline.web.assets import ensure_browser_packages
 
@@ -89,12 +94,13 @@ def up(
         print(f"warning: {problem}", file=sys.stderr)
     print("starting moto, Prefect server, workers, a GPU worker session and the events bridge…", file=sys.stderr)
     try:
-        env = LocalStack(config).up()
+        stack = LocalStack(config)
+        env = stack.up()
     except StackError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise typer.Exit(1) from None
     print(f"Prefect UI:      {env['PREFECT_UI_URL']}")
-    print(f"Prefect API:     {env['PREFECT_API_URL']} ({'PostgreSQL' if db == 'postgres' else 'SQLite'})")
+    print(f"Prefect API:     {env['PREFECT_API_URL']} ({'PostgreSQL' if stack.database == 'postgres' else 'SQLite'})")
     print(f"S3 + SQS (moto): {env['AWS_ENDPOINT_URL']}")
     print(f"upload to:       s3://{env['SAM3D_BUCKET']}/{env['SAM3D_UPLOAD_PREFIX']}")
     print(f"outputs under:   {env['SAM3D_OUTPUT_ROOT']}/")

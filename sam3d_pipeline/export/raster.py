@@ -86,43 +86,53 @@ def rasterize(xy: np.ndarray, faces: np.ndarray, size: tuple[int, int], depth: n
     face_of = np.full(height * width, -1, np.int64)
     bary_of = np.zeros((height * width, 3), np.float64)
     ends = np.cumsum(counts)
+    # Per triangle: corner 0 and the edges 0→2 (y, x) and 0→1 (x, y), for the barycentric weights.
+    edges = (x[:, 0], y[:, 0], y[:, 2] - y[:, 0], x[:, 2] - x[:, 0], x[:, 1] - x[:, 0], y[:, 1] - y[:, 0])
+    z = None if depth is None else np.asarray(depth, dtype=np.float64)[faces]
     start = 0
     while start < len(faces):
         # Triangles whose candidate pixels fit one chunk (at least one triangle per chunk).
         stop = max(start + 1, int(np.searchsorted(ends, (ends[start - 1] if start else 0) + FRAGMENTS_PER_CHUNK,
                                                   side="right")))
-        _chunk(np.arange(start, min(stop, len(faces))), counts, x0, y0, w, x, y, area,
-               None if depth is None else np.asarray(depth, dtype=np.float64)[faces], width, zbuf, face_of, bary_of)
+        _chunk(np.arange(start, min(stop, len(faces))), counts, x0, y0, w, edges, area, z, width, zbuf, face_of,
+               bary_of)
         start = stop
     pixel = np.flatnonzero(face_of >= 0)
     return Fragments(pixel=pixel, face=face_of[pixel], bary=bary_of[pixel])
 
 
-def _chunk(tris: np.ndarray, counts: np.ndarray, x0: np.ndarray, y0: np.ndarray, w: np.ndarray, x: np.ndarray,
-           y: np.ndarray, area: np.ndarray, z: np.ndarray | None, width: int, zbuf: np.ndarray, face_of: np.ndarray,
-           bary_of: np.ndarray) -> None:
+def _chunk(tris: np.ndarray, counts: np.ndarray, x0: np.ndarray, y0: np.ndarray, w: np.ndarray,
+           edges: tuple[np.ndarray, ...], area: np.ndarray, z: np.ndarray | None, width: int, zbuf: np.ndarray,
+           face_of: np.ndarray, bary_of: np.ndarray) -> None:
     c = counts[tris]
     tri = np.repeat(tris, c)
     if len(tri) == 0:
         return
     local = np.arange(len(tri)) - np.repeat(np.cumsum(c) - c, c)
-    px = x0[tri] + local % w[tri]
-    py = y0[tri] + local // w[tri]
-    cx, cy = px + 0.5, py + 0.5
-    xa, ya, a = x[tri], y[tri], area[tri]
-    b1 = ((cx - xa[:, 0]) * (ya[:, 2] - ya[:, 0]) - (xa[:, 2] - xa[:, 0]) * (cy - ya[:, 0])) / a
-    b2 = ((xa[:, 1] - xa[:, 0]) * (cy - ya[:, 0]) - (cx - xa[:, 0]) * (ya[:, 1] - ya[:, 0])) / a
+    row, col = np.divmod(local, w[tri])
+    px, py = x0[tri] + col, y0[tri] + row
+    # Pixel centre relative to corner 0, and the triangle's edges from corner 0 (gathered per fragment).
+    dx, dy = px + 0.5 - edges[0][tri], py + 0.5 - edges[1][tri]
+    a = area[tri]
+    b1 = (dx * edges[2][tri] - edges[3][tri] * dy) / a
+    b2 = (edges[4][tri] * dy - dx * edges[5][tri]) / a
     b0 = 1.0 - b1 - b2
-    inside = (b0 >= -1e-9) & (b1 >= -1e-9) & (b2 >= -1e-9)
-    tri, pixel = tri[inside], (py * width + px)[inside]
-    bary = np.stack([b0, b1, b2], 1)[inside]
+    inside = np.flatnonzero((b0 >= -1e-9) & (b1 >= -1e-9) & (b2 >= -1e-9))
+    tri, pixel = tri[inside], py[inside] * width + px[inside]
+    bary = np.stack([b0[inside], b1[inside], b2[inside]], 1)
     if z is None:
         face_of[pixel] = tri
         bary_of[pixel] = bary
         return
     d = (bary * z[tri]).sum(1)
-    order = np.lexsort((-d, pixel))  # per pixel, nearest first
-    first = order[np.unique(pixel[order], return_index=True)[1]]
+    # Per pixel, the nearest fragment (of equal depths the first, i.e. the lowest triangle index): a scatter
+    # maximum of the depth, then the lowest fragment index among those at it.
+    nearest = np.full(len(zbuf), -np.inf)
+    np.maximum.at(nearest, pixel, d)
+    at_nearest = np.flatnonzero(d == nearest[pixel])
+    first_of = np.full(len(zbuf), len(d), np.int64)
+    np.minimum.at(first_of, pixel[at_nearest], at_nearest)
+    first = first_of[first_of < len(d)]
     pixel, d = pixel[first], d[first]
     nearer = d > zbuf[pixel]
     pixel = pixel[nearer]

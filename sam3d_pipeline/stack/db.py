@@ -62,6 +62,15 @@ def find_binary(name: str) -> Path:
                         "(`make postgres`, or `apt-get install postgresql`)")
 
 
+def installed() -> bool:
+    """Whether this machine can run the stack's PostgreSQL: its server binaries and an account to run them as."""
+    try:
+        find_binary("postgres"), find_binary("initdb"), server_account()
+    except PostgresError:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class ServerAccount:
     """Who the PostgreSQL processes run as: ``prefix`` goes before their command line (empty: as ourselves)."""
