@@ -8,7 +8,10 @@ until ``<model-viewer>`` has loaded ``object.glb`` and painted a frame. Times co
 
 Figures (median of ``--rounds``, with min and max): ``submit_to_first_mask_s``, ``confirm_to_glb_s``, split into
 ``confirm_to_final_status_s`` (the run resumes, reconstructs and publishes; the page sees it by polling) and
-``final_status_to_glb_s`` (the page fetches the GLB and model-viewer parses and renders it); ``click_refine_ms``.
+``final_status_to_glb_s`` (the page fetches the GLB and model-viewer parses and renders it); also
+``confirm_to_glb_fetched_s`` (the page saw ``object.glb`` published, early or at the end, and fetched it: what the
+server side costs, before the viewer's own first render, seconds with Chromium's software WebGL on a machine without
+a GPU) and ``click_refine_ms``. Each round also prints the page's marks after Confirm.
 
 Usage: python bench/studio_latency.py [--rounds 5] [--env-file .sam3d/local-stack.env]
 """
@@ -56,7 +59,12 @@ def one_round(studio, seed: int, tag: str) -> dict[str, float]:
     cy, cx = (float(v.mean()) for v in np.nonzero(truth))
     click_ms = studio.click_image(cx, cy, 320)
     studio.confirm(timeout_s=300)
-    final_ms = studio.page.evaluate("window.studio.marks['final-status']")
+    marks = studio.page.evaluate("window.studio.marks")
+    final_ms = marks["final-status"]
+    # When the page saw each step after Confirm (the viewer's set-up shares this machine's CPUs with the stack).
+    print("  marks after confirm (s): " + ", ".join(f"{name} {(ms - studio.confirmed_ms) / 1000:.2f}" for name, ms
+                                                   in sorted(marks.items(), key=lambda kv: kv[1])
+                                                   if ms >= studio.confirmed_ms), flush=True)
     clock = studio.page.evaluate("window.studio.job && window.studio.job.result && window.studio.job.result.clock")
     if clock:
         CLOCKS.append(clock)
@@ -65,6 +73,8 @@ def one_round(studio, seed: int, tag: str) -> dict[str, float]:
         "confirm_to_glb_s": (studio.glb_ms - studio.confirmed_ms) / 1000,
         "confirm_to_final_status_s": (final_ms - studio.confirmed_ms) / 1000,
         "final_status_to_glb_s": (studio.glb_ms - final_ms) / 1000,
+        # The page saw object.glb published (the job's early_outputs, or its outputs at the end) and fetched it.
+        "confirm_to_glb_fetched_s": (marks["glb-fetched"] - studio.confirmed_ms) / 1000,
         "click_refine_ms": click_ms,
     }
 

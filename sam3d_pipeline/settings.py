@@ -127,8 +127,9 @@ class Settings(BaseSettings):
 
     # Review.
     review_poll_interval_s: float = Field(
-        1.0, gt=0, le=60, description="How often a paused run checks for the reviewer's answer (seconds): the "
-        "longest wait between an answer and the run going on."
+        0.25, gt=0, le=60, description="How often a paused run checks for the reviewer's answer (seconds): the "
+        "longest wait between an answer and the run going on (one small read of the flow run per check, for at "
+        "most SAM3D_REVIEW_SUSPEND_AFTER_S; a suspended run is woken by Prefect instead)."
     )
     review_suspend_after_s: float = Field(
         900.0,

@@ -385,8 +385,6 @@ class LocalStack:
         worker_env = stack_env | {
             "PREFECT_WORKER_QUERY_SECONDS": str(cfg.worker_poll_s),
             "PREFECT_WORKER_PREFETCH_SECONDS": "5",
-            # A person waits at the page for a paused run to see the answer: look every second, not every 5 s.
-            "SAM3D_REVIEW_POLL_INTERVAL_S": stack_env.get("SAM3D_REVIEW_POLL_INTERVAL_S", "1"),
             **heartbeat_env(self.heartbeat_s),
         }
         for pool, deployment, name in ((POOL_NAME, "image-to-3d", "worker"),
