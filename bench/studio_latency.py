@@ -11,8 +11,7 @@ Figures (median of ``--rounds``, with min and max): ``submit_to_first_mask_s``, 
 ``final_status_to_glb_s`` (the page fetches the GLB and model-viewer parses and renders it); also
 ``confirm_to_glb_fetched_s`` (the page saw ``object.glb`` published, early or at the end, and fetched it) and
 ``click_refine_ms``. Each round also prints the page's marks after Confirm: with Chromium's software WebGL (no GPU
-here) the viewer's unseen warm-up render holds the page's main thread for seconds, and the page looks at the job
-again only after it (``viewer-warm``).
+here) the viewer's first render holds the page's main thread for seconds (``glb-fetched`` to ``glb-loaded``).
 
 Usage: python bench/studio_latency.py [--rounds 5] [--env-file .sam3d/local-stack.env]
 """

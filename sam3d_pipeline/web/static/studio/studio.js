@@ -312,29 +312,11 @@ async function followJob(id) {
 
 // -- the result -----------------------------------------------------------------------------------------------
 
-// A single triangle (glTF with its buffer inline) that the viewer renders once, unseen, before the result exists.
-const WARM_UP_GLTF = JSON.stringify({
-  asset: { version: "2.0" }, scene: 0, scenes: [{ nodes: [0] }], nodes: [{ mesh: 0 }],
-  meshes: [{ primitives: [{ attributes: { POSITION: 0 } }] }],
-  buffers: [{ byteLength: 36, uri: "data:application/octet-stream;base64,"
-    + "AAAAAAAAAAAAAAAAAACAPwAAAAAAAAAAAAAAAAAAgD8AAAAA" }],  // float32 (0,0,0) (1,0,0) (0,1,0)
-  bufferViews: [{ buffer: 0, byteLength: 36 }],
-  accessors: [{ bufferView: 0, componentType: 5126, count: 3, type: "VEC3", min: [0, 0, 0], max: [1, 1, 0] }],
-});
-
-// The 3D viewer's script, then one unseen render: its first model pays a one-off set-up (lighting environment,
-// shaders; seconds with a software renderer), so that is done while the run reconstructs.
+// The 3D viewer's script, loaded while the run reconstructs. No unseen warm-up render: with a software renderer
+// its set-up holds this page's main thread for seconds, and the page would see the run's end only after it.
 function loadViewer() {
   studio.viewer ??= import(VIEWER_JS).then(() => customElements.whenDefined("model-viewer")).then(() => {
-    const warm = document.createElement("model-viewer");
-    warm.setAttribute("aria-hidden", "true");
-    warm.className = "warm-up";
-    const src = URL.createObjectURL(new Blob([WARM_UP_GLTF], { type: "model/gltf+json" }));
-    const done = () => { warm.remove(); URL.revokeObjectURL(src); mark("viewer-warm"); };
-    warm.addEventListener("load", done, { once: true });
-    warm.addEventListener("error", done, { once: true });
-    warm.src = src;
-    document.body.append(warm);
+    mark("viewer-ready");
   });
   return studio.viewer;
 }
