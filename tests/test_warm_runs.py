@@ -25,6 +25,8 @@ sys.exit(int(os.environ.get("PROBE_EXIT", "0")))
 """
 API_PROBE = """
 def _api():
+    if "boto3" in __import__("sys").modules:  # the warm default session: kept, or dropped for other credentials
+        return str(__import__("boto3").DEFAULT_SESSION is not None)
     if "prefect.context" not in __import__("sys").modules:
         return None
     from prefect.settings import get_current_settings
@@ -37,12 +39,16 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture
 def server(tmp_path):
     """A warm-runs server preloading Prefect; yields (socket path, server process)."""
+    yield from _serve(tmp_path, "prefect,prefect.context")
+
+
+def _serve(tmp_path: Path, preload: str, **env: str):
     (tmp_path / "probe_run.py").write_text(API_PROBE + PROBE)
     path = str(tmp_path / "warm.sock")
-    env = os.environ | {"PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}", "PREFECT_API_URL": "http://server.invalid/api"}
-    proc = subprocess.Popen([sys.executable, "-m", "sam3d_pipeline.stack.warm_runs", "serve", path,
-                             "prefect,prefect.context"], env=env, stdout=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    env = os.environ | {"PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}",
+                        "PREFECT_API_URL": "http://server.invalid/api"} | env
+    proc = subprocess.Popen([sys.executable, "-m", "sam3d_pipeline.stack.warm_runs", "serve", path, preload],
+                            env=env, stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
         assert "ready on" in proc.stdout.readline()
         yield path, proc
@@ -109,3 +115,22 @@ def test_the_preloaded_modules_import_and_start_no_python_thread():
     out = subprocess.run([sys.executable, "-c", code], env=os.environ | {"PYTHONPATH": str(ROOT)}, cwd=ROOT,
                          capture_output=True, text=True, timeout=300, check=True)
     assert out.stdout.strip() == "1"
+
+
+def test_a_run_keeps_the_warm_s3_session_only_with_the_servers_aws_environment(tmp_path):
+    aws = {"AWS_ACCESS_KEY_ID": "server-key", "AWS_SECRET_ACCESS_KEY": "server-secret",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    serving = _serve(tmp_path, "boto3", **aws)
+    path, _ = next(serving)
+    try:
+        seen = {}
+        for case, env in (("same", aws), ("other key", aws | {"AWS_ACCESS_KEY_ID": "run-key"}),
+                          ("other profile", aws | {"AWS_PROFILE": "elsewhere"})):
+            launcher = _launch(tmp_path, path, **env)
+            out, err = launcher.communicate(timeout=60)
+            assert launcher.returncode == 0, err
+            seen[case] = json.loads(out.splitlines()[-1])["api"]
+        # The session the server made (service models parsed once) is reused only where nothing AWS differs.
+        assert seen == {"same": "True", "other key": "False", "other profile": "False"}
+    finally:
+        serving.close()

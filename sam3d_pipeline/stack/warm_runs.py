@@ -34,12 +34,15 @@ from pathlib import Path
 SOCKET_ENV = "SAM3D_WARM_RUNS_SOCKET"
 ENGINE = "prefect.engine"
 # Imported by the server before it forks: Prefect, its engine, the flows and what their runs import anyway, lazily:
-# S3 (boto3), the GPU stage tasks and their dispatch (Prefect's task worker, FastAPI), USD for the USDZ export.
-# Without the last group a run's process spent ~1.1 s importing them (profiled in a forked run); none starts a thread.
+# S3 (boto3), the GPU stage tasks and their dispatch (Prefect's task worker, FastAPI), USD for the USDZ export
+# (UsdSkel alone ~0.17 s), the simplifier. Without the last group a run's process spent ~1.3 s importing them
+# (profiled in a forked run); none starts a thread. The server also makes one S3 client (``_warm_boto3``).
 PRELOAD = ("prefect", "prefect.engine", "prefect.flow_engine", "prefect.task_engine", "flows.image_to_3d",
            "flows.catalog_batch", "numpy", "PIL.Image", "cv2", "scipy.ndimage", "trimesh",
            "boto3", "botocore.session", "s3transfer", "tasks.gpu_tasks", "tasks.gpu_dispatch", "psutil",
-           "prefect.utilities.visualization", "pxr.Usd", "pxr.UsdGeom", "pxr.UsdShade", "pxr.UsdUtils")
+           "prefect.utilities.visualization", "pxr.Usd", "pxr.UsdGeom", "pxr.UsdShade", "pxr.UsdUtils",
+           "pxr.UsdSkel", "fast_simplification", "boto3.s3.transfer")
+_server_aws_env: dict[str, str] = {}  # the server's AWS_* variables when it warmed boto3 (``_warm_boto3``)
 _MAX_REQUEST = 1 << 20  # the request (environment + argv) in bytes
 
 
@@ -116,11 +119,31 @@ def _become_the_run(request: dict, fds: list[int]) -> None:
     os.environ.clear()
     os.environ.update(request["env"])
     sys.argv = [request["module"], *request["argv"]]
+    if "boto3" in sys.modules and _aws_env(os.environ) != _server_aws_env:
+        import boto3
+
+        boto3.DEFAULT_SESSION = None  # warmed with other credentials or configuration: this run starts its own
     if "prefect.context" in sys.modules:  # settings read at import: read them again from this environment
         import prefect.context
 
         prefect.context.refresh_global_settings_context()
     runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+
+
+def _aws_env(env: os._Environ | dict[str, str]) -> dict[str, str]:
+    return {name: value for name, value in env.items() if name.startswith("AWS_")}
+
+
+def _warm_boto3() -> None:
+    """Make one S3 client on boto3's default session (no request: no connection, no thread): a run's first client
+    then takes ~15 ms instead of ~140 ms (the session keeps the service models it parsed). The session also keeps
+    the credentials and configuration it read from this environment: a run whose ``AWS_*`` variables differ gets
+    a fresh session (``_become_the_run``)."""
+    import boto3
+
+    boto3.setup_default_session()
+    boto3.client("s3", region_name=os.environ.get("AWS_DEFAULT_REGION") or "us-east-1")
+    _server_aws_env.update(_aws_env(os.environ))
 
 
 def serve(path: str, preload: tuple[str, ...] = PRELOAD) -> None:
@@ -130,6 +153,8 @@ def serve(path: str, preload: tuple[str, ...] = PRELOAD) -> None:
 
     for name in preload:
         importlib.import_module(name)
+    if "boto3" in preload:
+        _warm_boto3()
     if os.path.exists(path):
         os.unlink(path)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
