@@ -3,8 +3,10 @@
 Starts ``sam3d-pipeline up`` in a temporary folder (or uses a running stack with ``--env-file``) and opens the
 studio in Debian's Chromium, one tab for every round, as a person doing one job after another. Each round: choose
 a photo (a new one each round, so no finished result is reused), type a prompt, review ``required``, click Create;
-wait until the first candidate mask is painted; click once on the object (refined and shown); click Confirm; wait
-until ``<model-viewer>`` has loaded ``object.glb`` and painted a frame. Times come from the browser's clock.
+wait until the first candidate mask is painted; look at it for ``--look-s`` (2 s: a person checks the mask before
+acting; the page sets up its 3D viewer in such idle time); click once on the object (refined and shown); click
+Confirm; wait until ``<model-viewer>`` has loaded ``object.glb`` and painted a frame. Times come from the browser's
+clock.
 
 Figures (median of ``--rounds``, with min and max): ``submit_to_first_mask_s``, ``confirm_to_glb_s``, split into
 ``confirm_to_final_status_s`` (the run resumes, reconstructs and publishes; the page sees it by polling) and
@@ -48,7 +50,7 @@ def read_env(path: Path) -> dict[str, str]:
     return env
 
 
-def one_round(studio, seed: int, tag: str) -> dict[str, float]:
+def one_round(studio, seed: int, tag: str, look_s: float) -> dict[str, float]:
     from tests.photos import encode, object_photo
 
     rgb, truth = object_photo(320, 240, seed=seed)
@@ -56,6 +58,7 @@ def one_round(studio, seed: int, tag: str) -> dict[str, float]:
     studio.fill(encode(rgb), f"red ellipse {tag}-{seed}", "required", name=f"ellipse-{seed}.png")
     studio.submit()
     studio.wait_first_mask(timeout_s=300)
+    studio.page.wait_for_timeout(look_s * 1000)  # the reviewer looks at the mask before clicking
     cy, cx = (float(v.mean()) for v in np.nonzero(truth))
     click_ms = studio.click_image(cx, cy, 320)
     studio.confirm(timeout_s=300)
@@ -79,7 +82,7 @@ def one_round(studio, seed: int, tag: str) -> dict[str, float]:
     }
 
 
-def measure(env: dict[str, str], rounds: int) -> dict:
+def measure(env: dict[str, str], rounds: int, look_s: float) -> dict:
     from playwright.sync_api import sync_playwright
 
     from tests.conftest import CHROMIUM
@@ -94,13 +97,13 @@ def measure(env: dict[str, str], rounds: int) -> dict:
             studio = StudioPage(context.new_page(), env["SAM3D_WEB_URL"], env["SAM3D_API_TOKEN"])
             errors = studio.errors
             for i in range(rounds):
-                rows.append(one_round(studio, seed=100 + i, tag=tag))
+                rows.append(one_round(studio, seed=100 + i, tag=tag, look_s=look_s))
                 print(f"round {i + 1}: " + ", ".join(f"{k} {v:.2f}" for k, v in rows[-1].items()), flush=True)
         finally:
             browser.close()
     if errors:
         print("browser errors:", *errors, sep="\n  ")
-    figures: dict = {"rounds": rounds, "browser_errors": len(errors)}
+    figures: dict = {"rounds": rounds, "look_s": look_s, "browser_errors": len(errors)}
     print(f"\nstudio on the local stack, {rounds} rounds (lite backends, 320x240 PNG, review=required, one click):")
     for name in rows[0]:
         values = [r[name] for r in rows]
@@ -122,6 +125,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--env-file", type=Path, help="use a running stack (its local-stack.env)")
+    parser.add_argument("--look-s", type=float, default=2.0,
+                        help="seconds the reviewer looks at the first mask before clicking (0: at once)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="sam3d-bench-") as tmp:
         stack_env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "PREFECT_"))}
@@ -130,7 +135,7 @@ def main() -> None:
                            env=stack_env)
         env_file = args.env_file or Path(tmp) / "local-stack.env"
         try:
-            figures = measure(read_env(env_file), args.rounds)
+            figures = measure(read_env(env_file), args.rounds, args.look_s)
         finally:
             if args.env_file is None:
                 subprocess.run([*CLI, "down", "--state-dir", tmp], check=False, env=stack_env)

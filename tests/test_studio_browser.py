@@ -159,6 +159,12 @@ def the_whole_loop(stack, studio: StudioPage, rgb: np.ndarray, truth: np.ndarray
     studio.shot("2-candidate-mask")
     lap("submit_to_first_mask")
 
+    # A reviewer looking at the mask leaves the page idle: the viewer makes its one-off set-up render then, out of
+    # sight (the result section is hidden again once it has).
+    studio.page.wait_for_function("window.studio.marks['viewer-warm']", timeout=60_000)
+    assert not studio.page.is_visible("#result") and not studio.page.is_visible("#viewer")
+    lap("viewer_set_up_while_idle")
+
     cy, cx = (float(v.mean()) for v in np.nonzero(truth))
     click_ms = studio.click_image(cx, cy, 320)
     shown_pixels = studio.mask_pixels()

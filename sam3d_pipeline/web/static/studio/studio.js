@@ -301,8 +301,7 @@ async function followJob(id) {
     }
     const answered = job.status === "awaiting_review" && !!document.body.dataset.resumed;  // the run resumes now
     if (answered) changedAt = performance.now();
-    // The result is next: get the viewer ready while the run works. Not during a review: the viewer's set-up
-    // can hold this page's main thread for seconds (software WebGL), and the person is clicking then.
+    if (reviewing && !answered) warmWhenIdle();
     if (answered || resumedSeen || (job.status === "running" && job.review === "none")) loadViewer();
     const waitingForPerson = job.status === "awaiting_review" && reviewing && !answered;
     await sleep(waitingForPerson ? POLL_REVIEW_MS
@@ -312,8 +311,7 @@ async function followJob(id) {
 
 // -- the result -----------------------------------------------------------------------------------------------
 
-// The 3D viewer's script, loaded while the run reconstructs. No unseen warm-up render: with a software renderer
-// its set-up holds this page's main thread for seconds, and the page would see the run's end only after it.
+// The 3D viewer's script.
 function loadViewer() {
   studio.viewer ??= import(VIEWER_JS).then(() => customElements.whenDefined("model-viewer")).then(() => {
     mark("viewer-ready");
@@ -321,15 +319,82 @@ function loadViewer() {
   return studio.viewer;
 }
 
+// The first model a page shows pays a one-off set-up: lighting, shader programs (about a second with a software
+// renderer, and it holds the page's main thread). A reviewer looking at the mask leaves the page idle: the
+// result's own viewer, out of sight, renders a triangle then, so after Confirm only object.glb itself is left to
+// show. Not while the run works: on a machine that also runs the stack, the set-up and the run slow each other
+// down, and two viewers set up at once can stall for a long time.
+const WARM_AFTER_IDLE_MS = 1500;  // no pointer or key input for this long while a round waits for the reviewer
+let lastInput = performance.now();
+for (const type of ["pointerdown", "pointermove", "keydown", "wheel"]) {
+  addEventListener(type, () => { lastInput = performance.now(); }, { capture: true, passive: true });
+}
+
+function warmWhenIdle() {
+  if (studio.warmTimer || studio.warm) return;
+  const look = () => {
+    if (document.body.dataset.resumed) { studio.warmTimer = null; return; }  // confirmed: too late
+    const quiet = performance.now() - lastInput;
+    if (quiet < WARM_AFTER_IDLE_MS) { studio.warmTimer = setTimeout(look, WARM_AFTER_IDLE_MS - quiet); return; }
+    warmViewer();
+  };
+  studio.warmTimer = setTimeout(look, WARM_AFTER_IDLE_MS);
+}
+
+// One triangle with the material of the pipeline's web GLB (vertex colours, double-sided, metallic 0, roughness
+// 0.85; float attributes: the shaders are the same for quantised ones).
+function warmUpGltf() {
+  const floats = new Float32Array([0, 0, 0, 1, 0, 0, 0, 1, 0, /* normals */ 0, 0, 1, 0, 0, 1, 0, 0, 1,
+    /* colours */ 1, 1, 1, 1, 1, 1, 1, 1, 1]);
+  const base64 = btoa(String.fromCharCode(...new Uint8Array(floats.buffer)));
+  const view = (i) => ({ buffer: 0, byteOffset: 36 * i, byteLength: 36 });
+  const accessor = (i) => ({ bufferView: i, componentType: 5126, count: 3, type: "VEC3" });
+  return JSON.stringify({
+    asset: { version: "2.0" }, scene: 0, scenes: [{ nodes: [0] }], nodes: [{ mesh: 0 }],
+    materials: [{ doubleSided: true,
+      pbrMetallicRoughness: { baseColorFactor: [1, 1, 1, 1], metallicFactor: 0, roughnessFactor: 0.85 } }],
+    meshes: [{ primitives: [{ attributes: { POSITION: 0, NORMAL: 1, COLOR_0: 2 }, material: 0 }] }],
+    buffers: [{ byteLength: 108, uri: `data:application/octet-stream;base64,${base64}` }],
+    bufferViews: [view(0), view(1), view(2)],
+    accessors: [{ ...accessor(0), min: [0, 0, 0], max: [1, 1, 0] }, accessor(1), accessor(2)],
+  });
+}
+
+// The result section, out of sight (class "warming": laid out off-screen, so the viewer has its size), renders the
+// triangle once; resolves when it has (or failed: the result then pays the set-up itself).
+function warmViewer() {
+  studio.warm ??= loadViewer().then(() => new Promise((resolve) => {
+    const viewer = $("viewer");
+    if (viewer.src || !$("result").hidden) { resolve(); return; }
+    mark("viewer-warm-start");
+    $("result").classList.add("warming");
+    $("result").hidden = false;
+    const src = URL.createObjectURL(new Blob([warmUpGltf()], { type: "model/gltf+json" }));
+    const done = () => {
+      URL.revokeObjectURL(src);
+      if ($("result").classList.contains("warming")) { $("result").hidden = true; $("result").classList.remove("warming"); }
+      mark("viewer-warm");
+      resolve();
+    };
+    viewer.addEventListener("load", done, { once: true });
+    viewer.addEventListener("error", done, { once: true });
+    viewer.src = src;
+  }));
+  return studio.warm;
+}
+
 async function showGlb(url) {
   const viewer = $("viewer");
+  const [blob] = await Promise.all([fetchFile(url).then((r) => r.blob()), loadViewer()]);
+  mark("glb-fetched");
+  await studio.warm;  // a warm-up still rendering: its load event must not be taken for this one's
+  $("result").classList.remove("warming");
+  $("result").hidden = false;
   const loaded = new Promise((resolve, reject) => {
     viewer.addEventListener("load", resolve, { once: true });
     viewer.addEventListener("error", (e) => reject(new Error(
       e.detail?.sourceError?.message || e.detail?.type || "model-viewer could not read object.glb")), { once: true });
   });
-  const [blob] = await Promise.all([fetchFile(url).then((r) => r.blob()), loadViewer()]);
-  mark("glb-fetched");
   viewer.src = URL.createObjectURL(blob);
   await loaded;
   mark("glb-loaded");
@@ -499,6 +564,8 @@ async function showTrack(outputs, result) {
 async function showResult(job) {
   const outputs = job.outputs || {};
   const result = await readResult(job);
+  await studio.warm;
+  $("result").classList.remove("warming");
   $("result").hidden = false;
   showDownloads(outputs, result);
   showSummary(result);
