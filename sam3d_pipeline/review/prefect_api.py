@@ -85,10 +85,10 @@ def _reachable(url: str) -> Iterator[None]:
 @contextmanager
 def _client() -> Iterator[Any]:
     """A sync Prefect client for the configured API (never an ephemeral one)."""
-    from prefect.client.orchestration import get_client
+    from sam3d_pipeline.prefect_client import sync_client
 
     url = _required_url()
-    with _reachable(url), get_client(sync_client=True) as client:
+    with _reachable(url), sync_client() as client:
         yield client
 
 
@@ -102,12 +102,12 @@ def check_api(timeout_s: float = HEALTH_TIMEOUT_S) -> str:
         PrefectUnreachable: ``PREFECT_API_URL`` is not set, or the API did not answer in time or said it is
             not healthy.
     """
-    from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 
+    from sam3d_pipeline.prefect_client import sync_client
+
     url = _required_url()
-    with temporary_settings({PREFECT_CLIENT_MAX_RETRIES: 0}), \
-            get_client(sync_client=True, httpx_settings={"timeout": timeout_s}) as client:
+    with temporary_settings({PREFECT_CLIENT_MAX_RETRIES: 0}), sync_client(timeout=timeout_s) as client:
         error = client.api_healthcheck()
     if error is not None:
         raise PrefectUnreachable(url, _reason(error))

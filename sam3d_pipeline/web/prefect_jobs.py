@@ -27,14 +27,23 @@ class DeploymentMissing(LookupError):
     """The Prefect server has no ``image-to-3d`` deployment (the web server answers 503)."""
 
 
-def _deployment_id(client: Any) -> UUID:
+_known_deployment: dict[str, UUID] = {}  # API URL → the deployment's id when last read (``read`` checks it)
+
+
+def _deployment_id(client: Any, cached: bool = False) -> UUID:
+    """The ``image-to-3d`` deployment's id: read from the API, or with ``cached`` the id read last (a caller that
+    finds a run of another deployment reads it again: the deployment may have been registered anew)."""
     from prefect.exceptions import ObjectNotFound
 
+    url = str(client.api_url)
+    if cached and url in _known_deployment:
+        return _known_deployment[url]
     try:
-        return client.read_deployment_by_name(DEPLOYMENT).id
+        _known_deployment[url] = client.read_deployment_by_name(DEPLOYMENT).id
     except ObjectNotFound:
         raise DeploymentMissing(f"the Prefect server has no {DEPLOYMENT} deployment: register it with "
                                 "`prefect deploy --all` (or start the local stack with `sam3d-pipeline up`)") from None
+    return _known_deployment[url]
 
 
 def _iso(value: Any) -> str:
@@ -108,7 +117,8 @@ def read(job_id: str) -> RunView | None:
             run = client.read_flow_run(run_id)
         except ObjectNotFound:
             return None
-        if run.deployment_id != _deployment_id(client):
+        # The deployment's id as last read (a job's page polls this ~4 times a second), else read again.
+        if run.deployment_id != _deployment_id(client, cached=True) and run.deployment_id != _deployment_id(client):
             return None
     return view(run)
 
