@@ -368,11 +368,12 @@ function warmViewer() {
     if (viewer.src || !$("result").hidden) { resolve(); return; }
     mark("viewer-warm-start");
     $("result").classList.add("warming");
+    $("result").setAttribute("aria-hidden", "true");
     $("result").hidden = false;
     const src = URL.createObjectURL(new Blob([warmUpGltf()], { type: "model/gltf+json" }));
     const done = () => {
       URL.revokeObjectURL(src);
-      if ($("result").classList.contains("warming")) { $("result").hidden = true; $("result").classList.remove("warming"); }
+      if ($("result").classList.contains("warming")) { $("result").hidden = true; unwarm(); }
       mark("viewer-warm");
       resolve();
     };
@@ -383,12 +384,17 @@ function warmViewer() {
   return studio.warm;
 }
 
+function unwarm() {
+  $("result").classList.remove("warming");
+  $("result").removeAttribute("aria-hidden");
+}
+
 async function showGlb(url) {
   const viewer = $("viewer");
   const [blob] = await Promise.all([fetchFile(url).then((r) => r.blob()), loadViewer()]);
   mark("glb-fetched");
   await studio.warm;  // a warm-up still rendering: its load event must not be taken for this one's
-  $("result").classList.remove("warming");
+  unwarm();
   $("result").hidden = false;
   const loaded = new Promise((resolve, reject) => {
     viewer.addEventListener("load", resolve, { once: true });
@@ -565,7 +571,7 @@ async function showResult(job) {
   const outputs = job.outputs || {};
   const result = await readResult(job);
   await studio.warm;
-  $("result").classList.remove("warming");
+  unwarm();
   $("result").hidden = false;
   showDownloads(outputs, result);
   showSummary(result);
