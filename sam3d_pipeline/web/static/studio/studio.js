@@ -325,6 +325,7 @@ function loadViewer() {
 // show. Not while the run works: on a machine that also runs the stack, the set-up and the run slow each other
 // down, and two viewers set up at once can stall for a long time.
 const WARM_AFTER_IDLE_MS = 1500;  // no pointer or key input for this long while a round waits for the reviewer
+const WARM_GIVE_UP_MS = 15_000;
 let lastInput = performance.now();
 for (const type of ["pointerdown", "pointermove", "keydown", "wheel"]) {
   addEventListener(type, () => { lastInput = performance.now(); }, { capture: true, passive: true });
@@ -371,7 +372,10 @@ function warmViewer() {
     $("result").setAttribute("aria-hidden", "true");
     $("result").hidden = false;
     const src = URL.createObjectURL(new Blob([warmUpGltf()], { type: "model/gltf+json" }));
+    let finished = false;
     const done = () => {
+      if (finished) return;
+      finished = true;
       URL.revokeObjectURL(src);
       if ($("result").classList.contains("warming")) { $("result").hidden = true; unwarm(); }
       mark("viewer-warm");
@@ -379,6 +383,7 @@ function warmViewer() {
     };
     viewer.addEventListener("load", done, { once: true });
     viewer.addEventListener("error", done, { once: true });
+    setTimeout(done, WARM_GIVE_UP_MS);  // the result never waits on a set-up that does not end
     viewer.src = src;
   }));
   return studio.warm;
