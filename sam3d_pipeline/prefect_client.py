@@ -2,8 +2,8 @@
 
 Prefect builds a new ``ssl.SSLContext`` for every client it opens, loading the CA bundle each time (about 22 ms on
 this project's 2-core machine, and ~35 ms for a client's whole start), even for an ``http://`` API. The job API
-opens a client for every request, and a run opens one for every GPU stage it waits on; passing one context,
-built once per process the way Prefect builds it (``PREFECT_API_TLS_INSECURE_SKIP_VERIFY``,
+and the review routes open a client for every request (code inside a flow run reuses the run's own client);
+passing one context, built once per process the way Prefect builds it (``PREFECT_API_TLS_INSECURE_SKIP_VERIFY``,
 ``PREFECT_API_SSL_CERT_FILE``, else certifi's bundle), makes opening a client nearly free.
 """
 

@@ -136,13 +136,15 @@ def _aws_env(env: os._Environ | dict[str, str]) -> dict[str, str]:
 
 def _warm_boto3() -> None:
     """Make one S3 client on boto3's default session (no request: no connection, no thread): a run's first client
-    then takes ~15 ms instead of ~140 ms (the session keeps the service models it parsed). The session also keeps
-    the credentials and configuration it read from this environment: a run whose ``AWS_*`` variables differ gets
-    a fresh session (``_become_the_run``)."""
+    then takes ~15 ms instead of ~140 ms (the session keeps the service models it parsed). The client is given
+    placeholder credentials, so the session neither looks for nor keeps any: each run resolves its own. It may
+    keep configuration read from this environment: a run whose ``AWS_*`` variables differ gets a fresh session
+    (``_become_the_run``)."""
     import boto3
 
     boto3.setup_default_session()
-    boto3.client("s3", region_name=os.environ.get("AWS_DEFAULT_REGION") or "us-east-1")
+    boto3.client("s3", region_name=os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+                 aws_access_key_id="warm-up", aws_secret_access_key="warm-up")
     _server_aws_env.update(_aws_env(os.environ))
 
 

@@ -27,7 +27,7 @@ class DeploymentMissing(LookupError):
     """The Prefect server has no ``image-to-3d`` deployment (the web server answers 503)."""
 
 
-_known_deployment: dict[str, UUID] = {}  # API URL → the deployment's id when last read (``read`` checks it)
+_known_deployment: dict[tuple[str, str], UUID] = {}  # (API URL, name) → its id when last read (``read`` checks it)
 
 
 def _deployment_id(client: Any, cached: bool = False) -> UUID:
@@ -35,15 +35,15 @@ def _deployment_id(client: Any, cached: bool = False) -> UUID:
     finds a run of another deployment reads it again: the deployment may have been registered anew)."""
     from prefect.exceptions import ObjectNotFound
 
-    url = str(client.api_url)
-    if cached and url in _known_deployment:
-        return _known_deployment[url]
+    key = (str(client.api_url), DEPLOYMENT)
+    if cached and key in _known_deployment:
+        return _known_deployment[key]
     try:
-        _known_deployment[url] = client.read_deployment_by_name(DEPLOYMENT).id
+        _known_deployment[key] = client.read_deployment_by_name(DEPLOYMENT).id
     except ObjectNotFound:
         raise DeploymentMissing(f"the Prefect server has no {DEPLOYMENT} deployment: register it with "
                                 "`prefect deploy --all` (or start the local stack with `sam3d-pipeline up`)") from None
-    return _known_deployment[url]
+    return _known_deployment[key]
 
 
 def _iso(value: Any) -> str:
