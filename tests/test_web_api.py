@@ -557,6 +557,11 @@ def test_awaiting_review_list_and_cancel_with_a_cancelled_webhook(api):
         assert requests.get(job["review_url"], timeout=10).status_code == 200  # the review page of this server
         listed = api.client.list(status="awaiting_review", limit=50)
         assert job["id"] in [j["id"] for j in listed] and {j["status"] for j in listed} == {"awaiting_review"}
+        asked = time.monotonic()  # nothing changes: the server answers after wait_s, with the job as it is
+        held = requests.get(f"{api.base}/v1/jobs/{job['id']}", params={"changed_from": "awaiting_review",
+                                                                       "wait_s": 1}, headers=api.auth, timeout=30)
+        assert held.status_code == 200 and held.json()["status"] == "awaiting_review"
+        assert time.monotonic() - asked >= 1.0
         cancelled = requests.post(f"{api.base}/v1/jobs/{job['id']}/cancel", headers=api.auth, timeout=30)
         assert cancelled.status_code == 202, cancelled.text
         job = api.client.wait(job["id"], timeout_s=60, poll_s=0.3)
@@ -610,10 +615,15 @@ def test_bad_requests_get_their_4xx_with_a_reason_and_create_nothing(api):
         (requests.get(f"{api.base}/v1/jobs/not-a-uuid", headers=api.auth, timeout=30), 404, "no job not-a-uuid"),
         (requests.post(f"{api.base}/v1/jobs/{uuid.uuid4()}/cancel", headers=api.auth, timeout=30), 404, "no job"),
         (requests.get(f"{api.base}/v1/jobs?status=done", headers=api.auth, timeout=30), 422, "status: unknown done"),
+        (requests.get(f"{api.base}/v1/jobs/{uuid.uuid4()}?changed_from=done&wait_s=1", headers=api.auth, timeout=30),
+         422, "changed_from: unknown status 'done'"),
     ]
     for answer, status, reason in cases:
         assert answer.status_code == status, (status, reason, answer.status_code, answer.text)
         assert reason in answer.json()["detail"], (reason, answer.text)
+    too_long = requests.get(f"{api.base}/v1/jobs/{uuid.uuid4()}?changed_from=queued&wait_s=99", headers=api.auth,
+                            timeout=30)
+    assert too_long.status_code == 422 and "wait_s" in too_long.text  # at most 30 s
     assert api.run_count() == runs
     assert stored_uploads() == stored  # refused uploads are not stored either
     with pytest.raises(ApiError) as refused:

@@ -13,6 +13,7 @@ from typing import Any
 from uuid import UUID
 
 from sam3d_pipeline.review.policy import CONTEXT_KEY, ReviewContext
+from sam3d_pipeline.stack.worker import wake as wake_worker
 
 HEALTH_TIMEOUT_S = 5.0
 # Statuses a proxy or load balancer in front of Prefect answers when the API behind it is gone.
@@ -193,6 +194,7 @@ def resume(run_id: UUID, answer: dict[str, Any]) -> None:
     try:
         with _reachable(url):
             resume_flow_run(run_id, run_input=answer)
+        wake_worker()  # a suspended run is Scheduled again: the local stack's worker starts it now
     except (NotPausedError, FlowPauseTimeout):
         raise RunNotReviewable(f"flow run {run_id} is no longer waiting for review") from None
     except RuntimeError as exc:  # the server's reason for refusing the answer

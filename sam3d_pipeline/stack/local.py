@@ -9,7 +9,8 @@
    already has SQLite's database keeps it), else on SQLite (database under ``<state dir>/prefect/``); ``--db``
    chooses either;
 3. the ``sam3d-cpu`` process work pool, the deployments of ``prefect.yaml`` (with their event trigger),
-   and a worker polling every ``--worker-poll-s`` seconds (Prefect's default is 10 s);
+   and a worker polling every ``--worker-poll-s`` seconds (Prefect's default is 10 s) and at once when the job API
+   creates or resumes a run (``stack/worker.py``);
 4. the GPU stand-in: the ``sam3d-gpu`` pool (a process pool here, ECS on g5 in the cloud), the ``gpu-worker``
    deployment, its worker, and one warm GPU worker session; the stack runs with ``SAM3D_GPU_STAGES=workers``,
    so uploads, ``run``/``catalog`` with the stack's env and the review page all share the warm models, and
@@ -44,6 +45,7 @@ from typing import Any
 
 from sam3d_pipeline.project import project_dir
 from sam3d_pipeline.stack.unresponsive import LOCAL_HEARTBEAT_S, heartbeat_env, unresponsive_runs_automation
+from sam3d_pipeline.stack.worker import WAKE_ENV
 
 STACK_FILE = "stack.json"
 ENV_FILE = "local-stack.env"
@@ -305,6 +307,13 @@ class LocalStack:
         return self.state_dir / "prefect"
 
     @property
+    def wake_socket(self) -> str:
+        """The CPU worker's wake socket (``stack/worker.py``)."""
+        from sam3d_pipeline.stack.warm_runs import socket_path
+
+        return str(socket_path(self.state_dir, "worker-wake"))
+
+    @property
     def output_root(self) -> str:
         return f"s3://{self.config.bucket}/{self.config.output_prefix.strip('/')}"
 
@@ -398,8 +407,11 @@ class LocalStack:
             pool_env = worker_env | (self._start_warm_runs(worker_env, api_url) if warm else {})
             if pool == GPU_POOL_NAME:
                 pool_env["PREFECT_WORKER_QUERY_SECONDS"] = str(cfg.gpu_worker_poll_s)
-            proc = self._spawn(name, [python, "-m", "prefect", "worker", "start", "--pool", pool, "--type",
-                                      "process", "--name", f"sam3d-local-{name}", *limit], pool_env,
+                start = [python, "-m", "prefect", "worker", "start", "--type", "process"]
+            else:  # Prefect's process worker, which also polls when the job API says it created a run
+                pool_env[WAKE_ENV] = self.wake_socket
+                start = [python, "-m", "sam3d_pipeline.stack.worker"]
+            proc = self._spawn(name, [*start, "--pool", pool, "--name", f"sam3d-local-{name}", *limit], pool_env,
                                cwd=cfg.project_dir)
             _wait(name, lambda pool=pool: self._worker_online(api_url, pool), cfg.timeout_s,
                   self.logs / f"{name}.log", proc)
@@ -433,8 +445,10 @@ class LocalStack:
               log, proc)
 
     def _start_web(self, web_env: dict[str, str], moto_url: str, web_port: int) -> None:
-        """5. The web server: studio, job API (webhooks signed with the secret), review page; one token for all."""
+        """5. The web server: studio, job API (webhooks signed with the secret), review page; one token for all. It
+        wakes the CPU worker when it creates or resumes a run."""
         web_url = web_env["SAM3D_WEB_URL"]
+        web_env = web_env | {WAKE_ENV: self.wake_socket}
         self._allow_page_origin(moto_url, web_url)
         proc = self._spawn("review-server", [sys.executable, "-m", "sam3d_pipeline.cli", "web", "--port",
                                              str(web_port)], web_env)

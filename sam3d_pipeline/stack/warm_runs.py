@@ -46,16 +46,16 @@ _server_aws_env: dict[str, str] = {}  # the server's AWS_* variables when it war
 _MAX_REQUEST = 1 << 20  # the request (environment + argv) in bytes
 
 
-def socket_path(state_dir: Path) -> Path:
-    """The server's socket in the stack's state folder, or under the temporary folder when that path is too long
-    for a UNIX socket (about 100 bytes)."""
-    path = Path(state_dir).resolve() / "warm-runs.sock"
+def socket_path(state_dir: Path, name: str = "warm-runs") -> Path:
+    """A socket of the stack (this server's, or another named ``name``) in the stack's state folder, or under the
+    temporary folder when that path is too long for a UNIX socket (about 100 bytes)."""
+    path = Path(state_dir).resolve() / f"{name}.sock"
     if len(str(path).encode()) <= 100:
         return path
     import hashlib
     import tempfile
 
-    return Path(tempfile.gettempdir()) / f"sam3d-warm-{hashlib.sha256(str(path).encode()).hexdigest()[:16]}.sock"
+    return Path(tempfile.gettempdir()) / f"sam3d-{name}-{hashlib.sha256(str(path).encode()).hexdigest()[:16]}.sock"
 
 
 def launcher_command() -> str:
@@ -127,6 +127,9 @@ def _become_the_run(request: dict, fds: list[int]) -> None:
         import prefect.context
 
         prefect.context.refresh_global_settings_context()
+        from sam3d_pipeline.prefect_client import share_tls_context
+
+        share_tls_context()  # the run's ~20 Prefect clients share one TLS context instead of building one each
     runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
 
 

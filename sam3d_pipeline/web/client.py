@@ -120,9 +120,17 @@ class JobClient:
     def _key(idempotency_key: str | None) -> dict[str, str]:
         return {"Idempotency-Key": idempotency_key} if idempotency_key else {}
 
-    def get(self, job_id: str) -> dict[str, Any]:
-        """The job JSON (status, outputs, review_url, error, webhook attempts, backends, result)."""
-        return self._check(self.http.get(f"/v1/jobs/{job_id}")).json()
+    def get(self, job_id: str, changed_from: str | None = None, wait_s: float = 0.0) -> dict[str, Any]:
+        """The job JSON (status, outputs, review_url, error, webhook attempts, backends, result); with
+        ``changed_from``, the server answers once the status is another (or after ``wait_s`` seconds)."""
+        if not changed_from or wait_s <= 0:
+            return self._check(self.http.get(f"/v1/jobs/{job_id}")).json()
+        import httpx
+
+        t = self.http.timeout
+        timeout = httpx.Timeout(connect=t.connect, read=(t.read or 0) + wait_s, write=t.write, pool=t.pool)
+        return self._check(self.http.get(f"/v1/jobs/{job_id}", params={"changed_from": changed_from, "wait_s": wait_s},
+                                         timeout=timeout)).json()
 
     def list(self, status: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
         params = {"limit": limit} | ({"status": status} if status else {})
@@ -145,8 +153,11 @@ class JobClient:
         deadline = time.monotonic() + timeout_s
         last = None
         while True:
-            job = self.get(job_id)
-            if job["status"] != last:
+            asked = time.monotonic()
+            # After the first read, the server holds the request until the status changes (up to 10 s).
+            job = self.get(job_id, changed_from=last, wait_s=max(0.0, min(10.0, deadline - asked)))
+            changed = job["status"] != last
+            if changed:
                 last = job["status"]
                 if on_progress is not None:
                     on_progress(job)
@@ -154,7 +165,8 @@ class JobClient:
                 return job
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still {job['status']} after {timeout_s:g} s")
-            time.sleep(poll_s)
+            if not changed and time.monotonic() - asked < poll_s:
+                time.sleep(poll_s)  # a server that answered at once (one that does not wait): poll
 
     def download(self, job: dict[str, Any], folder: str | Path, names: list[str] | None = None) -> dict[str, Path]:
         """Save the job's outputs (all, or ``names``) under ``folder``, keeping their relative names

@@ -12,14 +12,16 @@ server reads them back.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 from uuid import UUID
 
 from sam3d_pipeline.review.prefect_api import _client
+from sam3d_pipeline.stack.worker import wake as wake_worker
 from sam3d_pipeline.web.jobs import FINAL_STATE_TYPES, LABEL_REQUEST_ID, WEBHOOK_PENDING_TAG, RunView
 
 DEPLOYMENT = "image-to-3d/image-to-3d"
+T = TypeVar("T")
 ATTEMPTS_ARTIFACT_PREFIX = "webhook-"
 
 
@@ -102,6 +104,8 @@ def create(parameters: dict[str, Any], labels: dict[str, str], tags: Iterable[st
             _deployment_id(client), parameters=parameters, labels=labels, tags=list(tags),
             idempotency_key=idempotency_key)
     created = (run.labels or {}).get(LABEL_REQUEST_ID) == labels[LABEL_REQUEST_ID]
+    if created:
+        wake_worker()  # the local stack's worker starts it now, not at its next poll
     return view(run), created
 
 
@@ -121,6 +125,49 @@ def read(job_id: str) -> RunView | None:
         if run.deployment_id != _deployment_id(client, cached=True) and run.deployment_id != _deployment_id(client):
             return None
     return view(run)
+
+
+async def next_state_change(job_id: str, timeout_s: float, changed: Callable[[], T | None]) -> T | None:
+    """Wait up to ``timeout_s`` for the job's run to enter a state in which ``changed()`` (called in a worker
+    thread, after every state change) returns something, and return it; None at the timeout.
+
+    The changes come from Prefect's event stream (the API's ``/events/out`` websocket, filtered to this run's
+    state events), so the answer leaves within tens of milliseconds of the state change instead of at a client's
+    next poll. ``changed()`` is also called once the stream is open, for a change that came before it. Without the
+    stream (it cannot be opened, or it breaks), ``changed()`` is called every 0.25 s instead.
+    """
+    import anyio
+
+    run_id = _uuid(job_id)
+    with anyio.move_on_after(timeout_s):
+        if run_id is not None:
+            try:
+                async with _state_events(run_id) as events:
+                    if (found := await anyio.to_thread.run_sync(changed)) is not None:
+                        return found
+                    async for _event in events:
+                        if (found := await anyio.to_thread.run_sync(changed)) is not None:
+                            return found
+            except Exception:  # noqa: BLE001 (no event stream, e.g. one that is switched off: poll instead)
+                pass
+        while (found := await anyio.to_thread.run_sync(changed)) is None:
+            await anyio.sleep(0.25)
+        return found
+    return None
+
+
+def _state_events(run_id: UUID) -> Any:
+    """A subscriber to the state changes of one flow run, from now on (no replay of earlier events)."""
+    from datetime import UTC, datetime
+
+    from prefect.events.clients import get_events_subscriber
+    from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventResourceFilter
+
+    return get_events_subscriber(filter=EventFilter(
+        occurred=EventOccurredFilter(since=datetime.now(UTC)),
+        resource=EventResourceFilter(id=[f"prefect.flow-run.{run_id}"]),
+        event=EventNameFilter(prefix=["prefect.flow-run."], exclude_prefix=["prefect.flow-run.heartbeat",
+                                                                            "prefect.flow-run.pull-step"])))
 
 
 def list_runs(state_types: Iterable[str] | None, limit: int, offset: int = 0) -> list[RunView]:

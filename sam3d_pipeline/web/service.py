@@ -160,6 +160,20 @@ class JobService:
                              status_url=f"{base_url}/v1/jobs/{run.id}",
                              review_url=f"{base_url}/runs/{run.id}", attempts=attempts)
 
+    async def job_once_changed(self, job_id: str, status: str, wait_s: float, base_url: str) -> dict[str, Any]:
+        """The job JSON once its status is other than ``status``, or as it is after ``wait_s`` seconds."""
+        import anyio
+
+        def current() -> dict[str, Any]:
+            return self.job(self.run(job_id), base_url)
+
+        def changed() -> dict[str, Any] | None:
+            job = current()
+            return job if job["status"] != status else None
+
+        found = await prefect_jobs.next_state_change(job_id, wait_s, changed)
+        return found if found is not None else await anyio.to_thread.run_sync(current)
+
     def submit(self, request: JobRequest, intake: uploads.Intake, upload: bytes | None,
                idempotency_key: str | None, base_url: str) -> Submitted:
         """Create the job's run (after storing an upload), or answer an idempotent replay.

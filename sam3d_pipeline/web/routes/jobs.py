@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
 
 from sam3d_pipeline.keys import content_type
 from sam3d_pipeline.web import jobs
@@ -31,11 +32,23 @@ def list_jobs(service: Service, base: BaseUrl, status: StatusFilter = None,
 
 
 @router.get("/{job_id}")
-def get_job(job_id: str, service: Service, base: BaseUrl) -> dict[str, Any]:
+async def get_job(job_id: str, service: Service, base: BaseUrl,
+                  changed_from: Annotated[str | None, Query(
+                      description="With wait_s: answer once the job's status is other than this one")] = None,
+                  wait_s: Annotated[float, Query(ge=0, le=30, description=(
+                      "Wait up to this many seconds for the status to change from changed_from (then answer "
+                      "with the job as it is): a client learns of the change within a fraction of a second "
+                      "without polling"))] = 0) -> dict[str, Any]:
     """The job: status, outputs (links), review page while it awaits review, error, webhook attempts, the
     backends that produced what, and the result.json summary."""
+    if changed_from is not None and changed_from not in jobs.STATUSES:
+        raise HTTPException(status_code=422, detail=f"changed_from: unknown status {changed_from!r} (choose from "
+                            f"{', '.join(jobs.STATUSES)})")
     try:
-        return service.job(service.run(job_id), base)
+        job = await run_in_threadpool(lambda: service.job(service.run(job_id), base))
+        if wait_s and changed_from is not None and job["status"] == changed_from:
+            job = await service.job_once_changed(job_id, changed_from, wait_s, base)
+        return job
     except JobNotFound as exc:
         raise HTTPException(status_code=404, detail=str(exc)) from None
 

@@ -28,6 +28,7 @@ const HTTP_TEXT = { 400: "bad request", 401: "not authorised", 404: "not found",
 const POLL_FAST_MS = 250;
 const POLL_REVIEW_MS = 1500;
 const POLL_SLOW_MS = 2000;
+const LONG_POLL_S = 10;  // the longest the server holds a request for a job's next status
 const SLOW_AFTER_MS = 120_000;
 
 // marks: name → epoch ms of the steps after a job ends (final status seen, GLB fetched, loaded, painted).
@@ -265,10 +266,17 @@ async function followJob(id) {
   let changedAt = performance.now();  // the last status change: polling slows down when nothing happens
   let reviewing = false;  // the review section shows this job's paused round
   let resumedSeen = false;  // after a confirm, the run left the pause (a new pause is a new round)
+  let last = null;  // the job as last read
   for (;;) {
     let job;
+    // Until its first review round (or while queued), the job's next status is all this page waits for: the
+    // server answers when it changes, within a fraction of a second, instead of at the next poll.
+    const waitFor = last && !reviewing && !resumedSeen
+      && (last.status === "queued" || (last.status === "running" && last.review === "required")) ? last.status : null;
+    const asked = performance.now();
     try {
-      job = await (await api(`/v1/jobs/${encodeURIComponent(id)}`)).json();
+      const query = waitFor ? `?changed_from=${waitFor}&wait_s=${LONG_POLL_S}` : "";
+      job = await (await api(`/v1/jobs/${encodeURIComponent(id)}${query}`)).json();
     } catch (err) {
       if ([401, 404, 422].includes(err.status)) { showText("job-error", err.message); return; }
       $("job-status").textContent = `${err.message}; retrying…`;
@@ -280,6 +288,7 @@ async function followJob(id) {
       if (studio.job) listJobs(id);  // the list shows the new status too
     }
     renderJob(job);
+    last = job;
     if (job.status === "awaiting_review") {
       if (resumedSeen) { location.reload(); return; }  // paused again (re-prompt): open the new round
       if (!reviewing) reviewing = await openReview(id);
@@ -304,6 +313,8 @@ async function followJob(id) {
     if (reviewing && !answered) warmWhenIdle();
     if (answered || resumedSeen || (job.status === "running" && job.review === "none")) loadViewer();
     const waitingForPerson = job.status === "awaiting_review" && reviewing && !answered;
+    if (waitFor && job.status !== waitFor) continue;  // it changed: read on at once
+    if (waitFor && performance.now() - asked >= LONG_POLL_S * 1000 / 2) continue;  // it waited its time
     await sleep(waitingForPerson ? POLL_REVIEW_MS
       : performance.now() - changedAt > SLOW_AFTER_MS ? POLL_SLOW_MS : POLL_FAST_MS);
   }
