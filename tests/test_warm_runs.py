@@ -109,10 +109,12 @@ def test_without_a_server_the_launcher_runs_the_module_itself(tmp_path):
 
 def test_the_preloaded_modules_import_and_start_no_python_thread():
     # The server forks after importing them: a thread started by an import would be missing from every run.
-    code = ("import importlib, threading; from sam3d_pipeline.stack.warm_runs import PRELOAD\n"
-            "[importlib.import_module(name) for name in PRELOAD]\n"
+    code = ("import importlib, threading; from sam3d_pipeline.stack import warm_runs\n"
+            "[importlib.import_module(name) for name in warm_runs.PRELOAD]\n"
+            "warm_runs._warm_boto3(); warm_runs._warm_prefect()\n"
             "print(threading.active_count())")
-    out = subprocess.run([sys.executable, "-c", code], env=os.environ | {"PYTHONPATH": str(ROOT)}, cwd=ROOT,
+    env = os.environ | {"PYTHONPATH": str(ROOT), "PREFECT_API_URL": "http://127.0.0.1:9/api"}  # nobody answers
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=300, check=True)
     assert out.stdout.strip() == "1"
 

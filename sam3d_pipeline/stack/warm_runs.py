@@ -36,12 +36,15 @@ ENGINE = "prefect.engine"
 # Imported by the server before it forks: Prefect, its engine, the flows and what their runs import anyway, lazily:
 # S3 (boto3), the GPU stage tasks and their dispatch (Prefect's task worker, FastAPI), USD for the USDZ export
 # (UsdSkel alone ~0.17 s), the simplifier. Without the last group a run's process spent ~1.3 s importing them
-# (profiled in a forked run); none starts a thread. The server also makes one S3 client (``_warm_boto3``).
+# (profiled in a forked run); none starts a thread. Then the lite segmenter's module, the deployment's pull step and
+# the photo formats, ~70 ms of a run's start (profiled likewise). The server also makes one S3 client
+# (``_warm_boto3``) and checks the Prefect server's version once for its runs (``_warm_prefect``).
 PRELOAD = ("prefect", "prefect.engine", "prefect.flow_engine", "prefect.task_engine", "flows.image_to_3d",
            "flows.catalog_batch", "numpy", "PIL.Image", "cv2", "scipy.ndimage", "trimesh",
            "boto3", "botocore.session", "s3transfer", "tasks.gpu_tasks", "tasks.gpu_dispatch", "psutil",
            "prefect.utilities.visualization", "pxr.Usd", "pxr.UsdGeom", "pxr.UsdShade", "pxr.UsdUtils",
-           "pxr.UsdSkel", "fast_simplification", "boto3.s3.transfer")
+           "pxr.UsdSkel", "fast_simplification", "boto3.s3.transfer", "sam3d_pipeline.backends.lite_segmenter",
+           "prefect.deployments.steps.core", "PIL.JpegImagePlugin", "PIL.PngImagePlugin", "PIL.BmpImagePlugin")
 _server_aws_env: dict[str, str] = {}  # the server's AWS_* variables when it warmed boto3 (``_warm_boto3``)
 _MAX_REQUEST = 1 << 20  # the request (environment + argv) in bytes
 
@@ -151,6 +154,21 @@ def _warm_boto3() -> None:
     _server_aws_env.update(_aws_env(os.environ))
 
 
+def _warm_prefect() -> None:
+    """Check the Prefect API's version here, once: Prefect checks it once per process (its events client does,
+    before a run's deployment pull step reports itself), so each run would otherwise make the request (and build
+    a TLS context for it) before it reaches Running. A failed check is not remembered: each run then checks."""
+    import asyncio
+    import logging
+
+    from prefect._internal.version_checking import check_server_version
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().api.url
+    if url:
+        asyncio.run(check_server_version(str(url), logging.getLogger("sam3d.warm_runs"), raise_on_error=False))
+
+
 def serve(path: str, preload: tuple[str, ...] = PRELOAD) -> None:
     """Import ``preload``, then fork a child per launcher on ``path`` until SIGTERM (children get SIGTERM too)."""
     import importlib
@@ -160,6 +178,8 @@ def serve(path: str, preload: tuple[str, ...] = PRELOAD) -> None:
         importlib.import_module(name)
     if "boto3" in preload:
         _warm_boto3()
+    if "prefect" in preload:
+        _warm_prefect()
     if os.path.exists(path):
         os.unlink(path)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
