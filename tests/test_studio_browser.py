@@ -65,12 +65,13 @@ class StudioPage:
 
     def submit(self) -> str:
         """Click Create and wait for the job's page; returns the job id."""
-        self.submitted_ms = self.page.evaluate("Date.now()")
+        self.submitted_ms = self.page.evaluate("window.sameDocument = true; Date.now()")
         self.page.click("#submit")
         self.page.wait_for_function("/^\\/jobs\\//.test(location.pathname) || "
                                     "!document.getElementById('form-error').hidden", timeout=60_000)
         assert JOB_URL.search(self.page.url), self.page.inner_text("#form-error")
         self.page.wait_for_load_state()
+        assert self.page.evaluate("window.sameDocument === true")  # the job's page came without a page load
         self.job_id = JOB_URL.search(self.page.url).group(1)
         return self.job_id
 

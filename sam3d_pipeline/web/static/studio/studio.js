@@ -177,7 +177,11 @@ async function submit(event) {
   button.textContent = "Uploading…";
   try {
     const job = await (await api("/v1/jobs", { method: "POST", body })).json();
-    location.assign(`/jobs/${encodeURIComponent(job.id)}`);
+    // The job's page, without loading this page again (the reload competed with the job's start for the CPU).
+    history.pushState(null, "", `/jobs/${encodeURIComponent(job.id)}`);
+    $("new").hidden = true;
+    listJobs(job.id);
+    followJob(job.id).catch((err) => showText("error", err.message));
   } catch (err) {
     showText("form-error", `The job was not created: ${err.message}`);
     button.disabled = false;
@@ -642,6 +646,7 @@ async function listJobs(current) {
 
 async function main() {
   studio.token = readToken();
+  window.addEventListener("popstate", () => location.reload());  // back from a job to the form, and forward
   $("token-save").addEventListener("click", () => {
     sessionStorage.setItem(TOKEN_KEY, $("token-input").value.trim());
     location.reload();
