@@ -73,21 +73,22 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
 
-def stack_cpu_s(state_dir: Path | None) -> float | None:
-    """CPU-seconds (user + system) of the stack's processes, their live descendants, and the children they
-    reaped (a worker's finished flow-run processes); None without a state dir to read the stack from."""
+def stack_cpu_s(state_dir: Path | None) -> dict[str, float] | None:
+    """CPU-seconds (user + system) of each part of the stack (``stack.json``'s names): its process, live
+    descendants, and the children they reaped (finished flow-run processes count under ``warm-runs``, which forks
+    them, or ``worker``); None without a state dir to read the stack from."""
     if state_dir is None or not (state_dir / "stack.json").exists():
         return None
-    total = 0.0
-    for entry in json.loads((state_dir / "stack.json").read_text())["processes"].values():
+    parts: dict[str, float] = {}
+    for name, entry in json.loads((state_dir / "stack.json").read_text())["processes"].items():
         try:
             root = psutil.Process(entry["pid"])
             for proc in [root, *root.children(recursive=True)]:
                 t = proc.cpu_times()
-                total += t.user + t.system + t.children_user + t.children_system
+                parts[name] = parts.get(name, 0.0) + t.user + t.system + t.children_user + t.children_system
         except psutil.Error:
             continue
-    return total
+    return parts
 
 
 def upload_clocks(env: dict[str, str], run_ids: set[str]) -> list[dict]:
@@ -155,8 +156,12 @@ def latency_phase(env: dict[str, str], uploads: int, timeout_s: float, state_dir
         figures[f"put_to_{name}_p95_s"] = round(pct(values, 95), 2)
     cpu_after = stack_cpu_s(state_dir)
     if cpu_before is not None and cpu_after is not None and rows:
-        figures["stack_cpu_s_per_upload"] = round((cpu_after - cpu_before) / len(rows), 2)
-        print(f"  the stack's CPU-seconds per upload: {figures['stack_cpu_s_per_upload']:.2f}")
+        per_part = {name: round((cpu_after[name] - cpu_before.get(name, 0.0)) / len(rows), 2) for name in cpu_after}
+        figures["stack_cpu_s_per_upload"] = round(sum(per_part.values()), 2)
+        figures["stack_cpu_s_per_upload_by_part"] = dict(sorted(per_part.items(), key=lambda item: -item[1]))
+        print(f"  the stack's CPU-seconds per upload: {figures['stack_cpu_s_per_upload']:.2f} ("
+              + ", ".join(f"{name} {value:.2f}" for name, value in figures["stack_cpu_s_per_upload_by_part"].items())
+              + ")")
     clocks = upload_clocks(env, run_ids)
     if clocks:
         figures["clock"] = {"upload": breakdown(clocks)}
