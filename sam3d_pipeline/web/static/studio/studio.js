@@ -289,13 +289,15 @@ async function followJob(id) {
     }
     if (job.status !== studio.job?.status) {
       changedAt = performance.now();
-      if (studio.job) listJobs(id);  // the list shows the new status too
+      // The list shows the new status too, but not while the first mask is on its way: listing the recent jobs
+      // competes with this one for the CPU. It is listed again once the review is open.
+      if (studio.job && !waitFor) listJobs(id);
     }
     renderJob(job);
     last = job;
     if (job.status === "awaiting_review") {
       if (resumedSeen) { location.reload(); return; }  // paused again (re-prompt): open the new round
-      if (!reviewing) reviewing = await openReview(id);
+      if (!reviewing && (reviewing = await openReview(id)) && waitFor) listJobs(id);
     } else if (reviewing) {
       resumedSeen = true;
       leaveReview();
