@@ -61,6 +61,19 @@ def socket_path(state_dir: Path, name: str = "warm-runs") -> Path:
     return Path(tempfile.gettempdir()) / f"sam3d-{name}-{hashlib.sha256(str(path).encode()).hexdigest()[:16]}.sock"
 
 
+def private_socket(path: str, kind: int) -> socket.socket:
+    """A UNIX socket of ``kind`` bound at ``path`` (an old socket file there is replaced), for this user only (0600)."""
+    if os.path.exists(path):
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, kind)
+    old_umask = os.umask(0o177)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old_umask)
+    return sock
+
+
 def launcher_command() -> str:
     """The work pool's ``command``: this module as the launcher, with this interpreter."""
     import shlex
@@ -180,14 +193,7 @@ def serve(path: str, preload: tuple[str, ...] = PRELOAD) -> None:
         _warm_boto3()
     if "prefect" in preload:
         _warm_prefect()
-    if os.path.exists(path):
-        os.unlink(path)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o177)
-    try:
-        listener.bind(path)
-    finally:
-        os.umask(old_umask)
+    listener = private_socket(path, socket.SOCK_STREAM)
     listener.listen(64)
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))

@@ -41,20 +41,6 @@ def wake(path: str | None = None) -> bool:
     return True
 
 
-def _bind(path: str) -> socket.socket:
-    """A datagram socket bound at ``path`` (an old socket file there is replaced), readable by this user only."""
-    if os.path.exists(path):
-        os.unlink(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    old_umask = os.umask(0o177)
-    try:
-        sock.bind(path)
-    finally:
-        os.umask(old_umask)
-    sock.setblocking(False)
-    return sock
-
-
 async def serve(pool: str, name: str, limit: int | None, path: str | None) -> None:
     """Run the process worker for ``pool`` until it stops; with ``path``, poll also whenever a datagram arrives."""
     from prefect.settings import PREFECT_WORKER_HEARTBEAT_SECONDS, PREFECT_WORKER_PREFETCH_SECONDS
@@ -83,7 +69,11 @@ async def serve(pool: str, name: str, limit: int | None, path: str | None) -> No
             except Exception as exc:  # noqa: BLE001 (the API is away: the regular loop backs off and reports it)
                 print(f"worker: a poll on wake failed: {type(exc).__name__}: {exc}", flush=True)
 
-    transport, _ = await loop.create_datagram_endpoint(_Wakes, sock=_bind(path))
+    from sam3d_pipeline.stack.warm_runs import private_socket
+
+    sock = private_socket(path, socket.SOCK_DGRAM)
+    sock.setblocking(False)
+    transport, _ = await loop.create_datagram_endpoint(_Wakes, sock=sock)
     polls = asyncio.create_task(poll_when_woken())
     try:
         await worker.start(printer=printer)
