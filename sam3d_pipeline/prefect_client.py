@@ -4,7 +4,8 @@ Prefect builds a new ``ssl.SSLContext`` for every client it opens, loading the C
 this project's 2-core machine, and ~35 ms for a client's whole start), even for an ``http://`` API. The job API
 and the review routes open a client for every request (code inside a flow run reuses the run's own client);
 passing one context, built once per process the way Prefect builds it (``PREFECT_API_TLS_INSECURE_SKIP_VERIFY``,
-``PREFECT_API_SSL_CERT_FILE``, else certifi's bundle), makes opening a client nearly free.
+``PREFECT_API_SSL_CERT_FILE``, else certifi's bundle), makes opening a client nearly free. In the local stack's
+warm flow-run processes, Prefect's own clients take it too (:func:`share_tls_context`).
 """
 
 from __future__ import annotations
