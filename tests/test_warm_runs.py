@@ -18,7 +18,8 @@ import pytest
 PROBE = """
 import json, os, sys, time
 print(json.dumps({"cwd": os.getcwd(), "marker": os.environ.get("PROBE_MARKER"), "argv": sys.argv[1:],
-                  "pid": os.getpid(), "ppid": os.getppid(), "api": _api()}), flush=True)
+                  "pid": os.getpid(), "ppid": os.getppid(), "api": _api(),
+                  "frozen": __import__("gc").get_freeze_count()}), flush=True)
 if os.environ.get("PROBE_MODE") == "sleep":
     time.sleep(120)
 sys.exit(int(os.environ.get("PROBE_EXIT", "0")))
@@ -77,6 +78,9 @@ def test_the_run_is_a_warm_child_with_the_launchers_streams_directory_environmen
     assert seen["ppid"] == proc.pid  # forked from the server, not started by the launcher
     assert seen["cwd"] == str(tmp_path / "work") and seen["marker"] == "from-the-launcher"
     assert seen["api"] == "http://launcher.invalid/api"  # Prefect's settings read again from the run's environment
+    # The server's objects (Prefect's, preloaded) sit in the collector's permanent generation: the run's collections
+    # and its exit skip them rather than copy the server's heap page by page.
+    assert seen["frozen"] > 50_000
 
 
 def test_signals_reach_the_run_and_a_dead_launchers_run_is_ended(server, tmp_path):
@@ -104,6 +108,7 @@ def test_without_a_server_the_launcher_runs_the_module_itself(tmp_path):
     assert launcher.returncode == 3, err
     seen = json.loads(out.strip().splitlines()[-1])
     assert seen["pid"] == launcher.pid  # exec'd in place: the worker's pid is the run's
+    assert seen["frozen"] == 0
     assert seen["marker"] == "from-the-launcher"
 
 

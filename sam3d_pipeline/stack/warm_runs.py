@@ -12,7 +12,10 @@ upload and every studio job. Here:
   only, so it starts in milliseconds) sends the server its environment (the flow run's id, Prefect's control
   channel, the job's variables), working directory and standard streams (file descriptors over the socket).
   The server forks; the child takes that environment, directory and streams, refreshes Prefect's settings from
-  the new environment and runs ``prefect.engine`` as ``__main__``, as the worker's own command would.
+  the new environment and runs ``prefect.engine`` as ``__main__``, as the worker's own command would. The
+  server's objects are frozen (``gc.freeze``) before each fork: the child's garbage collections and its exit
+  leave them alone, which halved a lite upload's CPU in its flow-run process (2.06 → 1.04 CPU-seconds measured
+  on the local stack, 2 cores).
 - The launcher is the process the worker knows (its pid is the run's infrastructure pid): SIGTERM and SIGINT
   to it are passed to the child (Prefect's cancellation), and it exits with the child's exit status. If the
   launcher dies (SIGKILL), the server kills its child, as if the run's own process had been killed; if the
@@ -24,6 +27,7 @@ The code a child runs is what the server imported when it started: restart the s
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -248,6 +252,10 @@ def _fork_for(conn: socket.socket, inherited: list[socket.socket], selector) -> 
         print(f"warm-runs: refused a launcher: {exc}", file=sys.stderr, flush=True)
         conn.close()
         return None
+    # The preloaded modules' objects move to the collector's permanent generation first: the child's collections
+    # (a run triggers several) and its exit then skip them, instead of walking every one and so copying every page
+    # of the server's heap into the child (gc.freeze's documented use before fork).
+    gc.freeze()
     pid = os.fork()
     if pid == 0:  # the child: never returns into the server's loop
         code = 1
