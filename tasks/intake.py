@@ -1,5 +1,5 @@
-"""Intake tasks: fetch the input's bytes (retried when transient) and decode/validate them (never retried): a photo,
-or a video's bounded sample of frames."""
+"""Intake: fetch the input's bytes (a task, retried when transient), then decode and validate them in the flow (never
+retried, and cheap: not a task run of its own): a photo, or a video's bounded sample of frames."""
 
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ def fetch_input(uri: str, settings: Settings) -> bytes:
     return data
 
 
-@task(name="decode-image", cache_policy=NO_CACHE)
 def decode_image(data: bytes, uri: str, settings: Settings) -> LoadedImage:
     image = pipeline.decode(data, uri, settings)
     get_run_logger().info(
@@ -30,7 +29,6 @@ def decode_image(data: bytes, uri: str, settings: Settings) -> LoadedImage:
     return image
 
 
-@task(name="decode-video", cache_policy=NO_CACHE)
 def decode_video(data: bytes, uri: str, settings: Settings) -> LoadedVideo:
     clip = pipeline.decode_video(data, uri, settings)
     for note in clip.notes:

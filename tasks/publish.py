@@ -66,9 +66,9 @@ def record_failure(output_root: str, record: RunRecord, exc: PipelineError, sett
     return result
 
 
-@task(name="publish-artifacts", cache_policy=NO_CACHE)
 def publish_artifacts(result: RunResult, output_root: str, settings: Settings) -> None:
-    """Artifacts for people: the overlay, the instances table, and a summary linking every output."""
+    """Artifacts for people, on the flow run (three API calls: not a task run of its own): the overlay, the instances
+    table, and a summary linking every output."""
     prefix = result.output_prefix.rsplit("/", 1)[-1]
     if result.outputs and "overlay.png" in result.outputs:
         storage = open_storage(output_root, settings)
