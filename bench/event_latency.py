@@ -6,9 +6,9 @@ unloaded latency), and prints median and p95 of PUT → event received by Prefec
 Pending (worker picked it up), Running (flow process started) and Completed, and the per-step clock of the
 uploads' ``result.json``. Then ``--cost-uploads`` more, one at a time, without polling the runs' states (the
 latency phase polls the API 10 times a second, load the stack's figure would count): the CPU-seconds the whole
-stack spends per upload (every stack process, and the flow-run processes its workers started and reaped). Then it fills a separate queue with ``--events`` S3
-notifications (automations switched off, so no runs), runs a second bridge process on it, and prints that
-process's resident memory once the queue is drained.
+stack spends per upload (every stack process, and the flow-run processes its workers started and reaped).
+Then it fills a separate queue with ``--events`` S3 notifications (automations switched off, so no runs), runs a
+second bridge process on it, and prints that process's resident memory once the queue is drained.
 
     .venv/bin/python bench/event_latency.py --uploads 20 --events 1000
 """

@@ -58,11 +58,20 @@ def test_consecutive_runs_share_one_server_which_stops_when_idle(home, tmp_path)
     assert record is not None and local_api.process_alive(record.pid, record.create_time)
     assert local_api.live_clients(folder) == []  # the command detached when it ended
 
+    warm = _warm_server(folder)
+    assert psutil.Process(warm).ppid() == record.pid  # the API server's companion
+
     second = _run(home, tmp_path / "b", str(sample_path("coffee")), SAM3D_LOCAL_API_IDLE_S="8")
     assert second.returncode == 0, second.stderr[-3000:]
     assert local_api.read_record(folder) == record  # the same server, not a new one
     # The first run paid the server's start inside its Prefect time; the second attached to a running one.
     assert _clock(tmp_path / "b")["prefect_s"] < _clock(tmp_path / "a")["prefect_s"]
+    # ... and was forked from the warm server: no interpreter start or imports of its own.
+    assert _clock(tmp_path / "a")["process_start_s"] > 0.5
+    assert _clock(tmp_path / "b")["process_start_s"] == 0.0
+    assert "in pid" in (folder / "warm-cli.log").read_text()
+    cold = _run(home, tmp_path / "c", str(sample_path("coffee")), SAM3D_LOCAL_API_IDLE_S="8", SAM3D_WARM_CLI="0")
+    assert cold.returncode == 0 and _clock(tmp_path / "c")["process_start_s"] > 0.5  # switched off: runs itself
 
     status = subprocess.run([sys.executable, "-m", "sam3d_pipeline.cli", "local-api"], env=_env(home),
                             capture_output=True, text=True, timeout=60)
@@ -73,6 +82,22 @@ def test_consecutive_runs_share_one_server_which_stops_when_idle(home, tmp_path)
         assert time.monotonic() < deadline, "the idle server did not stop"
         time.sleep(0.2)
     assert local_api.read_record(folder) is None  # it removed its record
+    deadline = time.monotonic() + 30
+    while psutil.pid_exists(warm) and psutil.Process(warm).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the warm server outlived the API server"
+        time.sleep(0.2)
+
+
+def _warm_server(folder: Path, timeout_s: float = 120.0) -> int:
+    """The pid of the local API's warm server once it is ready (its log says so)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        log = folder / "warm-cli.log"
+        for line in (log.read_text().splitlines() if log.exists() else []):
+            if line.startswith("warm-runs: ready on"):
+                return int(line.split("(pid ")[1].split(",")[0])
+        time.sleep(0.2)
+    raise AssertionError("the warm server did not get ready")
 
 
 def _descendants(pid: int) -> set[tuple[int, float]]:
@@ -101,8 +126,9 @@ def test_a_killed_command_leaves_only_the_reused_server_which_stop_ends(home, tm
         proc.wait()
         record = local_api.read_record(folder)
         server = (record.pid, record.create_time)
+        outliving = {server} | _descendants(record.pid)  # the server and its warm companion
         deadline = time.monotonic() + 15
-        while {i for i in seen if i[0] != server[0] and local_api.process_alive(*i)}:
+        while {i for i in seen - outliving if local_api.process_alive(*i)}:
             assert time.monotonic() < deadline, "the killed command's other processes are still running"
             time.sleep(0.05)
         assert local_api.process_alive(*server)  # meant to outlive the command
@@ -115,6 +141,10 @@ def test_a_killed_command_leaves_only_the_reused_server_which_stop_ends(home, tm
     assert f"stopped the local Prefect API (pid {record.pid})" in stopped.stdout, stopped.stdout + stopped.stderr
     assert not local_api.process_alive(*server)
     assert local_api.read_record(folder) is None
+    deadline = time.monotonic() + 15
+    while {i for i in outliving if local_api.process_alive(*i)}:
+        assert time.monotonic() < deadline, "the warm companion outlived the stopped server"
+        time.sleep(0.1)
 
 
 _ATTACH = """

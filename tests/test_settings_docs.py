@@ -20,8 +20,9 @@ PYTHON_READS = (
 TEMPLATE_READS = re.compile(rf"\{{\{{\s*\$({NAME})\s*\}}\}}")  # prefect.yaml's {{ $VAR }}
 SHELL_READS = re.compile(rf"\$\{{?({NAME})")
 # Read, and on purpose in no document: a token the command line hands to its own child processes, and the mark
-# of the one process it starts to outlive it (the reused local Prefect API server).
-INTERNAL = {"SAM3D_CLI_GUARD", "SAM3D_OUTLIVES_COMMAND"}
+# of the one process it starts to outlive it (the reused local Prefect API server), and the mark of a command forked
+# from that server's warm companion.
+INTERNAL = {"SAM3D_CLI_GUARD", "SAM3D_OUTLIVES_COMMAND", "SAM3D_WARM_CLI_CHILD"}
 
 
 def _tracked(*patterns: str) -> list[Path]:

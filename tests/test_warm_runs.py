@@ -141,3 +141,46 @@ def test_a_run_keeps_the_warm_s3_session_only_with_the_servers_aws_environment(t
         assert seen == {"same": "True", "other key": "False", "other profile": "False"}
     finally:
         serving.close()
+
+
+def test_changed_code_is_never_run_warm_and_the_server_starts_again_with_it(tmp_path):
+    (tmp_path / "probe_dep.py").write_text("VERSION = 1\n")
+    serving = _serve(tmp_path, "probe_dep")
+    path, proc = next(serving)
+    try:
+        first = _launch(tmp_path, path)
+        out, err = first.communicate(timeout=60)
+        assert first.returncode == 0 and json.loads(out.splitlines()[-1])["ppid"] == proc.pid, err
+
+        dep = tmp_path / "probe_dep.py"  # the preloaded module changes on disk
+        os.utime(dep, (dep.stat().st_atime, dep.stat().st_mtime + 10))
+        second = _launch(tmp_path, path)
+        out, err = second.communicate(timeout=60)
+        assert second.returncode == 0, err
+        assert json.loads(out.splitlines()[-1])["pid"] == second.pid  # refused: the launcher ran it itself
+
+        lines = []  # the server, with no child left, starts again (the same pid, fresh imports)
+        while not any(line.startswith("warm-runs: ready on") for line in lines):
+            lines.append(proc.stdout.readline())
+            assert lines[-1], "the server ended instead of starting again"
+        assert any("probe_dep.py changed since" in line for line in lines), lines
+        third = _launch(tmp_path, path)
+        out, err = third.communicate(timeout=60)
+        assert third.returncode == 0 and json.loads(out.splitlines()[-1])["ppid"] == proc.pid, err
+    finally:
+        serving.close()
+
+
+def test_a_launcher_of_another_interpreter_or_project_runs_its_module_itself(server, tmp_path, monkeypatch):
+    from sam3d_pipeline.stack import warm_runs
+
+    path, _ = server
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{ROOT}")  # as the server's
+    assert warm_runs.run_warm(path, "probe_run", [], {"PROBE_EXIT": "5"}) == 5  # served
+    with monkeypatch.context() as patch:
+        patch.setattr(sys, "executable", "/another/python")
+        assert warm_runs.run_warm(path, "probe_run", []) is None
+    with monkeypatch.context() as patch:
+        patch.setenv("SAM3D_PROJECT_DIR", str(tmp_path / "another-checkout"))
+        assert warm_runs.run_warm(path, "probe_run", []) is None
+    assert warm_runs.run_warm(str(tmp_path / "nobody.sock"), "probe_run", []) is None

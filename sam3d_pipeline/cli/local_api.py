@@ -15,6 +15,8 @@ every later command attaches to it:
   when it ends; one that was killed is recognised by pid and start time and no longer counts.
 - ``SAM3D_LOCAL_API=per-run`` keeps Prefect's own temporary server per command (nothing outlives the command).
 - ``sam3d-pipeline local-api`` shows it; ``sam3d-pipeline local-api --stop`` stops it.
+- **Warm commands**: next to the server runs a warm-runs server that has imported Prefect, the flows and the
+  command line; a later `run` or `catalog` forks from it instead of importing them (:func:`forward_to_warm`).
 
 The server process is ``python -m sam3d_pipeline.cli.local_api serve``; it carries ``OUTLIVES_ENV`` in its
 environment, which tells the command's process guard (``cli/local.py``) that it is meant to outlive the command.
@@ -268,12 +270,73 @@ def serve(folder: Path, port: int, idle: float) -> None:
                 server.should_exit = True
 
     threading.Thread(target=watch, name="idle-watch", daemon=True).start()
+    warm = _start_warm_commands(folder)
     try:
         server.run()
     finally:
+        if warm is not None:
+            warm.terminate()
         record = read_record(folder)
         if record is not None and record.pid == os.getpid():
             (folder / "server.json").unlink(missing_ok=True)
+
+
+# --- warm commands ----------------------------------------------------------------------------------------------------
+
+WARM_ENV = "SAM3D_WARM_CLI"  # 0: `run` and `catalog` never use the warm server
+_WARM_CHILD_ENV = "SAM3D_WARM_CLI_CHILD"  # set in a command forked from it (it runs itself, never forwards again)
+WARM_COMMANDS = ("run", "catalog")
+WARM_PRELOAD = ("sam3d_pipeline.cli.main", "sam3d_pipeline.cli.local", "sam3d_pipeline.cli.common",
+                "sam3d_pipeline.run.report", "rich.console", "typer")
+
+
+def warm_socket(folder: Path) -> str:
+    from sam3d_pipeline.stack.warm_runs import socket_path
+
+    return str(socket_path(folder, "warm-cli"))
+
+
+def _start_warm_commands(folder: Path) -> subprocess.Popen | None:
+    """The local API's companion: a warm-runs server (``stack/warm_runs.py``) that has imported Prefect, the flows
+    and the command line, from which `run` and `catalog` fork (:func:`forward_to_warm`) instead of importing them
+    (~2 s of every command on a small machine). It lives as long as this server (it stops when its parent is
+    gone); ``SAM3D_WARM_CLI=0`` leaves it out."""
+    from sam3d_pipeline.project import project_dir
+    from sam3d_pipeline.stack.warm_runs import PRELOAD
+
+    project = project_dir()
+    if os.environ.get(WARM_ENV, "1").strip() == "0" or not (project / "flows" / "__init__.py").is_file():
+        return None  # switched off, or no project folder to import the flows from (the commands would fail anyway)
+    with open(folder / "warm-cli.log", "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "sam3d_pipeline.stack.warm_runs", "serve", warm_socket(folder),
+             ",".join(PRELOAD + WARM_PRELOAD), str(os.getpid())],
+            cwd=project, stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True)
+
+
+def forward_to_warm(argv: list[str]) -> int | None:
+    """Run this command (``argv``: its arguments) in a child of the local API's warm server when it is ``run`` or
+    ``catalog`` on the embedded default and that server is up; its exit status, or None: then it runs here.
+    Standard library only: it is decided before the command line's own imports. The folder is found from
+    ``PREFECT_HOME`` (default ``~/.prefect``); a home set only in a Prefect profile is not seen (the command then
+    runs here, as before)."""
+    command = next((arg for arg in argv if arg != "--debug"), None)  # --debug: the one option before the command
+    if (command not in WARM_COMMANDS or os.environ.get(_WARM_CHILD_ENV)
+            or os.environ.get(WARM_ENV, "1").strip() == "0" or os.environ.get("PREFECT_API_URL")
+            or os.environ.get("SAM3D_LOCAL_API", "reuse").strip().lower() == "per-run"):
+        return None
+    from sam3d_pipeline.stack.warm_runs import run_warm
+
+    home = Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser()
+    name = os.path.basename(sys.argv[0])  # the child's usage lines name the command as it was typed
+    prog = name if name and not name.endswith(".py") else "python -m sam3d_pipeline.cli"
+    return run_warm(warm_socket(home / "sam3d-local-api"), "sam3d_pipeline.cli", argv, {_WARM_CHILD_ENV: prog})
+
+
+def warm_prog_name() -> str | None:
+    """The command's name as its launcher was typed, in a command forked from the warm server (else None: click's
+    own)."""
+    return os.environ.get(_WARM_CHILD_ENV) or None
 
 
 if __name__ == "__main__":

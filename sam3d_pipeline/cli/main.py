@@ -301,7 +301,12 @@ app.command("export-decoder")(export_decoder)
 
 
 def main() -> None:
-    sys.exit(app())
+    from sam3d_pipeline.cli import local_api
+
+    status = local_api.forward_to_warm(sys.argv[1:])  # `run` / `catalog` forked warm, when the local API is up
+    if status is not None:
+        sys.exit(status)
+    sys.exit(app(prog_name=local_api.warm_prog_name()))
 
 
 if __name__ == "__main__":

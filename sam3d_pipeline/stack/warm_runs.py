@@ -22,7 +22,12 @@ upload and every studio job. Here:
   server cannot be reached, the launcher runs ``python -m prefect.engine`` itself (``exec``), so a run never
   depends on the server being up.
 
-The code a child runs is what the server imported when it started: restart the stack after changing the flows.
+The code a child runs is what the server imported when it started. The server watches the files of that code
+(this project's, not the installed packages'): once one changed, it refuses launchers (each then runs its module
+itself, with the new code) and starts itself again when its last child has ended.
+
+The command line's ``run`` and ``catalog`` use a server of their own the same way (``cli/local_api.py``,
+:func:`run_warm`).
 """
 
 from __future__ import annotations
@@ -89,20 +94,34 @@ def launcher_command() -> str:
 
 def launch(module: str = ENGINE) -> int:
     """Run this flow run in a child of the server; return its exit status (falls back to ``exec`` of
-    ``python -m module`` when the server is not there)."""
-    path = os.environ.get(SOCKET_ENV)
+    ``python -m module`` when the server is not there, or refuses: see :func:`run_warm`)."""
+    status = run_warm(os.environ.get(SOCKET_ENV), module, sys.argv[1:])
+    if status is None:
+        os.execv(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]])
+    return status
+
+
+def run_warm(path: str | None, module: str, argv: list[str], extra_env: dict[str, str] | None = None) -> int | None:
+    """Run ``python -m module *argv`` as a child of the server on ``path``, with this process's environment (plus
+    ``extra_env``), directory and standard streams, and return its exit status; None when no server answers there
+    or it refuses (another interpreter or project, or its code changed on disk): then the caller runs it itself."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         if not path:
             raise OSError(f"{SOCKET_ENV} is not set")
         sock.connect(path)
-    except OSError:
+        request = json.dumps({"argv": argv, "env": dict(os.environ) | (extra_env or {}), "cwd": os.getcwd(),
+                              "module": module, "python": sys.executable})
+        socket.send_fds(sock, [request.encode() + b"\n"], [0, 1, 2])
+        answers = sock.makefile("r")
+        answer = json.loads(answers.readline() or "{}")
+    except (OSError, ValueError):
         sock.close()
-        os.execv(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]])
-    request = json.dumps({"argv": sys.argv[1:], "env": dict(os.environ), "cwd": os.getcwd(), "module": module})
-    socket.send_fds(sock, [request.encode() + b"\n"], [0, 1, 2])
-    answers = sock.makefile("r")
-    child = json.loads(answers.readline())["pid"]
+        return None
+    if "pid" not in answer:  # refused (the reason is in the server's log)
+        sock.close()
+        return None
+    child = answer["pid"]
 
     def forward(signum: int, _frame: object) -> None:
         try:
@@ -114,7 +133,7 @@ def launch(module: str = ENGINE) -> int:
         signal.signal(signum, forward)
     line = answers.readline()  # blocks until the child ends (interrupted calls are retried: PEP 475)
     if not line:
-        print("warm-runs: the server went away before the flow run ended", file=sys.stderr)
+        print("warm-runs: the server went away before the run ended", file=sys.stderr)
         return 1
     return int(json.loads(line)["exit"])
 
@@ -143,6 +162,8 @@ def _become_the_run(request: dict, fds: list[int]) -> None:
         import boto3
 
         boto3.DEFAULT_SESSION = None  # warmed with other credentials or configuration: this run starts its own
+    if "sam3d_pipeline.settings" in sys.modules:  # read once per process (cached): this run reads its own
+        sys.modules["sam3d_pipeline.settings"].get_settings.cache_clear()
     if "prefect.context" in sys.modules:  # settings read at import: read them again from this environment
         import prefect.context
 
@@ -186,8 +207,50 @@ def _warm_prefect() -> None:
         asyncio.run(check_server_version(str(url), logging.getLogger("sam3d.warm_runs"), raise_on_error=False))
 
 
-def serve(path: str, preload: tuple[str, ...] = PRELOAD) -> None:
-    """Import ``preload``, then fork a child per launcher on ``path`` until SIGTERM (children get SIGTERM too)."""
+def _own_code() -> dict[str, float]:
+    """Modification times of the imported modules' files that are not part of the Python installation (this
+    project's code: ``sam3d_pipeline``, ``flows``, ``tasks``, and any other module imported from outside it)."""
+    installed = tuple({os.path.join(p, "") for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)})
+    files = {}
+    for module in list(sys.modules.values()):
+        name = getattr(module, "__file__", None)
+        if name and not name.startswith(installed):
+            try:
+                files[name] = os.stat(name).st_mtime
+            except OSError:
+                files[name] = -1.0
+    return files
+
+
+def _refusal(request: dict, code: dict[str, float]) -> str | None:
+    """Why this server cannot run ``request`` as its launcher would (None: it can): the launcher runs another
+    interpreter or project folder, or code the server imported changed on disk since."""
+    if request.get("python", sys.executable) != sys.executable:
+        return f"the launcher runs {request['python']}, this server {sys.executable}"
+    for name in ("SAM3D_PROJECT_DIR", "PYTHONPATH"):
+        if request["env"].get(name) != os.environ.get(name):
+            return f"the launcher's {name} is not this server's"
+    changed = [name for name, mtime in code.items() if _mtime(name) != mtime]
+    if changed:
+        return f"{changed[0]} changed since this server imported it"
+    return None
+
+
+def _mtime(name: str) -> float:
+    try:
+        return os.stat(name).st_mtime
+    except OSError:
+        return -1.0
+
+
+def serve(path: str, preload: tuple[str, ...] = PRELOAD, parent: int | None = None) -> None:
+    """Import ``preload``, then fork a child per launcher on ``path`` until SIGTERM (children get SIGTERM too), or
+    until the process ``parent`` is no longer this one's parent.
+
+    A launcher this server cannot serve (:func:`_refusal`) is refused, and runs its module itself. When the
+    refusal is changed code, the server starts itself again (the same command, so fresh imports) as soon as
+    none of its children is still running.
+    """
     import importlib
     import selectors
 
@@ -210,14 +273,16 @@ def serve(path: str, preload: tuple[str, ...] = PRELOAD) -> None:
     selector.register(listener, selectors.EVENT_READ)
     selector.register(wake_r, selectors.EVENT_READ)
     children: dict[int, socket.socket] = {}  # child pid → its launcher's connection
-    print(f"warm-runs: ready on {path} (pid {os.getpid()}, {len(preload)} modules preloaded)", flush=True)
+    code, stale = _own_code(), []
+    print(f"warm-runs: ready on {path} (pid {os.getpid()}, {len(preload)} modules preloaded, {len(code)} files of "
+          "this project watched)", flush=True)
     while not stopping:
         for key, _ in selector.select(timeout=5.0):
             if key.fileobj is wake_r:
                 wake_r.recv(4096)
             elif key.fileobj is listener:
                 conn, _ = listener.accept()
-                child = _fork_for(conn, [listener, wake_r, wake_w, *children.values()], selector)
+                child = _fork_for(conn, [listener, wake_r, wake_w, *children.values()], selector, code, stale)
                 if child:
                     children[child] = conn
                     selector.register(conn, selectors.EVENT_READ)
@@ -228,6 +293,13 @@ def serve(path: str, preload: tuple[str, ...] = PRELOAD) -> None:
                     if owner is conn:  # as if the run's own process had been killed: the worker reports it
                         _signal(pid, signal.SIGKILL)
         _reap(children, selector)
+        if parent is not None and os.getppid() != parent:
+            print(f"warm-runs: parent {parent} is gone: stopping", flush=True)
+            break
+        if stale and not children:
+            print("warm-runs: starting again with the changed code", flush=True)
+            listener.close()
+            os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
     for pid in children:
         _signal(pid, signal.SIGTERM)
     listener.close()
@@ -235,9 +307,11 @@ def serve(path: str, preload: tuple[str, ...] = PRELOAD) -> None:
         os.unlink(path)
 
 
-def _fork_for(conn: socket.socket, inherited: list[socket.socket], selector) -> int | None:  # noqa: ANN001
+def _fork_for(conn: socket.socket, inherited: list[socket.socket], selector,  # noqa: ANN001
+              code: dict[str, float], stale: list[bool]) -> int | None:
     """Read a launcher's request and fork its child; returns the child's pid (None: request refused).
-    ``inherited``: the server's other sockets, closed in the child."""
+    ``inherited``: the server's other sockets, closed in the child; ``code``: the watched files (:func:`_own_code`);
+    ``stale`` gets an entry once they changed."""
     try:
         data, fds, _, _ = socket.recv_fds(conn, _MAX_REQUEST, 3)
         while not data.endswith(b"\n") and len(data) < _MAX_REQUEST:
@@ -250,6 +324,19 @@ def _fork_for(conn: socket.socket, inherited: list[socket.socket], selector) -> 
             raise ValueError(f"expected 3 file descriptors, got {len(fds)}")
     except (OSError, ValueError) as exc:
         print(f"warm-runs: refused a launcher: {exc}", file=sys.stderr, flush=True)
+        conn.close()
+        return None
+    reason = None if stale else _refusal(request, code)
+    if stale or reason:
+        for fd in fds:
+            os.close(fd)
+        if reason and "changed since" in reason:
+            stale.append(True)
+        print(f"warm-runs: refused a launcher: {reason or 'the code changed; starting again'}", flush=True)
+        try:
+            conn.sendall(json.dumps({"refused": reason or "the code changed"}).encode() + b"\n")
+        except OSError:
+            pass
         conn.close()
         return None
     # The preloaded modules' objects move to the collector's permanent generation first: the child's collections
@@ -279,7 +366,9 @@ def _fork_for(conn: socket.socket, inherited: list[socket.socket], selector) -> 
     for fd in fds:
         os.close(fd)
     conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
-    print(f"warm-runs: flow run {request['env'].get('PREFECT__FLOW_RUN_ID', '?')} in pid {pid}", flush=True)
+    run_id = request["env"].get("PREFECT__FLOW_RUN_ID")
+    what = f"flow run {run_id}" if run_id else " ".join([request["module"], *request["argv"][:1]])
+    print(f"warm-runs: {what} in pid {pid}", flush=True)
     return pid
 
 
@@ -314,6 +403,7 @@ def _signal(pid: int, signum: int) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) >= 3 and sys.argv[1] == "serve":
-        serve(sys.argv[2], tuple(sys.argv[3].split(",")) if len(sys.argv) > 3 else PRELOAD)
+        serve(sys.argv[2], tuple(sys.argv[3].split(",")) if len(sys.argv) > 3 and sys.argv[3] else PRELOAD,
+              int(sys.argv[4]) if len(sys.argv) > 4 else None)
     else:
         sys.exit(launch())
