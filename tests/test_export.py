@@ -252,3 +252,23 @@ def test_web_glb_loads_in_model_viewer_in_chromium(placed, tmp_path):
     finally:
         os.kill(proc.pid, signal.SIGTERM)
         proc.wait(timeout=10)
+
+
+def test_the_glb_is_handed_over_before_the_slower_formats_and_last_as_the_asset_has_it(placed, monkeypatch):
+    from sam3d_pipeline.export import usdz
+
+    events: list[tuple[str, bytes]] = []
+    write_usdz = usdz.write_usdz
+    monkeypatch.setattr(usdz, "write_usdz", lambda *a, **k: events.append(("usdz", b"")) or write_usdz(*a, **k))
+    asset = export.export_asset(placed, profile="web", formats=["glb", "usdz"], budgets=SMALL,
+                                on_glb=lambda glb: events.append(("glb", glb)))
+    assert [kind for kind, _ in events] == ["glb", "usdz"]  # one pass, the GLB first
+    assert events[0][1] == asset.files["object.glb"]
+
+    events.clear()  # a USDZ over the byte budget: simplified again, and the new GLB handed over again
+    tight = export.Budgets(max_triangles=3_000, max_bytes=len(asset.files["object.usdz"]) - 1, texture_max_px=1024)
+    asset = export.export_asset(placed, profile="web", formats=["glb", "usdz"], budgets=tight,
+                                on_glb=lambda glb: events.append(("glb", glb)))
+    glbs = [data for kind, data in events if kind == "glb"]
+    assert len(glbs) >= 2 and glbs[0] != glbs[-1] and events[0][0] == "glb"
+    assert glbs[-1] == asset.files["object.glb"]

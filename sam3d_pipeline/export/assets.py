@@ -22,6 +22,7 @@ so in its report (``budget.met`` false, with the reasons), and every asset's rep
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
@@ -138,8 +139,12 @@ def quantized(profile: str) -> bool:
 
 def export_asset(mesh: ExportMesh, *, profile: str = "web", formats: tuple[str, ...] | list[str] = DEFAULT_FORMATS,
                  budgets: Budgets | None = None, splat_ply: bytes | None = None, check_usdz: bool = True,
-                 extras: dict[str, Any] | None = None) -> Asset:
+                 extras: dict[str, Any] | None = None, on_glb: Callable[[bytes], None] | None = None) -> Asset:
     """Export ``mesh`` (already placed: metres, Y up, on the floor) in ``formats`` under ``profile``.
+
+    ``on_glb`` is handed the GLB as soon as it is written, before the slower formats (USDZ, OBJ): a viewer can show
+    it while they are made. When a file is over the byte budget the mesh is simplified further and ``on_glb`` gets
+    the new GLB: the last one it gets is the asset's.
 
     Returns:
         The asset; its report holds ``profile``, ``formats``, ``triangles_in``, ``triangles``, ``vertices``,
@@ -165,7 +170,7 @@ def export_asset(mesh: ExportMesh, *, profile: str = "web", formats: tuple[str, 
     out, textured = mesh, None
     for _ in range(5):
         out = simplify(mesh, target) if target < mesh.triangles else mesh
-        files, textured = _write(out, spec, formats, limits, extras)
+        files, textured = _write(out, spec, formats, limits, extras, on_glb)
         reducible = {k: len(v) for k, v in files.items() if k in BUDGETED_FILES}
         biggest = max(reducible.values(), default=0)
         if not spec.simplify or biggest <= limits.max_bytes or out.triangles <= 100:
@@ -211,17 +216,27 @@ def export_asset(mesh: ExportMesh, *, profile: str = "web", formats: tuple[str, 
 
 
 def _write(mesh: ExportMesh, spec: Profile, formats: tuple[str, ...] | list[str], limits: Limits,
-           extras: dict[str, Any] | None) -> tuple[dict[str, bytes], Textured | None]:
+           extras: dict[str, Any] | None,
+           on_glb: Callable[[bytes], None] | None = None) -> tuple[dict[str, bytes], Textured | None]:
+    """The files of ``formats``; a GLB without the baked texture first, handed to ``on_glb`` before the texture
+    is baked and the other formats are written."""
     wants_glb = "glb" in formats
+    files: dict[str, bytes] = {}
+
+    def glb(textured: Textured | None) -> None:
+        files["object.glb"] = write_glb([Part("object", mesh, textured=textured)], quantize=spec.quantize,
+                                        roughness=spec.roughness, extras={"profile": spec.name, **(extras or {})})
+        if on_glb is not None:
+            on_glb(files["object.glb"])
+
+    if wants_glb and not spec.textured_glb:
+        glb(None)
     textured = None
     if "usdz" in formats or "obj" in formats or (wants_glb and spec.textured_glb):
         textured = (bake(mesh, texture_side(mesh.triangles, limits.texture_min_px, limits.texture_max_px))
                     if spec.uv_charts else bake_cells(mesh, limits.texture_min_px, limits.texture_max_px))
-    files: dict[str, bytes] = {}
-    if wants_glb:
-        files["object.glb"] = write_glb([Part("object", mesh, textured=textured if spec.textured_glb else None)],
-                                        quantize=spec.quantize, roughness=spec.roughness,
-                                        extras={"profile": spec.name, **(extras or {})})
+    if wants_glb and spec.textured_glb:
+        glb(textured)
     if textured is not None and "usdz" in formats:
         from sam3d_pipeline.export.usdz import write_usdz
 

@@ -116,7 +116,8 @@ def render_outputs(record: RunRecord, settings: Settings | None = None,
     """Encode every output file except ``result.json``, in memory: overlay, mask, preview, every object's assets
     (``objects/<i>/``), ``scene.glb``, the selected object's ``object.glb`` and splat at the root.
 
-    ``early`` is handed the ``EARLY_FILES`` as soon as the assets are exported, before the preview and the rest.
+    ``early`` is handed the ``EARLY_FILES`` as soon as they are encoded: the selected object's GLB before its
+    slower formats, the other objects, the preview and the rest.
     """
     s = settings or get_settings()
     image, seg, run_plan, recon = record.image, record.seg, record.run_plan, record.recon
@@ -126,14 +127,20 @@ def render_outputs(record: RunRecord, settings: Settings | None = None,
     if mask is not None:
         files["mask.png"] = mask_to_png(mask)
     if recon is not None:
+        handed: list[str] = []
+
+        def early_glb(glb: dict[str, bytes]) -> None:
+            handed.extend(glb)
+            early(glb)
+
         with timed(record, "export"):
             record.exported = export_objects(
                 seg.instances, record.reconstructions(), record.selected, (image.width, image.height),
                 profile=record.options.profile, formats=record.options.export, settings=s,
                 extras={"segmenter": f"{run_plan.segmenter_info.get('name')}@{run_plan.segmenter_info.get('version')}",
-                        "reconstructor": recon.backend.key()})
+                        "reconstructor": recon.backend.key()}, early=early_glb if early is not None else None)
         files.update(record.exported.files)  # objects/<i>/..., scene.glb and the selected object's object.glb
-        if early is not None:
+        if early is not None and not handed:  # no GLB among the formats: the root one was made at the end
             early({name: files[name] for name in EARLY_FILES if name in files})
         label = f"reconstructor: {backend_label(ran(run_plan.reconstructor_info, recon))}"
         with timed(record, "preview"):

@@ -9,6 +9,7 @@ indices. Each object gets ``objects/<index>/`` (``keys.object_file``); the selec
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,8 +95,12 @@ def placements(instances: list[Instance], recons: dict[int, Reconstruction], ima
 
 def export_objects(instances: list[Instance], recons: dict[int, Reconstruction], primary: int,
                    image_size: tuple[int, int], *, profile: str, formats: list[str], settings: Settings,
-                   extras: dict[str, Any] | None = None) -> ObjectsExport:
+                   extras: dict[str, Any] | None = None,
+                   early: Callable[[dict[str, bytes]], None] | None = None) -> ObjectsExport:
     """Export every reconstructed object under ``profile`` in ``formats``, and the scene of all of them.
+
+    ``early`` is handed the root ``object.glb`` as soon as the ``primary`` object's GLB is written (again if the
+    byte budget makes it simplify further), before that object's slower formats and the other objects.
 
     Returns:
         Files ``objects/<i>/...``, ``scene.glb`` and the root ``object.glb`` (the ``primary`` object's GLB);
@@ -116,7 +121,8 @@ def export_objects(instances: list[Instance], recons: dict[int, Reconstruction],
         asset_v, offset = export.on_floor(export.transform_points(linear, raw.vertices))
         asset = export.export_asset(raw.with_vertices(asset_v), profile=profile, formats=formats, budgets=budgets,
                                     splat_ply=recon.splat_ply, check_usdz=settings.export_check_usdz,
-                                    extras={"object": i, **(extras or {})})
+                                    extras={"object": i, **(extras or {})},
+                                    on_glb=(lambda glb: early({"object.glb": glb})) if early and i == primary else None)
         for name, data in asset.files.items():
             out.files[object_file(i, name)] = data
         out.files[object_file(i, "mask.png")] = mask_to_png(instances[i].mask)
