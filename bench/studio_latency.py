@@ -64,6 +64,9 @@ def one_round(studio, seed: int, tag: str, look_s: float) -> dict[str, float]:
     cy, cx = (float(v.mean()) for v in np.nonzero(truth))
     click_ms = studio.click_image(cx, cy, 320)
     studio.confirm(timeout_s=300)
+    # The GLB can be on screen before the job ends (it is published before the slower formats): the report comes
+    # with the final status.
+    studio.page.wait_for_function("window.studio.marks['final-status'] !== undefined", timeout=300_000)
     marks = studio.page.evaluate("window.studio.marks")
     final_ms = marks["final-status"]
     # When the page saw each step after Confirm (the viewer's set-up shares this machine's CPUs with the stack).

@@ -414,6 +414,7 @@ function unwarm() {
 async function showGlb(url) {
   const viewer = $("viewer");
   const [blob] = await Promise.all([fetchFile(url).then((r) => r.blob()), loadViewer()]);
+  studio.shownGlbBytes = blob.size;
   mark("glb-fetched");
   await studio.warm;  // a warm-up still rendering: its load event must not be taken for this one's
   unwarm();
@@ -602,7 +603,9 @@ async function showResult(job) {
   if (job.status === "completed" && outputs["object.glb"]) {
     try {
       const shownEarly = studio.earlyGlb ? await studio.earlyGlb : false;
-      if (!shownEarly) await showGlb(outputs["object.glb"]);
+      // The run hands over a new GLB when the byte budget made it simplify again: show the final one.
+      const finalBytes = result?.objects?.find((o) => o.selected)?.export?.bytes?.["object.glb"];
+      if (!shownEarly || (finalBytes && finalBytes !== studio.shownGlbBytes)) await showGlb(outputs["object.glb"]);
     } catch (err) {
       showText("job-error", `The 3D viewer could not show object.glb: ${err.message}`);
     }
