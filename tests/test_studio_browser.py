@@ -178,8 +178,10 @@ def the_whole_loop(stack, studio: StudioPage, rgb: np.ndarray, truth: np.ndarray
 
     studio.confirm()
     assert studio.page.evaluate("document.getElementById('viewer').loaded") is True
-    assert studio.page.get_attribute("body", "data-job-status") == "completed"
-    lap("confirm_to_glb")
+    lap("confirm_to_glb")  # the GLB is published before the slower formats: it can be on screen while the run ends
+    studio.page.wait_for_selector("body[data-job-status='completed']", timeout=120_000)
+    assert studio.page.evaluate("window.studio.shownGlbBytes") == len(requests.get(
+        job(stack, job_id)["outputs"]["object.glb"], timeout=10).content)  # the GLB shown is the final one
     studio.shot("4-glb-in-model-viewer")
     lap("screenshot_of_the_viewer")
 

@@ -154,6 +154,9 @@ def _become_the_run(request: dict, fds: list[int]) -> None:
     for target, fd in zip((0, 1, 2), fds, strict=True):
         os.dup2(fd, target)
         os.close(fd)
+    for stream in (sys.stdout, sys.stderr):  # buffered for the server's log file: line by line on a terminal
+        if stream is not None and stream.isatty():
+            stream.reconfigure(line_buffering=True)
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
