@@ -47,9 +47,12 @@ def test_a_woken_worker_submits_a_new_run_at_once_not_at_its_next_poll(prefect_s
                                 start_new_session=True)
         try:
             deadline = time.monotonic() + 60
-            while not client.read_workers_for_work_pool(pool) and time.monotonic() < deadline:
+            # Registered, and its first poll for runs made (the pool's queue records it): the next is minutes away.
+            while not (client.read_workers_for_work_pool(pool)
+                       and all(q.last_polled for q in client.read_work_queues(work_pool_name=pool))):
                 assert proc.poll() is None, (tmp_path / "worker.log").read_text()
-                time.sleep(0.2)  # the first sync, after which polls submit runs
+                assert time.monotonic() < deadline, "the worker never polled"
+                time.sleep(0.2)
             assert os.stat(path).st_mode & 0o777 == 0o600
             run = client.create_flow_run_from_deployment(deployment)
             time.sleep(1.5)
