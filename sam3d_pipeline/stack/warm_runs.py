@@ -218,10 +218,7 @@ def _own_code() -> dict[str, float]:
     for module in list(sys.modules.values()):
         name = getattr(module, "__file__", None)
         if name and not name.startswith(installed):
-            try:
-                files[name] = os.stat(name).st_mtime
-            except OSError:
-                files[name] = -1.0
+            files[name] = _mtime(name)
     return files
 
 
