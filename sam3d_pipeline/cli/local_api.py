@@ -305,7 +305,7 @@ def _start_warm_commands(folder: Path) -> subprocess.Popen | None:
     from sam3d_pipeline.stack.warm_runs import PRELOAD
 
     project = project_dir()
-    if os.environ.get(WARM_ENV, "1").strip() == "0" or not (project / "flows" / "__init__.py").is_file():
+    if not _warm_on() or not (project / "flows" / "__init__.py").is_file():
         return None  # switched off, or no project folder to import the flows from (the commands would fail anyway)
     with open(folder / "warm-cli.log", "ab") as log:
         return subprocess.Popen(
@@ -321,9 +321,13 @@ def forward_to_warm(argv: list[str]) -> int | None:
     ``PREFECT_HOME`` (default ``~/.prefect``); a home set only in a Prefect profile is not seen (the command then
     runs here, as before)."""
     command = next((arg for arg in argv if arg != "--debug"), None)  # --debug: the one option before the command
-    if (command not in WARM_COMMANDS or os.environ.get(_WARM_CHILD_ENV)
-            or os.environ.get(WARM_ENV, "1").strip() == "0" or os.environ.get("PREFECT_API_URL")
-            or os.environ.get("SAM3D_LOCAL_API", "reuse").strip().lower() == "per-run"):
+    if (command not in WARM_COMMANDS or os.environ.get(_WARM_CHILD_ENV) or not _warm_on()
+            or os.environ.get("PREFECT_API_URL")):
+        return None
+    try:
+        if mode() == "per-run":
+            return None
+    except LocalApiError:  # the command itself reports the bad setting
         return None
     from sam3d_pipeline.stack.warm_runs import run_warm
 
@@ -331,6 +335,10 @@ def forward_to_warm(argv: list[str]) -> int | None:
     name = os.path.basename(sys.argv[0])  # the child's usage lines name the command as it was typed
     prog = name if name and not name.endswith(".py") else "python -m sam3d_pipeline.cli"
     return run_warm(warm_socket(home / "sam3d-local-api"), "sam3d_pipeline.cli", argv, {_WARM_CHILD_ENV: prog})
+
+
+def _warm_on() -> bool:
+    return os.environ.get(WARM_ENV, "1").strip() != "0"
 
 
 def warm_prog_name() -> str | None:
