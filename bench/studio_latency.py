@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import uuid
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -52,14 +53,15 @@ def read_env(path: Path) -> dict[str, str]:
     return env
 
 
-def one_round(studio, seed: int, tag: str, look_s: float) -> dict[str, float]:
+def one_round(studio, seed: int, tag: str, look_s: float, prefect_api: str | None) -> dict[str, float]:
     from tests.photos import encode, object_photo
 
     rgb, truth = object_photo(320, 240, seed=seed)
     studio.open()
     studio.fill(encode(rgb), f"red ellipse {tag}-{seed}", "required", name=f"ellipse-{seed}.png")
-    studio.submit()
+    job_id = studio.submit()
     studio.wait_first_mask(timeout_s=300)
+    print_first_mask_path(studio, job_id, prefect_api)
     studio.page.wait_for_timeout(look_s * 1000)  # the reviewer looks at the mask before clicking
     cy, cx = (float(v.mean()) for v in np.nonzero(truth))
     click_ms = studio.click_image(cx, cy, 320)
@@ -94,6 +96,23 @@ def one_round(studio, seed: int, tag: str, look_s: float) -> dict[str, float]:
     }
 
 
+def print_first_mask_path(studio, job_id: str, prefect_api: str | None) -> None:
+    """When each step towards the first mask happened, in seconds after Create: the page's marks and, from the
+    Prefect API, the flow run's states (the server's clock; the same machine)."""
+    since = studio.submitted_ms
+    steps = {name: ms for name, ms in studio.page.evaluate("window.studio.marks").items()}
+    steps["first-mask"] = studio.first_mask_ms
+    if prefect_api:
+        import httpx
+
+        states = httpx.get(f"{prefect_api}/flow_run_states/", params={"flow_run_id": job_id}, timeout=10).json()
+        for state in states:
+            steps[f"run-{state['name'].lower()}"] = datetime.fromisoformat(state["timestamp"]).timestamp() * 1000
+    print("  to the first mask (s): " + ", ".join(f"{name} {(ms - since) / 1000:.2f}" for name, ms
+                                                  in sorted(steps.items(), key=lambda kv: kv[1])
+                                                  if ms <= studio.first_mask_ms), flush=True)
+
+
 def stage_seconds(clock: dict) -> tuple[dict[str, float], float]:
     """Seconds of the segment and reconstruct stages (dispatch + model load + model), and of the export."""
     from sam3d_pipeline.run.clock import table
@@ -119,7 +138,8 @@ def measure(env: dict[str, str], rounds: int, look_s: float) -> dict:
             studio = StudioPage(context.new_page(), env["SAM3D_WEB_URL"], env["SAM3D_API_TOKEN"])
             errors = studio.errors
             for i in range(rounds):
-                rows.append(one_round(studio, seed=100 + i, tag=tag, look_s=look_s))
+                rows.append(one_round(studio, seed=100 + i, tag=tag, look_s=look_s,
+                                      prefect_api=env.get("PREFECT_API_URL")))
                 print(f"round {i + 1}: " + ", ".join(f"{k} {v:.2f}" for k, v in rows[-1].items()), flush=True)
         finally:
             browser.close()

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import psutil
@@ -19,7 +21,7 @@ PROBE = """
 import json, os, sys, time
 print(json.dumps({"cwd": os.getcwd(), "marker": os.environ.get("PROBE_MARKER"), "argv": sys.argv[1:],
                   "pid": os.getpid(), "ppid": os.getppid(), "api": _api(),
-                  "frozen": __import__("gc").get_freeze_count()}), flush=True)
+                  "frozen": __import__("gc").get_freeze_count(), "built": _built()}), flush=True)
 if os.environ.get("PROBE_MODE") == "sleep":
     time.sleep(120)
 sys.exit(int(os.environ.get("PROBE_EXIT", "0")))
@@ -32,6 +34,13 @@ def _api():
         return None
     from prefect.settings import get_current_settings
     return str(get_current_settings().api.url)
+
+def _built():  # the flow run model's schema (Prefect builds it on first use) and the clients' TLS context
+    if "prefect.context" not in __import__("sys").modules and not __import__("os").environ.get("PROBE_BUILT"):
+        return None
+    from prefect.client.schemas.objects import FlowRun
+    from sam3d_pipeline.prefect_client import _context
+    return [FlowRun.__pydantic_complete__, _context.cache_info().currsize]
 """
 LAUNCH = "import sys; from sam3d_pipeline.stack.warm_runs import launch; sys.exit(launch('probe_run'))"
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,6 +90,7 @@ def test_the_run_is_a_warm_child_with_the_launchers_streams_directory_environmen
     # The server's objects (Prefect's, preloaded) sit in the collector's permanent generation: the run's collections
     # and its exit skip them rather than copy the server's heap page by page.
     assert seen["frozen"] > 50_000
+    assert seen["built"] == [True, 1]  # built once in the server, before the fork, not in every run
 
 
 def test_signals_reach_the_run_and_a_dead_launchers_run_is_ended(server, tmp_path):
@@ -103,12 +113,13 @@ def test_signals_reach_the_run_and_a_dead_launchers_run_is_ended(server, tmp_pat
 
 def test_without_a_server_the_launcher_runs_the_module_itself(tmp_path):
     (tmp_path / "probe_run.py").write_text(API_PROBE + PROBE)
-    launcher = _launch(tmp_path, str(tmp_path / "no-server.sock"), PROBE_EXIT="3")
+    launcher = _launch(tmp_path, str(tmp_path / "no-server.sock"), PROBE_EXIT="3", PROBE_BUILT="1")
     out, err = launcher.communicate(timeout=60)
     assert launcher.returncode == 3, err
     seen = json.loads(out.strip().splitlines()[-1])
     assert seen["pid"] == launcher.pid  # exec'd in place: the worker's pid is the run's
     assert seen["frozen"] == 0
+    assert seen["built"] == [False, 0]  # a run of its own builds them on first use (here: not yet)
     assert seen["marker"] == "from-the-launcher"
 
 
@@ -184,3 +195,19 @@ def test_a_launcher_of_another_interpreter_or_project_runs_its_module_itself(ser
         patch.setenv("SAM3D_PROJECT_DIR", str(tmp_path / "another-checkout"))
         assert warm_runs.run_warm(path, "probe_run", []) is None
     assert warm_runs.run_warm(str(tmp_path / "nobody.sock"), "probe_run", []) is None
+
+
+def test_the_pools_command_runs_the_flow_run_in_a_warm_child(server, tmp_path):
+    # The work pool's command, as the worker runs it (``-S``: the launcher script needs no installed package).
+    from sam3d_pipeline.stack.warm_runs import launcher_command
+
+    path, proc = server
+    argv = shlex.split(launcher_command())
+    assert argv[1] == "-S" and Path(argv[2]).is_file()
+    run_id = str(uuid.uuid4())
+    env = os.environ | {"SAM3D_WARM_RUNS_SOCKET": path, "PREFECT__FLOW_RUN_ID": run_id,
+                        "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}", "PREFECT_API_URL": "http://127.0.0.1:9/api",
+                        "PREFECT_CLIENT_MAX_RETRIES": "0"}
+    launcher = subprocess.run(argv, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.stdout.readline().startswith(f"warm-runs: flow run {run_id} in pid ")  # forked by the server
+    assert launcher.returncode != 0  # the engine found no API there: its exit status came back to the worker

@@ -31,7 +31,8 @@ const POLL_SLOW_MS = 2000;
 const LONG_POLL_S = 10;  // the longest the server holds a request for a job's next status
 const SLOW_AFTER_MS = 120_000;
 
-// marks: name → epoch ms of the steps after a job ends (final status seen, GLB fetched, loaded, painted).
+// marks: name → epoch ms of the job's steps as this page saw them (submit sent, job created, each status first seen,
+// review open, final status, GLB fetched, loaded, painted).
 const studio = { token: null, job: null, shown: new Set(), viewer: null, marks: {} };
 window.studio = studio;  // read by the tests and the benchmark
 const mark = (name) => { studio.marks[name] = Math.round(performance.timeOrigin + performance.now()); };
@@ -176,7 +177,9 @@ async function submit(event) {
   button.disabled = true;
   button.textContent = "Uploading…";
   try {
+    mark("submit-sent");
     const job = await (await api("/v1/jobs", { method: "POST", body })).json();
+    mark("job-created");
     // The job's page, without loading this page again (the reload competed with the job's start for the CPU).
     history.pushState(null, "", `/jobs/${encodeURIComponent(job.id)}`);
     $("new").hidden = true;
@@ -289,6 +292,7 @@ async function followJob(id) {
     }
     if (job.status !== studio.job?.status) {
       changedAt = performance.now();
+      if (studio.marks[`status-${job.status}`] === undefined) mark(`status-${job.status}`);
       // The list shows the new status too, but not while the first mask is on its way: listing the recent jobs
       // competes with this one for the CPU. It is listed again once the review is open.
       if (studio.job && !waitFor) listJobs(id);
@@ -297,7 +301,7 @@ async function followJob(id) {
     last = job;
     if (job.status === "awaiting_review") {
       if (resumedSeen) { location.reload(); return; }  // paused again (re-prompt): open the new round
-      if (!reviewing && (reviewing = await openReview(id)) && waitFor) listJobs(id);
+      if (!reviewing && (reviewing = await openReview(id)) && waitFor) { mark("review-open"); listJobs(id); }
     } else if (reviewing) {
       resumedSeen = true;
       leaveReview();
