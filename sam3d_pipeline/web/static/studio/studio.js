@@ -183,7 +183,8 @@ async function submit(event) {
     // The job's page, without loading this page again (the reload competed with the job's start for the CPU).
     history.pushState(null, "", `/jobs/${encodeURIComponent(job.id)}`);
     $("new").hidden = true;
-    listJobs(job.id);
+    // The list of recent jobs is read again once this job's first mask is on screen (or it ends): listing reads
+    // every listed job's report, work that would compete with this job's start for the CPU.
     followJob(job.id).catch((err) => showText("error", err.message));
   } catch (err) {
     showText("form-error", `The job was not created: ${err.message}`);
