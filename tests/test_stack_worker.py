@@ -119,3 +119,36 @@ def _probe_flow():
         return None
 
     return probe
+
+
+REUSED = """
+import json
+from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+from sam3d_pipeline.stack.worker import reuse_settings_environment
+
+settings = get_current_settings()
+before = settings.to_environment_variables(exclude_unset=True)
+reuse_settings_environment()
+reuse_settings_environment()  # once is enough: not wrapped twice
+first = settings.to_environment_variables(exclude_unset=True)
+first["CHANGED_BY_A_CALLER"] = "x"
+second = settings.to_environment_variables(exclude_unset=True)
+with temporary_settings(updates={PREFECT_API_URL: "http://changed.invalid/api"}):
+    changed = get_current_settings().to_environment_variables(exclude_unset=True)
+print(json.dumps({"same": second == before, "fresh_dict": "CHANGED_BY_A_CALLER" not in second,
+                  "all": settings.to_environment_variables() == get_current_settings().to_environment_variables(),
+                  "api": before.get("PREFECT_API_URL"), "changed_api": changed.get("PREFECT_API_URL")}))
+"""
+
+
+def test_the_worker_computes_its_settings_environment_once_per_settings_object():
+    # Process-wide (as in the worker): run it in a process of its own.
+    import json
+
+    env = os.environ | {"PREFECT_API_URL": "http://127.0.0.1:9/api"}
+    out = subprocess.run([sys.executable, "-c", REUSED], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["same"] and seen["fresh_dict"] and seen["all"]
+    assert seen["api"] == "http://127.0.0.1:9/api"
+    assert seen["changed_api"] == "http://changed.invalid/api"  # a changed setting is a new object: computed again
