@@ -13,6 +13,9 @@ creates a run or resumes one.
 A wake is only a hint. One that is lost (no worker, a full socket buffer) costs the wait for the next regular poll.
 A run is never started twice: the worker skips runs it is already submitting and holds one limit slot per run, and
 the Prefect server lets only one client move a run from Scheduled to Pending.
+
+The worker also spends less CPU on each run it starts: its Prefect clients share one TLS context, and its settings
+are turned into a run's environment variables once (:func:`serve`).
 """
 
 from __future__ import annotations
