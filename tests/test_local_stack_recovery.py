@@ -124,3 +124,33 @@ def test_the_stack_database_auto_is_postgres_where_installed_unless_the_state_di
     monkeypatch.setattr(db, "installed", lambda: False)
     assert stack("bare").database == "sqlite"
     assert stack("asked", db="postgres").database == "postgres"  # asked for: its start says what is missing
+
+
+def test_up_marks_the_gpu_sessions_a_stopped_stack_left_running_as_crashed(prefect_server):
+    # `down` stops a session's process without a word to Prefect: its run stayed Running and held a session slot.
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+    from prefect.states import Completed, Pending, Running
+
+    from sam3d_pipeline.stack.local import crash_stopped_sessions
+
+    name = f"sessions-{uuid.uuid4().hex[:8]}"
+    with get_client(sync_client=True) as client:
+        flow_id = client.create_flow_from_name("session-probe")
+        deployment = client.create_deployment(flow_id=flow_id, name=name, entrypoint="probe.py:probe")
+        runs = {state: client.create_flow_run_from_deployment(deployment) for state in ("running", "pending",
+                                                                                         "completed", "scheduled")}
+        for state, new in (("running", Running()), ("pending", Pending()), ("completed", Completed())):
+            client.set_flow_run_state(runs[state].id, new, force=True)
+        other = client.create_flow_run_from_deployment(
+            client.create_deployment(flow_id=flow_id, name=f"{name}-other", entrypoint="probe.py:probe"))
+        client.set_flow_run_state(other.id, Running(), force=True)
+
+        assert crash_stopped_sessions(PREFECT_API_URL.value(), name) == 2
+        after = {state: client.read_flow_run(run.id).state for state, run in runs.items()}
+        assert after["running"].type.value == after["pending"].type.value == "CRASHED"
+        assert "stopped" in after["running"].message
+        assert after["completed"].type.value == "COMPLETED"  # an ended session stays as it ended
+        assert after["scheduled"].type.value == "SCHEDULED"  # one not started yet starts with the new stack
+        assert client.read_flow_run(other.id).state.type.value == "RUNNING"  # another deployment's run: untouched
+        assert crash_stopped_sessions(PREFECT_API_URL.value(), name) == 0

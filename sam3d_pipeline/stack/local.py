@@ -417,6 +417,9 @@ class LocalStack:
                   self.logs / f"{name}.log", proc)
         # A run whose process died with its worker is found by its missing heartbeats (then rescheduled).
         self._replace_automation(api_url, unresponsive_runs_automation(self.heartbeat_s))
+        ended = crash_stopped_sessions(api_url)
+        if ended:
+            print(f"marked {ended} GPU worker session(s) of the stack stopped before as Crashed", flush=True)
         # One warm session from the start; the flows start more (up to --gpu-workers) when work queues up.
         self._run("first GPU worker session", [python, "-m", "prefect", "deployment", "run", GPU_WORKER_DEPLOYMENT],
                   stack_env)
@@ -599,6 +602,37 @@ class LocalStack:
             for line in lines:
                 print(line)
         return lines
+
+
+def crash_stopped_sessions(api_url: str, deployment: str = GPU_WORKER_DEPLOYMENT.split("/")[1]) -> int:
+    """Mark Crashed the GPU worker sessions (runs of ``deployment``) that a stack stopped before left Running or
+    Pending; returns how many.
+
+    ``down`` stops a session's process with the rest, and nothing is left to report its end: the run stayed
+    Running, holding one of the deployment's session slots (``--gpu-workers``) for good, so after a few ``down`` and
+    ``up`` no new session could start and every GPU stage waited. ``up`` calls this before it starts the first
+    session, when no process of the earlier stack is left (``up`` starts only on a stopped state dir).
+    """
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterName,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Crashed
+
+    with SyncPrefectClient(api_url) as client:
+        runs = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deployment])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+                type=FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING]))))
+        for run in runs:
+            client.set_flow_run_state(run.id, Crashed(message="the local stack was stopped (`down`) while this "
+                                                              "GPU worker session ran"), force=True)
+    return len(runs)
 
 
 def set_pool_command(api_url: str, pool: str, command: str) -> None:
