@@ -1,12 +1,12 @@
 """Studio in headless Chromium on the local stack: submit → first candidate mask visible, confirm → GLB visible.
 
 Starts ``sam3d-pipeline up`` in a temporary folder (or uses a running stack with ``--env-file``) and opens the
-studio in Debian's Chromium, one tab for every round, as a person doing one job after another. Each round: choose
-a photo (a new one each round, so no finished result is reused), type a prompt, review ``required``, click Create;
-wait until the first candidate mask is painted; look at it for ``--look-s`` (2 s: a person checks the mask before
-acting; the page sets up its 3D viewer in such idle time); click once on the object (refined and shown); click
-Confirm; wait until ``<model-viewer>`` has loaded ``object.glb`` and painted a frame. Times come from the browser's
-clock.
+studio in Debian's Chromium, in one tab opened afresh for every round, as a person doing one job after another. Each
+round: choose a photo (a new one each round, so no finished result is reused), type a prompt, review ``required``,
+click Create; wait until the first candidate mask is painted; look at it for ``--look-s`` (2 s: a person checks the
+mask before acting; the page sets up its 3D viewer in such idle time); click once on the object (refined and shown);
+click Confirm; wait until ``<model-viewer>`` has loaded ``object.glb`` and painted a frame. Times come from the
+browser's clock.
 
 Figures (median of ``--rounds``, with min and max): ``submit_to_first_mask_s`` and ``first_mask_beyond_segment_s``
 (minus the job's segment stage: dispatch, model load, model; target <= 1.5), ``confirm_to_glb_s`` and
@@ -14,8 +14,10 @@ Figures (median of ``--rounds``, with min and max): ``submit_to_first_mask_s`` a
 ``confirm_to_final_status_s`` (the run resumes, reconstructs and publishes; the page sees it by polling) and
 ``final_status_to_glb_s`` (the page fetches the GLB and model-viewer parses and renders it); also
 ``confirm_to_glb_fetched_s`` (the page saw ``object.glb`` published, early or at the end, and fetched it) and
-``click_refine_ms``. Each round also prints the page's marks after Confirm: with Chromium's software WebGL (no GPU
-here) showing object.glb takes about a second even after the viewer's set-up (``glb-fetched`` to ``glb-loaded``).
+``click_refine_ms``. Each round also prints its path to the first mask (the page's marks: photo sent, job created,
+each status first seen, review open; and the flow run's states from the Prefect API, in seconds after Create) and
+the page's marks after Confirm: with Chromium's software WebGL (no GPU here) showing object.glb takes about a second
+even after the viewer's set-up (``glb-fetched`` to ``glb-loaded``).
 
 Usage: python bench/studio_latency.py [--rounds 5] [--look-s 2] [--env-file .sam3d/local-stack.env]
 """
