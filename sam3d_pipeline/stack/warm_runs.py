@@ -91,7 +91,7 @@ def private_socket(path: str, kind: int) -> socket.socket:
 def launcher_command() -> str:
     """The work pool's ``command``: this file as the launcher script, with this interpreter, without the ``site``
     module (``-S``): the launcher needs only the standard library, and skipping the installed packages' path hooks
-    halves its start (~45 → ~22 ms measured)."""
+    shortens each launch (about 48 → 36 ms, measured against a stub server)."""
     import shlex
 
     return f"{shlex.quote(sys.executable)} -S {shlex.quote(os.path.realpath(__file__))}"
