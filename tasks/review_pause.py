@@ -12,7 +12,7 @@ asks for: re-segmenting through ``tasks.gpu_dispatch`` and reading an edited mas
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any, Literal
 
@@ -115,24 +115,23 @@ def _publish_frames(storage: Storage, prefix: str, video: VideoRun | None,
 
 
 def _publish_round(storage: Storage, prefix: str, round_number: int, image: LoadedImage, seg: Segmentation,
-                   selected: int | None, options: pipeline.RunOptions, label: str,
-                   also: Callable[[], Any] = lambda: None) -> tuple[str, Any]:
-    """Write what the review page and the pause description show; return the overlay's key and what ``also``
-    returned. The files are independent of each other: they are encoded and written side by side (with ``also``,
-    e.g. the decoder files' lookups), a person waits for the last of them."""
+                   selected: int | None, options: pipeline.RunOptions, label: str) -> str:
+    """Write what the review page and the pause description show; return the overlay's key. The files are
+    independent of each other: they are encoded and written side by side, and a person waits for the last one."""
     run_keys = keys.RunKeys(prefix)
     mask = seg.instances[selected].mask if selected is not None else None
     key = run_keys.review_overlay(round_number)
     steps = [lambda: storage.write_bytes(key, encode_png(overlay(image.rgb, mask, label=label)),
                                          content_type="image/png"),
-             lambda: save_round(storage, prefix, round_number, seg, round_request(options)), also]
+             lambda: save_round(storage, prefix, round_number, seg, round_request(options))]
     if round_number == 1:  # the EXIF-corrected photo, on the same pixel grid as every mask
         steps.append(lambda: storage.write_bytes(run_keys.review_image, encode_jpeg(image.rgb),
                                                  content_type="image/jpeg"))
     with ThreadPoolExecutor(max_workers=len(steps), thread_name_prefix="sam3d-review-publish") as pool:
         done = [pool.submit(step) for step in steps]
-    results = [future.result() for future in done]  # the first failed step's error is raised here
-    return key, results[2]
+    for future in done:
+        future.result()  # a failed write raises here
+    return key
 
 
 def round_request(options: pipeline.RunOptions) -> dict[str, Any]:
@@ -217,9 +216,7 @@ class _ReviewRun:
         logger, machine, image, n = get_run_logger(), self.machine, self.image, step.round_number
         seg, selected, options = machine.seg, machine.selected, machine.options
         label = f"review round {n}: segmenter {finish.backend_label(self.run_plan.segmenter_info)}"
-        overlay_key, decoder = _publish_round(self.storage, self.run_plan.prefix, n, image, seg, selected, options,
-                                              label, also=lambda: decoder_files(self.storage, self.run_plan,
-                                                                                self.settings))
+        overlay_key = _publish_round(self.storage, self.run_plan.prefix, n, image, seg, selected, options, label)
         frames = _publish_frames(self.storage, self.run_plan.prefix, self.video,
                                  [v for v in self.views if v.index in machine.frames])
         instances = [inst.summary(i) for i, inst in enumerate(seg.instances)]
@@ -233,7 +230,7 @@ class _ReviewRun:
             output_root=self.storage.root, prefix=self.run_plan.prefix, round=n, input_uri=image.source,
             prompt=options.prompt, width=image.width, height=image.height, instances=instances, selected=selected,
             segmenter=self.run_plan.segmenter_info["name"], frames=frames,
-            **decoder,
+            **decoder_files(self.storage, self.run_plan, self.settings),
         ))
         form = bounded_input(len(seg.instances), image.width, image.height, selected,
                              machine.frames).with_initial_data(description=description)
