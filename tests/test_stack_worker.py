@@ -124,18 +124,29 @@ def _probe_flow():
 REUSED = """
 import json
 from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+from prefect.settings.models.root import Settings
 from sam3d_pipeline.stack.worker import reuse_settings_environment
+
+calls = []
+computed = Settings.to_environment_variables
+def counted(self, *args, **kwargs):  # Prefect's own, counted
+    calls.append(id(self))
+    return computed(self, *args, **kwargs)
+Settings.to_environment_variables = counted
 
 settings = get_current_settings()
 before = settings.to_environment_variables(exclude_unset=True)
+calls.clear()
 reuse_settings_environment()
 reuse_settings_environment()  # once is enough: not wrapped twice
 first = settings.to_environment_variables(exclude_unset=True)
 first["CHANGED_BY_A_CALLER"] = "x"
 second = settings.to_environment_variables(exclude_unset=True)
+computed_once = calls == [id(settings)]
 with temporary_settings(updates={PREFECT_API_URL: "http://changed.invalid/api"}):
     changed = get_current_settings().to_environment_variables(exclude_unset=True)
-print(json.dumps({"same": second == before, "fresh_dict": "CHANGED_BY_A_CALLER" not in second,
+print(json.dumps({"computed_once": computed_once, "same": second == before,
+                  "fresh_dict": "CHANGED_BY_A_CALLER" not in second,
                   "all": settings.to_environment_variables() == get_current_settings().to_environment_variables(),
                   "api": before.get("PREFECT_API_URL"), "changed_api": changed.get("PREFECT_API_URL")}))
 """
@@ -149,6 +160,7 @@ def test_the_worker_computes_its_settings_environment_once_per_settings_object()
     out = subprocess.run([sys.executable, "-c", REUSED], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["computed_once"]  # two calls on one settings object: Prefect's serialisation ran once
     assert seen["same"] and seen["fresh_dict"] and seen["all"]
     assert seen["api"] == "http://127.0.0.1:9/api"
     assert seen["changed_api"] == "http://changed.invalid/api"  # a changed setting is a new object: computed again
